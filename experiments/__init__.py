@@ -1,0 +1,1 @@
+"""Experiment recipes: `python -m experiments.run --config=NAME` (arrives with the trainer)."""
