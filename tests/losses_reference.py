@@ -11,7 +11,8 @@ import numpy as np
 
 
 def sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
+    with np.errstate(over="ignore"):  # exp overflow → inf → σ = 0, the right limit
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def logsig(x):
