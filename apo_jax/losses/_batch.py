@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from apo_jax.losses._pairwise import _smoothed_sigmoid, log_ratios, paired_output
 from apo_jax.losses._registry import LossOutput, f32, lengths, register, rewards
 
 _LS = {"label_smoothing": (lambda v: 0 <= v <= 1, "must lie in [0, 1]")}
+
+
+def _sort_batch(x):
+    """Sorts over the batch. Under explicit sharding (`AxisType.Explicit`) jnp.sort refuses a
+    batch split over devices, so the whole batch is gathered first; auto sharding does it itself."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", ())
+    if any(axis is not None for axis in spec):
+        x = jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return jnp.sort(x)
 
 
 @register("aot", paper="AOT, Melnyk et al. 2024, Eq. 11 (paired)", batch_coupled=True, checks=_LS)
@@ -32,7 +43,7 @@ def aot(
     L_k = −(1−ε) log σ(β d_k) − ε log σ(−β d_k), one value per rank k.
     """
     pc, pr, rc, rr = f32(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    d = jnp.sort(pc - pr) - jnp.sort(rc - rr)
+    d = _sort_batch(pc - pr) - _sort_batch(rc - rr)
     return paired_output(_smoothed_sigmoid(beta * d, label_smoothing), beta, pc - rc, pr - rr)
 
 
@@ -48,7 +59,7 @@ def aot_unpaired(
 ):
     """AOT (unpaired): d = sort(ρ_c) − sort(ρ_r) over the batch; L_k as in `aot`."""
     rc, rr = log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    d = jnp.sort(rc) - jnp.sort(rr)
+    d = _sort_batch(rc) - _sort_batch(rr)
     return paired_output(_smoothed_sigmoid(beta * d, label_smoothing), beta, rc, rr)
 
 

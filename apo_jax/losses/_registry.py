@@ -154,11 +154,13 @@ _BETA_CHECK: Check = (lambda b: b > 0, "must be > 0")
 
 def check(loss_name: str, key: str, value: Any, rule: Check | None) -> None:
     """Applies one (predicate, message) rule to a concrete hyperparameter value."""
-    if rule is None or isinstance(value, jax.core.Tracer):
-        return  # traced values (a scheduled beta, say) are checked where they are made
+    if rule is None:
+        return
     predicate, message = rule
     try:
         ok = bool(predicate(value))
+    except jax.errors.ConcretizationTypeError:
+        return  # a traced value (a scheduled beta, say) is checked where it is made
     except TypeError:
         ok = False
     if not ok:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from apo_jax.losses._pairwise import paired_output
-from apo_jax.losses._registry import f32, register
+from apo_jax.losses._registry import check, f32, register
 
 
 @register(
@@ -80,8 +80,7 @@ def ld_aggregate(chosen_token_logps, chosen_loss_mask, rejected_token_logps, rej
     k counting completion tokens. Returns the ([B] chosen, [B] rejected) aggregated sums;
     α = 1 is the plain sum, α = 0 drops the verbose tail. `ld_alpha` must lie in [0, 1].
     """
-    if not isinstance(ld_alpha, jax.core.Tracer) and not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"ld_alpha={ld_alpha!r} must lie in [0, 1]")
+    check("ld_dpo", "ld_alpha", ld_alpha, (lambda v: 0.0 <= v <= 1.0, "must lie in [0, 1]"))
     mc, mr = f32(chosen_loss_mask), f32(rejected_loss_mask)
     shared = jnp.minimum(jnp.sum(mc, -1), jnp.sum(mr, -1))[:, None]
 

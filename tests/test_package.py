@@ -1,0 +1,83 @@
+"""Package-level promises: a light `import apo_jax`, 8 simulated devices, losses under sharding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import losses_reference as ref
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_losses import RTOL, f64
+
+from apo_jax import losses
+
+
+def test_import_is_light():
+    # GPU machines may lack TensorFlow and datasets: `import apo_jax` must not need them.
+    code = (
+        "import sys, apo_jax, apo_jax.losses; heavy = {'tensorflow', 'datasets', 'torch', 'transformers'}; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_conftest_gives_eight_cpu_devices():
+    assert jax.device_count() == 8 and jax.devices()[0].platform == "cpu"
+
+
+def _sharded_batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    pc, pr = -rng.uniform(1, 30, n).astype(np.float32), -rng.uniform(1, 30, n).astype(np.float32)
+    return {
+        "pc": pc,
+        "pr": pr,
+        "rc": (pc + rng.normal(0, 5, n)).astype(np.float32),
+        "rr": (pr + rng.normal(0, 5, n)).astype(np.float32),
+        "chosen_lengths": rng.integers(1, 30, n).astype(np.float32),
+        "rejected_lengths": rng.integers(1, 30, n).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_batch_coupled_losses_are_exact_on_a_sharded_batch(axis_type):
+    # Sorting (aot), log-mean-exp (dr_dpo), the batch token mean (sft) and batch statistics
+    # (alpha_dpo) must see the global batch when it is split over 8 devices.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
+    b = _sharded_batch()
+    sharded = jax.device_put(b, NamedSharding(mesh, P("data")))
+    for name, hp in [
+        ("aot", {}),
+        ("aot_unpaired", {}),
+        ("dr_dpo", {"beta_prime": 0.5}),
+        ("sft", {}),
+        ("sigmoid", {}),
+    ]:
+        loss = losses.get(name)
+
+        def fn(x, loss=loss, hp=hp):
+            kw = {k: x[k] for k in loss.needs}
+            return loss(x["pc"], x["pr"], x["rc"], x["rr"], beta=0.1, **kw, **hp).loss
+
+        got = jax.jit(fn)(sharded)
+        expected = getattr(ref, name)(f64(b), {"beta": 0.1, **hp})
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=1e-5, err_msg=name)
+    alpha = losses.get("alpha_dpo")
+    got = jax.jit(
+        lambda x: alpha(x["pc"], x["pr"], x["rc"], x["rr"], beta=2.5, chosen_lengths=x["chosen_lengths"],
+                        rejected_lengths=x["rejected_lengths"]).loss
+    )(sharded)  # fmt: skip
+    expected, _ = ref.alpha_dpo(f64(b), {"beta": 2.5})
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=1e-5)
+
+
+def test_traced_beta_is_accepted_and_exact():
+    # a scheduled β arrives as a tracer: validation steps aside, the value is unchanged
+    b = _sharded_batch(8, seed=3)
+    fn = losses.get("apo_down")
+    got = jax.jit(lambda beta: fn(b["pc"], b["pr"], b["rc"], b["rr"], beta=beta).loss)(0.3)
+    np.testing.assert_allclose(got, ref.apo_down(f64(b), {"beta": 0.3}), rtol=RTOL, atol=2e-6)
