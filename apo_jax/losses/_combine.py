@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
-from apo_jax.losses._registry import BATCH_FIELDS, F_DIVERGENCE_LOSSES, Loss, LossOutput, get
+from apo_jax.losses._registry import BATCH_FIELDS, Loss, LossOutput, get
 
 _SORTING = ("aot", "aot_unpaired")
 
@@ -74,16 +74,8 @@ class Mixture:
             raise ValueError(
                 f"loss {self.name!r} got unknown hyperparameter(s) {unknown}; it takes {sorted(self.hparams)}"
             )
-        f_div = hparams.get("f_divergence_type", "reverse_kl")
-        if f_div != "reverse_kl":
-            unsupported = [p.name for p in self.parts if not p.f_divergence]
-            if unsupported:
-                raise ValueError(
-                    f"f_divergence_type={f_div!r} is not supported by loss(es) {unsupported}; "
-                    f"TRL allows it only for {sorted(F_DIVERGENCE_LOSSES)}"
-                )
         for p in self.parts:
-            p.validate(**{k: v for k, v in hparams.items() if k in p.hparams})
+            p.validate(**{k: v for k, v in hparams.items() if k in p.hparams or k.startswith("f_")})
 
     def __call__(self, *logps, example_weights=None, loss_state=None, **kwargs) -> LossOutput:
         hparams = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
@@ -96,7 +88,7 @@ class Mixture:
             )
         total, outputs, states = 0.0, [], {}
         for part, weight in zip(self.parts, self.weights, strict=True):
-            taken = {k: v for k, v in hparams.items() if k in part.hparams}
+            taken = {k: v for k, v in hparams.items() if k in part.hparams or k.startswith("f_")}
             taken.update({k: v for k, v in fields.items() if k in part.needs + part.accepts})
             if part.stateful:
                 taken["loss_state"] = None if loss_state is None else loss_state.get(part.name)

@@ -39,10 +39,11 @@ def exp_diff(a, b):
     direct_ok = jnp.maximum(-a, -b) <= _EXP_SAFE
     direct = jnp.exp(-jnp.maximum(b, -_EXP_SAFE)) - jnp.exp(-jnp.maximum(a, -_EXP_SAFE))
     h = a - b
-    nonzero = h != 0
-    abs_h = jnp.where(nonzero, jnp.abs(h), 1.0)
+    use_factored = ~direct_ok & (h != 0)
+    # the branch not taken still gets a zero cotangent: feed it a harmless input (|h| = 1)
+    abs_h = jnp.where(use_factored, jnp.abs(h), 1.0)
     factored = jnp.sign(h) * jnp.exp(-jnp.minimum(a, b) + log1mexp(-abs_h))
-    return jnp.where(direct_ok, direct, jnp.where(nonzero, factored, 0.0))
+    return jnp.where(direct_ok, direct, jnp.where(use_factored, factored, 0.0))
 
 
 def _alpha_scores(rho, coef):

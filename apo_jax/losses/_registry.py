@@ -107,6 +107,15 @@ class Loss:
 
     def validate(self, **hparams) -> None:
         """Raises ValueError naming any unknown or out-of-range hyperparameter."""
+        if not self.f_divergence:
+            # TRL's configs always carry the default; other divergences only some losses take
+            f_div = hparams.pop("f_divergence_type", "reverse_kl")
+            hparams.pop("f_alpha_divergence_coef", None)
+            if f_div != "reverse_kl":
+                raise ValueError(
+                    f"f_divergence_type={f_div!r} is not supported by loss {self.name!r}; "
+                    f"TRL allows it only for {sorted(F_DIVERGENCE_LOSSES)}"
+                )
         unknown = sorted(set(hparams) - set(self.hparams))
         if unknown:
             raise ValueError(
@@ -116,15 +125,6 @@ class Loss:
             check(self.name, key, value, self.checks.get(key))
 
     def __call__(self, *logps, **kwargs) -> LossOutput:
-        if "f_divergence_type" in kwargs and not self.f_divergence:
-            # TRL accepts the default everywhere and rejects the others for these losses.
-            if kwargs["f_divergence_type"] != "reverse_kl":
-                raise ValueError(
-                    f"f_divergence_type={kwargs['f_divergence_type']!r} is not supported by loss "
-                    f"{self.name!r}; TRL allows it only for {sorted(F_DIVERGENCE_LOSSES)}"
-                )
-            kwargs = {k: v for k, v in kwargs.items() if k != "f_divergence_type"}
-            kwargs.pop("f_alpha_divergence_coef", None)
         fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS or k == "loss_state"}
         hparams = {k: v for k, v in kwargs.items() if k not in fields}
         missing = [f for f in self.needs if fields.get(f) is None]
@@ -139,6 +139,9 @@ class Loss:
         if "beta" not in hparams:
             raise ValueError(f"loss {self.name!r} needs the keyword argument 'beta'")
         self.validate(**hparams)
+        if not self.f_divergence:
+            hparams.pop("f_divergence_type", None)
+            hparams.pop("f_alpha_divergence_coef", None)
         if self.stateful:
             if fields.get("loss_state") is None:
                 fields["loss_state"] = self.init_state()
