@@ -24,3 +24,44 @@ import jax
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+# Tiny Hugging Face Llamas, written once per test session (see apo_jax.testing.tiny_hf_llama).
+TINY_CONFIGS = {
+    "gqa": {},
+    "tied_llama3": {
+        "tie_word_embeddings": True,
+        "rope_scaling": LLAMA3_ROPE,
+        "rope_theta": 500000.0,
+        "num_hidden_layers": 3,
+        "head_dim": 32,
+    },
+    "bias_mha": {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4, "num_hidden_layers": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from apo_jax import testing
+
+    return testing.tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory, tiny_tokenizer):
+    """{name: directory} of tiny random transformers Llamas saved with save_pretrained."""
+    from apo_jax import testing
+
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        name: testing.tiny_hf_llama(root / name, seed=i, tokenizer=tiny_tokenizer, **kw)
+        for i, (name, kw) in enumerate(TINY_CONFIGS.items())
+    }

@@ -1,0 +1,81 @@
+"""Per-token log-probs from final hidden states, chunk by chunk: never a [B, T, V] array.
+
+A preference step needs, for every completion token, log p(token | prefix) under the policy
+and the reference. The logits of a whole batch ([B, T, V], V = 128k for Llama 3) would dwarf
+the model's activations, so the output projection runs over chunks of `chunk_size` positions
+inside a `lax.scan`, each chunk under `jax.checkpoint`: the backward pass recomputes one
+chunk's logits at a time instead of storing them all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logps(
+    hidden,
+    weight,
+    input_ids,
+    loss_mask,
+    *,
+    chunk_size: int = 256,
+    with_entropy: bool = False,
+    with_sum_sq: bool = False,
+) -> dict[str, jax.Array]:
+    """Log-probs of `input_ids` under logits = hidden @ weight, aligned with the ids.
+
+    Args:
+      hidden: [B, T, D] final (normed) hidden states; position t predicts token t + 1.
+      weight: [D, V] output projection.
+      input_ids: [B, T] int.
+      loss_mask: [B, T], 1 on the tokens whose log-probs are summed (completion tokens).
+      chunk_size: positions per chunk of the output projection.
+      with_entropy: also return per-token entropy of the predictive distribution (no gradient).
+      with_sum_sq: also return per-token log Σ_v p_v² (WPO's weighting statistic; no gradient).
+
+    Returns:
+      dict with `token_logps` [B, T] (`[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0), `logps` [B]
+      = Σ_t token_logps·loss_mask, `lengths` [B] = Σ_t loss_mask, and on request `entropy` and
+      `log_sum_sq_probs` [B, T] aligned the same way (0 at t = 0).
+    """
+    B, T, D = hidden.shape
+    n = T - 1
+    c = max(1, min(chunk_size, n))
+    pad = (-n) % c
+    h = jnp.pad(hidden[:, :-1].astype(weight.dtype), ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad)))
+    h = h.reshape(B, -1, c, D).swapaxes(0, 1)  # [C, B, c, D]
+    targets = targets.reshape(B, -1, c).swapaxes(0, 1)  # [C, B, c]
+
+    @jax.checkpoint
+    def chunk(w, hc, tc):
+        z = jnp.einsum("BcD,DV->BcV", hc, w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(z, axis=-1)
+        out = {"token_logps": jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse}
+        if with_entropy:
+            p = jnp.exp(z - lse[..., None])
+            out["entropy"] = jax.lax.stop_gradient(lse - jnp.sum(p * z, axis=-1))
+        if with_sum_sq:
+            out["log_sum_sq_probs"] = jax.lax.stop_gradient(jax.nn.logsumexp(2 * z, axis=-1) - 2 * lse)
+        return out
+
+    _, outs = jax.lax.scan(lambda carry, xs: (carry, chunk(weight, *xs)), None, (h, targets))
+
+    def unchunk(x):  # [C, B, c] -> [B, T], with the 0 at t = 0
+        x = x.swapaxes(0, 1).reshape(B, -1)[:, :n]
+        return jnp.pad(x, ((0, 0), (1, 0)))
+
+    result = {k: unchunk(v) for k, v in outs.items()}
+    mask = jnp.asarray(loss_mask, jnp.float32)
+    result["logps"] = jnp.sum(result["token_logps"] * mask, axis=-1)
+    result["lengths"] = jnp.sum(mask, axis=-1)
+    return result
+
+
+def naive_token_logps(hidden, weight, input_ids):
+    """The reference: full [B, T, V] log-softmax and a gather (for tests and small models)."""
+    z = jnp.einsum("BTD,DV->BTV", hidden.astype(jnp.float32), weight.astype(jnp.float32))
+    logp = jax.nn.log_softmax(z[:, :-1], axis=-1)
+    picked = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(picked, ((0, 0), (1, 0)))

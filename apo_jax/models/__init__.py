@@ -1,0 +1,38 @@
+"""The Llama model: Flax Linen module, Hugging Face checkpoints, log-probs and sampling.
+
+from apo_jax import models
+model, params = models.from_hf("Meta-Llama-3-8B-Instruct/", dtype="bfloat16", mesh=mesh)
+out = models.token_logps(model, params, ids, attention_mask, loss_mask)   # out["logps"]: [B]
+new = models.generate(model, params, prompt_ids, prompt_mask, max_new_tokens=256)
+models.to_hf(model, params, "exported/", tokenizer=models.load_tokenizer("Meta-Llama-3-8B-Instruct/"))
+"""
+
+from apo_jax.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, to_hf
+from apo_jax.models.llama import (
+    Llama,
+    LlamaConfig,
+    abstract_params,
+    hidden_states,
+    init_params,
+    logits,
+    output_weight,
+    token_logps,
+)
+from apo_jax.models.sample import generate
+
+__all__ = [
+    "CheckpointError",
+    "Llama",
+    "LlamaConfig",
+    "abstract_params",
+    "from_hf",
+    "generate",
+    "hidden_states",
+    "init_params",
+    "load_tokenizer",
+    "logits",
+    "output_weight",
+    "read_config",
+    "to_hf",
+    "token_logps",
+]

@@ -1,0 +1,411 @@
+"""Hugging Face Llama checkpoints in and out: config.json + safetensors <-> (Llama, params).
+
+Only safetensors are read: a pickle-based `pytorch_model.bin` could run code when loaded. Each
+parameter goes straight from the memory-mapped file to its target sharding (only the slices a
+device holds are copied), so the model is never in host memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from apo_jax.models.llama import DTYPES, Llama, LlamaConfig, abstract_params
+
+# safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy
+# backend cannot slice bfloat16 tensors, which is what Llama 3 checkpoints hold).
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_SUPPORTED_ACT = ("silu",)
+
+
+class CheckpointError(ValueError):
+    """A directory, file or config field that cannot be loaded as a Llama checkpoint."""
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
+    """LlamaConfig from `path/config.json`, in either rope form (published `rope_theta` +
+    `rope_scaling`, or transformers 5's `rope_parameters`). `policies`: dtype, param_dtype, ..."""
+    path = pathlib.Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    model_type = cfg.get("model_type")
+    if model_type != "llama":
+        raise CheckpointError(f"{cfg_file}: model_type={model_type!r}, this loader reads 'llama' checkpoints")
+    act = cfg.get("hidden_act", "silu")
+    if act not in _SUPPORTED_ACT:
+        raise CheckpointError(f"{cfg_file}: hidden_act={act!r} is not supported (Llama uses 'silu')")
+    # published checkpoints: rope_theta + rope_scaling; transformers 5 writes rope_parameters
+    rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    rope = dict(cfg.get(rope_key) or {})
+    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(
+            f"{cfg_file}: {rope_key}.rope_type={rope_type!r} is not supported "
+            "(supported: 'default', 'llama3')"
+        )
+    if cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{cfg_file}: partial_rotary_factor != 1 is not supported")
+    eos = cfg.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+    llama3 = {}
+    if rope_type == "llama3":
+        try:
+            llama3 = {
+                "rope_factor": float(rope["factor"]),
+                "rope_low_freq_factor": float(rope["low_freq_factor"]),
+                "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                "rope_original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            }
+        except KeyError as e:
+            raise CheckpointError(f"{cfg_file}: llama3 rope scaling lacks {e.args[0]!r}") from None
+    try:
+        return LlamaConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim"),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_type=rope_type,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=cfg.get("pad_token_id"),
+            **llama3,
+            **policies,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_file}: missing field {e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+
+
+def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
+    """The published config.json form (`rope_theta` + `rope_scaling`): transformers 4 and 5 read it."""
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.H,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id)
+        if len(config.eos_token_id) != 1
+        else config.eos_token_id[0],
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": torch_dtype,
+    }
+    if config.rope_type == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_position_embeddings,
+        }
+    return out
+
+
+# --- the one mapping table ------------------------------------------------------------------
+
+# (HF name, with {i} for the layer; our path; to ours; to HF). `c` is the LlamaConfig.
+Mapping = tuple[str, tuple[str, ...], Callable, Callable]
+
+
+def _mapping(c: LlamaConfig) -> list[Mapping]:
+    D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.H
+
+    def same(w):
+        return w
+
+    def t(w):  # HF Linear [out, in] <-> [in, out]
+        return w.T
+
+    def heads_in(n):  # [n*H, D] -> [D, n, H] and back
+        return (
+            lambda w: w.reshape(n, H, D).transpose(2, 0, 1),
+            lambda w: w.transpose(1, 2, 0).reshape(n * H, D),
+        )
+
+    def heads_bias(n):
+        return (lambda b: b.reshape(n, H), lambda b: b.reshape(n * H))
+
+    q, kv = heads_in(N), heads_in(K)
+    table: list[Mapping] = [
+        ("model.embed_tokens.weight", ("embed_tokens", "embedding"), same, same),
+        ("model.norm.weight", ("norm", "weight"), same, same),
+        ("model.layers.{i}.input_layernorm.weight", ("layers", "input_layernorm", "weight"), same, same),
+        (
+            "model.layers.{i}.post_attention_layernorm.weight",
+            ("layers", "post_attention_layernorm", "weight"),
+            same,
+            same,
+        ),
+        ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "self_attn", "q_proj", "kernel"), *q),
+        ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "self_attn", "k_proj", "kernel"), *kv),
+        ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "self_attn", "v_proj", "kernel"), *kv),
+        (
+            "model.layers.{i}.self_attn.o_proj.weight",
+            ("layers", "self_attn", "o_proj", "kernel"),
+            lambda w: w.T.reshape(N, H, D),
+            lambda w: w.reshape(N * H, D).T,
+        ),
+        ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), t, t),
+        ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), t, t),
+        ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), t, t),
+    ]  # fmt: skip
+    if not c.tie_word_embeddings:
+        table.append(("lm_head.weight", ("lm_head",), t, t))
+    if c.attention_bias:
+        table += [
+            (
+                "model.layers.{i}.self_attn.q_proj.bias",
+                ("layers", "self_attn", "q_proj", "bias"),
+                *heads_bias(N),
+            ),
+            (
+                "model.layers.{i}.self_attn.k_proj.bias",
+                ("layers", "self_attn", "k_proj", "bias"),
+                *heads_bias(K),
+            ),
+            (
+                "model.layers.{i}.self_attn.v_proj.bias",
+                ("layers", "self_attn", "v_proj", "bias"),
+                *heads_bias(K),
+            ),
+            ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), same, same),
+        ]
+    if c.mlp_bias:
+        table += [
+            (f"model.layers.{{i}}.mlp.{n}.bias", ("layers", "mlp", n, "bias"), same, same)
+            for n in ("gate_proj", "up_proj", "down_proj")
+        ]
+    return table
+
+
+# --- safetensors --------------------------------------------------------------------------
+
+
+class _Safetensors:
+    """One .safetensors file, memory-mapped; tensors are numpy views (no copy until sliced)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.header, self.offset = header, 8 + n
+        self.map = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} has dtype {info['dtype']}, which this loader cannot use"
+            )
+        start, end = info["data_offsets"]
+        raw = self.map[self.offset + start : self.offset + end]
+        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _open_weights(path: pathlib.Path) -> dict[str, _Safetensors]:
+    """Tensor name -> the file holding it, from model.safetensors or its sharded index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {}
+        for fname in sorted(set(weight_map.values())):
+            if not (path / fname).is_file():
+                raise CheckpointError(f"{path}: shard {fname} named in {index.name} is missing")
+            files[fname] = _Safetensors(path / fname)
+        return {name: files[fname] for name, fname in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        st = _Safetensors(single)
+        return {name: st for name in st.header}
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise CheckpointError(
+            f"{path}: only pickle-based weights (*.bin/*.pt) found; apo_jax loads safetensors only, "
+            "since unpickling a downloaded file can run code. Convert with transformers' save_pretrained."
+        )
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _get(d: dict, keys: tuple[str, ...]):
+    for k in keys:
+        d = d[k]
+    return d
+
+
+def _set(d: dict, keys: tuple[str, ...], value):
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def from_hf(
+    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, **policies
+):
+    """(Llama, params) from a Hugging Face Llama directory.
+
+    Args:
+      path: directory with config.json and model.safetensors (or shards plus their index).
+      dtype: compute dtype ("float32", "bfloat16").
+      param_dtype: parameter storage dtype.
+      mesh: a `jax.sharding.Mesh` (see `apo_jax.sharding.make_mesh`); each tensor then goes
+        straight to its sharding under the logical-axis rules. None: the default device.
+      **policies: further LlamaConfig policies (remat_policy, attention_impl).
+    """
+    from apo_jax.sharding import param_shardings
+
+    path = pathlib.Path(path)
+    if param_dtype not in DTYPES or dtype not in DTYPES:
+        raise CheckpointError(f"dtype={dtype!r}, param_dtype={param_dtype!r}: use one of {sorted(DTYPES)}")
+    config = read_config(path, dtype=dtype, param_dtype=param_dtype, **policies)
+    model = Llama(config)
+    tensors = _open_weights(path)
+    abstract = abstract_params(model)
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    target_dtype = np.dtype(DTYPES[param_dtype])
+    params: dict = {}
+    for hf_name, keys, to_ours, _ in _mapping(config):
+        names = (
+            [hf_name.format(i=i) for i in range(config.num_hidden_layers)] if "{i}" in hf_name else [hf_name]
+        )
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint")
+        parts = [to_ours(tensors[n][n]) for n in names]
+        expected = _get(abstract, keys).value.shape
+        host = np.stack(parts) if "{i}" in hf_name else parts[0]
+        if host.shape != tuple(expected):
+            raise CheckpointError(
+                f"{path}: {names[0]} gives shape {host.shape} for {'/'.join(keys)}, "
+                f"config.json implies {tuple(expected)}"
+            )
+        host = host.astype(target_dtype, copy=False)
+        if shardings is None:
+            _set(params, keys, jax.device_put(host))
+        else:
+            sharding = _get(shardings, keys)
+            _set(params, keys, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+    return model, params
+
+
+def to_hf(
+    model: Llama,
+    params,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: str | None = None,
+) -> pathlib.Path:
+    """Writes `out_dir` so that `transformers.LlamaForCausalLM.from_pretrained` loads it as it is.
+
+    Safetensors with `format: pt` metadata, split into files of at most `max_shard_bytes` (with
+    model.safetensors.index.json), config.json in the published form, and the tokenizer if given.
+    `dtype`: the stored dtype (default: the parameters' own).
+    """
+    from jax.experimental import multihost_utils
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    store = np.dtype(DTYPES[dtype]) if dtype else None
+
+    def host(keys):
+        x = _get(params, keys)
+        if not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        x = np.asarray(x)
+        return x.astype(store) if store is not None else x
+
+    plan = []  # (hf name, keys, layer index or None, to_hf, nbytes)
+    for hf_name, keys, _, to_theirs in _mapping(config):
+        x = _get(params, keys)
+        itemsize = (store or np.dtype(x.dtype)).itemsize
+        if "{i}" in hf_name:
+            per = math.prod(x.shape[1:]) * itemsize
+            plan += [(hf_name.format(i=i), keys, i, to_theirs, per) for i in range(x.shape[0])]
+        else:
+            plan.append((hf_name, keys, None, to_theirs, math.prod(x.shape) * itemsize))
+    shards, current, size = [], [], 0
+    for item in plan:
+        if current and size + item[4] > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item[4]
+    shards.append(current)
+    from safetensors.numpy import save_file
+
+    weight_map, total = {}, 0
+    for s, items in enumerate(shards):
+        fname = (
+            "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        tensors, cache = {}, {}
+        for name, keys, i, to_theirs, nbytes in items:
+            if keys not in cache:
+                cache = {keys: host(keys)}  # one stacked parameter in host memory at a time
+            x = cache[keys] if i is None else cache[keys][i]
+            tensors[name] = np.ascontiguousarray(to_theirs(x))
+            weight_map[name] = fname
+            total += nbytes
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    stored = store or np.dtype(jax.tree.leaves(params)[0].dtype)
+    torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[str(stored)]
+    (out / "config.json").write_text(json.dumps(config_json(config, torch_dtype), indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer (with its chat template) saved beside a checkpoint, read offline."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

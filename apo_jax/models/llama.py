@@ -1,0 +1,456 @@
+"""Llama 2 / 3 / 3.1 / 3.2 in Flax Linen, with Hugging Face parameter names.
+
+Shape letters: B batch, T query length, S key length, D embed, N heads, K kv heads, H head dim,
+F mlp, V vocab, L layers. Modules only declare parameters (with logical axis names); the math is
+in plain functions of a params dict, so that decoding (models/sample.py) runs the very same
+functions over the stacked layer parameters with a KV cache.
+
+Params tree (the HF names, minus `model.`; layers stacked on a leading L axis by `nn.scan`):
+  embed_tokens/embedding [V, D]; norm/weight [D]; lm_head [D, V] (absent when tied);
+  layers/{input_layernorm,post_attention_layernorm}/weight [L, D];
+  layers/self_attn/{q,k,v}_proj/kernel [L, D, N|K, H] (+ bias [L, N|K, H]);
+  layers/self_attn/o_proj/kernel [L, N, H, D] (+ bias [L, D]);
+  layers/mlp/{gate,up}_proj/kernel [L, D, F] (+ bias [L, F]); layers/mlp/down_proj/kernel [L, F, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apo_jax.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture (Hugging Face `LlamaConfig` field names) plus apo_jax's compute policies."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "llama3" (Llama 3.1 / 3.2 scaling)
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    # policies: not part of a checkpoint
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"  # see REMAT_POLICIES
+    attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation= ("xla", "cudnn")
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+            raise ValueError(
+                f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}"
+            )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
+        if self.rope_type not in ("default", "llama3"):
+            raise ValueError(f"rope_type={self.rope_type!r}: supported are 'default' and 'llama3'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def H(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # Presets (shapes from the published config.json files; weights come from `from_hf`).
+    @classmethod
+    def llama2_7b(cls, **kw):
+        return cls(max_position_embeddings=4096, **kw)
+
+    @classmethod
+    def llama3_8b(cls, **kw):
+        return cls(
+            vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
+            max_position_embeddings=8192, bos_token_id=128000, eos_token_id=(128001, 128009), **kw,
+        )  # fmt: skip
+
+    @classmethod
+    def llama3_1_8b(cls, **kw):
+        return cls.llama3_8b(rope_type="llama3", max_position_embeddings=131072, **kw)
+
+    @classmethod
+    def llama3_2_1b(cls, **kw):
+        return cls(
+            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+            num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+            rope_type="llama3", rope_factor=32.0, max_position_embeddings=131072, tie_word_embeddings=True,
+            bos_token_id=128000, eos_token_id=(128001, 128008, 128009), **kw,
+        )  # fmt: skip
+
+
+# --- the math, as functions of parameter dicts --------------------------------------------
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm as Hugging Face computes it: in float32, scaled in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """[H/2] inverse frequencies, float32, with Llama 3.1's `llama3` scaling when configured."""
+    H = config.H
+    inv = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))
+    if config.rope_type == "llama3":
+        old = config.rope_original_max_position_embeddings
+        low_wavelen, high_wavelen = old / config.rope_low_freq_factor, old / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / config.rope_factor, inv)
+        smooth = (old / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding, Hugging Face's rotate-half layout. x [B, T, N, H], positions [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _linear(p, x, spec, dtype):
+    y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
+    return y + p["bias"].astype(dtype) if "bias" in p else y
+
+
+def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
+    """q [B, T, N, H], k and v [B, T, K, H] of a normed input x [B, T, D], RoPE applied."""
+    dt = DTYPES[config.dtype]
+    q = _linear(p["q_proj"], x, "BTD,DNH->BTNH", dt)
+    k = _linear(p["k_proj"], x, "BTD,DKH->BTKH", dt)
+    v = _linear(p["v_proj"], x, "BTD,DKH->BTKH", dt)
+    q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def attention_out(config: LlamaConfig, p, q, k, v, mask):
+    """Grouped-query attention of q [B, T, N, H] over k, v [B, S, K, H]; mask [B, 1, T, S] bool."""
+    dt = DTYPES[config.dtype]
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)  # [B, T, N, H]
+    return _linear(p["o_proj"], o, "BTNH,NHD->BTD", dt)
+
+
+def mlp(config: LlamaConfig, p, x):
+    """SwiGLU: down(silu(gate(x)) * up(x)). x [B, T, D]."""
+    dt = DTYPES[config.dtype]
+    h = jax.nn.silu(_linear(p["gate_proj"], x, "BTD,DF->BTF", dt)) * _linear(
+        p["up_proj"], x, "BTD,DF->BTF", dt
+    )
+    h = constrain(h, ("batch", "length", "mlp"))
+    return _linear(p["down_proj"], h, "BTF,FD->BTD", dt)
+
+
+def decoder_layer(config: LlamaConfig, p, x, positions, mask, inv_freq, cache=None):
+    """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Returns (x, (k, v)).
+
+    With `cache` = (k_cache, v_cache [B, S, K, H], start), this step's keys and values are
+    written at index `start` and attention runs over the whole cache (decoding, models/sample.py);
+    the returned (k, v) are the updated caches. Without, attention is over this input alone.
+    """
+    h = rms_norm(x, p["input_layernorm"]["weight"], config.rms_norm_eps)
+    q, k, v = attention_qkv(config, p["self_attn"], h, positions, inv_freq)
+    if cache is not None:
+        k_cache, v_cache, start = cache
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
+    x = x + attention_out(config, p["self_attn"], q, k, v, mask)
+    h = rms_norm(x, p["post_attention_layernorm"]["weight"], config.rms_norm_eps)
+    x = x + mlp(config, p["mlp"], h)
+    return constrain(x, ("batch", "length", "act_embed")), (k, v)
+
+
+def attention_mask(segment_ids, kv_segment_ids=None, *, q_index=None, kv_index=None, shared_segment=None):
+    """[B, 1, T, S] bool: causal (by index), no padding keys (segment 0), own segment only.
+
+    With `shared_segment` (prompt-shared rows, DESIGN.md: 1 = the shared prompt, 2 and 3 the
+    answers), a token also sees the shared prompt. Every query sees itself, so padding rows stay
+    finite (their outputs are never read).
+    """
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    T, S = segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_index = jnp.arange(T)[None, :] if q_index is None else q_index  # [1 | B, T]
+    kv_index = jnp.arange(S)[None, :] if kv_index is None else kv_index
+    q_seg, k_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
+    same = q_seg == k_seg
+    if shared_segment is not None:
+        same = same | ((k_seg == shared_segment) & (q_seg != 0))
+    causal = kv_index[:, None, :] <= q_index[:, :, None]
+    mask = causal & same & (k_seg != 0)
+    mask = mask | (kv_index[:, None, :] == q_index[:, :, None])
+    return mask[:, None]
+
+
+def default_positions(segment_ids):
+    """Positions that restart at 0 at the start of every run of equal segment ids (0 on padding)."""
+    T = segment_ids.shape[1]
+    idx = jnp.arange(T)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    run_start = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(segment_ids != 0, idx - run_start, 0).astype(jnp.int32)
+
+
+# --- parameter declarations -------------------------------------------------------------
+
+
+def _init(axes, scale=0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(scale), axes)
+
+
+class _Linear(nn.Module):
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        p = {"kernel": self.param("kernel", _init(self.kernel_axes), self.kernel_shape, self.param_dtype)}
+        if self.bias_axes is not None:
+            shape = self.kernel_shape[-len(self.bias_axes) :]
+            init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes)
+            p["bias"] = self.param("bias", init, shape, self.param_dtype)
+        return p
+
+
+class _Norm(nn.Module):
+    size: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self):
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        return {"weight": self.param("weight", init, (self.size,), self.param_dtype)}
+
+
+class _SelfAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self):
+        c, pd = self.config, DTYPES[self.config.param_dtype]
+        D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.H
+
+        def linear(name, shape, axes, bias_axes):
+            return _Linear(shape, axes, bias_axes if c.attention_bias else None, pd, name=name)()
+
+        return {
+            "q_proj": linear("q_proj", (D, N, H), ("embed", "heads", "head_dim"), ("heads", "head_dim")),
+            "k_proj": linear(
+                "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
+            ),
+            "v_proj": linear(
+                "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
+            ),
+            "o_proj": linear("o_proj", (N, H, D), ("heads", "head_dim", "embed"), ("embed",)),
+        }
+
+
+class _MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self):
+        c, pd = self.config, DTYPES[self.config.param_dtype]
+        D, F, b = c.hidden_size, c.intermediate_size, c.mlp_bias
+        return {
+            "gate_proj": _Linear((D, F), ("embed", "mlp"), ("mlp",) if b else None, pd, name="gate_proj")(),
+            "up_proj": _Linear((D, F), ("embed", "mlp"), ("mlp",) if b else None, pd, name="up_proj")(),
+            "down_proj": _Linear((F, D), ("mlp", "embed"), ("embed",) if b else None, pd, name="down_proj")(),
+        }
+
+
+class DecoderLayer(nn.Module):
+    """One block; scanned over layers. Returns (x, x if `collect_hidden` else None)."""
+
+    config: LlamaConfig
+    collect_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c, pd = self.config, DTYPES[self.config.param_dtype]
+        p = {
+            "input_layernorm": _Norm(c.hidden_size, pd, name="input_layernorm")(),
+            "self_attn": _SelfAttention(c, name="self_attn")(),
+            "post_attention_layernorm": _Norm(c.hidden_size, pd, name="post_attention_layernorm")(),
+            "mlp": _MLP(c, name="mlp")(),
+        }
+        x, _ = decoder_layer(c, p, x, positions, mask, rope_inv_freq(c))
+        return x, (x if self.collect_hidden else None)
+
+
+class Llama(nn.Module):
+    """The decoder stack: token ids -> final normed hidden states [B, T, D].
+
+    The output projection is applied outside (`output_weight`), so that log-probs can be
+    computed chunk by chunk without ever building [B, T, V] logits.
+    """
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions, mask, *, return_hidden: bool = False):
+        c, pd, dt = self.config, DTYPES[self.config.param_dtype], DTYPES[self.config.dtype]
+        embedding = _Embedding(c, name="embed_tokens")()
+        x = jnp.take(embedding, input_ids, axis=0).astype(dt)  # [B, T, D]
+        x = constrain(x, ("batch", "length", "act_embed"))
+        layer = DecoderLayer
+        if c.remat_policy != "none":
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        stack = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, per_layer = stack(c, return_hidden, name="layers")(x, positions, mask)
+        x = rms_norm(x, _Norm(c.hidden_size, pd, name="norm")()["weight"], c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.param("lm_head", _init(("embed", "vocab")), (c.hidden_size, c.vocab_size), pd)
+        return (x, per_layer) if return_hidden else x
+
+
+class _Embedding(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self):
+        c = self.config
+        return self.param(
+            "embedding", _init(("vocab", "embed")), (c.vocab_size, c.hidden_size), DTYPES[c.param_dtype]
+        )
+
+
+def output_weight(config: LlamaConfig, params) -> jax.Array:
+    """[D, V]: the LM head, or the transposed embedding when tied."""
+    if config.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]
+
+
+# --- the functional surface ---------------------------------------------------------------
+
+
+def _inputs(attention_mask, segment_ids, positions):
+    segment_ids = jnp.asarray(attention_mask, jnp.int32) if segment_ids is None else segment_ids
+    positions = default_positions(segment_ids) if positions is None else positions
+    return segment_ids, positions
+
+
+def hidden_states(
+    model: Llama, params, input_ids, attention_mask, segment_ids=None, positions=None, *, return_hidden=False,
+    shared_segment=None,
+):  # fmt: skip
+    """Final normed hidden states [B, T, D] (and, with `return_hidden`, per-layer outputs [L, B, T, D]).
+
+    `attention_mask` [B, T] is 1 on real tokens. `segment_ids` (default: the attention mask) keep
+    packed sequences apart; `positions` default to counting from 0 in every segment, so
+    left-padded rows get the positions an unpadded row would.
+    """
+    segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
+    mask = attention_mask_from(segment_ids, shared_segment)
+    return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden)
+
+
+def attention_mask_from(segment_ids, shared_segment=None):
+    return attention_mask(segment_ids, shared_segment=shared_segment)
+
+
+def logits(
+    model: Llama, params, input_ids, attention_mask, segment_ids=None, positions=None, *, return_hidden=False
+):
+    """[B, T, V] float32 logits (jittable). With `return_hidden`: (logits, final hidden, per-layer)."""
+    out = hidden_states(
+        model, params, input_ids, attention_mask, segment_ids, positions, return_hidden=return_hidden
+    )
+    h, per_layer = out if return_hidden else (out, None)
+    w = output_weight(model.config, params)
+    z = jnp.einsum("BTD,DV->BTV", h.astype(jnp.float32), w.astype(jnp.float32))
+    return (z, h, per_layer) if return_hidden else z
+
+
+def token_logps(
+    model: Llama, params, input_ids, attention_mask, loss_mask, segment_ids=None, positions=None, *,
+    chunk_size=256, with_entropy=False, with_sum_sq=False, shared_segment=None,
+):  # fmt: skip
+    """Per-token log-probs [B, T] (`token_logps[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0) and
+    their sums over `loss_mask`, from chunks of the output projection: no [B, T, V] array is
+    built in the forward or the backward pass. See `apo_jax.logprobs.token_logps`."""
+    from apo_jax.logprobs import token_logps as _from_hidden
+
+    h = hidden_states(
+        model, params, input_ids, attention_mask, segment_ids, positions, shared_segment=shared_segment
+    )
+    return _from_hidden(
+        h, output_weight(model.config, params), input_ids, loss_mask,
+        chunk_size=chunk_size, with_entropy=with_entropy, with_sum_sq=with_sum_sq,
+    )  # fmt: skip
+
+
+def abstract_params(model: Llama):
+    """The boxed (logically partitioned) parameter shapes, without allocating anything."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 1), jnp.int32))
+    return jax.eval_shape(model.init, jax.random.key(0), ids, jnp.zeros((1, 1), jnp.int32), mask)["params"]
+
+
+def init_params(model: Llama, rng, mesh=None):
+    """Random parameters (normal, std 0.02; norms at 1), created already sharded when `mesh` is given."""
+    from apo_jax.sharding import param_shardings
+
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = attention_mask(jnp.ones((1, 1), jnp.int32))
+
+    def init(rng):
+        return nn.unbox(model.init(rng, ids, jnp.zeros((1, 1), jnp.int32), mask)["params"])
+
+    if mesh is None:
+        return jax.jit(init)(rng)
+    shardings = param_shardings(abstract_params(model), mesh)
+    return jax.jit(init, out_shardings=shardings)(rng)

@@ -1,0 +1,104 @@
+"""The one place that knows mesh axis names: the mesh, the logical-axis rules, and placement.
+
+Parameters and activations carry logical axis names (`embed`, `heads`, `batch`, ...) where they
+are defined; `RULES` maps them onto the mesh axes `data`, `fsdp` and `tensor`. A strategy is a
+whole table: pass another one to `rules=` rather than patching a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Weights are split over `fsdp` along their embed axis and over
+# `tensor` along heads / mlp / vocab (Megatron-style); the batch is split over data and fsdp.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest).
+
+    Axes are `AxisType.Auto`: the compiler places what the rules table does not pin.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))}: at most one may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh sizes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
+            f"there are {len(devices)}"
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None], rules=RULES) -> NamedSharding:
+    """The NamedSharding of one array whose dimensions carry these logical names."""
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+    return NamedSharding(mesh, _fit(spec, mesh))
+
+
+def _fit(spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drops mesh axes of size 1 (a cleaner spec; the placement is the same)."""
+
+    def keep(axes):
+        if axes is None:
+            return None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return PartitionSpec(*(keep(a) for a in spec))
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules=RULES):
+    """NamedShardings for a (boxed, `LogicallyPartitioned`) params pytree, e.g. from `jax.eval_shape`."""
+    specs = nn.get_partition_spec(abstract_params)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, _fit(nn.logical_to_mesh_axes(tuple(s), rules), mesh)),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def shard_params(params, shardings):
+    """Places an (unboxed) params pytree onto the mesh."""
+    return jax.device_put(params, shardings)
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """Pins an activation's sharding by logical names (a no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, tuple(logical_axes))
+
+
+def rules_context(rules=RULES):
+    """`with rules_context():` makes `constrain` resolve logical names with `rules`."""
+    return nn.logical_axis_rules(rules)

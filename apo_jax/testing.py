@@ -1,0 +1,122 @@
+"""Tiny, real models and tokenizers built locally: shared by tests, notebooks and the miniature.
+
+Nothing here downloads anything. `tiny_hf_llama` writes a randomly initialized
+`transformers.LlamaForCausalLM` with `save_pretrained` (needs PyTorch: the test extra);
+`tiny_tokenizer` trains a byte-level BPE tokenizer on a few sentences and gives it a
+Llama-3-style chat template.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|pad|>",
+)
+# Llama 3's template without the system-header date stamping (see DESIGN.md's pitfalls).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Anchored preference optimization raises the chosen likelihood and lowers the rejected one.",
+    "A stronger model minimally revises the answer, so the pair differs only where it matters.",
+    "Compute the first twenty Fibonacci numbers with the golden ratio, step by step.",
+    "user assistant system: explain, revise, answer, improve, correct, because, therefore.",
+)
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE `PreTrainedTokenizerFast` with Llama-3 special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_hf_llama(
+    path: str | os.PathLike,
+    *,
+    vocab_size: int = 384,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool = False,
+    rope_scaling: dict | None = None,
+    rope_theta: float = 10000.0,
+    attention_bias: bool = False,
+    mlp_bias: bool = False,
+    initializer_range: float = 0.1,
+    seed: int = 0,
+    tokenizer=None,
+) -> pathlib.Path:
+    """Writes a random Hugging Face Llama (safetensors, float32) to `path` and returns it.
+
+    The default is GQA (4 query heads over 2 kv heads). A larger `initializer_range` than
+    Llama's 0.02 keeps the random model's predictions far from uniform, so parity tests mean
+    something. A tokenizer, if given, is saved beside it.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings,
+        rope_scaling=rope_scaling,
+        rope_theta=rope_theta,
+        attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
+        initializer_range=initializer_range,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=[1, 4],
+        pad_token_id=5,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms at 1 would hide a wrong norm mapping: make them random too
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.copy_(
+                    1.0 + 0.2 * torch.randn_like(p)
+                    if name.endswith("norm.weight")
+                    else 0.1 * torch.randn_like(p)
+                )
+    path = pathlib.Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

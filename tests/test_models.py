@@ -1,0 +1,300 @@
+"""The Flax Llama against transformers' PyTorch Llama, checkpoints in and out, log-probs, sampling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import TINY_CONFIGS
+
+from apo_jax import models, sharding
+from apo_jax.logprobs import naive_token_logps
+from apo_jax.logprobs import token_logps as chunked_token_logps
+
+
+def _hf(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _padded_batch(seed=0, B=4, T=14, V=320):
+    """Random ids with a left-padded row, a right-padded row and two full rows."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(6, V, (B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[0, :5] = 0  # left padding
+    mask[1, 10:] = 0  # right padding
+    return ids, mask
+
+
+def _hf_logits(hf, ids, mask):
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)  # what generate() and left padding need
+    with torch.no_grad():
+        out = hf(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+        )
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_logits_match_transformers(tiny_checkpoints, name):
+    path = tiny_checkpoints[name]
+    model, params = models.from_hf(path)
+    ids, mask = _padded_batch()
+    expected = _hf_logits(_hf(path), ids, mask)
+    got = np.asarray(jax.jit(lambda p, i, m: models.logits(model, p, i, m))(params, ids, mask))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - expected[real]).max() <= 1e-4
+    assert np.abs(expected[real]).max() > 1.0  # the random model is not trivially flat
+
+
+def test_to_hf_round_trip(tiny_checkpoints, tiny_tokenizer, tmp_path):
+    path = tiny_checkpoints["tied_llama3"]
+    model, params = models.from_hf(path)
+    out = models.to_hf(model, params, tmp_path / "export", tokenizer=tiny_tokenizer, max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()  # small shards: an index and several files
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
+    ids, mask = _padded_batch(1)
+    np.testing.assert_allclose(
+        _hf_logits(_hf(out), ids, mask), _hf_logits(_hf(path), ids, mask), rtol=0, atol=1e-6
+    )
+    _, again = models.from_hf(out)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tok = models.load_tokenizer(out)
+    chat = [{"role": "user", "content": "revise the answer"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == tiny_tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["tie_word_embeddings"] is True
+
+
+def test_both_rope_config_forms_read_the_same(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints["tied_llama3"]
+    cfg = json.loads((src / "config.json").read_text())
+    rope = dict(cfg.get("rope_parameters") or cfg["rope_scaling"])
+    theta = rope.pop("rope_theta", cfg.get("rope_theta"))
+    published = {k: v for k, v in cfg.items() if k != "rope_parameters"} | {
+        "rope_theta": theta,
+        "rope_scaling": rope,
+    }
+    v5 = {k: v for k, v in cfg.items() if k not in ("rope_scaling", "rope_theta")}
+    v5["rope_parameters"] = rope | {"rope_theta": theta}
+    configs = []
+    for name, form in (("published", published), ("v5", v5)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(form))
+        configs.append(models.read_config(d))
+    assert configs[0] == configs[1]
+    assert configs[0].rope_type == "llama3" and configs[0].rope_theta == 500000.0
+
+
+def test_chunked_token_logps_equal_naive_values_and_gradients():
+    rng = np.random.default_rng(0)
+    B, T, D, V = 3, 37, 16, 301
+    hidden = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(D, V)) * 0.5, jnp.float32)
+    ids = jnp.asarray(rng.integers(0, V, (B, T)))
+    mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
+
+    def chunked(h, w):
+        return chunked_token_logps(h, w, ids, mask, chunk_size=8)["logps"].sum()
+
+    def naive(h, w):
+        return jnp.sum(naive_token_logps(h, w, ids) * mask)
+
+    out = chunked_token_logps(hidden, w, ids, mask, chunk_size=8, with_entropy=True, with_sum_sq=True)
+    ref = naive_token_logps(hidden, w, ids)
+    np.testing.assert_allclose(out["token_logps"], ref, rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(out["token_logps"][:, 0]) == 0)
+    # entropy and log Σ p² against the full distribution
+    logp = jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", hidden, w)[:, :-1], -1)
+    np.testing.assert_allclose(
+        out["entropy"][:, 1:], -jnp.sum(jnp.exp(logp) * logp, -1), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        out["log_sum_sq_probs"][:, 1:], jnp.log(jnp.sum(jnp.exp(2 * logp), -1)), rtol=1e-5, atol=1e-5
+    )
+    g_chunked = jax.grad(chunked, argnums=(0, 1))(hidden, w)
+    g_naive = jax.grad(naive, argnums=(0, 1))(hidden, w)
+    for a, b in zip(g_chunked, g_naive, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_log_probs_use_a_quarter_of_the_naive_memory():
+    B, T, D, V = 2, 1024, 64, 32768
+    hidden = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+    w = jax.ShapeDtypeStruct((D, V), jnp.float32)
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
+    mask = jax.ShapeDtypeStruct((B, T), jnp.float32)
+
+    def chunked(h, w, ids, m):
+        return chunked_token_logps(h, w, ids, m, chunk_size=256)["logps"].sum()
+
+    def naive(h, w, ids, m):
+        return jnp.sum(naive_token_logps(h, w, ids) * m)
+
+    def temp_bytes(fn):
+        compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(hidden, w, ids, mask).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    chunked_bytes, naive_bytes = temp_bytes(chunked), temp_bytes(naive)
+    assert naive_bytes >= B * T * V * 4  # the naive path holds at least the full logits
+    assert chunked_bytes <= naive_bytes / 4, (chunked_bytes, naive_bytes)
+
+
+def test_model_token_logps_match_transformers(tiny_checkpoints):
+    path = tiny_checkpoints["gqa"]
+    model, params = models.from_hf(path)
+    ids, mask = _padded_batch(2)
+    loss_mask = mask.copy()
+    loss_mask[:, :8] = 0  # the "prompt"
+    out = models.token_logps(model, params, ids, mask, loss_mask, chunk_size=4)
+    logp = torch.log_softmax(torch.tensor(_hf_logits(_hf(path), ids, mask)), -1).numpy()
+    expected = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(
+        np.asarray(out["token_logps"])[:, 1:] * loss_mask[:, 1:], expected * loss_mask[:, 1:], atol=2e-5
+    )
+    np.testing.assert_allclose(out["logps"], (expected * loss_mask[:, 1:]).sum(-1), rtol=1e-5, atol=1e-4)
+
+
+def _jit_logps(model, **static):
+    """token_logps jitted once per model (eager flax calls are slow on CPU)."""
+    return jax.jit(lambda p, ids, m, lm, seg=None, pos=None: models.token_logps(
+        model, p, ids, m, lm, seg, pos, **static))  # fmt: skip
+
+
+def test_packed_row_equals_sequences_run_separately(tiny_checkpoints):
+    model, params = models.from_hf(tiny_checkpoints["gqa"])
+    logps = _jit_logps(model)
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(6, 320, 7), rng.integers(6, 320, 5)
+    packed = np.concatenate([a, b, [0, 0]])[None]
+    segments = np.array([[1] * 7 + [2] * 5 + [0, 0]])
+    loss = (segments != 0).astype(np.float32)
+    out = logps(params, packed, (segments != 0).astype(np.int32), loss, segments)
+    for seq, sl in ((a, slice(0, 7)), (b, slice(7, 12))):
+        alone = logps(params, seq[None], np.ones((1, len(seq)), np.int32), np.ones((1, len(seq)), np.float32))
+        # the first token of a packed segment has no prefix inside its segment: compare the rest
+        np.testing.assert_allclose(out["token_logps"][0, sl][1:], alone["token_logps"][0, 1:], atol=1e-5)
+
+
+def test_prompt_shared_row_equals_the_two_pairs_separately(tiny_checkpoints):
+    # One prompt, two answers in one row: segment 1 holds the prompt but its last token, and
+    # each answer segment (2, 3) starts with that last prompt token at its own position, so the
+    # first answer token is predicted from it, as in the unshared rows.
+    model, params = models.from_hf(tiny_checkpoints["gqa"])
+    logps = _jit_logps(model, shared_segment=1)
+    rng = np.random.default_rng(4)
+    prompt, ans1, ans2 = rng.integers(6, 320, 6), rng.integers(6, 320, 4), rng.integers(6, 320, 3)
+    row = np.concatenate([prompt[:-1], prompt[-1:], ans1, prompt[-1:], ans2])[None]
+    seg = np.array([[1] * 5 + [2] * 5 + [3] * 4])
+    pos = np.array([list(range(5)) + list(range(5, 10)) + list(range(5, 9))])
+    loss = np.array([[0] * 5 + [0, 1, 1, 1, 1] + [0, 1, 1, 1]], np.float32)
+    out = logps(params, row, np.ones_like(seg), loss, seg, pos)
+    plain = _jit_logps(model)
+    expected = 0.0
+    for ans, sl in ((ans1, slice(6, 10)), (ans2, slice(11, 14))):
+        full = np.concatenate([prompt, ans])[None]
+        alone = plain(params, full, np.ones_like(full), np.ones_like(full, np.float32))
+        np.testing.assert_allclose(out["token_logps"][0, sl], alone["token_logps"][0, 6:], atol=1e-5)
+        expected += float(alone["token_logps"][0, 6:].sum())
+    np.testing.assert_allclose(out["logps"][0], expected, rtol=1e-5)
+
+
+def test_greedy_generate_matches_transformers(tiny_checkpoints):
+    path = tiny_checkpoints["tied_llama3"]
+    model, params = models.from_hf(path)
+    rng = np.random.default_rng(5)
+    prompts = rng.integers(6, 320, (3, 6))
+    mask = np.ones_like(prompts)
+    mask[0, :2] = 0  # left padding
+    prompts[0, :2] = 5
+    got = models.generate(model, params, prompts, mask, max_new_tokens=10, eos_ids=(1, 4), pad_id=5)
+    with torch.no_grad():
+        hf = _hf(path).generate(
+            input_ids=torch.tensor(prompts), attention_mask=torch.tensor(mask), max_new_tokens=10,
+            do_sample=False, eos_token_id=[1, 4], pad_token_id=5,
+        )[:, 6:].numpy()  # fmt: skip
+    tokens = np.asarray(got["tokens"])[:, : hf.shape[1]]
+    np.testing.assert_array_equal(tokens, hf)
+
+
+def test_sampling_is_reproducible_at_a_fixed_key(tiny_checkpoints):
+    model, params = models.from_hf(tiny_checkpoints["gqa"])
+    prompts = np.arange(6, 18).reshape(2, 6)
+    mask = np.ones_like(prompts)
+    kw = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "top_k": 50, "eos_ids": ()}
+    first = models.generate(model, params, prompts, mask, rng=jax.random.key(1), **kw)["tokens"]
+    again = models.generate(model, params, prompts, mask, rng=jax.random.key(1), **kw)["tokens"]
+    other = models.generate(model, params, prompts, mask, rng=jax.random.key(2), **kw)["tokens"]
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_top_k_one_is_greedy(tiny_checkpoints):
+    model, params = models.from_hf(tiny_checkpoints["gqa"])
+    prompts, mask = np.arange(6, 18).reshape(2, 6), np.ones((2, 6), np.int32)
+    greedy = models.generate(model, params, prompts, mask, max_new_tokens=6, eos_ids=())["tokens"]
+    top1 = models.generate(
+        model, params, prompts, mask, max_new_tokens=6, temperature=2.0, top_k=1, eos_ids=()
+    )
+    np.testing.assert_array_equal(top1["tokens"], greedy)
+
+
+def test_sharded_logits_equal_single_device(tiny_checkpoints):
+    path = tiny_checkpoints["gqa"]
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    model, params = models.from_hf(path)
+    _, sharded = models.from_hf(path, mesh=mesh)
+    q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, D, N, H]: D over fsdp, N over tensor
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)
+    ids, mask = _padded_batch(6)
+    batch = jax.sharding.NamedSharding(mesh, sharding.logical_sharding(mesh, ("batch", "length")).spec)
+    ids_s, mask_s = jax.device_put(ids, batch), jax.device_put(mask, batch)
+    with sharding.rules_context():
+        got = jax.jit(lambda p, i, m: models.logits(model, p, i, m))(sharded, ids_s, mask_s)
+    expected = models.logits(model, params, ids, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+def test_bad_checkpoints_get_clear_errors(tiny_checkpoints, tmp_path):
+    src = tiny_checkpoints["gqa"]
+    with pytest.raises(models.CheckpointError, match="no config.json"):
+        models.from_hf(tmp_path)
+    bad = tmp_path / "mistral"
+    shutil.copytree(src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "mistral"}))
+    with pytest.raises(models.CheckpointError, match="model_type='mistral'"):
+        models.from_hf(bad)
+    (bad / "config.json").write_text(json.dumps(cfg | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
+    with pytest.raises(models.CheckpointError, match="rope_type='yarn'"):
+        models.from_hf(bad)
+    (bad / "config.json").write_text(json.dumps(cfg | {"hidden_act": "gelu"}))
+    with pytest.raises(models.CheckpointError, match="hidden_act='gelu'"):
+        models.from_hf(bad)
+    (bad / "config.json").write_text(json.dumps(cfg | {"hidden_size": 96}))
+    with pytest.raises(models.CheckpointError, match="shape"):
+        models.from_hf(bad)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.CheckpointError, match="dtype='float8'"):
+        models.from_hf(bad, dtype="float8")
+    # a sharded checkpoint whose index names a file that is not there
+    index = {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(models.CheckpointError, match="shard model-00002-of-00002.safetensors"):
+        models.from_hf(bad)
+    # pickle-based weights only
+    (bad / "model.safetensors.index.json").unlink()
+    (bad / "model.safetensors").rename(bad / "pytorch_model.bin")
+    with pytest.raises(models.CheckpointError, match="safetensors only"):
+        models.from_hf(bad)
