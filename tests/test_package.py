@@ -19,7 +19,8 @@ from apo_jax import losses
 def test_import_is_light():
     # GPU machines may lack TensorFlow and datasets: `import apo_jax` must not need them.
     code = (
-        "import sys, apo_jax, apo_jax.losses; heavy = {'tensorflow', 'datasets', 'torch', 'transformers'}; "
+        "import sys, apo_jax, apo_jax.losses, apo_jax.models, apo_jax.logprobs, apo_jax.sharding; "
+        "heavy = {'tensorflow', 'datasets', 'torch', 'transformers'}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
