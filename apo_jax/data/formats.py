@@ -1,0 +1,255 @@
+"""Preference rows in, in every common layout; one canonical pair (or unpaired example) out.
+
+Accepted (TRL's dataset formats, decided per column, not from one sampled key):
+  - standard, explicit prompt:       {"prompt": str, "chosen": str, "rejected": str}
+  - standard, implicit prompt:       {"chosen": str, "rejected": str}  (prompt = common prefix)
+  - conversational, explicit prompt: {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}
+  - conversational, implicit prompt: {"chosen": [msgs], "rejected": [msgs]}  (prompt = common turns)
+  - hybrid (ContextualAI/ultrafeedback_clair_32k): "prompt" a string while "chosen"/"rejected"
+    are whole [user, assistant] conversations that repeat the prompt as their user turn.
+  - unpaired (KTO): {"prompt", "completion", "label"}.
+Optional extras: `is_tie` (TODO), `timestamp` (NS-DPO), `score` (UNA). A row that cannot be
+read raises `RowError` naming its index and field; `read_pairs` counts and skips those.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+EXTRAS = {"is_tie": bool, "timestamp": int, "score": float}
+
+
+class RowError(ValueError):
+    """A malformed row: says which row (0-based index in the source) and which field."""
+
+    def __init__(self, index: int, field: str, problem: str):
+        super().__init__(f"row {index}, field {field!r}: {problem}")
+        self.index, self.field, self.problem = index, field, problem
+
+
+@dataclasses.dataclass
+class Pair:
+    """A canonical preference pair: conversational (message lists) or standard (strings).
+
+    Conversational pairs follow TRL's explicit-prompt form: `prompt` holds the turns before the
+    answer, `chosen`/`rejected` the assistant turn(s).
+    """
+
+    prompt: list[dict] | str
+    chosen: list[dict] | str
+    rejected: list[dict] | str
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+@dataclasses.dataclass
+class Unpaired:
+    prompt: list[dict] | str
+    completion: list[dict] | str
+    label: bool
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def _messages(index: int, field: str, value) -> list[dict] | str:
+    """A string, or a validated list of {"role", "content"} messages."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "role" in value:
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise RowError(
+            index, field, f"expected a string or a non-empty list of messages, got {type(value).__name__}"
+        )
+    for m in value:
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise RowError(index, field, f"each message needs string 'role' and 'content', got {m!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _split_conversation(index: int, field: str, conv: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(turns before the final assistant answer, the answer turns)."""
+    k = len(conv)
+    while k > 0 and conv[k - 1]["role"] == "assistant":
+        k -= 1
+    if k == len(conv):
+        raise RowError(index, field, "the conversation has no assistant turn at its end")
+    return conv[:k], conv[k:]
+
+
+def _common_prefix(a, b):
+    """TRL's `extract_prompt`: the longest common prefix (turns, or characters back to a space)."""
+    idx = 0
+    for idx in range(min(len(a), len(b))):
+        if a[idx] != b[idx]:
+            if isinstance(a, str) and a[idx - 1] == " ":
+                idx -= 1
+            break
+    return a[:idx], a[idx:], b[idx:]
+
+
+def _extras(index: int, row: dict) -> dict[str, Any]:
+    out = {}
+    for key, kind in EXTRAS.items():
+        if row.get(key) is None:
+            continue
+        value = row[key]
+        if kind is bool and not isinstance(value, bool | int):
+            raise RowError(index, key, f"expected a boolean, got {value!r}")
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise RowError(index, key, f"expected a number, got {value!r}")
+        if kind is int and value != int(value):
+            raise RowError(index, key, f"expected an integer, got {value!r}")
+        out[key] = kind(value)
+    return out
+
+
+def normalize_pair(row: dict, index: int) -> Pair:
+    """One source row -> a canonical Pair (see the module docstring), or RowError."""
+    if not isinstance(row, dict):
+        raise RowError(index, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    for field in ("chosen", "rejected"):
+        if row.get(field) is None:
+            raise RowError(index, field, "missing")
+    chosen = _messages(index, "chosen", row["chosen"])
+    rejected = _messages(index, "rejected", row["rejected"])
+    prompt = row.get("prompt")
+    if prompt is None:  # implicit prompt
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise RowError(
+                index, "rejected", "chosen and rejected must both be strings or both conversations"
+            )
+        prompt, chosen, rejected = _common_prefix(chosen, rejected)
+        if not prompt:
+            raise RowError(index, "chosen", "no prompt column and no common prefix to take it from")
+        if not chosen or not rejected:
+            raise RowError(
+                index, "chosen" if not chosen else "rejected", "empty after removing the common prompt"
+            )
+        return Pair(prompt, chosen, rejected, _extras(index, row))
+    prompt = _messages(index, "prompt", prompt)
+    answers = {}
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, list):
+            head, answer = _split_conversation(index, field, value)
+            if head:  # a whole conversation: its leading turns must be the prompt (hybrid layout)
+                expected = prompt if isinstance(prompt, list) else None
+                if expected is None:
+                    users = [m for m in head if m["role"] == "user"]
+                    if not users or users[-1]["content"].strip() != prompt.strip():
+                        raise RowError(
+                            index, field, "the conversation's user turn does not repeat the prompt string"
+                        )
+                    expected = head
+                elif head != expected:
+                    raise RowError(index, field, "the conversation's leading turns differ from the prompt")
+                answers[f"{field}_prompt"] = head
+            value = answer
+        answers[field] = value
+    conversational = isinstance(prompt, list) or "chosen_prompt" in answers or "rejected_prompt" in answers
+    if conversational:
+        if isinstance(prompt, str):
+            prompt = answers.get("chosen_prompt") or answers.get("rejected_prompt")
+        for field in ("chosen", "rejected"):
+            if isinstance(answers[field], str):
+                answers[field] = [{"role": "assistant", "content": answers[field]}]
+    for field in ("chosen", "rejected"):
+        if not answers[field] or answers[field] == "":
+            raise RowError(index, field, "empty answer")
+    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row))
+
+
+def normalize_unpaired(row: dict, index: int) -> Unpaired:
+    """One {"prompt", "completion", "label"} row -> Unpaired, or RowError."""
+    if not isinstance(row, dict):
+        raise RowError(index, "<row>", f"expected a JSON object, got {type(row).__name__}")
+    for field in ("prompt", "completion", "label"):
+        if row.get(field) is None:
+            raise RowError(index, field, "missing")
+    if not isinstance(row["label"], bool | int):
+        raise RowError(index, "label", f"expected a boolean, got {row['label']!r}")
+    prompt = _messages(index, "prompt", row["prompt"])
+    completion = _messages(index, "completion", row["completion"])
+    if isinstance(prompt, list) != isinstance(completion, list):
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion}]
+        else:
+            raise RowError(index, "prompt", "a string prompt with a conversational completion")
+    return Unpaired(prompt, completion, bool(row["label"]), _extras(index, row))
+
+
+def iter_rows(source: str | pathlib.Path, split: str = "train") -> Iterator[dict]:
+    """Raw rows from a .jsonl/.json file, a .parquet file, or a Hugging Face dataset
+    (a `save_to_disk` directory, a local dataset directory, or a cached hub name, offline)."""
+    path = pathlib.Path(source)
+    if path.is_file() and path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield _BadLine(f"{path}:{line_no + 1}: not valid JSON ({e.msg})")
+        return
+    if path.is_file() and path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    import datasets
+
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(str(source), split=split)
+    yield from ds
+
+
+class _BadLine(dict):
+    """Stands in for a line that is not JSON, so that it is reported with its index."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self.problem = problem
+
+
+@dataclasses.dataclass
+class ReadReport:
+    rows: int = 0
+    skipped: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)  # the first few, for the summary
+
+
+def read_examples(source, *, unpaired: bool = False, split: str = "train", max_errors_shown: int = 20):
+    """([(source row index, Pair or Unpaired)], ReadReport): malformed rows skipped and counted."""
+    report, out = ReadReport(), []
+    normalize = normalize_unpaired if unpaired else normalize_pair
+    for index, row in enumerate(iter_rows(source, split)):
+        report.rows += 1
+        try:
+            if isinstance(row, _BadLine):
+                raise RowError(index, "<row>", row.problem)
+            out.append((index, normalize(row, index)))
+        except RowError as e:
+            report.skipped += 1
+            if len(report.errors) < max_errors_shown:
+                report.errors.append(f"{source}: {e}")
+    return out, report

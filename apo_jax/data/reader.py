@@ -1,0 +1,106 @@
+"""The reader: exact, resumable global batches that do not depend on the number of processes.
+
+Every epoch, all record indices are permuted with a generator seeded by (seed, epoch). Global
+batch k is rows [kG, (k+1)G) of that permutation; process p of P reads its contiguous slice
+[kG + pG/P, kG + (p+1)G/P). The cursor (epoch, k) is the whole state: saved with the train state,
+it resumes on the very next batch, on any number of processes. A last partial batch of an epoch
+is dropped, so every step has the same shape. Prefetch to the device is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+
+from apo_jax.data import layouts
+from apo_jax.data.tfrecords import read_records
+
+
+@dataclasses.dataclass
+class ReaderState:
+    epoch: int = 0
+    step: int = 0  # the next global batch within the epoch
+
+
+class PreferenceReader:
+    """Host batches for this process, in a configured layout, from a preprocessed directory.
+
+    Args:
+      data_dir: output of `python -m apo_jax.data.preprocess`, or a list of records (tests).
+      global_batch_size: G, pairs per global batch (all processes together).
+      seed: the shuffle seed.
+      layout: "padded", "packed" or "prompt_shared" (see apo_jax.data.layouts).
+      length: row length T (default: the preprocessing max_length; prompt_shared needs more).
+      process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
+      pad_id: the id written into padding (masked out everywhere).
+      packed_rows: rows per packed batch (default 2·G/P).
+    """
+
+    def __init__(
+        self, data_dir, *, global_batch_size: int, seed: int = 0, layout: str = "padded",
+        length: int | None = None, process_index: int | None = None, process_count: int | None = None,
+        pad_id: int = 0, packed_rows: int | None = None,
+    ):  # fmt: skip
+        if isinstance(data_dir, str | pathlib.Path):
+            self.records, self.metadata = read_records(data_dir)
+        else:
+            self.records, self.metadata = list(data_dir), {}
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if global_batch_size % process_count:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not divisible by {process_count} processes"
+            )
+        if len(self.records) < global_batch_size:
+            raise ValueError(
+                f"{len(self.records)} records cannot fill one global batch of {global_batch_size}"
+            )
+        if layout not in layouts.LAYOUTS:
+            raise ValueError(f"unknown batch layout {layout!r}; use one of {layouts.LAYOUTS}")
+        self.G, self.seed, self.layout = global_batch_size, seed, layout
+        self.length = length or self.metadata.get("max_length")
+        if self.length is None:
+            raise ValueError("give the row length (no preprocessing max_length to default to)")
+        self.p, self.P, self.pad_id, self.packed_rows = process_index, process_count, pad_id, packed_rows
+        self.state = ReaderState()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.records) // self.G
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def global_indices(self, epoch: int, step: int) -> np.ndarray:
+        """The G record indices of global batch `step` of `epoch`."""
+        return self.permutation(epoch)[step * self.G : (step + 1) * self.G]
+
+    def local_indices(self, epoch: int, step: int) -> np.ndarray:
+        local = self.G // self.P
+        return self.global_indices(epoch, step)[self.p * local : (self.p + 1) * local]
+
+    def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
+        """This process's part of global batch (epoch, step), in the layout."""
+        records = [self.records[i] for i in self.local_indices(epoch, step)]
+        return layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=self.packed_rows)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.state.step >= self.steps_per_epoch:
+            self.state = ReaderState(self.state.epoch + 1, 0)
+        out = self.batch(self.state.epoch, self.state.step)
+        self.state = ReaderState(self.state.epoch, self.state.step + 1)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        """The cursor, to save beside the train state."""
+        return dataclasses.asdict(self.state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.state = ReaderState(int(state["epoch"]), int(state["step"]))
