@@ -41,6 +41,8 @@ def make_mesh(
 ) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest).
 
+    On a single host, explicit sizes that multiply to fewer devices take the first ones.
+
     Axes are `AxisType.Auto`: the compiler places what the rules table does not pin.
     """
     devices = list(jax.devices() if devices is None else devices)
@@ -52,6 +54,8 @@ def make_mesh(
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices do not divide into mesh sizes {sizes}")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in (data, fsdp, tensor) and int(np.prod(sizes)) < len(devices) and jax.process_count() == 1:
+        devices = devices[: int(np.prod(sizes))]  # a smaller mesh on one host: the first devices
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(
             f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "

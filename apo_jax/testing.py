@@ -120,3 +120,48 @@ def tiny_hf_llama(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+WORDS = (
+    "the answer is correct because it explains each step clearly and checks the result "
+    "revise improve careful wrong number golden ratio table value sequence first second next"
+).split()
+
+
+def tiny_preference_rows(n: int = 64, seed: int = 0, *, unpaired: bool = False) -> list[dict]:
+    """Short synthetic conversational pairs (or unpaired rows): prompt, a longer chosen answer."""
+    import random
+
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"question {i}: {text(rng.randint(2, 6))}?"}]
+        chosen, rejected = text(rng.randint(3, 9)), text(rng.randint(2, 7))
+        if unpaired:
+            answer = [{"role": "assistant", "content": chosen if i % 2 else rejected}]
+            rows.append({"prompt": prompt, "completion": answer, "label": bool(i % 2)})
+        else:
+            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})  # fmt: skip
+    return rows
+
+
+def tiny_preference_records(out_dir, tokenizer, n: int = 64, seed: int = 0, max_length: int = 96, *,
+                            unpaired: bool = False, extra=None) -> pathlib.Path:  # fmt: skip
+    """Writes tiny pairs as JSONL and preprocesses them into `out_dir` (TFRecords + metadata.json)."""
+    import json
+
+    from apo_jax.data.preprocess import preprocess
+
+    out_dir = pathlib.Path(out_dir)
+    rows = tiny_preference_rows(n, seed, unpaired=unpaired)
+    for i, row in enumerate(rows):
+        row.update((extra or (lambda i: {}))(i))
+    src = out_dir.with_name(out_dir.name + ".jsonl")
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess(str(src), out_dir, tokenizer, max_length=max_length, unpaired=unpaired)
+    return out_dir

@@ -392,7 +392,10 @@ def to_hf(
             tensors[name] = np.ascontiguousarray(to_theirs(x))
             weight_map[name] = fname
             total += nbytes
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        if jax.process_index() == 0:
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    if jax.process_index() != 0:
+        return out
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

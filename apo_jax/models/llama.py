@@ -440,17 +440,31 @@ def abstract_params(model: Llama):
     return jax.eval_shape(model.init, jax.random.key(0), ids, jnp.zeros((1, 1), jnp.int32), mask)["params"]
 
 
-def init_params(model: Llama, rng, mesh=None):
-    """Random parameters (normal, std 0.02; norms at 1), created already sharded when `mesh` is given."""
+def init_params(model: Llama, seed: int = 0, mesh=None):
+    """Random parameters (normal, std 0.02; norms at 1, biases at 0), placed like `from_hf` does.
+
+    Each leaf is drawn on the host with numpy (seeded by `seed` and its index) and sent straight
+    to its sharding, one parameter at a time, so every process of a multi-host run builds the
+    same values and nothing is compiled (XLA's compile of a random init costs seconds on CPU).
+    """
     from apo_jax.sharding import param_shardings
 
-    ids = jnp.zeros((1, 1), jnp.int32)
-    mask = attention_mask(jnp.ones((1, 1), jnp.int32))
-
-    def init(rng):
-        return nn.unbox(model.init(rng, ids, jnp.zeros((1, 1), jnp.int32), mask)["params"])
-
-    if mesh is None:
-        return jax.jit(init)(rng)
-    shardings = param_shardings(abstract_params(model), mesh)
-    return jax.jit(init, out_shardings=shardings)(rng)
+    abstract = abstract_params(model)
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    paths, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))
+    flat_shardings = jax.tree.leaves(shardings) if shardings is not None else [None] * len(paths)
+    leaves = []
+    for i, ((path, leaf), sharding) in enumerate(zip(paths, flat_shardings, strict=True)):
+        name = getattr(path[-1], "key", None)
+        if name == "weight":
+            host = np.ones(leaf.shape, np.float32)
+        elif name == "bias":
+            host = np.zeros(leaf.shape, np.float32)
+        else:
+            host = 0.02 * np.random.default_rng([seed, i]).standard_normal(leaf.shape, np.float32)
+        host = host.astype(leaf.dtype)
+        if sharding is None:
+            leaves.append(jax.device_put(host))
+        else:
+            leaves.append(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,175 @@
+"""The run config: one ml_collections ConfigDict, validated once at start, errors naming the key.
+
+Groups: model, data, loss, optimizer, train, mesh, reference, workdir. `loss` holds `name`
+(a name or a list: TRL's `loss_type`), `weights` (TRL's `loss_weights`), `beta`, the step-level
+options `ld_alpha` and `use_weighting`, and every hyperparameter of the chosen loss(es) under
+its TRL config field name (checked against what the losses take).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from apo_jax import losses
+
+STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = ""
+    c.model = ml_collections.ConfigDict(
+        {
+            "path": "",  # a Hugging Face Llama directory ...
+            "preset": "",  # ... or "tiny": a random tiny Llama (tests, the miniature)
+            "vocab_size": 384,  # for presets
+            "dtype": "float32",  # compute dtype
+            "param_dtype": "float32",  # master weights
+            "remat_policy": "none",
+            "seed": 0,  # presets' random init
+        }
+    )
+    c.data = ml_collections.ConfigDict(
+        {"train": "", "eval": "", "layout": "padded", "length": 0, "pad_id": 0, "packed_rows": 0}
+    )
+    c.loss = ml_collections.ConfigDict({"name": "sigmoid", "weights": (), "beta": 0.1})
+    c.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "adamw",
+            "lr": 2e-7,  # APO paper, Section 5.2
+            "warmup_steps": 0,
+            "schedule": "linear",  # linear | cosine | constant (after warmup)
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+        }
+    )
+    c.train = ml_collections.ConfigDict(
+        {
+            "mode": "preference",  # preference | sft
+            "steps": 100,
+            "batch_size": 64,  # global pairs (or unpaired rows) per optimizer step; APO paper, B.1
+            "grad_accum": 1,
+            "seed": 0,
+            "log_every": 1,
+            "eval_every": 0,
+            "eval_batches": 4,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 3,
+            "max_nonfinite": 10,  # consecutive skipped updates before the run stops
+            "export_hf": True,
+            "progress": True,
+            "peak_flops": 0.0,  # per device, for mfu; 0: looked up from the device kind
+        }
+    )
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.reference = ml_collections.ConfigDict(
+        {
+            "mode": "frozen",  # frozen | precomputed | sync | none
+            "sync_steps": 512,  # TR-DPO τ (TRL's ref_model_sync_steps)
+            "mixup_alpha": 0.6,  # TR-DPO α (TRL's ref_model_mixup_alpha); 1.0 = hard update
+            "precompute_batch_size": 8,
+        }
+    )
+    return c
+
+
+class ConfigError(ValueError):
+    """A config key that is unknown or inconsistent; the message names it."""
+
+
+def _check_keys(config, schema, prefix=""):
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key {name!r}; known: {sorted(schema.keys())}")
+        if isinstance(schema[key], ml_collections.ConfigDict) and key != "loss":
+            if not isinstance(config[key], ml_collections.ConfigDict | dict):
+                raise ConfigError(f"config key {name!r} must be a group")
+            _check_keys(config[key], schema[key], name + ".")
+
+
+def loss_hparams(config) -> dict:
+    """The loss hyperparameters of `config.loss` (beta included), without the step-level options."""
+    out = {k: v for k, v in config.loss.items() if k not in STEP_LOSS_OPTIONS}
+    out["beta"] = config.loss.beta
+    return out
+
+
+def build_loss(config):
+    weights = tuple(config.loss.weights) or None
+    try:
+        return losses.build(config.loss.name, weights)
+    except ValueError as e:
+        raise ConfigError(f"loss.name / loss.weights: {e}") from None
+
+
+def validate(config) -> None:
+    """Raises ConfigError naming the first unknown or inconsistent key."""
+    _check_keys(config, default_config())
+    m, t, o, r, d = config.model, config.train, config.optimizer, config.reference, config.data
+    if not config.workdir:
+        raise ConfigError("workdir is empty: every run writes its metrics and checkpoints there")
+    if bool(m.path) == bool(m.preset):
+        raise ConfigError("set exactly one of model.path (a Hugging Face directory) and model.preset")
+    if m.preset and m.preset != "tiny":
+        raise ConfigError(f"model.preset={m.preset!r}: the known preset is 'tiny'")
+    if t.mode not in ("preference", "sft"):
+        raise ConfigError(f"train.mode={t.mode!r}: use 'preference' or 'sft'")
+    if not d.train:
+        raise ConfigError("data.train is empty: give a directory written by apo_jax.data.preprocess")
+    if d.layout not in ("padded", "packed", "prompt_shared"):
+        raise ConfigError(f"data.layout={d.layout!r}: use padded, packed or prompt_shared")
+    if o.name != "adamw":
+        raise ConfigError(f"optimizer.name={o.name!r}: the supported optimizer is 'adamw'")
+    if o.schedule not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"optimizer.schedule={o.schedule!r}: use linear, cosine or constant")
+    if o.warmup_steps < 0 or o.warmup_steps > t.steps:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]")
+    if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
+        raise ConfigError("train.steps, train.batch_size and train.grad_accum must be positive")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if r.mode not in ("frozen", "precomputed", "sync", "none"):
+        raise ConfigError(f"reference.mode={r.mode!r}: use frozen, precomputed, sync or none")
+    if not 0 < r.mixup_alpha <= 1:
+        raise ConfigError(f"reference.mixup_alpha={r.mixup_alpha} must lie in (0, 1]")
+    if t.mode == "sft":
+        return
+    loss = build_loss(config)
+    hp = loss_hparams(config)
+    try:
+        loss.validate(**hp)
+    except ValueError as e:
+        raise ConfigError(f"config.loss: {e}") from None
+    ld_alpha = config.loss.get("ld_alpha", None)
+    if ld_alpha is not None and not 0 <= ld_alpha <= 1:
+        raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")
+    if (ld_alpha is not None or config.loss.get("use_weighting", False)) and d.layout != "padded":
+        raise ConfigError("loss.ld_alpha and loss.use_weighting need data.layout='padded'")
+    if loss.granularity == "token":
+        raise ConfigError(f"loss {loss.name!r} is token-level; the train step feeds sequence-level losses")
+    if not loss.uses_reference and r.mode not in ("none", "frozen"):
+        raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
+
+
+def check_against_data(config, loss, metadata: dict) -> None:
+    """Batch fields the loss needs must be in the records (checked once the data is opened)."""
+    fields = set(metadata.get("fields", ()))
+    rename = {"is_tie": "is_tie", "timestamps": "timestamp", "scores": "score", "label": "label"}
+    for need in loss.needs:
+        if need in rename and rename[need] not in fields:
+            raise ConfigError(
+                f"loss {loss.name!r} needs the batch field {need!r}, but the records in {config.data.train} "
+                f"have no {rename[need]!r} column"
+            )
+    unpaired = metadata.get("kind") == "unpaired"
+    if config.train.mode == "preference" and unpaired != (loss.kind == "unpaired"):
+        raise ConfigError(
+            f"loss {loss.name!r} is {loss.kind} but the records in {config.data.train} are "
+            f"{metadata.get('kind')}"
+        )

@@ -1,0 +1,320 @@
+"""`run(config)`: the training loop, from named parts (mesh, model, data, state, step, checkpoints).
+
+Everything it writes lives in `config.workdir`: metrics.jsonl (one JSON object per logged step),
+TensorBoard events (when TensorFlow is installed), checkpoints/ (orbax, asynchronous, the
+reader's cursor beside the state) and hf/ (the final policy). A restarted run resumes from the
+latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from apo_jax import models, sharding
+from apo_jax.data.reader import PreferenceReader
+from apo_jax.train import config as config_lib
+from apo_jax.train.state import create_state, make_optimizer
+from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
+
+# Dense bf16 peak FLOP/s per device, for mfu (train.peak_flops overrides).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}  # fmt: skip
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates; the last good checkpoint is left intact."""
+
+
+# --- parts ------------------------------------------------------------------------------------
+
+
+def tiny_llama_config(vocab_size: int = 384, **policies) -> models.LlamaConfig:
+    """The `model.preset = "tiny"` architecture (also apo_jax.testing's default tiny Llama)."""
+    return models.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+        eos_token_id=(1, 4), pad_token_id=5, **policies,
+    )  # fmt: skip
+
+
+def build_model(cfg, mesh):
+    m = cfg.model
+    policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
+    if m.path:
+        return models.from_hf(m.path, mesh=mesh, **policies)
+    model = models.Llama(tiny_llama_config(m.vocab_size, **policies))
+    return model, models.init_params(model, m.seed, mesh)
+
+
+def flops_per_token(config: models.LlamaConfig, length: int) -> float:
+    """Forward FLOPs per token: 2·(matmul parameters, LM head included even when tied) + 2·L·N·H·T."""
+    D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.H
+    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
+    return 2.0 * (L * per_layer + D * V) + 2.0 * L * N * H * length
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard when available), first process only; resumable."""
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int):
+        self.main = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not self.main:
+            return
+        if self.path.exists():  # drop lines past the checkpoint we resume from: they will be redone
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        try:
+            from flax.metrics import tensorboard
+
+            self.tb = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # GPU images without TensorFlow: metrics.jsonl only
+            self.tb = None
+
+    def write(self, step: int, metrics: dict):
+        if not self.main:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.scalar(k, float(v), step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.flush()
+
+
+def _checkpoint_manager(workdir: pathlib.Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+
+
+def _save(mngr, step: int, state, reader: PreferenceReader):
+    import orbax.checkpoint as ocp
+
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader.state_dict())
+        ),
+        force=True,
+    )
+    if os.environ.get("APO_JAX_TEST_BLOCK_IN_SAVE") == str(step):  # test hook: be killed mid-save
+        print(f"blocking inside the save of step {step}", flush=True)
+        time.sleep(3600)
+
+
+def _restore(mngr, state, reader: PreferenceReader):
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step()
+    if step is None:
+        return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), reader=ocp.args.JsonRestore())
+    )
+    reader.load_state_dict(restored["reader"])
+    return restored["state"]
+
+
+def _host(x):
+    """A replicated (or fully addressable) array as numpy, on any number of processes."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _batch_sharding(mesh, ndim):
+    return jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1)))
+    )
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This process's slice of the global batch -> global arrays split over (data, fsdp)."""
+    return {
+        k: jax.make_array_from_process_local_data(_batch_sharding(mesh, v.ndim), v) for k, v in batch.items()
+    }
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def run(cfg) -> dict:
+    """Trains as `cfg` says; returns {"status", "step", "metrics", "state"}."""
+    config_lib.validate(cfg)
+    workdir = pathlib.Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (t.batch_size // t.grad_accum) % shards:
+        raise config_lib.ConfigError(
+            f"train.batch_size / train.grad_accum = {t.batch_size // t.grad_accum} is not divisible by "
+            f"mesh.data × mesh.fsdp = {shards}"
+        )
+    loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
+    reader = PreferenceReader(
+        cfg.data.train, global_batch_size=t.batch_size, seed=t.seed, layout=cfg.data.layout,
+        length=cfg.data.length or None, pad_id=cfg.data.pad_id, packed_rows=cfg.data.packed_rows or None,
+    )  # fmt: skip
+    if loss is not None:
+        config_lib.check_against_data(cfg, loss, reader.metadata)
+    reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
+    if reference == "precomputed":
+        from apo_jax.train.reference import reference_id
+
+        saved = reader.metadata.get("reference", {}).get("fingerprint")
+        if saved is None:
+            raise config_lib.ConfigError(
+                f"reference.mode='precomputed' but {cfg.data.train} has no reference log-probs: "
+                "run apo_jax.train.reference.precompute first"
+            )
+        if saved != reference_id(cfg, reader.metadata):
+            raise config_lib.ConfigError(
+                f"data.train={cfg.data.train}: its reference log-probs were computed for another reference "
+                "model or other settings (fingerprint mismatch); precompute them again"
+            )
+    model, params = build_model(cfg, mesh)
+    tx, lr = make_optimizer(cfg.optimizer, t.steps)
+    loss_state = loss.init_state() if loss is not None and loss.stateful else None
+
+    def init(params):
+        ref = jax.tree.map(jnp.copy, params) if reference in ("frozen", "sync") else None
+        return create_state(params, tx, seed=t.seed, ref_params=ref, loss_state=loss_state)
+
+    state = jax.jit(init)(params)
+    del params
+    hp = (
+        tuple(sorted(config_lib.loss_hparams(cfg).items()))
+        if loss is not None
+        else (("beta", cfg.loss.beta),)
+    )
+    step_cfg = StepConfig(
+        mode=t.mode, layout=cfg.data.layout, grad_accum=t.grad_accum, reference=reference,
+        sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
+        ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
+        hparams=hp,
+    )  # fmt: skip
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    train_step = jax.jit(
+        make_train_step(model, loss, tx, lr, step_cfg),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    mngr = _checkpoint_manager(workdir, t.keep_checkpoints)
+    state = _restore(mngr, state, reader)
+    start = int(_host(state.step))
+    writer = MetricsWriter(workdir, start)
+    evaluate = _eval_fn(cfg, model, step_cfg, mesh)
+    per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
+    peak = t.peak_flops or PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+    bar = _progress(t, start)
+    status, last = "done", {}
+    with _Preemption() as preempt:
+        step = start
+        while step < t.steps:
+            began = time.perf_counter()
+            batch = to_global(next(reader), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if step % t.log_every == 0 or step == t.steps:
+                last = {k: float(_host(v)) for k, v in metrics.items()}
+                seconds = time.perf_counter() - began
+                last |= {"step_time": seconds, "tokens_per_second": last["tokens"] / seconds}
+                if peak:
+                    last["mfu"] = last["tokens"] * per_token / seconds / (peak * jax.device_count())
+                writer.write(step, last)
+                if bar is not None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+            if int(_host(state.nonfinite_run)) >= t.max_nonfinite:
+                mngr.wait_until_finished()
+                raise NonFiniteError(
+                    f"step {step}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
+                    f"and were skipped; stopping. The last good checkpoint in {workdir / 'checkpoints'} "
+                    "is intact."
+                )
+            if evaluate is not None and t.eval_every and step % t.eval_every == 0:
+                writer.write(step, evaluate(state))
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                _save(mngr, step, state, reader)
+            if preempt.requested:
+                status = "preempted"
+                break
+    if mngr.latest_step() != step:
+        _save(mngr, step, state, reader)
+    mngr.wait_until_finished()
+    writer.close()
+    if bar is not None:
+        bar.close()
+    if status == "done" and t.export_hf:
+        models.to_hf(model, state.params, workdir / "hf")
+    return {"status": status, "step": step, "metrics": last, "state": state}
+
+
+def _progress(t, start):
+    if not t.progress or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _eval_fn(cfg, model, step_cfg, mesh):
+    if not cfg.data.eval or cfg.train.mode != "preference":
+        return None
+    reader = PreferenceReader(
+        cfg.data.eval, global_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=0,
+        layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
+    )  # fmt: skip
+    n = min(cfg.train.eval_batches, reader.steps_per_epoch)
+    batches = [to_global(reader.batch(0, k), mesh) for k in range(n)]
+    step = jax.jit(make_eval_step(model, step_cfg, cfg.loss.beta))
+
+    def evaluate(state):
+        outs = [step(state, b) for b in batches]
+        return {k: float(np.mean([_host(o[k]) for o in outs])) for k in outs[0]}
+
+    return evaluate

@@ -1,0 +1,81 @@
+"""The train state (one pytree that orbax saves) and the optimizer built from the config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; the reader's cursor is saved beside it.
+
+    `ref_params` is the frozen (or TR-DPO synced) reference, an empty dict when the reference is
+    precomputed or unused; `loss_state` carries running statistics of stateful losses (alpha-DPO).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (orbax saves plain arrays)
+    ref_params: Any
+    loss_state: Any
+    nonfinite_total: jax.Array
+    nonfinite_run: jax.Array
+
+
+def schedule(opt) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then linear or cosine decay to 0, or constant."""
+    steps = opt.total_steps
+    warm = int(opt.warmup_steps)
+    if opt.schedule == "constant":
+        after = optax.constant_schedule(opt.lr)
+    elif opt.schedule == "cosine":
+        after = optax.cosine_decay_schedule(opt.lr, max(1, steps - warm))
+    else:
+        after = optax.linear_schedule(opt.lr, 0.0, max(1, steps - warm))
+    if warm == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, warm), after], [warm])
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: not on norms ('weight' leaves) or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) not in ("weight", "bias"), params
+    )
+
+
+def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and the schedule above."""
+    opt = _Opt(opt, total_steps)
+    lr = schedule(opt)
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm > 0 else optax.identity(),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask),
+    )
+    return tx, lr
+
+
+class _Opt:
+    def __init__(self, cfg, total_steps):
+        self.__dict__.update(dict(cfg.items()) if hasattr(cfg, "items") else vars(cfg))
+        self.total_steps = total_steps
+
+
+def create_state(params, tx, *, seed: int, ref_params=None, loss_state=None) -> TrainState:
+    """The initial state, on the params' devices (call under jit to keep shardings)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        ref_params={} if ref_params is None else ref_params,
+        loss_state={} if loss_state is None else loss_state,
+        nonfinite_total=jnp.zeros((), jnp.int32),
+        nonfinite_run=jnp.zeros((), jnp.int32),
+    )

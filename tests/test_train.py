@@ -1,0 +1,332 @@
+"""The sharded preference trainer on tiny models (CPU, 8 simulated devices)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from apo_jax import models, testing, train
+from apo_jax.data.tfrecords import read_records, write_shards
+from apo_jax.train.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, tiny_tokenizer):
+    return testing.tiny_preference_records(
+        tmp_path_factory.mktemp("data") / "train", tiny_tokenizer, n=32, max_length=64
+    )
+
+
+def make_config(workdir, train_dir, **overrides):
+    cfg = train.default_config()
+    cfg.workdir = str(workdir)
+    cfg.model.preset = "tiny"
+    cfg.data.train = str(train_dir)
+    cfg.loss.name = "apo_zero"
+    cfg.optimizer.lr = 1e-3
+    cfg.optimizer.schedule = "constant"
+    cfg.train.steps = 6
+    cfg.train.batch_size = 8
+    cfg.train.progress = False
+    cfg.train.export_hf = False
+    for key, value in overrides.items():
+        group, _, name = key.rpartition("__")
+        (cfg[group] if group else cfg)[name] = value
+    return cfg
+
+
+def losses_of(workdir):
+    return [
+        json.loads(line)["loss"]
+        for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def metric(workdir, key):
+    return [
+        json.loads(line)[key] for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key(tmp_path, records):
+    cfg = make_config(tmp_path, records)
+    cfg.train.epochs = 3
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
+        train.validate(cfg)
+    cfg = make_config(tmp_path, records, loss__simpo_gamma=0.5)
+    with pytest.raises(ConfigError, match="simpo_gamma"):
+        train.validate(cfg)
+    cfg = make_config(tmp_path, records, train__batch_size=12, train__grad_accum=5)
+    with pytest.raises(ConfigError, match="train.batch_size=12 is not divisible by train.grad_accum=5"):
+        train.validate(cfg)
+    cfg = make_config(tmp_path, records, train__batch_size=12, mesh__data=8)
+    with pytest.raises(ConfigError, match="not divisible by mesh.data × mesh.fsdp = 8"):
+        train.run(cfg)
+    cfg = make_config(tmp_path, records, loss__name="todo")
+    with pytest.raises(ConfigError, match="needs the batch field 'is_tie'"):
+        train.run(cfg)
+    cfg = make_config(tmp_path, records, reference__mode="precomputed")
+    with pytest.raises(ConfigError, match="no reference log-probs"):
+        train.run(cfg)
+
+
+# --- the step on one and on many devices -------------------------------------------------------
+
+
+def test_same_losses_on_one_and_eight_devices(tmp_path, records):
+    meshes = {"one": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "fsdp4_tensor2": (1, 4, 2)}
+    runs = {}
+    for name, (d, f, t) in meshes.items():
+        cfg = make_config(
+            tmp_path / name, records, train__steps=20, mesh__data=d, mesh__fsdp=f, mesh__tensor=t
+        )
+        train.run(cfg)
+        runs[name] = losses_of(tmp_path / name)
+    for name, values in runs.items():
+        np.testing.assert_allclose(values, runs["one"], atol=1e-5, err_msg=name)
+    assert runs["one"][-1] < runs["one"][0]
+
+
+def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, tiny_tokenizer):
+    data = testing.tiny_preference_records(tmp_path / "fixed", tiny_tokenizer, n=8, max_length=64, seed=3)
+    deltas, step0 = {}, {"apo_zero": 1.0, "apo_down": 1.0, "sigmoid": math.log(2)}
+    for name in ("apo_zero", "apo_down", "sigmoid"):
+        cfg = make_config(tmp_path / name, data, loss__name=name, loss__beta=0.5, train__steps=50)
+        out = train.run(cfg)
+        # step 0: policy = reference, so ρ = 0 for every pair (up to float32 rounding of two forwards)
+        first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(step0[name], abs=1e-6), name
+        assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+        chosen, rejected = metric(tmp_path / name, "logps/chosen"), metric(tmp_path / name, "logps/rejected")
+        margins = metric(tmp_path / name, "rewards/margins")
+        deltas[name] = (chosen[-1] - chosen[0], rejected[-1] - rejected[0], margins[-1] - margins[0])
+    c, r, _ = deltas["apo_zero"]
+    assert c > 0 and r < 0, deltas  # APO-zero: chosen up, rejected down
+    c, r, _ = deltas["apo_down"]
+    assert r < c and r < 0, deltas  # APO-down: rejected down more than chosen
+    assert c < 0.5, deltas  # ... and the chosen does not rise beyond half a nat (summed over ~10 tokens)
+    assert deltas["sigmoid"][2] > 0, deltas  # DPO widens the margin
+    # after training, the frozen reference is bitwise the initial policy
+    initial = models.init_params(models.Llama(train.loop.tiny_llama_config()), 0)
+    for a, b in zip(jax.tree.leaves(out["state"].ref_params), jax.tree.leaves(initial), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- the reference -----------------------------------------------------------------------------
+
+
+def test_precomputed_reference_equals_frozen_without_a_reference_forward(tmp_path, records):
+    from apo_jax.train.reference import precompute
+
+    frozen = make_config(tmp_path / "frozen", records, train__steps=5)
+    train.run(frozen)
+    with_ref = precompute(frozen, tmp_path / "with_ref")
+    rec, meta = read_records(with_ref)
+    assert "ref_chosen_logps" in rec[0] and meta["reference"]["fingerprint"]
+    pre = make_config(tmp_path / "pre", with_ref, train__steps=5, reference__mode="precomputed")
+    train.run(pre)
+    np.testing.assert_allclose(losses_of(tmp_path / "pre"), losses_of(tmp_path / "frozen"), atol=1e-5)
+    # the compiled step: a reference-free loss (simpo) runs the same matmuls as precomputed APO-zero
+    counts = {}
+    for name, cfg in (
+        ("frozen", frozen),
+        ("precomputed", pre),
+        ("simpo", make_config(tmp_path / "s", records, loss__name="simpo", reference__mode="none")),
+    ):
+        counts[name] = _dot_count(cfg)
+    assert counts["precomputed"] == counts["simpo"] < counts["frozen"], counts
+    # another reference (seed) makes the cache stale: refused
+    stale = make_config(tmp_path / "stale", with_ref, reference__mode="precomputed", model__seed=1)
+    with pytest.raises(ConfigError, match="fingerprint mismatch"):
+        train.run(stale)
+
+
+def _dot_count(cfg):
+    from apo_jax.data.reader import PreferenceReader
+    from apo_jax.train import config as config_lib
+    from apo_jax.train.loop import build_model
+    from apo_jax.train.state import create_state, make_optimizer
+    from apo_jax.train.step import StepConfig, make_train_step
+
+    loss = config_lib.build_loss(cfg)
+    reader = PreferenceReader(cfg.data.train, global_batch_size=8, process_index=0, process_count=1)
+    model, params = build_model(cfg, None)
+    tx, lr = make_optimizer(cfg.optimizer, 5)
+    reference = cfg.reference.mode if loss.uses_reference else "none"
+    ref = params if reference == "frozen" else None
+    state = create_state(params, tx, seed=0, ref_params=ref)
+    step_cfg = StepConfig(reference=reference, hparams=tuple(sorted(config_lib.loss_hparams(cfg).items())))
+    text = jax.jit(make_train_step(model, loss, tx, lr, step_cfg)).lower(state, next(reader)).as_text()
+    return text.count("stablehlo.dot_general")
+
+
+# --- robustness ----------------------------------------------------------------------------------
+
+
+def _with_nan(src, dst, bad):
+    rec, meta = read_records(src)
+    for i in bad:
+        rec[i]["ref_chosen_logps"] = float("nan")
+    meta = dict(meta, shards=write_shards(rec, dst, 1))
+    (dst / "metadata.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, records):
+    from apo_jax.train.reference import precompute
+
+    base = make_config(tmp_path / "base", records, reference__mode="precomputed")
+    with_ref = precompute(base, tmp_path / "with_ref")
+    one_bad = _with_nan(with_ref, tmp_path / "one_bad", [5])
+    out = train.run(make_config(tmp_path / "run1", one_bad, reference__mode="precomputed", train__steps=8))
+    skipped = metric(tmp_path / "run1", "skipped")
+    assert sum(skipped) == int(out["state"].nonfinite_total) >= 1 and sum(skipped) < 8
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(out["state"].params))
+    all_bad = _with_nan(with_ref, tmp_path / "all_bad", range(32))
+    cfg = make_config(tmp_path / "run2", all_bad, reference__mode="precomputed", train__max_nonfinite=3)
+    with pytest.raises(train.NonFiniteError, match="step 3: 3 consecutive updates"):
+        train.run(cfg)
+
+
+def test_sft_step_lowers_the_nll_from_the_right_start(tmp_path, records):
+    cfg = make_config(tmp_path / "sft", records, train__mode="sft", train__steps=10, optimizer__lr=1e-2)
+    train.run(cfg)
+    values = losses_of(tmp_path / "sft")
+    from apo_jax.data.reader import PreferenceReader
+
+    batch = PreferenceReader(str(records), global_batch_size=8, process_index=0, process_count=1).batch(0, 0)
+    model = models.Llama(train.loop.tiny_llama_config())
+    params = models.init_params(model, 0)
+    out = models.token_logps(
+        model, params, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"]
+    )
+    nll = -float(np.sum(out["logps"])) / float(np.sum(out["lengths"]))
+    assert values[0] == pytest.approx(nll, rel=1e-5)
+    assert values[-1] < 0.8 * values[0]
+
+
+def test_unpaired_kto_step(tmp_path, tiny_tokenizer):
+    data = testing.tiny_preference_records(
+        tmp_path / "kto", tiny_tokenizer, n=16, max_length=64, unpaired=True
+    )
+    train.run(make_config(tmp_path / "run", data, loss__name="kto", train__steps=3))
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0  # ρ = 0, z0 = 0
+
+
+# --- preemption and processes -------------------------------------------------------------------
+
+
+def _spawn(overrides: dict, tmp_path, name, env=None, extra=()):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(overrides))
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"--config={ROOT}/tests/configs/tiny_train.py:{path}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    metrics = pathlib.Path(workdir) / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def _final_params(workdir):
+    return models.from_hf(pathlib.Path(workdir) / "hf")[1]
+
+
+def test_kill_and_resume_is_bit_exact(tmp_path, records):
+    common = {"data.train": str(records), "loss.name": "apo_zero", "optimizer.lr": 1e-3, "train.steps": 12,
+              "optimizer.schedule": "constant",
+              "train.batch_size": 8, "train.checkpoint_every": 2, "train.export_hf": True}  # fmt: skip
+    train.run(make_config(tmp_path / "whole", records, train__steps=12, train__export_hf=True))
+    # SIGTERM at a random step: it saves, exits cleanly, and the restart finishes the run
+    kill_at = int(np.random.default_rng().integers(3, 10))
+    run = {**common, "workdir": str(tmp_path / "killed")}
+    proc = _spawn(run, tmp_path, "killed")
+    _wait_for_step(tmp_path / "killed", kill_at, proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and '"status": "preempted"' in out, out
+    proc = _spawn(run, tmp_path, "killed")
+    assert proc.wait(timeout=180) == 0, proc.stdout.read()
+    # SIGKILL while blocked inside an asynchronous save: the previous or the new step restores
+    blocked = {**common, "workdir": str(tmp_path / "blocked")}
+    proc = _spawn(blocked, tmp_path, "blocked", env={"APO_JAX_TEST_BLOCK_IN_SAVE": "6"})
+    for line in proc.stdout:
+        if "blocking inside the save of step 6" in line:
+            break
+    proc.kill()
+    proc.wait()
+    proc = _spawn(blocked, tmp_path, "blocked")
+    assert proc.wait(timeout=180) == 0, proc.stdout.read()
+    whole = _final_params(tmp_path / "whole")
+    for name in ("killed", "blocked"):
+        resumed = _final_params(tmp_path / name)
+        for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        assert losses_of(tmp_path / name) == losses_of(tmp_path / "whole")
+
+
+def test_two_processes_equal_one(tmp_path, records):
+    one = make_config(tmp_path / "one", records, train__steps=5, mesh__data=8)
+    train.run(one)
+    port = 20000 + int(np.random.default_rng().integers(0, 20000))
+    run = {"data.train": str(records), "loss.name": "apo_zero", "optimizer.lr": 1e-3,
+           "optimizer.schedule": "constant", "train.steps": 5, "train.batch_size": 8,
+           "workdir": str(tmp_path / "two")}  # fmt: skip
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [
+        _spawn(
+            run,
+            tmp_path,
+            f"p{i}",
+            env=env,
+            extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), atol=1e-5)
+
+
+def test_example_config_resolves_and_validates():
+    import importlib
+
+    config = importlib.import_module("experiments.configs.tiny_preference").get_config()
+    train.validate(config)  # raises ConfigError naming any bad key
+    assert config.loss.name == "apo_zero" and config.loss.beta == 0.1
