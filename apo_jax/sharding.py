@@ -103,6 +103,32 @@ def constrain(x, logical_axes: Sequence[str | None]):
     return nn.with_logical_constraint(x, tuple(logical_axes))
 
 
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows split over (data, fsdp), every other dimension whole."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def to_global(batch: dict, mesh: Mesh) -> dict:
+    """This process's slice of the global batch -> global arrays on the mesh (rows over data, fsdp)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()
+    }
+
+
+def prefetch_to_mesh(batches, mesh: Mesh, size: int = 2):
+    """Yields global arrays `size` batches ahead of use: host-to-device copies overlap the step."""
+    import collections
+    import itertools
+
+    queue = collections.deque()
+    for host_batch in itertools.islice(batches, size):
+        queue.append(to_global(host_batch, mesh))
+    while queue:
+        yield queue.popleft()
+        for host_batch in itertools.islice(batches, 1):
+            queue.append(to_global(host_batch, mesh))
+
+
 def rules_context(rules=RULES):
     """`with rules_context():` makes `constrain` resolve logical names with `rules`."""
     return nn.logical_axis_rules(rules)

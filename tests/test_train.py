@@ -41,23 +41,22 @@ def make_config(workdir, train_dir, **overrides):
     cfg.train.batch_size = 8
     cfg.train.progress = False
     cfg.train.export_hf = False
+    # one device unless a test says otherwise: each new mesh costs compiles (orbax's too)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
     for key, value in overrides.items():
         group, _, name = key.rpartition("__")
         (cfg[group] if group else cfg)[name] = value
     return cfg
 
 
-def losses_of(workdir):
-    return [
-        json.loads(line)["loss"]
-        for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    ]
-
-
 def metric(workdir, key):
-    return [
-        json.loads(line)[key] for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    ]
+    """One metric over the logged train steps (eval lines carry eval/ keys only)."""
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [row[key] for row in rows if key in row]
+
+
+def losses_of(workdir):
+    return metric(workdir, "loss")
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -107,6 +106,8 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
     deltas, step0 = {}, {"apo_zero": 1.0, "apo_down": 1.0, "sigmoid": math.log(2)}
     for name in ("apo_zero", "apo_down", "sigmoid"):
         cfg = make_config(tmp_path / name, data, loss__name=name, loss__beta=0.5, train__steps=50)
+        if name == "apo_zero":  # held-out dynamics (Figure 4): eval/ metrics every 25 steps
+            cfg.data.eval, cfg.train.eval_every = str(data), 25
         out = train.run(cfg)
         # step 0: policy = reference, so ρ = 0 for every pair (up to float32 rounding of two forwards)
         first = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
@@ -121,10 +122,33 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
     assert r < c and r < 0, deltas  # APO-down: rejected down more than chosen
     assert c < 0.5, deltas  # ... and the chosen does not rise beyond half a nat (summed over ~10 tokens)
     assert deltas["sigmoid"][2] > 0, deltas  # DPO widens the margin
+    evals = [json.loads(x) for x in (tmp_path / "apo_zero" / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "eval/logps/chosen" in e]
+    assert [e["step"] for e in evals] == [25, 50]
+    assert (
+        evals[-1]["eval/rewards/chosen"] > 0 > evals[-1]["eval/rewards/rejected"]
+    )  # same data: it learned it
     # after training, the frozen reference is bitwise the initial policy
     initial = models.init_params(models.Llama(train.loop.tiny_llama_config()), 0)
     for a, b in zip(jax.tree.leaves(out["state"].ref_params), jax.tree.leaves(initial), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_layouts_and_accumulation_give_the_padded_losses(tmp_path, records):
+    base = {"train__steps": 4, "mesh__data": 8}  # rows split over 8 devices
+    train.run(make_config(tmp_path / "padded", records, **base))
+    expected = losses_of(tmp_path / "padded")
+    variants = {
+        "packed": {"data__layout": "packed", "data__length": 64, "data__packed_rows": 16},
+        "prompt_shared": {"data__layout": "prompt_shared", "data__length": 128},
+        "accum2": {
+            "train__grad_accum": 2,
+            "mesh__data": 4,
+        },  # per-example loss: micro-batch means average to the batch mean
+    }
+    for name, overrides in variants.items():
+        train.run(make_config(tmp_path / name, records, **(base | overrides)))
+        np.testing.assert_allclose(losses_of(tmp_path / name), expected, atol=1e-5, err_msg=name)
 
 
 # --- the reference -----------------------------------------------------------------------------
@@ -270,7 +294,7 @@ def _final_params(workdir):
 
 def test_kill_and_resume_is_bit_exact(tmp_path, records):
     common = {"data.train": str(records), "loss.name": "apo_zero", "optimizer.lr": 1e-3, "train.steps": 12,
-              "optimizer.schedule": "constant",
+              "optimizer.schedule": "constant", "mesh.data": 1,
               "train.batch_size": 8, "train.checkpoint_every": 2, "train.export_hf": True}  # fmt: skip
     train.run(make_config(tmp_path / "whole", records, train__steps=12, train__export_hf=True))
     # SIGTERM at a random step: it saves, exits cleanly, and the restart finishes the run

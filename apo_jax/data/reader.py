@@ -86,7 +86,23 @@ class PreferenceReader:
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch (epoch, step), in the layout."""
         records = [self.records[i] for i in self.local_indices(epoch, step)]
-        return layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=self.packed_rows)
+        out = layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=self.packed_rows)
+        for key in ("chosen_index", "rejected_index"):  # rows of this process's slice -> global rows
+            if key in out:
+                out[key][:, 0] += self.p * out["input_ids"].shape[0]
+        return out
+
+    def cursor(self, step: int) -> ReaderState:
+        """Where global batch number `step` (from the start of training) lies: (epoch, k)."""
+        return ReaderState(step // self.steps_per_epoch, step % self.steps_per_epoch)
+
+    def batches_from(self, step: int):
+        """This process's batches for steps `step`, `step + 1`, ...: the cursor follows the step."""
+        while True:
+            c = self.cursor(step)
+            self.state = c
+            yield self.batch(c.epoch, c.step)
+            step += 1
 
     def __iter__(self):
         return self

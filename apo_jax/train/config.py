@@ -134,6 +134,8 @@ def validate(config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    if t.grad_accum > 1 and d.layout != "padded":
+        raise ConfigError(f"train.grad_accum={t.grad_accum} needs data.layout='padded' (not {d.layout!r})")
     if r.mode not in ("frozen", "precomputed", "sync", "none"):
         raise ConfigError(f"reference.mode={r.mode!r}: use frozen, precomputed, sync or none")
     if not 0 < r.mixup_alpha <= 1:

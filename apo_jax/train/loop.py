@@ -8,6 +8,7 @@ latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -20,6 +21,7 @@ import numpy as np
 
 from apo_jax import models, sharding
 from apo_jax.data.reader import PreferenceReader
+from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
 from apo_jax.train.state import create_state, make_optimizer
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
@@ -114,11 +116,10 @@ def _checkpoint_manager(workdir: pathlib.Path, keep: int):
 def _save(mngr, step: int, state, reader: PreferenceReader):
     import orbax.checkpoint as ocp
 
+    cursor = dataclasses.asdict(reader.cursor(step))  # the next batch to read, for inspection
     mngr.save(
         step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(reader.state_dict())
-        ),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(cursor)),
         force=True,
     )
     if os.environ.get("APO_JAX_TEST_BLOCK_IN_SAVE") == str(step):  # test hook: be killed mid-save
@@ -136,26 +137,18 @@ def _restore(mngr, state, reader: PreferenceReader):
     restored = mngr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), reader=ocp.args.JsonRestore())
     )
-    reader.load_state_dict(restored["reader"])
-    return restored["state"]
+    state = restored["state"]
+    if dataclasses.asdict(reader.cursor(int(_host(state.step)))) != restored["reader"]:
+        raise ValueError(
+            f"checkpoint {step}: its data cursor {restored['reader']} does not follow from its step; "
+            "the data or train.batch_size changed since it was written"
+        )
+    return state
 
 
 def _host(x):
     """A replicated (or fully addressable) array as numpy, on any number of processes."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def _batch_sharding(mesh, ndim):
-    return jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1)))
-    )
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """This process's slice of the global batch -> global arrays split over (data, fsdp)."""
-    return {
-        k: jax.make_array_from_process_local_data(_batch_sharding(mesh, v.ndim), v) for k, v in batch.items()
-    }
 
 
 class _Preemption:
@@ -252,12 +245,12 @@ def run(cfg) -> dict:
     peak = t.peak_flops or PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
     bar = _progress(t, start)
     status, last = "done", {}
+    batches = prefetch_to_mesh(reader.batches_from(start), mesh)
     with _Preemption() as preempt:
         step = start
         while step < t.steps:
             began = time.perf_counter()
-            batch = to_global(next(reader), mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, next(batches))
             step += 1
             if step % t.log_every == 0 or step == t.steps:
                 last = {k: float(_host(v)) for k, v in metrics.items()}
