@@ -180,6 +180,23 @@ def test_precomputed_reference_equals_frozen_without_a_reference_forward(tmp_pat
         train.run(stale)
 
 
+def test_tr_dpo_sync_mixes_the_policy_into_the_reference(tmp_path, records):
+    # TR-DPO soft update every τ = 2 steps with α = 0.5: after step 2, ref = ½·policy₂ + ½·policy₀
+    cfg = make_config(tmp_path / "sync", records, train__steps=2, reference__mode="sync")
+    cfg.reference.sync_steps, cfg.reference.mixup_alpha = 2, 0.5
+    state = train.run(cfg)["state"]
+    initial = models.init_params(models.Llama(train.loop.tiny_llama_config()), 0)
+    for r, p, p0 in zip(
+        *(jax.tree.leaves(t) for t in (state.ref_params, state.params, initial)), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(r), 0.5 * np.asarray(p) + 0.5 * np.asarray(p0), rtol=1e-6, atol=1e-7
+        )
+    assert not np.array_equal(
+        np.asarray(jax.tree.leaves(state.params)[0]), np.asarray(jax.tree.leaves(initial)[0])
+    )
+
+
 def _dot_count(cfg):
     from apo_jax.data.reader import PreferenceReader
     from apo_jax.train import config as config_lib
