@@ -337,3 +337,15 @@ def test_reference_fingerprint_ties_log_probs_to_weights_and_settings(tiny_check
     model, params = models.from_hf(tiny_checkpoints["gqa"])
     models.to_hf(model, params, tmp_path / "bf16", dtype="bfloat16")  # same weights, other storage
     assert base != reference_fingerprint(tmp_path / "bf16", **kw)
+
+
+def test_as_chat_frames_standard_pairs_with_the_template(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": "Fix: 2+2=5", "chosen": "2+2=4", "rejected": "2+2=5", "reviser_model": "gpt-4"}]
+    src = _write_jsonl(tmp_path / "pairs.jsonl", rows)
+    preprocess.preprocess(str(src), tmp_path / "chat", tiny_tokenizer, as_chat=True)
+    (record,), _ = read_records(tmp_path / "chat")
+    conv = Pair([{"role": "user", "content": "Fix: 2+2=5"}], [{"role": "assistant", "content": "2+2=4"}],
+                [{"role": "assistant", "content": "2+2=5"}])  # fmt: skip
+    t = data.tokenize_example(tiny_tokenizer, conv)
+    assert list(record["prompt_ids"]) == t.prompt_ids and list(record["chosen_ids"]) == t.chosen_ids
+    assert tiny_tokenizer.decode(record["prompt_ids"]).startswith("<|begin_of_text|><|start_header_id|>user")

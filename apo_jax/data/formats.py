@@ -238,8 +238,31 @@ class ReadReport:
     errors: list[str] = dataclasses.field(default_factory=list)  # the first few, for the summary
 
 
-def read_examples(source, *, unpaired: bool = False, split: str = "train", max_errors_shown: int = 20):
-    """([(source row index, Pair or Unpaired)], ReadReport): malformed rows skipped and counted."""
+def as_chat(example: Pair | Unpaired) -> Pair | Unpaired:
+    """A standard (string) example as a one-turn conversation: user prompt, assistant answer(s).
+
+    For instruction-tuned models, whose chat template must frame the text (CLAIR's pairs.jsonl is
+    TRL's standard format; preprocess it with `--as-chat`)."""
+    if example.conversational:
+        return example
+
+    def turn(role, text):
+        return [{"role": role, "content": text}]
+
+    if isinstance(example, Pair):
+        return Pair(turn("user", example.prompt), turn("assistant", example.chosen),
+                    turn("assistant", example.rejected), example.extras)  # fmt: skip
+    return Unpaired(
+        turn("user", example.prompt), turn("assistant", example.completion), example.label, example.extras
+    )
+
+
+def read_examples(
+    source, *, unpaired: bool = False, split: str = "train", max_errors_shown: int = 20, chat: bool = False
+):
+    """([(source row index, Pair or Unpaired)], ReadReport): malformed rows skipped and counted.
+
+    `chat`: standard (string) rows become one-turn conversations (see `as_chat`)."""
     report, out = ReadReport(), []
     normalize = normalize_unpaired if unpaired else normalize_pair
     for index, row in enumerate(iter_rows(source, split)):
@@ -247,7 +270,8 @@ def read_examples(source, *, unpaired: bool = False, split: str = "train", max_e
         try:
             if isinstance(row, _BadLine):
                 raise RowError(index, "<row>", row.problem)
-            out.append((index, normalize(row, index)))
+            example = normalize(row, index)
+            out.append((index, as_chat(example) if chat else example))
         except RowError as e:
             report.skipped += 1
             if len(report.errors) < max_errors_shown:

@@ -103,11 +103,12 @@ def preprocess(
     num_shards: int | None = None,
     chat_template_kwargs: dict | None = None,
     rows_per_shard: int = 10_000,
+    as_chat: bool = False,
 ) -> dict:
     """Reads, normalizes, tokenizes and writes `out_dir`; returns the metadata it wrote."""
     started = time.time()
     out_dir = pathlib.Path(out_dir)
-    examples, report = formats.read_examples(source, unpaired=unpaired, split=split)
+    examples, report = formats.read_examples(source, unpaired=unpaired, split=split, chat=as_chat)
     kwargs = chat_kwargs(tokenizer, chat_template_kwargs)
     records, counts, truncated, histogram = build_records(
         examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
@@ -197,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--unpaired", action="store_true", help="rows are prompt/completion/label (KTO)")
     p.add_argument("--kl-block", type=int, default=8, help="KTO mismatched-pair block size")
     p.add_argument("--num-shards", type=int, default=None)
+    p.add_argument("--as-chat", action="store_true", help="frame string rows as user/assistant turns")
     p.add_argument(
         "--chat-template-kwargs", type=json.loads, default=None, help='JSON, e.g. {"date_string": "..."}'
     )
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
         meta = preprocess(
             args.input, args.output, tokenizer, split=args.split, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, unpaired=args.unpaired, kl_block=args.kl_block,
-            num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs,
+            num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs, as_chat=args.as_chat,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

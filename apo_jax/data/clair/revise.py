@@ -1,0 +1,109 @@
+"""CLAIR revisions: the reviser minimally improves each answer; (revision, answer) is a pair.
+
+Input rows have `prompt` and `response` (or `rejected`, the layout of the paper's released
+revisions); other fields are carried along. Output rows (TRL's standard format): `prompt`,
+`chosen` (the revision), `rejected` (the original answer), `reviser_reasoning`, `reviser_model`,
+`usage`, and the carried fields. Rows that fail (a permanent error, retries exhausted, or a
+response with no parsable revision) go to `<output>.failures.jsonl` with the reason; they are never
+written as empty or unrevised pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+
+from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
+
+
+def row_id(index: int, prompt: str, answer: str) -> str:
+    """The row's identity across restarts: its index and a hash of its content."""
+    digest = hashlib.sha256(json.dumps([prompt, answer]).encode()).hexdigest()[:16]
+    return f"{index}:{digest}"
+
+
+def read_answers(path) -> list[tuple[str, dict]]:
+    """[(id, row)] from answers JSONL; a row without prompt or answer is an error naming it."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {index}: not valid JSON ({e.msg})") from None
+            answer = row.get("response", row.get("rejected"))
+            if not isinstance(row.get("prompt"), str) or not isinstance(answer, str):
+                raise ValueError(
+                    f"{path}: row {index}: needs string fields 'prompt' and 'response' (or 'rejected')"
+                )
+            out.append((row_id(index, row["prompt"], answer), row))
+    return out
+
+
+def _paths(output) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    output = pathlib.Path(output)
+    return (
+        output,
+        output.with_name(output.name + ".responses.jsonl"),
+        output.with_name(output.name + ".failures.jsonl"),
+    )
+
+
+def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, temperature: float = 0.7,
+           limit: int | None = None, client=None, progress: bool = True) -> dict:  # fmt: skip
+    """Runs (or resumes) the revision job and rewrites the pairs and failures files; returns a summary."""
+    out_path, log_path, fail_path = _paths(output)
+    rows = read_answers(input_path)[:limit]
+    requests = {
+        rid: {
+            "model": cfg.model,
+            "messages": revision_messages(row["prompt"], row.get("response", row.get("rejected"))),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        for rid, row in rows
+    }
+    responses, request_failures, counters = run_requests(
+        cfg, requests, log_path, client=client, progress=progress
+    )
+    pairs, failures = [], []
+    for rid, row in rows:
+        if rid not in responses.done:
+            failures.append(
+                {"id": rid, "prompt": row["prompt"], "reason": request_failures.get(rid, "not requested")}
+            )
+            continue
+        response = responses.done[rid]["response"]
+        choice = (response.get("choices") or [{}])[0]
+        try:
+            reasoning, revision = parse_revision(
+                (choice.get("message") or {}).get("content"), choice.get("finish_reason")
+            )
+        except ParseError as e:
+            failures.append({"id": rid, "prompt": row["prompt"], "reason": f"unparsable response: {e}"})
+            continue
+        answer = row.get("response", row.get("rejected"))
+        carried = {k: v for k, v in row.items() if k not in ("prompt", "response", "rejected", "chosen")}
+        pairs.append({
+            "prompt": row["prompt"], "chosen": revision, "rejected": answer, "reviser_reasoning": reasoning,
+            "reviser_model": response.get("model", cfg.model), "usage": response.get("usage"), **carried,
+        })  # fmt: skip
+    for path, items in ((out_path, pairs), (fail_path, failures)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
+        tmp.replace(path)
+    usage = [p["usage"] or {} for p in pairs]
+    return {
+        "rows": len(rows),
+        "revised": len(pairs),
+        "failed": len(failures),
+        "requests_sent": counters.requests,
+        "retries": counters.retries,
+        "possible_double_charges": counters.possible_double_charges,
+        "prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
+        "completion_tokens": sum(u.get("completion_tokens") or 0 for u in usage),
+    }

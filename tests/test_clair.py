@@ -1,0 +1,271 @@
+"""CLAIR: the revision prompt and parser on real GPT-4 data, the resumable client against a real
+loopback server that misbehaves, and the contrastiveness metrics against hand-worked values."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from apo_jax.data.clair import ParseError, jaccard, levenshtein, pair_stats, parse_revision, revision_messages
+from apo_jax.data.clair.client import ClientConfig
+from apo_jax.data.clair.revise import revise
+
+DATA = pathlib.Path(__file__).parent / "data"
+ROWS = [json.loads(line) for line in (DATA / "clair_gpt4_revisions.jsonl").open()]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+# --- prompt and parser ------------------------------------------------------------------------
+
+
+def test_revision_request_is_the_papers_exactly():
+    for row in ROWS:
+        assert revision_messages(row["prompt"], row["rejected"]) == row["reviser_request"]["messages"]
+
+
+def test_parser_reads_all_ten_gpt4_responses():
+    for row in ROWS:
+        content = row["reviser_response"]["choices"][0]["message"]["content"]
+        reasoning, revision = parse_revision(content, "stop")
+        # the revision is what follows the (last) solution marker, with or without its colon
+        marker = (
+            "{corrected_student_solution}:"
+            if "{corrected_student_solution}:" in content
+            else "{corrected_student_solution}"
+        )
+        assert revision == content.rsplit(marker, 1)[1].strip()
+        assert (
+            reasoning
+            and "{teacher_reasoning}" not in reasoning
+            and "{corrected_student_solution}" not in reasoning
+        )
+        assert len(revision) > 500 and revision != row["rejected"]
+
+
+@pytest.mark.parametrize(
+    "content,finish,reason",
+    [
+        ("", "stop", "empty response"),
+        ("{teacher_reasoning}: fine as is.", "stop", "no {corrected_student_solution}"),
+        ("{teacher_reasoning}: x\n{corrected_student_solution}:   \n", "stop", "is empty"),
+        ("{teacher_reasoning}: x\n{corrected_student_solution}: a long revisi", "length", "max_tokens"),
+    ],
+)
+def test_parser_rejects_malformed_responses(content, finish, reason):
+    with pytest.raises(ParseError, match=reason.replace("{", r"\{").replace("}", r"\}")):
+        parse_revision(content, finish)
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_jaccard_and_levenshtein_by_hand():
+    assert jaccard("the cat sat".split(), "the cat ran".split()) == 2 / 4  # {the, cat} / {the, cat, sat, ran}
+    assert jaccard("a a b".split(), "b a".split()) == 1.0  # sets: duplicates do not count
+    assert jaccard([], []) == 1.0
+    assert levenshtein("kitten", "sitting") == 3  # k->s, e->i, +g
+    assert levenshtein("flaw", "lawn") == 2  # -f, +n
+    assert levenshtein("", "abc") == 3
+    stats = pair_stats([("the cat sat", "the cat ran"), ("kitten", "sitting")])
+    assert stats["jaccard_mean"] == pytest.approx((0.5 + 0.0) / 2)
+    assert stats["levenshtein_mean"] == pytest.approx((2 + 3) / 2)  # "sat"->"ran": s->r, t->n
+    assert stats["chosen_tokens_mean"] == pytest.approx((3 + 1) / 2)
+
+
+def test_stats_command_on_the_hybrid_pairs(tmp_path, capsys):
+    from apo_jax.data.clair.__main__ import main
+
+    out = tmp_path / "stats.json"
+    assert main(["stats", "--input", str(DATA / "clair_pairs_hybrid_format.jsonl"), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "clair_pairs_hybrid_format" in table and "jaccard_mean" in table
+    result = json.loads(out.read_text())["clair_pairs_hybrid_format"]
+    pairs = [json.loads(x) for x in (DATA / "clair_pairs_hybrid_format.jsonl").open()]
+    first = pairs[0]
+    c, r = first["chosen"][1]["content"], first["rejected"][1]["content"]
+    assert result["pairs"] == 10
+    # one pair by hand: the same definitions, written out again
+    words_c, words_r = set(c.split()), set(r.split())
+    assert jaccard(c.split(), r.split()) == len(words_c & words_r) / len(words_c | words_r)
+    assert 0 < result["jaccard_mean"] < 1 and result["levenshtein_mean"] > 0
+
+
+# --- the client against a loopback server ------------------------------------------------------
+
+
+class Server:
+    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that answers from the recorded GPT-4
+    responses, with scripted faults per row and attempt, and counts requests per row."""
+
+    def __init__(self, script: dict[int, list[str]] | None = None, delay: float = 0.0):
+        self.script, self.delay = script or {}, delay
+        self.counts: dict[int, int] = {}
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.handle(self, body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def row_of(self, body) -> int:
+        text = body["messages"][-1]["content"]
+        return next(i for i, r in enumerate(ROWS) if f"{{student_solution}}: {r['rejected']}\n\n" in text)
+
+    def handle(self, h, body):
+        i = self.row_of(body)
+        with self.lock:
+            attempt = self.counts.get(i, 0)
+            self.counts[i] = attempt + 1
+        plan = self.script.get(i, [])
+        action = (
+            plan[attempt]
+            if attempt < len(plan)
+            else (plan[-1] if plan and plan[-1] in ("malformed", "400") else "ok")
+        )
+        time.sleep(self.delay)
+        if action == "429":
+            return self.send(h, 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0.05"})
+        if action == "500":
+            return self.send(h, 500, {"error": {"message": "server error"}})
+        if action == "400":
+            return self.send(h, 400, {"error": {"message": "bad request"}})
+        if action == "timeout":
+            time.sleep(1.0)  # the client gave up after 0.5 s
+            return
+        if action == "drop":
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if action == "malformed":
+            raw = b"{not json"
+            h.send_response(200)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(raw)))
+            h.end_headers()
+            h.wfile.write(raw)
+            return
+        response = json.loads(json.dumps(ROWS[i]["reviser_response"]))
+        if action == "unparsable":
+            response["choices"][0]["message"]["content"] = "I would not change anything."
+        return self.send(h, 200, response)
+
+    @staticmethod
+    def send(h, code, payload, headers=None):
+        raw = json.dumps(payload).encode()
+        try:
+            h.send_response(code)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(raw)))
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def _answers(tmp_path):
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "rejected": r["rejected"], "source": i}) + "\n"
+                            for i, r in enumerate(ROWS)))  # fmt: skip
+    return path
+
+
+def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path):
+    script = {
+        0: ["429"],
+        1: ["500"],
+        2: ["timeout"],
+        3: ["drop"],
+        4: ["malformed"],
+        5: ["unparsable"],
+        6: ["400"],
+    }
+    server = Server(script)
+    try:
+        cfg = ClientConfig(base_url=server.url, model="gpt-4-0125-preview", concurrency=4, max_retries=2,
+                           timeout=0.5, backoff_base=0.01)  # fmt: skip
+        out = tmp_path / "pairs.jsonl"
+        summary = revise(_answers(tmp_path), out, cfg, progress=False)
+        pairs = [json.loads(x) for x in out.read_text().splitlines()]
+        failures = {json.loads(x)["id"].split(":")[0]: json.loads(x)["reason"] for x in
+                    (tmp_path / "pairs.jsonl.failures.jsonl").read_text().splitlines()}  # fmt: skip
+        assert sorted(p["source"] for p in pairs) == [0, 1, 2, 3, 7, 8, 9]
+        for p in pairs:
+            content = ROWS[p["source"]]["reviser_response"]["choices"][0]["message"]["content"]
+            assert (
+                p["chosen"] == parse_revision(content)[1] and p["rejected"] == ROWS[p["source"]]["rejected"]
+            )
+            assert (
+                p["usage"]["total_tokens"] == ROWS[p["source"]]["reviser_response"]["usage"]["total_tokens"]
+            )
+        assert set(failures) == {"4", "5", "6"}
+        assert "malformed" in failures["4"] and "unparsable" in failures["5"] and "HTTP 400" in failures["6"]
+        # each fault cost exactly its retries; permanent errors and parse failures were not retried
+        assert server.counts == {0: 2, 1: 2, 2: 2, 3: 2, 4: 3, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}
+        assert summary["possible_double_charges"] == 2 and summary["revised"] == 7 and summary["failed"] == 3
+        # a restart asks again only for the rows without a recorded response (4: malformed, 6: 400)
+        before = dict(server.counts)
+        revise(_answers(tmp_path), out, cfg, progress=False)
+        assert {i: server.counts[i] - before[i] for i in server.counts if server.counts[i] != before[i]} == {
+            4: 3,
+            6: 1,
+        }
+        assert len(out.read_text().splitlines()) == 7
+    finally:
+        server.close()
+
+
+def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
+    server = Server(delay=0.3)
+    try:
+        answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+        cmd = [sys.executable, "-m", "apo_jax.data.clair", "revise", "--input", str(answers),
+               "--output", str(out), "--base-url", server.url, "--model", "gpt-4-0125-preview",
+               "--concurrency", "1"]  # fmt: skip
+        env = {**os.environ, "OPENAI_API_KEY": "test-key"}
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        log = tmp_path / "pairs.jsonl.responses.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        recorded = {json.loads(x)["id"].split(":")[0] for x in log.read_text().splitlines()}
+        assert 3 <= len(recorded) < 10
+        assert (
+            subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120).returncode
+            == 0
+        )
+        assert len(out.read_text().splitlines()) == 10
+        for i, n in server.counts.items():
+            # finished rows were asked once; at most the one row in flight at the kill was asked again
+            assert n == 1 or (n == 2 and str(i) not in recorded), server.counts
+        assert sum(n == 2 for n in server.counts.values()) <= 1
+    finally:
+        server.close()
