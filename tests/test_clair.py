@@ -269,3 +269,131 @@ def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
         assert sum(n == 2 for n in server.counts.values()) <= 1
     finally:
         server.close()
+
+
+# --- answers and baselines ---------------------------------------------------------------------
+
+
+class ChatServer(Server):
+    """The same loopback server, answering with `respond(request body) -> content`, and keeping
+    every request body."""
+
+    def __init__(self, respond):
+        self.respond, self.bodies = respond, []
+        super().__init__()
+
+    def handle(self, h, body):
+        with self.lock:
+            self.bodies.append(body)
+        content = self.respond(body)
+        response = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": content}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}  # fmt: skip
+        self.send(h, 200, response)
+
+
+def _prompts(tmp_path, n=3):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"question {i}?", "topic": i}) + "\n" for i in range(n)))
+    return path
+
+
+def test_generate_through_a_server_sends_sampling_parameters_explicitly(tmp_path):
+    from apo_jax.data import generate
+
+    server = ChatServer(lambda body: "answer to " + body["messages"][0]["content"])
+    try:
+        cfg = ClientConfig(base_url=server.url, model="m", max_retries=0)
+        prompts = generate.read_prompts(_prompts(tmp_path))
+        out = tmp_path / "answers.jsonl"
+        summary = generate.generate_with_server(prompts, out, cfg, samples=2, max_tokens=64, temperature=0.9,
+                                                top_p=0.95, progress=False)  # fmt: skip
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert summary["written"] == 6 and [(r["topic"], r["sample"]) for r in rows] == [
+            (i, s) for i in range(3) for s in (0, 1)
+        ]
+        assert all(r["response"] == "answer to " + r["prompt"] for r in rows)
+        assert all(
+            b["temperature"] == 0.9 and b["top_p"] == 0.95 and b["max_tokens"] == 64 for b in server.bodies
+        )
+        generate.generate_with_server(prompts, out, cfg, samples=2, progress=False)  # resumed: nothing to do
+        assert len(server.bodies) == 6
+    finally:
+        server.close()
+
+
+def test_generate_with_the_own_sampler_is_resumable_and_greedy_exact(
+    tmp_path, tiny_checkpoints, tiny_tokenizer
+):
+    from apo_jax import models
+    from apo_jax.data import generate
+
+    path = tiny_checkpoints["gqa"]
+    prompts = generate.read_prompts(_prompts(tmp_path, 3))
+    out = tmp_path / "answers.jsonl"
+    kw = {"max_tokens": 6, "temperature": 0.0, "batch_size": 2, "progress": False}
+    generate.generate_with_model(prompts, out, path, **kw)
+    generate.generate_with_model(prompts, out, path, **kw)  # a rerun adds nothing
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["0:0", "1:0", "2:0"]
+    # greedy: the same tokens as models.generate on the chat-templated prompt alone
+    model, params = models.from_hf(path)
+    chat = [{"role": "user", "content": "question 1?"}]
+    ids = tiny_tokenizer.apply_chat_template(chat, return_dict=True, add_generation_prompt=True)["input_ids"]
+    alone = models.generate(model, params, [ids], [[1] * len(ids)], max_new_tokens=6, pad_id=5)
+    tokens = [t for t in alone["tokens"][0][: int(alone["lengths"][0])].tolist() if t not in (1, 4)]
+    assert rows[1]["response"] == tiny_tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_on_policy_judge_keeps_ties_and_records_unreadable_verdicts(tmp_path):
+    from apo_jax.data.clair import baselines
+
+    verdicts = {"q0": "A is more correct.\nVerdict: A", "q1": "Verdict: **B**",
+                "q2": "Both fine. Verdict: tie", "q3": "I cannot decide."}  # fmt: skip
+    server = ChatServer(
+        lambda body: next(v for k, v in verdicts.items() if f"\n{k}\n" in body["messages"][0]["content"])
+    )
+    try:
+        answers = tmp_path / "answers.jsonl"
+        answers.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"{i}-{s}", "sample": s}) + "\n"
+                                   for i in range(4) for s in (0, 1)))  # fmt: skip
+        out = tmp_path / "pairs.jsonl"
+        summary = baselines.on_policy_judge(answers, out, ClientConfig(base_url=server.url, model="judge"),
+                                            progress=False)  # fmt: skip
+        pairs = {p["prompt"]: p for p in map(json.loads, out.read_text().splitlines())}
+        assert summary == {"prompts": 4, "pairs": 3, "ties": 1, "failed": 1}
+        assert (pairs["q0"]["chosen"], pairs["q0"]["rejected"]) == ("0-0", "0-1")
+        assert (pairs["q1"]["chosen"], pairs["q1"]["rejected"]) == ("1-1", "1-0")
+        assert pairs["q2"]["is_tie"] and not pairs["q0"]["is_tie"]
+        failure = json.loads((tmp_path / "pairs.jsonl.failures.jsonl").read_text())
+        assert failure["prompt"] == "q3" and "unreadable verdict" in failure["reason"]
+    finally:
+        server.close()
+
+
+def test_stronger_preferred_and_off_policy_judge(tmp_path):
+    from apo_jax.data.clair import baselines
+
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"prompt": "p", "response": "weak", "generator": "M"}) + "\n"
+    )
+    (tmp_path / "s.jsonl").write_text(
+        json.dumps({"prompt": "p", "response": "strong", "generator": "S"}) + "\n"
+    )
+    baselines.stronger_preferred(tmp_path / "m.jsonl", tmp_path / "s.jsonl", tmp_path / "sp.jsonl")
+    pair = json.loads((tmp_path / "sp.jsonl").read_text())
+    assert (pair["chosen"], pair["rejected"], pair["chosen_model"]) == ("strong", "weak", "S")
+    uf = [
+        {"instruction": "i0", "completions": [{"response": "a", "overall_score": 7.0, "model": "x"},
+                                              {"response": "b", "overall_score": 9.0, "model": "y"},
+                                              {"response": "c", "overall_score": 7.0, "model": "z"}]},
+        {"instruction": "i1", "completions": [{"response": "a", "overall_score": 5.0},
+                                              {"response": "b", "overall_score": 5.0}]},
+    ]  # fmt: skip
+    (tmp_path / "uf.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uf))
+    summary = baselines.off_policy_judge(tmp_path / "uf.jsonl", tmp_path / "op.jsonl", seed=0)
+    pair = json.loads((tmp_path / "op.jsonl").read_text())
+    assert summary == {"pairs": 1, "skipped": 1}  # i1: all answers rated alike, no preference
+    assert pair["chosen"] == "b" and pair["rejected"] in ("a", "c")
+    assert baselines.parse_verdict("Verdict: a ... final Verdict: B") == "B"

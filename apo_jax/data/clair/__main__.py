@@ -1,9 +1,13 @@
-"""python -m apo_jax.data.clair {revise, stats} ...
+"""python -m apo_jax.data.clair {revise, stats, judge, stronger, off-policy} ...
 
 revise --input answers.jsonl --output pairs.jsonl --base-url URL --model NAME
        [--concurrency 8] [--max-tokens 4096] [--temperature 0.7] [--limit N]
        (the API key comes from the environment variable named by --api-key-env, OPENAI_API_KEY)
 stats  --input pairs.jsonl [--input other.jsonl ...] [--tokenizer DIR] [--json stats.json]
+judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE   (on_policy_judge;
+       answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`)
+stronger --answers answers.jsonl --stronger stronger.jsonl --output pairs.jsonl  (stronger_preferred)
+off-policy --input ultrafeedback.jsonl --output pairs.jsonl [--seed 0]           (off_policy_judge)
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def main(argv=None) -> int:
     r.add_argument("--max-tokens", type=int, default=4096)
     r.add_argument("--temperature", type=float, default=0.7)
     r.add_argument("--limit", type=int, default=None, help="only the first N rows (a trial run)")
+    j = sub.add_parser("judge", help="on_policy_judge: a judge picks the better of two answers of M")
+    j.add_argument("--input", required=True)
+    j.add_argument("--output", required=True)
+    j.add_argument("--base-url", required=True)
+    j.add_argument("--model", required=True)
+    j.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    j.add_argument("--concurrency", type=int, default=8)
+    st = sub.add_parser("stronger", help="stronger_preferred: the stronger model's answer is chosen")
+    st.add_argument("--answers", required=True)
+    st.add_argument("--stronger", required=True)
+    st.add_argument("--output", required=True)
+    o = sub.add_parser("off-policy", help="off_policy_judge: UltraFeedback-style judged answers to pairs")
+    o.add_argument("--input", required=True)
+    o.add_argument("--output", required=True)
+    o.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("stats", help="contrastiveness of pair files: Jaccard and Levenshtein")
     s.add_argument("--input", required=True, action="append")
     s.add_argument("--tokenizer", default=None, help="count tokenizer ids instead of whitespace words")
@@ -60,6 +79,19 @@ def main(argv=None) -> int:
                              temperature=args.temperature, limit=args.limit)  # fmt: skip
             print(json.dumps(summary))
             return 0 if summary["failed"] == 0 else 1
+        if args.command in ("judge", "stronger", "off-policy"):
+            from apo_jax.data.clair import baselines
+
+            if args.command == "judge":
+                cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                                   concurrency=args.concurrency)  # fmt: skip
+                summary = baselines.on_policy_judge(args.input, args.output, cfg)
+            elif args.command == "stronger":
+                summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
+            else:
+                summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
+            print(json.dumps(summary))
+            return 0 if not summary.get("failed") else 1
         tokenize = str.split
         if args.tokenizer:
             from apo_jax.models import load_tokenizer

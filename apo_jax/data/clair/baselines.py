@@ -1,0 +1,136 @@
+"""The paper's three baselines for building pairs, named as the experiments name them.
+
+- `stronger_preferred`: y_w = the stronger model's own answer, y_l = M's answer.
+- `on_policy_judge`: two answers of M; a judge model (through the same client) picks the better;
+  ties are kept as `is_tie` pairs (for TODO); verdicts that cannot be read are recorded failures.
+- `off_policy_judge`: UltraFeedback-style judged answers of other models: the best-rated answer
+  is chosen and, as in UltraFeedback-binarized, a random lower-rated one is rejected.
+All write TRL-standard pair rows (`prompt`, `chosen`, `rejected` and carried fields).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import re
+
+from apo_jax.data.clair.client import ClientConfig, run_requests
+
+JUDGE_TEMPLATE = (
+    "Which response answers the user's instruction better: more helpful, correct and clear? "
+    "Compare them carefully, then end with one line 'Verdict: A', 'Verdict: B' or 'Verdict: tie' "
+    "when neither is better.\n\n[Instruction]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n"
+)
+_VERDICT = re.compile(r"verdict\s*:\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str | None) -> str:
+    """'A', 'B' or 'tie' from the judge's last 'Verdict:' line; ValueError if there is none."""
+    found = _VERDICT.findall(text or "")
+    if not found:
+        raise ValueError("no 'Verdict: A|B|tie' line")
+    v = found[-1]
+    return "tie" if v.lower() == "tie" else v.upper()
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
+
+
+def _write(path, rows) -> None:
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+
+
+def stronger_preferred(answers_path, stronger_path, output) -> dict:
+    """Pairs (stronger model's answer, M's answer), matched by prompt (first sample of each)."""
+    stronger = {}
+    for row in _read(stronger_path):
+        stronger.setdefault(row["prompt"], row)
+    pairs, missing = [], 0
+    seen = set()
+    for row in _read(answers_path):
+        if row["prompt"] in seen:
+            continue
+        seen.add(row["prompt"])
+        if row["prompt"] not in stronger:
+            missing += 1
+            continue
+        s = stronger[row["prompt"]]
+        pair = {"prompt": row["prompt"], "chosen": s["response"], "rejected": row["response"]}
+        pairs.append(pair | {"chosen_model": s.get("generator"), "rejected_model": row.get("generator")})
+    _write(output, pairs)
+    return {"pairs": len(pairs), "prompts_without_stronger_answer": missing}
+
+
+def on_policy_judge(answers_path, output, cfg: ClientConfig, *, client=None, progress=True) -> dict:
+    """Two samples of M per prompt, judged; the better is chosen, ties become `is_tie` pairs."""
+    by_prompt: dict[str, dict[int, dict]] = {}
+    for row in _read(answers_path):
+        by_prompt.setdefault(row["prompt"], {})[int(row.get("sample", 0))] = row
+    items = [(p, s[0], s[1]) for p, s in by_prompt.items() if 0 in s and 1 in s]
+    requests = {
+        f"{i}": {
+            "model": cfg.model,
+            "temperature": 0.0,
+            "max_tokens": 1024,
+            "messages": [
+                {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, a=a["response"], b=b["response"])}
+            ],
+        }  # fmt: skip
+        for i, (p, a, b) in enumerate(items)
+    }
+    output = pathlib.Path(output)
+    log = output.with_name(output.name + ".responses.jsonl")
+    responses, request_failures, _ = run_requests(cfg, requests, log, client=client, progress=progress)
+    pairs, failures = [], []
+    for i, (p, a, b) in enumerate(items):
+        rid = f"{i}"
+        if rid not in responses.done:
+            failures.append({"id": rid, "prompt": p, "reason": request_failures.get(rid, "not requested")})
+            continue
+        text = responses.done[rid]["response"]["choices"][0]["message"].get("content")
+        try:
+            verdict = parse_verdict(text)
+        except ValueError as e:
+            failures.append({"id": rid, "prompt": p, "reason": f"unreadable verdict: {e}"})
+            continue
+        chosen, rejected = (b, a) if verdict == "B" else (a, b)
+        pairs.append({"prompt": p, "chosen": chosen["response"], "rejected": rejected["response"],
+                      "is_tie": verdict == "tie", "judge": cfg.model, "verdict": verdict})  # fmt: skip
+    _write(output, pairs)
+    _write(output.with_name(output.name + ".failures.jsonl"), failures)
+    return {"prompts": len(items), "pairs": len(pairs), "ties": sum(p["is_tie"] for p in pairs),
+            "failed": len(failures)}  # fmt: skip
+
+
+def off_policy_judge(ultrafeedback_path, output, *, seed: int = 0) -> dict:
+    """UltraFeedback-style rows (`instruction` or `prompt`, `completions` with `overall_score`) ->
+    pairs: the best-rated answer chosen, a random strictly lower-rated one rejected."""
+    rng = random.Random(seed)
+    pairs, skipped = [], 0
+    for index, row in enumerate(_read(ultrafeedback_path)):
+        prompt = row.get("prompt", row.get("instruction"))
+        scored = [
+            (c.get("overall_score"), c)
+            for c in row.get("completions", [])
+            if c.get("overall_score") is not None
+        ]
+        if not isinstance(prompt, str) or len(scored) < 2:
+            skipped += 1
+            continue
+        best_score = max(s for s, _ in scored)
+        best = next(c for s, c in scored if s == best_score)
+        lower = [c for s, c in scored if s < best_score]
+        if not lower:  # every answer rated the same: no preference
+            skipped += 1
+            continue
+        worse = rng.choice(lower)
+        pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worse["response"],
+                      "chosen_model": best.get("model"), "rejected_model": worse.get("model"),
+                      "source_index": index})  # fmt: skip
+    _write(output, pairs)
+    return {"pairs": len(pairs), "skipped": skipped}

@@ -1,0 +1,191 @@
+"""Answers of the target model M: `python -m apo_jax.data.generate`, resumable.
+
+    # with apo_jax's own batched sampler, from a Hugging Face directory
+    python -m apo_jax.data.generate --input prompts.jsonl --output answers.jsonl \
+        --model-dir Meta-Llama-3-8B-Instruct
+    # or from any OpenAI-compatible server (vLLM, a hosted API); key from $OPENAI_API_KEY
+    python -m apo_jax.data.generate --input prompts.jsonl --output answers.jsonl \\
+        --base-url http://localhost:8000/v1 --model meta-llama/Meta-Llama-3-8B-Instruct
+
+Input rows have `prompt` (other fields are carried along); output rows have `prompt`, `response`,
+`sample` (0..n-1 with `--samples n`, as the on-policy judge baseline needs two) and `generator`.
+Sampling parameters are always sent explicitly (vLLM would otherwise apply the model's own
+generation defaults). A finished row is never generated again: rerun the command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+
+def read_prompts(path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}: row {index}: needs a string field 'prompt'")
+            rows.append(row)
+    return rows
+
+
+def _done_ids(path: pathlib.Path) -> set[str]:
+    if not path.exists():
+        return set()
+    ids = set()
+    for line in path.read_text().splitlines():
+        try:
+            ids.add(json.loads(line)["id"])
+        except (json.JSONDecodeError, KeyError):
+            continue  # a line cut by a crash: that row is generated again
+    return ids
+
+
+def _append(path: pathlib.Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jobs(prompts, samples):
+    return [(f"{i}:{s}", i, s) for i, _ in enumerate(prompts) for s in range(samples)]
+
+
+def _row(prompts, i, s, response, generator, row_id):
+    carried = {k: v for k, v in prompts[i].items() if k not in ("prompt", "response")}
+    return {"id": row_id, "prompt": prompts[i]["prompt"], "response": response, "sample": s,
+            "generator": generator, **carried}  # fmt: skip
+
+
+def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, temperature=0.7, top_p=1.0,
+                         client=None, progress=True) -> dict:  # fmt: skip
+    """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping."""
+    from apo_jax.data.clair.client import run_requests
+
+    output = pathlib.Path(output)
+    requests = {
+        row_id: {
+            "model": cfg.model,
+            "messages": [{"role": "user", "content": prompts[i]["prompt"]}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "n": 1,
+        }  # fmt: skip
+        for row_id, i, _ in _jobs(prompts, samples)
+    }
+    log_path = output.with_name(output.name + ".responses.jsonl")
+    responses, failures, counters = run_requests(cfg, requests, log_path, client=client, progress=progress)
+    rows = []
+    for row_id, i, s in _jobs(prompts, samples):
+        if row_id in responses.done:
+            message = responses.done[row_id]["response"]["choices"][0]["message"]
+            rows.append(_row(prompts, i, s, message.get("content") or "", cfg.model, row_id))
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(output)
+    return {"rows": len(requests), "written": len(rows), "failed": len(failures), "failures": failures}
+
+
+def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512, temperature=0.7, top_p=1.0,
+                        batch_size=8, seed=0, mesh=None, progress=True) -> dict:  # fmt: skip
+    """With apo_jax's own sampler: chat-templated, left-padded batches, appended as they finish."""
+    import jax
+
+    from apo_jax import models
+    from apo_jax.data.tokenize import chat_kwargs
+
+    output = pathlib.Path(output)
+    model, params = models.from_hf(model_dir, mesh=mesh)
+    tok = models.load_tokenizer(model_dir)
+    kwargs = chat_kwargs(tok)
+    done = _done_ids(output)
+    todo = [j for j in _jobs(prompts, samples) if j[0] not in done]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos = tuple(model.config.eos_token_id) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        jobs = todo[start : start + batch_size]
+        ids = [tok.apply_chat_template([{"role": "user", "content": prompts[i]["prompt"]}], tokenize=True,
+                                       return_dict=True, add_generation_prompt=True, **kwargs)["input_ids"]
+               for _, i, _ in jobs]  # fmt: skip
+        width = max(map(len, ids))
+        prompt_ids = np.full((batch_size, width), pad, np.int32)  # fixed batch: one compiled sampler
+        prompt_mask = np.zeros((batch_size, width), np.int32)
+        for r, x in enumerate(ids):
+            prompt_ids[r, width - len(x) :], prompt_mask[r, width - len(x) :] = x, 1
+        prompt_mask[len(ids) :, -1] = 1  # filler rows: one token, discarded
+        # one key per batch of the remaining rows: a resumed run samples what is left afresh
+        key = jax.random.fold_in(jax.random.key(seed), len(done) + start)
+        out = models.generate(
+            model, params, prompt_ids, prompt_mask, max_new_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, eos_ids=eos, pad_id=pad, rng=key,
+        )  # fmt: skip
+        tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+        rows = []
+        for r, (row_id, i, s) in enumerate(jobs):
+            text = tok.decode([t for t in tokens[r, : lengths[r]] if t not in eos], skip_special_tokens=True)
+            rows.append(_row(prompts, i, s, text, str(model_dir), row_id))
+        _append(output, rows)
+        if bar is not None:
+            bar.update(len(jobs))
+    if bar is not None:
+        bar.close()
+    return {"rows": len(_jobs(prompts, samples)), "written": len(_done_ids(output)), "failed": 0}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apo_jax.data.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--model-dir", help="a Hugging Face Llama directory: apo_jax's own sampler")
+    p.add_argument("--base-url", help="an OpenAI-compatible endpoint instead")
+    p.add_argument("--model", help="the model name at --base-url")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None)
+    args = p.parse_args(argv)
+    if bool(args.model_dir) == bool(args.base_url):
+        print("error: give exactly one of --model-dir and --base-url (with --model)", file=sys.stderr)
+        return 2
+    try:
+        prompts = read_prompts(args.input)[: args.limit]
+        if args.base_url:
+            from apo_jax.data.clair.client import ClientConfig
+
+            cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                               concurrency=args.concurrency)  # fmt: skip
+            summary = generate_with_server(prompts, args.output, cfg, samples=args.samples,
+                                           max_tokens=args.max_tokens, temperature=args.temperature,
+                                           top_p=args.top_p)  # fmt: skip
+        else:
+            summary = generate_with_model(prompts, args.output, args.model_dir, samples=args.samples,
+                                          max_tokens=args.max_tokens, temperature=args.temperature,
+                                          top_p=args.top_p, batch_size=args.batch_size)  # fmt: skip
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "failures"}))
+    return 0 if summary["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
