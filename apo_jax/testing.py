@@ -34,8 +34,9 @@ CORPUS = (
 )
 
 
-def tiny_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE `PreTrainedTokenizerFast` with Llama-3 special tokens and chat template."""
+def tiny_tokenizer(vocab_size: int = 320, corpus=CORPUS):
+    """A byte-level BPE `PreTrainedTokenizerFast` with Llama-3 special tokens and chat template,
+    trained on `corpus` (a few sentences by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,7 +49,7 @@ def tiny_tokenizer(vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",

@@ -1,17 +1,53 @@
-"""The one entry point with config flags: python -m experiments.run --config=PATH[:ARG] [--config.a.b=v].
+"""The one entry point with config flags:
 
-`--config` takes an ml_collections config file (`get_config(arg)`); named experiments and the
-grid (`--config=clair_apo_zero`) arrive with the experiments. Multi-host CPU/GPU runs pass
-`--coordinator_address`, `--num_processes` and `--process_id` (TPU pods find them alone).
+    python -m experiments.run --config=NAME[:VARIANT] [--config.a.b=v ...]
+
+NAME is `experiments/configs/NAME.py` when that file exists, otherwise a grid cell
+`<data>_<loss>` built by experiments/configs/grid.py (e.g. `clair_apo_zero`, `on_policy_judge_todo`);
+a path to a config file works too. VARIANT: the default CPU miniature (`mini`), `tiny` (CI-sized)
+or `paper`. Multi-host CPU/GPU runs pass `--coordinator_address`, `--num_processes` and
+`--process_id` (TPU pods find them alone).
 """
 
 from __future__ import annotations
 
 import json
+import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def resolve(value: str) -> str:
+    """`--config` value -> a config file path with its argument (ml_collections takes only paths)."""
+    if value.split(":", 1)[0].endswith(".py"):
+        return value
+    name, _, variant = value.partition(":")
+    if (CONFIGS / f"{name}.py").is_file() and name != "grid":
+        return f"{CONFIGS / name}.py" + (f":{variant}" if variant else "")
+    sys.path.insert(0, str(CONFIGS.parent.parent))
+    from experiments.configs import grid
+
+    grid.parse(name)  # ValueError listing what exists
+    return f"{CONFIGS / 'grid.py'}:{value}"
+
+
+def _rewrite_argv(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config="):
+            arg = "--config=" + resolve(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(argv):
+            out.append(arg)
+            arg, i = resolve(argv[i + 1]), i + 1
+        out.append(arg)
+        i += 1
+    return out
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
@@ -25,6 +61,9 @@ _PRECOMPUTE = flags.DEFINE_string(
 def main(argv):
     del argv
     import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
     if _COORDINATOR.value:
         if (
@@ -49,6 +88,11 @@ def main(argv):
 
             print(f"reference log-probs written to {precompute(config, _PRECOMPUTE.value)}")
             return 0
+        if config.experiment.get("kind", "") == "mini":
+            from experiments.mini.pipeline import run as run_mini
+
+            run_mini(config)
+            return 0
         result = run(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -66,4 +110,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    try:
+        argv = _rewrite_argv(sys.argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv)

@@ -18,6 +18,8 @@ STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = ""
+    # free-form settings of an experiment recipe (experiments/): the trainer does not read them
+    c.experiment = ml_collections.ConfigDict({"kind": ""})
     c.model = ml_collections.ConfigDict(
         {
             "path": "",  # a Hugging Face Llama directory ...
@@ -85,7 +87,7 @@ def _check_keys(config, schema, prefix=""):
         name = f"{prefix}{key}"
         if key not in schema:
             raise ConfigError(f"unknown config key {name!r}; known: {sorted(schema.keys())}")
-        if isinstance(schema[key], ml_collections.ConfigDict) and key != "loss":
+        if isinstance(schema[key], ml_collections.ConfigDict) and key not in ("loss", "experiment"):
             if not isinstance(config[key], ml_collections.ConfigDict | dict):
                 raise ConfigError(f"config key {name!r} must be a group")
             _check_keys(config[key], schema[key], name + ".")

@@ -1,0 +1,101 @@
+"""Every cell of the paper's grid, `<data>_<loss>`, from one shared base: no copied files.
+
+data ∈ {clair, on_policy_judge, off_policy_judge, stronger_preferred} (APO paper, Section 4);
+loss: any name in `apo_jax.losses.names()` (the paper's cells: apo_zero, apo_down, dpo).
+Variants after a colon: the default (alias `mini`) is the CPU miniature of the whole paper,
+`tiny` the CI-sized miniature, `paper` the paper's setup on Llama-3-8B-Instruct.
+
+    python -m experiments.run --config=clair_apo_zero            # the miniature, ~5 min on 2 CPU cores
+    python -m experiments.run --config=clair_apo_zero:paper      # a TPU host or 8 GPUs (README)
+"""
+
+from __future__ import annotations
+
+from apo_jax import losses
+from apo_jax.train.config import default_config
+
+DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
+PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
+VARIANTS = ("mini", "tiny", "paper")
+
+
+def parse(name: str) -> tuple[str, str]:
+    """'on_policy_judge_todo' -> ('on_policy_judge', 'todo'); ValueError listing what exists."""
+    for data in sorted(DATA, key=len, reverse=True):
+        if name.startswith(data + "_"):
+            loss = name[len(data) + 1 :]
+            if loss in losses.names():
+                return data, loss
+    cells = [f"{d}_{loss}" for d in DATA for loss in PAPER_LOSSES]
+    raise ValueError(
+        f"unknown experiment {name!r}: use <data>_<loss> with data in {list(DATA)} and a loss from "
+        f"apo_jax.losses.names() (the paper's cells: {cells}), or a file in experiments/configs/"
+    )
+
+
+def get_config(arg: str):
+    name, _, variant = arg.partition(":")
+    variant = variant or "mini"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of {name}: use one of {list(VARIANTS)}")
+    data, loss = parse(name)
+    config = default_config()
+    config.workdir = f"workdirs/{name}" + ("" if variant == "mini" else f"_{variant}")
+
+    # Data
+    config.experiment = {"kind": "paper" if variant == "paper" else "mini", "data": data, "name": name,
+                         "variant": variant}  # fmt: skip
+
+    # Loss
+    config.loss.name = loss
+    config.loss.beta = 0.1  # APO paper, Section 5.2
+    if loss == "todo":
+        config.loss.beta = 0.01  # TODO README (XXares/TODO)
+
+    if variant == "paper":
+        return _paper(config)
+
+    # Model: the miniature's M is trained by the pipeline (experiments/mini) and put in model.path
+    config.model.preset = "tiny"
+    small = variant == "tiny"
+    config.experiment.update({
+        "seed": 0, "hidden_size": 64, "layers": 2,
+        "sft_examples": 256 if small else 6000, "sft_steps": 10 if small else 600,
+        "train_prompts": 48 if small else 768, "eval_prompts": 16 if small else 128,
+    })  # fmt: skip
+
+    # Trainer
+    config.optimizer.lr = 1e-4
+    config.optimizer.warmup_steps = 0 if small else 10
+    config.optimizer.schedule = "linear"
+    config.train.steps = 4 if small else 200
+    config.train.batch_size = 8 if small else 32
+    config.train.eval_every = 2 if small else 20
+    config.train.eval_batches = 2
+    config.train.export_hf = True
+    config.mesh.data = 1
+
+    # Evaluation: held-out pairs of the same kind (Figure 4) and exact-match accuracy (results.md)
+    return config
+
+
+def _paper(config):
+    """The paper's setup. Numbers cite the APO paper (TACL 2025) or are marked unverified."""
+    config.model.path = "Meta-Llama-3-8B-Instruct"  # a local Hugging Face directory
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"  # 8B × (bf16 weights + f32 Adam moments) ≈ 112 GB: fits a v5e-8
+    config.model.remat_policy = "dots_no_batch"
+    # data/<name>: `python -m apo_jax.data.preprocess --input ContextualAI/ultrafeedback_clair_32k ...`
+    config.data.train = f"data/{config.experiment.data}"
+    config.reference.mode = "precomputed"  # reference log-probs added once (apo_jax.train.reference)
+    config.optimizer.lr = 2e-7  # APO paper, Section 5.2
+    config.optimizer.warmup_steps = 50  # unverified
+    config.optimizer.schedule = "linear"  # unverified
+    config.optimizer.weight_decay = 0.0  # unverified
+    config.train.batch_size = 64  # APO paper, Appendix B.1
+    config.train.steps = 500  # 32K pairs / 64 = one epoch; the epoch count is unverified
+    config.train.grad_accum = 8
+    config.train.checkpoint_every = 100
+    config.train.eval_every = 50
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    return config

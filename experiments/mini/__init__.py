@@ -1,0 +1,1 @@
+"""The miniature paper: a verifiable task, a tiny M, programmatic revisers and judges."""

@@ -1,0 +1,231 @@
+"""The miniature paper, end to end on a CPU: task -> tokenizer -> SFT'd tiny M -> M's answers ->
+pairs built the paper's four ways -> TFRecords -> preference training -> accuracy, contrastiveness,
+Figure-4 plots and results.md. Artifacts are cached in `<workdir>/../mini_cache/<key>` and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import random
+import shutil
+import time
+
+import numpy as np
+
+from experiments.mini import task
+
+DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
+
+
+def _say(msg: str) -> None:
+    print(f"[mini] {msg}", flush=True)
+
+
+def _tokenizer(cache: pathlib.Path, seed: int):
+    from apo_jax import testing
+
+    path = cache / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        rng = random.Random(seed)
+        corpus = []
+        for p in task.problems(400, seed + 1):
+            corpus += [
+                p["prompt"],
+                task.gold_answer(p),
+                task.other_model_answer(p, rng),
+                task.stronger_answer(p),
+            ]
+        tok = testing.tiny_tokenizer(vocab_size=384, corpus=corpus)
+        tok.save_pretrained(path)
+    from apo_jax.models import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+def _write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
+    """M: a tiny Llama fine-tuned on gold solutions (reasonable but imperfect)."""
+    from apo_jax import testing, train
+    from apo_jax.data.preprocess import preprocess
+
+    out = cache / "m"
+    if (out / "config.json").exists():
+        return out
+    _say(f"training M: SFT on {mini.sft_examples} gold solutions for {mini.sft_steps} steps")
+    rows = [{"prompt": p["prompt"], "chosen": task.gold_answer(p), "rejected": task.gold_answer(p)}
+            for p in task.problems(mini.sft_examples, mini.seed + 2)]  # fmt: skip
+    preprocess(
+        str(_write_jsonl(cache / "sft.jsonl", rows)), cache / "sft_records", tok, max_length=96, as_chat=True
+    )
+    base = testing.tiny_hf_llama(cache / "m_init", vocab_size=len(tok), hidden_size=mini.hidden_size,
+                                 intermediate_size=2 * mini.hidden_size, num_hidden_layers=mini.layers,
+                                 initializer_range=0.02, seed=mini.seed, tokenizer=tok)  # fmt: skip
+    cfg = train.default_config()
+    cfg.workdir = str(cache / "sft_run")
+    cfg.model.path = str(base)
+    cfg.data.train = str(cache / "sft_records")
+    cfg.train.mode = "sft"
+    cfg.train.steps, cfg.train.batch_size = mini.sft_steps, 32
+    cfg.optimizer.lr, cfg.optimizer.schedule = 3e-3, "cosine"
+    cfg.optimizer.warmup_steps = min(20, mini.sft_steps // 5)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = base_config.mesh.data, 1, 1
+    cfg.train.progress = base_config.train.progress
+    train.run(cfg)
+    shutil.copytree(cache / "sft_run" / "hf", out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _answers(cache, m_dir, prompts, name, samples, temperature):
+    from apo_jax.data.generate import generate_with_model
+
+    out = cache / f"{name}.jsonl"
+    rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
+    generate_with_model(rows, out, m_dir, samples=samples, max_tokens=48, temperature=temperature,
+                        batch_size=64, progress=False)  # fmt: skip
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def accuracy(model_dir, prompts, cache, name) -> float:
+    answers = _answers(cache, model_dir, prompts, name, 1, 0.0)
+    return float(np.mean([task.is_correct(prompts[a["index"]], a["response"]) for a in answers]))
+
+
+def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:
+    """Pairs of one kind from M's answers (two samples per prompt) and the stand-in models."""
+    rng = random.Random(seed)
+    by = {}
+    for a in answers:
+        by.setdefault(a["index"], {})[a["sample"]] = a["response"]
+    pairs = []
+    for i, p in enumerate(prompts):
+        m0, m1 = by[i][0], by[i].get(1, by[i][0])
+        if kind == "clair":
+            revised = task.revise(p, m0)
+            if revised != m0:
+                pairs.append({"prompt": p["prompt"], "chosen": revised, "rejected": m0})
+        elif kind == "stronger_preferred":
+            pairs.append({"prompt": p["prompt"], "chosen": task.stronger_answer(p), "rejected": m0})
+        else:
+            a, b = (
+                (m0, m1)
+                if kind == "on_policy_judge"
+                else (task.other_model_answer(p, rng), task.other_model_answer(p, rng))
+            )
+            ca, cb = task.is_correct(p, a), task.is_correct(p, b)
+            if ca != cb:
+                pairs.append({"prompt": p["prompt"], "chosen": a if ca else b, "rejected": b if ca else a,
+                              "is_tie": False})  # fmt: skip
+            elif keep_ties:
+                pairs.append({"prompt": p["prompt"], "chosen": a, "rejected": b, "is_tie": True})
+    return pairs
+
+
+def _plot(workdir: pathlib.Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in rows if "eval/logps/chosen" in r]
+    if not ev:
+        return []
+    steps = [r["step"] for r in ev]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in (
+        (axes[0], "logps", "log-likelihood"),
+        (axes[1], "rewards", "reward (β·log-ratio)"),
+    ):
+        ax.plot(steps, [r[f"eval/{key}/chosen"] for r in ev], label="chosen (winning)", color="tab:blue")
+        ax.plot(steps, [r[f"eval/{key}/rejected"] for r in ev], label="rejected (losing)", color="tab:red")
+        ax.set_xlabel("step")
+        ax.set_title(f"held-out {label}")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(workdir / "figure4.png", dpi=110)
+    plt.close(fig)
+    return ["figure4.png"]
+
+
+def run(config) -> dict:
+    """The miniature for one grid cell (`config.experiment.data` × `config.loss.name`)."""
+    from apo_jax import train
+    from apo_jax.data.clair.stats import pair_stats, table
+    from apo_jax.data.preprocess import preprocess
+
+    started = time.time()
+    mini, kind = config.experiment, config.experiment.data
+    workdir = pathlib.Path(config.workdir)
+    key = hashlib.sha256(json.dumps(mini.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cache = workdir.parent / "mini_cache" / f"{key}"
+    cache.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(cache, mini.seed)
+    _say(f"task: chained two-digit arithmetic; tokenizer with {len(tok)} tokens")
+    m_dir = _sft_model(cache, tok, mini, config)
+    train_prompts = task.problems(mini.train_prompts, mini.seed + 3)
+    eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)
+    _say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each)")
+    answers = _answers(cache, m_dir, train_prompts, "answers_train", 2, 1.0)
+    eval_answers = _answers(cache, m_dir, eval_prompts, "answers_eval", 2, 1.0)
+    keep_ties = config.loss.name == "todo"
+    contrast, paths = {}, {}
+    for k in DATA_KINDS:
+        pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
+        paths[k] = _write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
+        contrast[k] = pair_stats([(p["chosen"], p["rejected"]) for p in pairs]) if pairs else None
+    if contrast[kind] is None:
+        raise ValueError(
+            f"the miniature built no {kind} pairs: M is always right or always wrong; train M more"
+        )
+    _say("contrastiveness of the four datasets:\n" + table({k: v for k, v in contrast.items() if v}))
+    train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
+    preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True)
+    eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
+    preprocess(str(_write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=128,
+               as_chat=True)  # fmt: skip
+    config.model.path, config.model.preset = str(m_dir), ""
+    config.data.train, config.data.eval = str(train_dir), str(eval_dir)
+    _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
+    result = train.run(config)
+    _say("scoring held-out accuracy before and after")
+    before = accuracy(m_dir, eval_prompts, cache, "acc_before")
+    after_dir = workdir / "hf"
+    tok.save_pretrained(after_dir)
+    for f in (workdir / "acc_after.jsonl",):
+        f.unlink(missing_ok=True)
+    after = accuracy(after_dir, eval_prompts, workdir, "acc_after")
+    plots = _plot(workdir, f"{kind} × {config.loss.name}")
+    final_eval = {
+        k: v for k, v in json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1]).items()
+    }
+    summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
+               "contrastiveness": contrast, "final_eval": final_eval,
+               "seconds": round(time.time() - started, 1),
+               "status": result["status"]}  # fmt: skip
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+    md = [
+        f"# Miniature: {kind} × {config.loss.name}\n",
+        f"Held-out accuracy of M (exact final answer, greedy): before {before:.3f}, after {after:.3f}.\n",
+        "## Contrastiveness (Jaccard: higher is more contrastive; Levenshtein: lower is)\n",
+        "```\n" + table({k: v for k, v in contrast.items() if v}) + "\n```\n",
+        "".join(
+            f"({k}: no pairs, M's two answers were always equally right or wrong)\n"
+            for k, v in contrast.items()
+            if v is None
+        ),
+        "## Final held-out metrics\n",
+        "\n".join(f"- {k}: {v:.4f}" for k, v in final_eval.items() if k.startswith("eval/")) + "\n",
+        *(f"\n![Figure 4]({p})\n" for p in plots),
+    ]
+    (workdir / "results.md").write_text("\n".join(md))
+    _say(f"done in {summary['seconds']}s: accuracy {before:.3f} -> {after:.3f}; see {workdir / 'results.md'}")
+    return summary

@@ -1,0 +1,97 @@
+"""A small task with verifiable, step-by-step answers: chained two-digit addition and subtraction.
+
+    prompt:  "Compute 23 + 45 - 12."
+    answer:  "23 + 45 = 68\n68 - 12 = 56\nAnswer: 56"
+
+One step per line, so answers can be checked (and corrected) step by step. The stand-ins for other
+LLMs write the same arithmetic in their own style.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+_STEP = re.compile(r"^\s*(-?\d+)\s*([+-])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)")
+
+
+def make_problem(rng: random.Random) -> dict:
+    n = rng.randint(2, 3)
+    numbers = [rng.randint(10, 99) for _ in range(n + 1)]
+    ops = [rng.choice("+-") for _ in range(n)]
+    text = " ".join(f"{x} {o}" for x, o in zip(numbers, ops, strict=False)) + f" {numbers[-1]}"
+    return {"prompt": f"Compute {text}.", "numbers": numbers, "ops": ops}
+
+
+def problems(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [make_problem(rng) for _ in range(n)]
+
+
+def solve(problem: dict) -> list[tuple[int, str, int, int]]:
+    """The correct steps (left, op, right, result)."""
+    steps, acc = [], problem["numbers"][0]
+    for op, x in zip(problem["ops"], problem["numbers"][1:], strict=True):
+        result = acc + x if op == "+" else acc - x
+        steps.append((acc, op, x, result))
+        acc = result
+    return steps
+
+
+def gold_answer(problem: dict) -> str:
+    steps = solve(problem)
+    return "\n".join(f"{a} {o} {b} = {r}" for a, o, b, r in steps) + f"\nAnswer: {steps[-1][3]}"
+
+
+def final_answer(text: str) -> int | None:
+    found = _ANSWER.findall(text)
+    return int(found[-1]) if found else None
+
+
+def is_correct(problem: dict, text: str) -> bool:
+    """The scorer: the final answer is right."""
+    return final_answer(text) == solve(problem)[-1][3]
+
+
+def revise(problem: dict, text: str) -> str:
+    """The programmatic minimal reviser (CLAIR's stand-in for GPT-4-turbo): keeps every line of M's
+    answer that is right, and rewrites only the wrong steps and the final answer, in M's format."""
+    steps = solve(problem)
+    lines = text.split("\n")
+    out, k = [], 0
+    for line in lines:
+        m = _STEP.match(line)
+        if m and k < len(steps):
+            a, o, b, r = steps[k]
+            out.append(line if tuple(m.groups()) == (str(a), o, str(b), str(r)) else f"{a} {o} {b} = {r}")
+            k += 1
+        elif _ANSWER.search(line):
+            continue
+        elif line.strip():
+            out.append(line)
+    for a, o, b, r in steps[k:]:  # missing steps
+        out.append(f"{a} {o} {b} = {r}")
+    out.append(f"Answer: {steps[-1][3]}")
+    return "\n".join(out)
+
+
+def other_model_answer(problem: dict, rng: random.Random, error_rate: float = 0.4) -> str:
+    """Another LLM's answer in its own words, sometimes wrong (the off-policy data's models)."""
+    words = {"+": "plus", "-": "minus"}
+    lines, acc = [], problem["numbers"][0]
+    for i, (op, b) in enumerate(zip(problem["ops"], problem["numbers"][1:], strict=True)):
+        r = acc + b if op == "+" else acc - b
+        if rng.random() < error_rate / len(problem["ops"]):
+            r += rng.choice([-10, -1, 1, 10])
+        lines.append(f"{'First,' if i == 0 else 'Then'} {acc} {words[op]} {b} is {r}.")
+        acc = r
+    return "\n".join(lines) + f"\nSo the result is {acc}.\nAnswer: {acc}"
+
+
+def stronger_answer(problem: dict) -> str:
+    """A stronger model's answer from scratch, always right, in its own (more verbose) style."""
+    steps = solve(problem)
+    body = "\n".join(f"Step {i + 1}: {a} {o} {b} = {r}" for i, (a, o, b, r) in enumerate(steps))
+    result = steps[-1][3]
+    return f"Let's compute step by step.\n{body}\nTherefore the final result is {result}.\nAnswer: {result}"
