@@ -169,7 +169,7 @@ def run(config) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cache, mini.seed)
-    _say(f"task: chained two-digit arithmetic; tokenizer with {len(tok)} tokens")
+    _say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
     m_dir = _sft_model(cache, tok, mini, config)
     train_prompts = task.problems(mini.train_prompts, mini.seed + 3)
     eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)

@@ -1,7 +1,8 @@
-"""A small task with verifiable, step-by-step answers: chained two-digit addition and subtraction.
+"""A small task with verifiable, step-by-step answers: chained addition and subtraction of
+one-digit numbers (two to three steps), hard enough that a tiny model gets a fair share wrong.
 
-    prompt:  "Compute 23 + 45 - 12."
-    answer:  "23 + 45 = 68\n68 - 12 = 56\nAnswer: 56"
+    prompt:  "Compute 7 + 5 - 9."
+    answer:  "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3"
 
 One step per line, so answers can be checked (and corrected) step by step. The stand-ins for other
 LLMs write the same arithmetic in their own style.
@@ -18,7 +19,7 @@ _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 def make_problem(rng: random.Random) -> dict:
     n = rng.randint(2, 3)
-    numbers = [rng.randint(10, 99) for _ in range(n + 1)]
+    numbers = [rng.randint(1, 9) for _ in range(n + 1)]
     ops = [rng.choice("+-") for _ in range(n)]
     text = " ".join(f"{x} {o}" for x, o in zip(numbers, ops, strict=False)) + f" {numbers[-1]}"
     return {"prompt": f"Compute {text}.", "numbers": numbers, "ops": ops}
