@@ -78,6 +78,28 @@ def unpaired(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     return out | _extras(records)
 
 
+def _empty_rows(rows: int, length: int, pad_id: int):
+    """(input_ids, segment_ids, positions, loss_mask) of `rows` empty rows."""
+    return (
+        np.full((rows, length), pad_id, np.int32),
+        np.zeros((rows, length), np.int32),
+        np.zeros((rows, length), np.int32),
+        np.zeros((rows, length), np.float32),
+    )
+
+
+def _rows_batch(ids, seg, pos, loss, chosen_index, rejected_index, records) -> dict[str, np.ndarray]:
+    return {
+        "input_ids": ids,
+        "segment_ids": seg,
+        "positions": pos,
+        "attention_mask": (seg != 0).astype(np.int32),
+        "loss_mask": loss,
+        "chosen_index": chosen_index,
+        "rejected_index": rejected_index,
+    } | _extras(records)
+
+
 def packed(records, length: int, rows: int | None = None, pad_id: int = 0) -> dict[str, np.ndarray]:
     """First-fit packing of the 2b sequences into `rows` (default 2b) rows of `length`.
 
@@ -86,10 +108,7 @@ def packed(records, length: int, rows: int | None = None, pad_id: int = 0) -> di
     """
     b = len(records)
     rows = 2 * b if rows is None else rows
-    ids = np.full((rows, length), pad_id, np.int32)
-    seg = np.zeros((rows, length), np.int32)
-    pos = np.zeros((rows, length), np.int32)
-    loss = np.zeros((rows, length), np.float32)
+    ids, seg, pos, loss = _empty_rows(rows, length, pad_id)
     used = np.zeros(rows, np.int64)
     count = np.zeros(rows, np.int32)
     index = {"chosen": np.zeros((b, 2), np.int32), "rejected": np.zeros((b, 2), np.int32)}
@@ -111,24 +130,13 @@ def packed(records, length: int, rows: int | None = None, pad_id: int = 0) -> di
             loss[row, start + len(p) : start + n] = 1
             used[row] += n
             index[side][i] = (row, count[row])
-    return {
-        "input_ids": ids,
-        "segment_ids": seg,
-        "positions": pos,
-        "attention_mask": (seg != 0).astype(np.int32),
-        "loss_mask": loss,
-        "chosen_index": index["chosen"],
-        "rejected_index": index["rejected"],
-    } | _extras(records)
+    return _rows_batch(ids, seg, pos, loss, index["chosen"], index["rejected"], records)
 
 
 def prompt_shared(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """One row per pair (see the module docstring); chosen_index/rejected_index = (i, 2) and (i, 3)."""
     b = len(records)
-    ids = np.full((b, length), pad_id, np.int32)
-    seg = np.zeros((b, length), np.int32)
-    pos = np.zeros((b, length), np.int32)
-    loss = np.zeros((b, length), np.float32)
+    ids, seg, pos, loss = _empty_rows(b, length, pad_id)
     for i, r in enumerate(records):
         p, c, rj = r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]
         P = len(p)
@@ -152,15 +160,8 @@ def prompt_shared(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray
                 loss[i, start + first_loss : start + m] = 1
             start += m
     rows = np.arange(b, dtype=np.int32)
-    return {
-        "input_ids": ids,
-        "segment_ids": seg,
-        "positions": pos,
-        "attention_mask": (seg != 0).astype(np.int32),
-        "loss_mask": loss,
-        "chosen_index": np.stack([rows, np.full(b, 2, np.int32)], 1),
-        "rejected_index": np.stack([rows, np.full(b, 3, np.int32)], 1),
-    } | _extras(records)
+    chosen, rejected = (np.stack([rows, np.full(b, k, np.int32)], 1) for k in (2, 3))
+    return _rows_batch(ids, seg, pos, loss, chosen, rejected, records)
 
 
 def sequence_logps(token_logps, loss_mask, segment_ids, index):
