@@ -1,6 +1,6 @@
 """Independent float64 numpy versions of every objective, written out from the formulas.
 
-Written from ../shared/PAPERS.md and TRL 1.16's source as plain formulas, without the
+Written from the team's formula sheet (PAPERS.md) and TRL 1.16's source as plain formulas, without the
 numerically stable rewrites of apo_jax.losses, so that a wrong sign, constant, normalization
 or reduction in the library shows up as a mismatch. Inputs are dicts of float64 arrays.
 """

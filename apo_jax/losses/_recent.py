@@ -1,4 +1,4 @@
-"""Recent paired objectives (ICLR 2025 submissions and neighbours), per ../shared/PAPERS.md.
+"""Recent paired objectives (ICLR 2025 submissions and neighbours), per the team formula sheet.
 
 Hyperparameters carry the paper's symbol names where TRL has none (`beta_chosen`, `gamma`,
 `lam`, ...). Each docstring names the source its form was checked against.
