@@ -397,3 +397,44 @@ def test_stronger_preferred_and_off_policy_judge(tmp_path):
     assert summary == {"pairs": 1, "skipped": 1}  # i1: all answers rated alike, no preference
     assert pair["chosen"] == "b" and pair["rejected"] in ("a", "c")
     assert baselines.parse_verdict("Verdict: a ... final Verdict: B") == "B"
+
+
+# --- judged evaluation ---------------------------------------------------------------------------
+
+
+def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
+    from apo_jax.eval import judge
+
+    prompts = [{"prompt": f"q{i}", "answer": i} for i in range(3)]
+    answers = [{"prompt": "q0", "response": "it is 0"}, {"prompt": "q1", "response": "so 7"},
+               {"prompt": "q2", "response": "2"}]  # fmt: skip
+    assert judge.exact_match(prompts, answers) == {"mode": "exact", "n": 3, "accuracy": 2 / 3}
+
+    def respond(body):
+        text = body["messages"][0]["content"]
+        if text.startswith("Grade"):
+            return "Fine.\nScore: 8" if "q0" in text else "Score: 4"
+        # the evaluated answers always win on q0, always lose on q1, tie on q2 (whatever the order)
+        mine_is_a = any(f"[Response A]\n{a['response']}\n" in text for a in answers)
+        if "\nq0\n" in text:
+            return "Verdict: A" if mine_is_a else "Verdict: B"
+        if "\nq1\n" in text:
+            return "Verdict: B" if mine_is_a else "Verdict: A"
+        return "Verdict: tie"
+
+    server = ChatServer(respond)
+    try:
+        cfg = ClientConfig(base_url=server.url, model="judge")
+        reference = [{"prompt": f"q{i}", "response": f"ref {i}"} for i in range(3)]
+        win = judge.judged(
+            "winrate", prompts, answers, tmp_path / "w", cfg, reference=reference, progress=False
+        )
+        assert win["n"] == 6 and win["win_rate"] == pytest.approx((2 * 1 + 2 * 0 + 2 * 0.5) / 6)
+        score = judge.judged("score", prompts, answers, tmp_path / "s", cfg, progress=False)
+        assert score["n"] == 3 and score["mean_score"] == pytest.approx((8 + 4 + 4) / 3)
+        assert score["judge_tokens"] == 3 * 5
+        before = len(server.bodies)
+        judge.judged("score", prompts, answers, tmp_path / "s", cfg, progress=False)  # resumed: no new calls
+        assert len(server.bodies) == before
+    finally:
+        server.close()

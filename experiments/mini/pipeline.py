@@ -12,8 +12,6 @@ import random
 import shutil
 import time
 
-import numpy as np
-
 from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
@@ -93,8 +91,13 @@ def _answers(cache, m_dir, prompts, name, samples, temperature):
 
 
 def accuracy(model_dir, prompts, cache, name) -> float:
+    """Greedy exact-match accuracy, through apo_jax.eval.judge's exact mode (the judged modes'
+    interface, with the task's verifiable answer in place of a judge)."""
+    from apo_jax.eval.judge import exact_match
+
     answers = _answers(cache, model_dir, prompts, name, 1, 0.0)
-    return float(np.mean([task.is_correct(prompts[a["index"]], a["response"]) for a in answers]))
+    rows = [{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts]
+    return exact_match(rows, answers)["accuracy"]
 
 
 def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:

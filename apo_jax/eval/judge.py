@@ -1,0 +1,151 @@
+"""Judge-based evaluation: `python -m apo_jax.eval.judge`, resumable and cost-aware.
+
+    python -m apo_jax.eval.judge --prompts prompts.jsonl --answers answers.jsonl --output eval/ \\
+        --mode winrate --reference reference_answers.jsonl --base-url URL --judge-model gpt-4-turbo
+
+`answers.jsonl` comes from `python -m apo_jax.data.generate` with the trained model (its `hf/`
+export). Modes:
+  - `winrate`: a judge compares each answer with a reference model's answer to the same prompt
+    (both orders, to cancel position bias); win = 1, tie = 0.5.
+  - `score`: a judge grades each answer from 1 to 10.
+  - `exact`: the prompt rows carry `answer`; the last number of the response must equal it (the
+    miniature's verifiable task) - no judge, the same interface.
+Judge calls go through the CLAIR client: concurrency, retries, one recorded response per request,
+a restart asks only for what is missing, and the summary reports the tokens used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import statistics
+import sys
+
+from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, parse_verdict
+from apo_jax.data.clair.client import ClientConfig, run_requests
+
+SCORE_TEMPLATE = (
+    "Grade the response to the user's instruction for helpfulness, correctness and clarity on a scale "
+    "from 1 (useless) to 10 (excellent). Explain briefly, then end with one line 'Score: N'.\n\n"
+    "[Instruction]\n{prompt}\n\n[Response]\n{answer}\n"
+)
+_SCORE = re.compile(r"score\s*:\s*\**\s*(10|[1-9])\b", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+")
+
+
+def parse_score(text: str | None) -> int:
+    found = _SCORE.findall(text or "")
+    if not found:
+        raise ValueError("no 'Score: N' line")
+    return int(found[-1])
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
+
+
+def _first_by_prompt(rows) -> dict[str, dict]:
+    out = {}
+    for r in rows:
+        out.setdefault(r["prompt"], r)
+    return out
+
+
+def exact_match(prompts, answers) -> dict:
+    """Share of answers whose last number equals the prompt row's `answer`."""
+    by = _first_by_prompt(answers)
+    hits = []
+    for p in prompts:
+        numbers = _NUMBER.findall(by.get(p["prompt"], {}).get("response", ""))
+        hits.append(bool(numbers) and int(numbers[-1]) == int(p["answer"]))
+    return {"mode": "exact", "n": len(hits), "accuracy": statistics.fmean(hits) if hits else 0.0}
+
+
+def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig, *, reference=None,
+           client=None, progress=True) -> dict:  # fmt: skip
+    """Win rate against `reference` answers, or graded scores, through the judge."""
+    by = _first_by_prompt(answers)
+    ref = _first_by_prompt(reference or [])
+    requests, keys = {}, []
+    for i, p in enumerate(prompts):
+        prompt, answer = p["prompt"], by.get(p["prompt"], {}).get("response")
+        if answer is None:
+            continue
+        if mode == "winrate":
+            if prompt not in ref:
+                continue
+            other = ref[prompt]["response"]
+            for order, (a, b) in (("ab", (answer, other)), ("ba", (other, answer))):
+                content = JUDGE_TEMPLATE.format(prompt=prompt, a=a, b=b)
+                requests[f"{i}:{order}"] = {"model": cfg.model, "temperature": 0.0, "max_tokens": 1024,
+                                            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        else:
+            content = SCORE_TEMPLATE.format(prompt=prompt, answer=answer)
+            requests[f"{i}:score"] = {"model": cfg.model, "temperature": 0.0, "max_tokens": 1024,
+                                      "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        keys.append(i)
+    output.mkdir(parents=True, exist_ok=True)
+    log, failures, counters = run_requests(cfg, requests, output / "judge.responses.jsonl", client=client,
+                                           progress=progress)  # fmt: skip
+    values, unreadable = [], 0
+    for rid, row in log.done.items():
+        if rid not in requests:
+            continue
+        text = row["response"]["choices"][0]["message"].get("content")
+        try:
+            if mode == "winrate":
+                verdict = parse_verdict(text)
+                mine = "A" if rid.endswith(":ab") else "B"
+                values.append(0.5 if verdict == "tie" else float(verdict == mine))
+            else:
+                values.append(float(parse_score(text)))
+        except ValueError:
+            unreadable += 1
+    key = "win_rate" if mode == "winrate" else "mean_score"
+    usage = [row["response"].get("usage") or {} for rid, row in log.done.items() if rid in requests]
+    return {
+        "mode": mode,
+        "n": len(values),
+        key: statistics.fmean(values) if values else float("nan"),
+        "unreadable": unreadable,
+        "failed_requests": len(failures),
+        "judge_tokens": sum((u.get("total_tokens") or 0) for u in usage),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apo_jax.eval.judge", description=__doc__.split("\n")[0])
+    p.add_argument("--prompts", required=True, help="JSONL with `prompt` (and `answer` for --mode exact)")
+    p.add_argument("--answers", required=True, help="the evaluated model's answers (apo_jax.data.generate)")
+    p.add_argument("--output", required=True, help="a directory for the judge's responses and summary.json")
+    p.add_argument("--mode", choices=["winrate", "score", "exact"], default="winrate")
+    p.add_argument("--reference", help="the reference model's answers (--mode winrate)")
+    p.add_argument("--base-url")
+    p.add_argument("--judge-model")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--concurrency", type=int, default=8)
+    args = p.parse_args(argv)
+    prompts, answers = _read(args.prompts), _read(args.answers)
+    if args.mode == "exact":
+        summary = exact_match(prompts, answers)
+    else:
+        if not (args.base_url and args.judge_model):
+            print("error: --mode winrate/score need --base-url and --judge-model", file=sys.stderr)
+            return 2
+        if args.mode == "winrate" and not args.reference:
+            print("error: --mode winrate needs --reference answers", file=sys.stderr)
+            return 2
+        cfg = ClientConfig(base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env,
+                           concurrency=args.concurrency)  # fmt: skip
+        reference = _read(args.reference) if args.reference else None
+        summary = judged(args.mode, prompts, answers, pathlib.Path(args.output), cfg, reference=reference)
+    pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
