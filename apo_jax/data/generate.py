@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from apo_jax.data.jsonl import write_jsonl
+
 
 def read_prompts(path) -> list[dict]:
     rows = []
@@ -90,9 +92,7 @@ def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, te
         if row_id in responses.done:
             message = responses.done[row_id]["response"]["choices"][0]["message"]
             rows.append(_row(prompts, i, s, message.get("content") or "", cfg.model, row_id))
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(output)
+    write_jsonl(output, rows)
     return {"rows": len(requests), "written": len(rows), "failed": len(failures), "failures": failures}
 
 

@@ -23,8 +23,9 @@ import re
 import statistics
 import sys
 
-from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, parse_verdict
+from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, first_by_prompt, parse_verdict
 from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.data.jsonl import read_jsonl
 
 SCORE_TEMPLATE = (
     "Grade the response to the user's instruction for helpfulness, correctness and clarity on a scale "
@@ -42,20 +43,9 @@ def parse_score(text: str | None) -> int:
     return int(found[-1])
 
 
-def _read(path) -> list[dict]:
-    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
-
-
-def _first_by_prompt(rows) -> dict[str, dict]:
-    out = {}
-    for r in rows:
-        out.setdefault(r["prompt"], r)
-    return out
-
-
 def exact_match(prompts, answers) -> dict:
     """Share of answers whose last number equals the prompt row's `answer`."""
-    by = _first_by_prompt(answers)
+    by = first_by_prompt(answers)
     hits = []
     for p in prompts:
         numbers = _NUMBER.findall(by.get(p["prompt"], {}).get("response", ""))
@@ -66,8 +56,8 @@ def exact_match(prompts, answers) -> dict:
 def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig, *, reference=None,
            client=None, progress=True) -> dict:  # fmt: skip
     """Win rate against `reference` answers, or graded scores, through the judge."""
-    by = _first_by_prompt(answers)
-    ref = _first_by_prompt(reference or [])
+    by = first_by_prompt(answers)
+    ref = first_by_prompt(reference or [])
     requests, keys = {}, []
     for i, p in enumerate(prompts):
         prompt, answer = p["prompt"], by.get(p["prompt"], {}).get("response")
@@ -127,7 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--concurrency", type=int, default=8)
     args = p.parse_args(argv)
-    prompts, answers = _read(args.prompts), _read(args.answers)
+    prompts, answers = read_jsonl(args.prompts), read_jsonl(args.answers)
     if args.mode == "exact":
         summary = exact_match(prompts, answers)
     else:
@@ -139,7 +129,7 @@ def main(argv=None) -> int:
             return 2
         cfg = ClientConfig(base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env,
                            concurrency=args.concurrency)  # fmt: skip
-        reference = _read(args.reference) if args.reference else None
+        reference = read_jsonl(args.reference) if args.reference else None
         summary = judged(args.mode, prompts, answers, pathlib.Path(args.output), cfg, reference=reference)
     pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))

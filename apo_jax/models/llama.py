@@ -394,11 +394,12 @@ def hidden_states(
     left-padded rows get the positions an unpadded row would.
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
-    mask = attention_mask_from(segment_ids, shared_segment)
+    mask = _segment_mask(segment_ids, shared_segment)
     return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden)
 
 
-def attention_mask_from(segment_ids, shared_segment=None):
+def _segment_mask(segment_ids, shared_segment):
+    # the public functions' `attention_mask` argument shadows the module's mask builder
     return attention_mask(segment_ids, shared_segment=shared_segment)
 
 

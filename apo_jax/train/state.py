@@ -28,9 +28,9 @@ class TrainState:
     nonfinite_run: jax.Array
 
 
-def schedule(opt) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then linear or cosine decay to 0, or constant."""
-    steps = opt.total_steps
+def schedule(opt, steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then linear or cosine decay to 0 at `steps`,
+    or constant."""
     warm = int(opt.warmup_steps)
     if opt.schedule == "constant":
         after = optax.constant_schedule(opt.lr)
@@ -52,19 +52,12 @@ def _decay_mask(params):
 
 def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with global-norm clipping and the schedule above."""
-    opt = _Opt(opt, total_steps)
-    lr = schedule(opt)
+    lr = schedule(opt, total_steps)
     tx = optax.chain(
         optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm > 0 else optax.identity(),
         optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask),
     )
     return tx, lr
-
-
-class _Opt:
-    def __init__(self, cfg, total_steps):
-        self.__dict__.update(dict(cfg.items()) if hasattr(cfg, "items") else vars(cfg))
-        self.total_steps = total_steps
 
 
 def create_state(params, tx, *, seed: int, ref_params=None, loss_state=None) -> TrainState:

@@ -122,7 +122,6 @@ _FIELDS = {"is_tie": "is_tie", "timestamps": "timestamps", "scores": "scores", "
 def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
     """(scalar loss, (metrics, new loss_state)) of one micro-batch."""
     hp = dict(cfg.hparams)
-    beta = hp["beta"]
     pol = sequence_sums(model, params, batch, cfg, with_entropy=cfg.with_entropy)
     use_ref = loss.uses_reference and cfg.reference != "none"
     if use_ref and cfg.reference == "precomputed":
@@ -180,8 +179,7 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
         if ref is not None:
             metrics["rewards/chosen_positive"] = jnp.mean((pol["chosen"] - rc > 0).astype(jnp.float32))
             metrics["rewards/rejected_negative"] = jnp.mean((pol["rejected"] - rr < 0).astype(jnp.float32))
-        del beta
-    metrics |= {k: v for k, v in (out.metrics or {}).items()}
+    metrics |= out.metrics or {}
     metrics |= {
         "tokens": pol["tokens"],
         "entropy_sum": pol.get("entropy_sum", 0.0),

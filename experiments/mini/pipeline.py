@@ -12,6 +12,7 @@ import random
 import shutil
 import time
 
+from apo_jax.data.jsonl import write_jsonl
 from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
@@ -42,11 +43,6 @@ def _tokenizer(cache: pathlib.Path, seed: int):
     return load_tokenizer(path)
 
 
-def _write_jsonl(path: pathlib.Path, rows) -> pathlib.Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     """M: a tiny Llama fine-tuned on gold solutions (reasonable but imperfect)."""
     from apo_jax import testing, train
@@ -59,7 +55,7 @@ def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     rows = [{"prompt": p["prompt"], "chosen": task.gold_answer(p), "rejected": task.gold_answer(p)}
             for p in task.problems(mini.sft_examples, mini.seed + 2)]  # fmt: skip
     preprocess(
-        str(_write_jsonl(cache / "sft.jsonl", rows)), cache / "sft_records", tok, max_length=96, as_chat=True
+        str(write_jsonl(cache / "sft.jsonl", rows)), cache / "sft_records", tok, max_length=96, as_chat=True
     )
     base = testing.tiny_hf_llama(cache / "m_init", vocab_size=len(tok), hidden_size=mini.hidden_size,
                                  intermediate_size=2 * mini.hidden_size, num_hidden_layers=mini.layers,
@@ -183,7 +179,7 @@ def run(config) -> dict:
     contrast, paths = {}, {}
     for k in DATA_KINDS:
         pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
-        paths[k] = _write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
+        paths[k] = write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
         contrast[k] = pair_stats([(p["chosen"], p["rejected"]) for p in pairs]) if pairs else None
     if contrast[kind] is None:
         raise ValueError(
@@ -193,7 +189,7 @@ def run(config) -> dict:
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
     preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True)
     eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
-    preprocess(str(_write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=128,
+    preprocess(str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=128,
                as_chat=True)  # fmt: skip
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)

@@ -10,12 +10,12 @@ All write TRL-standard pair rows (`prompt`, `chosen`, `rejected` and carried fie
 
 from __future__ import annotations
 
-import json
 import pathlib
 import random
 import re
 
 from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.data.jsonl import read_jsonl, write_jsonl
 
 JUDGE_TEMPLATE = (
     "Which response answers the user's instruction better: more helpful, correct and clear? "
@@ -34,42 +34,33 @@ def parse_verdict(text: str | None) -> str:
     return "tie" if v.lower() == "tie" else v.upper()
 
 
-def _read(path) -> list[dict]:
-    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
-
-
-def _write(path, rows) -> None:
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+def first_by_prompt(rows) -> dict[str, dict]:
+    """{prompt: its first row}: answers files may hold several samples per prompt."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["prompt"], row)
+    return out
 
 
 def stronger_preferred(answers_path, stronger_path, output) -> dict:
     """Pairs (stronger model's answer, M's answer), matched by prompt (first sample of each)."""
-    stronger = {}
-    for row in _read(stronger_path):
-        stronger.setdefault(row["prompt"], row)
+    stronger = first_by_prompt(read_jsonl(stronger_path))
     pairs, missing = [], 0
-    seen = set()
-    for row in _read(answers_path):
-        if row["prompt"] in seen:
-            continue
-        seen.add(row["prompt"])
+    for row in first_by_prompt(read_jsonl(answers_path)).values():
         if row["prompt"] not in stronger:
             missing += 1
             continue
         s = stronger[row["prompt"]]
         pair = {"prompt": row["prompt"], "chosen": s["response"], "rejected": row["response"]}
         pairs.append(pair | {"chosen_model": s.get("generator"), "rejected_model": row.get("generator")})
-    _write(output, pairs)
+    write_jsonl(output, pairs)
     return {"pairs": len(pairs), "prompts_without_stronger_answer": missing}
 
 
 def on_policy_judge(answers_path, output, cfg: ClientConfig, *, client=None, progress=True) -> dict:
     """Two samples of M per prompt, judged; the better is chosen, ties become `is_tie` pairs."""
     by_prompt: dict[str, dict[int, dict]] = {}
-    for row in _read(answers_path):
+    for row in read_jsonl(answers_path):
         by_prompt.setdefault(row["prompt"], {})[int(row.get("sample", 0))] = row
     items = [(p, s[0], s[1]) for p, s in by_prompt.items() if 0 in s and 1 in s]
     requests = {
@@ -101,8 +92,8 @@ def on_policy_judge(answers_path, output, cfg: ClientConfig, *, client=None, pro
         chosen, rejected = (b, a) if verdict == "B" else (a, b)
         pairs.append({"prompt": p, "chosen": chosen["response"], "rejected": rejected["response"],
                       "is_tie": verdict == "tie", "judge": cfg.model, "verdict": verdict})  # fmt: skip
-    _write(output, pairs)
-    _write(output.with_name(output.name + ".failures.jsonl"), failures)
+    write_jsonl(output, pairs)
+    write_jsonl(output.with_name(output.name + ".failures.jsonl"), failures)
     return {"prompts": len(items), "pairs": len(pairs), "ties": sum(p["is_tie"] for p in pairs),
             "failed": len(failures)}  # fmt: skip
 
@@ -112,7 +103,7 @@ def off_policy_judge(ultrafeedback_path, output, *, seed: int = 0) -> dict:
     pairs: the best-rated answer chosen, a random strictly lower-rated one rejected."""
     rng = random.Random(seed)
     pairs, skipped = [], 0
-    for index, row in enumerate(_read(ultrafeedback_path)):
+    for index, row in enumerate(read_jsonl(ultrafeedback_path)):
         prompt = row.get("prompt", row.get("instruction"))
         scored = [
             (c.get("overall_score"), c)
@@ -132,5 +123,5 @@ def off_policy_judge(ultrafeedback_path, output, *, seed: int = 0) -> dict:
         pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worse["response"],
                       "chosen_model": best.get("model"), "rejected_model": worse.get("model"),
                       "source_index": index})  # fmt: skip
-    _write(output, pairs)
+    write_jsonl(output, pairs)
     return {"pairs": len(pairs), "skipped": skipped}

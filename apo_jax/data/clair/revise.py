@@ -16,6 +16,7 @@ import pathlib
 
 from apo_jax.data.clair.client import ClientConfig, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
+from apo_jax.data.jsonl import write_jsonl
 
 
 def row_id(index: int, prompt: str, answer: str) -> str:
@@ -92,10 +93,8 @@ def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, tem
             "prompt": row["prompt"], "chosen": revision, "rejected": answer, "reviser_reasoning": reasoning,
             "reviser_model": response.get("model", cfg.model), "usage": response.get("usage"), **carried,
         })  # fmt: skip
-    for path, items in ((out_path, pairs), (fail_path, failures)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(x) + "\n" for x in items))
-        tmp.replace(path)
+    write_jsonl(out_path, pairs)
+    write_jsonl(fail_path, failures)
     usage = [p["usage"] or {} for p in pairs]
     return {
         "rows": len(rows),

@@ -1,0 +1,20 @@
+"""JSON Lines files: read all rows, write all rows atomically (a crash leaves the old file or the new)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every non-empty line of `path`, parsed."""
+    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
+
+
+def write_jsonl(path, rows) -> pathlib.Path:
+    """Writes `rows` one JSON object per line, through a temporary file renamed into place."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
