@@ -21,7 +21,8 @@ def test_every_grid_cell_resolves(data, loss):
     for variant in grid.VARIANTS:
         config = grid.get_config(f"{data}_{loss}:{variant}")
         assert config.experiment.data == data and config.loss.name == loss
-        assert config.loss.beta == (0.01 if loss == "todo" else 0.1)
+        paper_beta = 0.01 if loss == "todo" else 0.1  # TODO's README; the APO paper, Section 5.2
+        assert config.loss.beta == pytest.approx(paper_beta * (1 if variant == "paper" else 10))
     path = resolve(f"{data}_{loss}:paper")
     assert path.endswith(f"experiments/configs/grid.py:{data}_{loss}:paper")
 
@@ -35,17 +36,40 @@ def test_names_paths_and_unknown_names():
         grid.get_config("clair_apo_zero:huge")
 
 
-def test_paper_variant_has_llama3_8b_shapes():
-    from apo_jax import models
+def test_paper_variant_has_llama3_8b_shapes_and_fits_a_v5e_8():
+    from apo_jax import models, train
+    from apo_jax.train.state import make_optimizer
 
     config = grid.get_config("clair_apo_zero:paper")
     assert (config.optimizer.lr, config.train.batch_size, config.loss.beta) == (2e-7, 64, 0.1)
     assert config.reference.mode == "precomputed" and config.mesh.fsdp == -1
+    config.data.train = "data/clair"  # validation does not open it
+    train.validate(config)
     llama = models.Llama(models.LlamaConfig.llama3_8b(param_dtype=config.model.param_dtype))
-    shapes = jax.tree.leaves(models.abstract_params(llama))
-    n = sum(math.prod(x.shape) for x in shapes)
+    params = models.abstract_params(llama)
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     assert n == 8_030_261_248  # Meta-Llama-3-8B's published parameter count
-    assert all(x.dtype == jax.numpy.bfloat16 for x in shapes)
+    tx, _ = make_optimizer(config.optimizer, config.train.steps)
+    state = jax.eval_shape(tx.init, params)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((params, state)))
+    # f32 master weights + bf16 first moment + f32 second moment (+ a step counter)
+    assert nbytes - n * (4 + 2 + 4) < 1024
+    assert nbytes + n * 4 < 128e9  # with the f32 gradients: under a v5e-8's 8 x 16 GB of HBM
+
+
+def test_bfloat16_master_weights_at_the_papers_lr_are_refused():
+    import jax.numpy as jnp
+
+    from apo_jax import train
+
+    # the reason, worked by hand: 0.01 in bfloat16 moves in steps of 2**-14 = 6.1e-5 > 2e-7
+    w = jnp.asarray(0.01, jnp.bfloat16)
+    assert w + jnp.asarray(2e-7, jnp.bfloat16) == w
+    config = grid.get_config("clair_apo_zero:paper")
+    config.data.train = "data/clair"
+    config.model.param_dtype = "bfloat16"
+    with pytest.raises(train.ConfigError, match="model.param_dtype='bfloat16' with optimizer.lr=2e-07"):
+        train.validate(config)
 
 
 def test_the_tiny_miniature_runs_end_to_end(tmp_path):

@@ -44,13 +44,25 @@ def parse_score(text: str | None) -> int:
 
 
 def exact_match(prompts, answers) -> dict:
-    """Share of answers whose last number equals the prompt row's `answer`."""
-    by = first_by_prompt(answers)
-    hits = []
+    """Share of answers whose last number equals the prompt row's `answer`. With several samples per
+    prompt (`generate --samples K`), each prompt scores the share of its samples that are right
+    (sampled accuracy); a prompt without an answer scores 0."""
+    by: dict[str, list[bool]] = {}
+    for a in answers:
+        numbers = _NUMBER.findall(a.get("response") or "")
+        by.setdefault(a["prompt"], []).append(numbers[-1] if numbers else None)
+    scores = []
     for p in prompts:
-        numbers = _NUMBER.findall(by.get(p["prompt"], {}).get("response", ""))
-        hits.append(bool(numbers) and int(numbers[-1]) == int(p["answer"]))
-    return {"mode": "exact", "n": len(hits), "accuracy": statistics.fmean(hits) if hits else 0.0}
+        found = by.get(p["prompt"], [])
+        scores.append(
+            statistics.fmean(x is not None and int(x) == int(p["answer"]) for x in found) if found else 0.0
+        )
+    return {
+        "mode": "exact",
+        "n": len(scores),
+        "samples": sum(len(by.get(p["prompt"], [])) for p in prompts),
+        "accuracy": statistics.fmean(scores) if scores else 0.0,
+    }
 
 
 def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig, *, reference=None,

@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
             "b1": 0.9,
             "b2": 0.999,
             "eps": 1e-8,
+            "mu_dtype": "",  # AdamW's first moment: "" = the params' dtype, or "bfloat16" to save memory
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -128,6 +129,15 @@ def validate(config) -> None:
         raise ConfigError(f"optimizer.name={o.name!r}: the supported optimizer is 'adamw'")
     if o.schedule not in ("linear", "cosine", "constant"):
         raise ConfigError(f"optimizer.schedule={o.schedule!r}: use linear, cosine or constant")
+    if o.mu_dtype not in ("", "float32", "bfloat16"):
+        raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: use '', 'float32' or 'bfloat16'")
+    if m.param_dtype in ("bfloat16", "float16") and o.lr < 1e-4:
+        raise ConfigError(
+            f"model.param_dtype={m.param_dtype!r} with optimizer.lr={o.lr:g}: an AdamW step moves a weight "
+            f"by about lr, below {m.param_dtype}'s resolution (a weight of 0.01 moves in steps of 6e-5), so "
+            "the updates would be rounded away. Keep model.param_dtype='float32' (master weights) with "
+            "model.dtype='bfloat16' for compute, and optimizer.mu_dtype='bfloat16' to save memory"
+        )
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
         raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} must lie in [0, train.steps={t.steps}]")
     if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:

@@ -51,11 +51,14 @@ def _decay_mask(params):
 
 
 def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping and the schedule above."""
+    """AdamW with global-norm clipping and the schedule above; `mu_dtype` stores the first moment in
+    bfloat16 (the second stays in the params' dtype: its squares need the range)."""
     lr = schedule(opt, total_steps)
+    mu_dtype = opt.get("mu_dtype", "") or None
     tx = optax.chain(
         optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask),
+        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask,
+                    mu_dtype=mu_dtype),  # fmt: skip
     )
     return tx, lr
 

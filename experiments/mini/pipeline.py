@@ -1,6 +1,7 @@
 """The miniature paper, end to end on a CPU: task -> tokenizer -> SFT'd tiny M -> M's answers ->
 pairs built the paper's four ways -> TFRecords -> preference training -> accuracy, contrastiveness,
-Figure-4 plots and results.md. Artifacts are cached in `<workdir>/../mini_cache/<key>` and reused.
+Figure-4 plots and results.md. The tokenizer and M are cached in `<workdir>/../mini_cache/<M's key>`,
+M's answers and the pairs in a subfolder keyed by the rest of `config.experiment`, and reused.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from apo_jax.data.jsonl import write_jsonl
 from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
+M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
+
+
+def _key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _say(msg: str) -> None:
@@ -86,12 +92,12 @@ def _answers(cache, m_dir, prompts, name, samples, temperature):
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
-def accuracy(model_dir, prompts, cache, name) -> float:
-    """Greedy exact-match accuracy, through apo_jax.eval.judge's exact mode (the judged modes'
-    interface, with the task's verifiable answer in place of a judge)."""
+def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> float:
+    """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
+    the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples."""
     from apo_jax.eval.judge import exact_match
 
-    answers = _answers(cache, model_dir, prompts, name, 1, 0.0)
+    answers = _answers(cache, model_dir, prompts, name, samples, temperature)
     rows = [{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts]
     return exact_match(rows, answers)["accuracy"]
 
@@ -163,13 +169,13 @@ def run(config) -> dict:
     started = time.time()
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
-    key = hashlib.sha256(json.dumps(mini.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
-    cache = workdir.parent / "mini_cache" / f"{key}"
+    m_cache = workdir.parent / "mini_cache" / _key({k: mini[k] for k in M_FIELDS})
+    cache = m_cache / _key(mini.to_dict())
     cache.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(cache, mini.seed)
+    tok = _tokenizer(m_cache, mini.seed)
     _say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
-    m_dir = _sft_model(cache, tok, mini, config)
+    m_dir = _sft_model(m_cache, tok, mini, config)
     train_prompts = task.problems(mini.train_prompts, mini.seed + 3)
     eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)
     _say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each)")
@@ -195,25 +201,31 @@ def run(config) -> dict:
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
     _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
     result = train.run(config)
-    _say("scoring held-out accuracy before and after")
-    before = accuracy(m_dir, eval_prompts, cache, "acc_before")
+    _say("scoring held-out accuracy before and after (greedy, and 4 samples at temperature 1)")
     after_dir = workdir / "hf"
     tok.save_pretrained(after_dir)
-    for f in (workdir / "acc_after.jsonl",):
-        f.unlink(missing_ok=True)
+    for f in ("acc_after", "acc_after_sampled"):
+        (workdir / f"{f}.jsonl").unlink(missing_ok=True)
+    before = accuracy(m_dir, eval_prompts, cache, "acc_before")
     after = accuracy(after_dir, eval_prompts, workdir, "acc_after")
+    before_s = accuracy(m_dir, eval_prompts, cache, "acc_before_sampled", samples=4, temperature=1.0)
+    after_s = accuracy(after_dir, eval_prompts, workdir, "acc_after_sampled", samples=4, temperature=1.0)
     plots = _plot(workdir, f"{kind} × {config.loss.name}")
     final_eval = {
         k: v for k, v in json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1]).items()
     }
     summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
+               "sampled_accuracy_before": before_s, "sampled_accuracy_after": after_s,
                "contrastiveness": contrast, "final_eval": final_eval,
                "seconds": round(time.time() - started, 1),
                "status": result["status"]}  # fmt: skip
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     md = [
         f"# Miniature: {kind} × {config.loss.name}\n",
-        f"Held-out accuracy of M (exact final answer, greedy): before {before:.3f}, after {after:.3f}.\n",
+        f"Held-out accuracy of M on {len(eval_prompts)} problems (exact final answer):\n",
+        "| | before | after |\n|---|---|---|",
+        f"| greedy | {before:.3f} | {after:.3f} |",
+        f"| sampled (4 per problem, temperature 1) | {before_s:.3f} | {after_s:.3f} |\n",
         "## Contrastiveness (Jaccard: higher is more contrastive; Levenshtein: lower is)\n",
         "```\n" + table({k: v for k, v in contrast.items() if v}) + "\n```\n",
         "".join(
@@ -226,5 +238,8 @@ def run(config) -> dict:
         *(f"\n![Figure 4]({p})\n" for p in plots),
     ]
     (workdir / "results.md").write_text("\n".join(md))
-    _say(f"done in {summary['seconds']}s: accuracy {before:.3f} -> {after:.3f}; see {workdir / 'results.md'}")
+    _say(
+        f"done in {summary['seconds']}s: accuracy {before:.3f} -> {after:.3f} greedy, "
+        f"{before_s:.3f} -> {after_s:.3f} sampled; see {workdir / 'results.md'}"
+    )
     return summary
