@@ -87,13 +87,13 @@ def test_config_errors_name_the_key(tmp_path, records):
 # --- the step on one and on many devices -------------------------------------------------------
 
 
-def test_same_losses_on_one_and_eight_devices(tmp_path, records):
+def test_same_losses_on_one_and_eight_devices(tmp_path, records, monkeypatch):
     meshes = {"one": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "fsdp4_tensor2": (1, 4, 2)}
     runs = {}
+    monkeypatch.chdir(tmp_path)  # the first run's workdir is relative (orbax needs absolute paths)
     for name, (d, f, t) in meshes.items():
-        cfg = make_config(
-            tmp_path / name, records, train__steps=20, mesh__data=d, mesh__fsdp=f, mesh__tensor=t
-        )
+        workdir = pathlib.Path(name) if name == "one" else tmp_path / name
+        cfg = make_config(workdir, records, train__steps=20, mesh__data=d, mesh__fsdp=f, mesh__tensor=t)
         train.run(cfg)
         runs[name] = losses_of(tmp_path / name)
     for name, values in runs.items():

@@ -177,7 +177,7 @@ class _Preemption:
 def run(cfg) -> dict:
     """Trains as `cfg` says; returns {"status", "step", "metrics", "state"}."""
     config_lib.validate(cfg)
-    workdir = pathlib.Path(cfg.workdir)
+    workdir = pathlib.Path(cfg.workdir).absolute()  # orbax refuses relative checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     mesh = sharding.make_mesh(**dict(cfg.mesh))
