@@ -1,8 +1,9 @@
 """The whole grid of the miniature: `python -m experiments.sweep [--variant mini] [--workdir workdirs/sweep]`.
 
 Runs every cell `<data>_<loss>` (four ways of building pairs × APO-zero, APO-down, DPO), sharing
-the cached task, tokenizer, M and M's answers, then writes `comparison.md` (accuracy before and
-after, held-out reward margin and accuracy, contrastiveness) and `grid.png` (Figure 4 per cell).
+the cached task, tokenizer, M and M's answers, then writes `comparison.md` (contrastiveness, greedy
+and sampled accuracy before and after, held-out rewards, margin and reward accuracy) and `grid.png`
+(Figure 4 per cell: held-out chosen and rejected log-likelihood over training).
 A cell already finished (its results.json exists) is not run again.
 """
 
@@ -21,12 +22,13 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="mini", choices=["mini", "tiny"])
     p.add_argument("--workdir", default="workdirs/sweep")
     p.add_argument("--losses", default=",".join(grid.PAPER_LOSSES))
+    p.add_argument("--data", default=",".join(grid.DATA), help="ways of building pairs (default: all four)")
     args = p.parse_args(argv)
     from experiments.mini.pipeline import run as run_mini
 
     root = pathlib.Path(args.workdir)
     results = {}
-    for data in grid.DATA:
+    for data in args.data.split(","):
         for loss in args.losses.split(","):
             name = f"{data}_{loss}"
             config = grid.get_config(f"{name}:{args.variant}")
@@ -42,17 +44,19 @@ def main(argv=None) -> int:
                     continue
             results[name] = json.loads(done.read_text())
     lines = [
-        "| cell | accuracy before | after | eval reward margin | eval reward accuracy | Jaccard | "
-        "Levenshtein |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | pairs | Jaccard | Levenshtein | greedy accuracy before → after | sampled accuracy "
+        "before → after | held-out reward chosen / rejected | margin | reward accuracy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         ev, c = r["final_eval"], r["contrastiveness"][r["data"]]
+        nan = float("nan")
         lines.append(
-            f"| {name} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | "
-            f"{ev.get('eval/rewards/margins', float('nan')):.3f} | "
-            f"{ev.get('eval/rewards/accuracies', float('nan')):.3f} | {c['jaccard_mean']:.3f} | "
-            f"{c['levenshtein_mean']:.1f} |"
+            f"| {name} | {c['pairs']} | {c['jaccard_mean']:.3f} | {c['levenshtein_mean']:.1f} | "
+            f"{r['accuracy_before']:.3f} → {r['accuracy_after']:.3f} | "
+            f"{r.get('sampled_accuracy_before', nan):.3f} → {r.get('sampled_accuracy_after', nan):.3f} | "
+            f"{ev.get('eval/rewards/chosen', nan):+.3f} / {ev.get('eval/rewards/rejected', nan):+.3f} | "
+            f"{ev.get('eval/rewards/margins', nan):+.3f} | {ev.get('eval/rewards/accuracies', nan):.3f} |"
         )
     (root / "comparison.md").write_text("\n".join(lines) + "\n")
     _grid_plot(root, results)
@@ -67,10 +71,9 @@ def _grid_plot(root: pathlib.Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     losses = sorted({r["loss"] for r in results.values()})
-    fig, axes = plt.subplots(
-        len(grid.DATA), len(losses), figsize=(4 * len(losses), 3 * len(grid.DATA)), squeeze=False
-    )
-    for i, data in enumerate(grid.DATA):
+    datas = [d for d in grid.DATA if any(r["data"] == d for r in results.values())]
+    fig, axes = plt.subplots(len(datas), len(losses), figsize=(4 * len(losses), 3 * len(datas)), squeeze=False)
+    for i, data in enumerate(datas):
         for j, loss in enumerate(losses):
             ax = axes[i][j]
             path = root / f"{data}_{loss}" / "metrics.jsonl"

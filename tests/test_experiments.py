@@ -72,11 +72,17 @@ def test_bfloat16_master_weights_at_the_papers_lr_are_refused():
         train.validate(config)
 
 
-def test_the_tiny_miniature_runs_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    """One folder for the tiny miniature and the sweep: the sweep reuses the finished cell and M."""
+    return tmp_path_factory.mktemp("mini")
+
+
+def test_the_tiny_miniature_runs_end_to_end(mini_root):
     from experiments.mini.pipeline import run as run_mini
 
     config = grid.get_config("clair_apo_zero:tiny")
-    config.workdir = str(tmp_path / "run")
+    config.workdir = str(mini_root / "clair_apo_zero")
     config.train.progress = False
     summary = run_mini(config)
     run = pathlib.Path(config.workdir)
@@ -87,3 +93,33 @@ def test_the_tiny_miniature_runs_end_to_end(tmp_path):
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and summary["contrastiveness"]["clair"]["pairs"] > 0
     text = (run / "results.md").read_text()
     assert "Held-out accuracy" in text and "jaccard_mean" in text
+
+
+def test_the_sweep_tabulates_each_cell_and_plots_the_grid(mini_root):
+    from experiments import sweep
+
+    root = mini_root
+    args = [
+        "--variant",
+        "tiny",
+        "--workdir",
+        str(root),
+        "--losses",
+        "apo_zero",
+        "--data",
+        "clair,stronger_preferred",
+    ]
+    assert sweep.main(args) == 0
+    rows = [x for x in (root / "comparison.md").read_text().splitlines() if x.startswith("| ")][1:]
+    assert [x.split(" | ")[0] for x in rows] == ["| clair_apo_zero", "| stronger_preferred_apo_zero"]
+    for row, cell in zip(rows, ("clair_apo_zero", "stronger_preferred_apo_zero"), strict=True):
+        r = json.loads((root / cell / "results.json").read_text())
+        assert f"{r['accuracy_before']:.3f} → {r['accuracy_after']:.3f}" in row
+        assert str(r["contrastiveness"][r["data"]]["pairs"]) == row.split(" | ")[1]
+    # stronger-preferred chosen answers are written from scratch: far less word overlap than CLAIR's
+    jaccard = [float(x.split(" | ")[2]) for x in rows]
+    assert jaccard[0] > jaccard[1]
+    assert (root / "grid.png").stat().st_size > 10_000
+    stamp = (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns
+    assert sweep.main(args) == 0  # finished cells are not run again
+    assert (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns == stamp

@@ -246,36 +246,57 @@ def run(cfg) -> dict:
     bar = _progress(t, start)
     status, last = "done", {}
     batches = prefetch_to_mesh(reader.batches_from(start), mesh)
+    pending = None  # the last dispatched step's (step, metrics), read one step late
+    clock = time.perf_counter()
+    skipped_run = int(_host(state.nonfinite_run))  # consecutive skipped updates, counted on the host
+
+    def flush():
+        """Reads the pending step's metrics to the host. Called after the next step is dispatched,
+        so the device never waits for the host; `step_time` is the time between completions."""
+        nonlocal pending, last, clock, skipped_run
+        if pending is None:
+            return
+        done, metrics = pending
+        pending = None
+        values = {k: float(_host(v)) for k, v in metrics.items()}
+        now = time.perf_counter()
+        seconds, clock = now - clock, now
+        if done % t.log_every == 0 or done == t.steps:
+            last = values | {"step_time": seconds, "tokens_per_second": values["tokens"] / seconds}
+            if peak:
+                last["mfu"] = last["tokens"] * per_token / seconds / (peak * jax.device_count())
+            writer.write(done, last)
+            if bar is not None:
+                bar.update(done - bar.n)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+        skipped_run = skipped_run + 1 if values["skipped"] else 0
+        if skipped_run >= t.max_nonfinite:
+            mngr.wait_until_finished()
+            raise NonFiniteError(
+                f"step {done}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
+                f"and were skipped; stopping. The last good checkpoint in {workdir / 'checkpoints'} "
+                "is intact."
+            )
+
     with _Preemption() as preempt:
         step = start
         while step < t.steps:
-            began = time.perf_counter()
             state, metrics = train_step(state, next(batches))
             step += 1
-            if step % t.log_every == 0 or step == t.steps:
-                last = {k: float(_host(v)) for k, v in metrics.items()}
-                seconds = time.perf_counter() - began
-                last |= {"step_time": seconds, "tokens_per_second": last["tokens"] / seconds}
-                if peak:
-                    last["mfu"] = last["tokens"] * per_token / seconds / (peak * jax.device_count())
-                writer.write(step, last)
-                if bar is not None:
-                    bar.update(step - bar.n)
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
-            if int(_host(state.nonfinite_run)) >= t.max_nonfinite:
-                mngr.wait_until_finished()
-                raise NonFiniteError(
-                    f"step {step}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
-                    f"and were skipped; stopping. The last good checkpoint in {workdir / 'checkpoints'} "
-                    "is intact."
-                )
-            if evaluate is not None and t.eval_every and step % t.eval_every == 0:
+            flush()  # the previous step's metrics, while this one runs
+            pending = (step, metrics)
+            evaluating = evaluate is not None and t.eval_every and step % t.eval_every == 0
+            saving = t.checkpoint_every and step % t.checkpoint_every == 0
+            if evaluating or saving or preempt.requested:
+                flush()
+            if evaluating:
                 writer.write(step, evaluate(state))
-            if t.checkpoint_every and step % t.checkpoint_every == 0:
+            if saving:
                 _save(mngr, step, state, reader)
             if preempt.requested:
                 status = "preempted"
                 break
+        flush()
     if mngr.latest_step() != step:
         _save(mngr, step, state, reader)
     mngr.wait_until_finished()
