@@ -71,8 +71,9 @@ def _grid_plot(root: pathlib.Path, results: dict) -> None:
     import matplotlib.pyplot as plt
 
     losses = sorted({r["loss"] for r in results.values()})
-    datas = [d for d in grid.DATA if any(r["data"] == d for r in results.values())]
-    fig, axes = plt.subplots(len(datas), len(losses), figsize=(4 * len(losses), 3 * len(datas)), squeeze=False)
+    datas = [d for d in grid.DATA + grid.MINI_DATA if any(r["data"] == d for r in results.values())]
+    size = (4 * len(losses), 3 * len(datas))
+    fig, axes = plt.subplots(len(datas), len(losses), figsize=size, squeeze=False)
     for i, data in enumerate(datas):
         for j, loss in enumerate(losses):
             ax = axes[i][j]

@@ -349,3 +349,34 @@ def test_as_chat_frames_standard_pairs_with_the_template(tmp_path, tiny_tokenize
     t = data.tokenize_example(tiny_tokenizer, conv)
     assert list(record["prompt_ids"]) == t.prompt_ids and list(record["chosen_ids"]) == t.chosen_ids
     assert tiny_tokenizer.decode(record["prompt_ids"]).startswith("<|begin_of_text|><|start_header_id|>user")
+
+
+def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path, tiny_tokenizer):
+    from apo_jax.data import steps
+
+    answer, revision = "7 + 5 = 12\n12 - 9 = 4\nAnswer: 4", "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3"
+    pair = steps.step_pair("Compute 7 + 5 - 9.", answer, revision)
+    # hand-worked: line 0 agrees, line 1 is the first wrong step
+    assert pair == {"prompt": "Compute 7 + 5 - 9.", "prefix": "7 + 5 = 12\n", "chosen": "12 - 9 = 3\n",
+                    "rejected": "12 - 9 = 4\n"}  # fmt: skip
+    assert steps.step_pair("q", "a\nb", "a\nb") is None and steps.step_pair("q", "a", "a\nb") is None
+    last = steps.step_pair("q", "1 + 1 = 2\nAnswer: 3", "1 + 1 = 2\nAnswer: 2")
+    assert (last["chosen"], last["rejected"]) == ("Answer: 2", "Answer: 3")  # the final line: no newline
+    src = _write_jsonl(tmp_path / "steps.jsonl", steps.step_pairs([{"prompt": "Compute 7 + 5 - 9.",
+                       "chosen": revision, "rejected": answer, "source": "m0"}]))  # fmt: skip
+    preprocess.preprocess(str(src), tmp_path / "records", tiny_tokenizer, as_chat=True)
+    (record,), _ = read_records(tmp_path / "records")
+    # the prompt is the chat template's generation prompt (tokenized by the template itself) + the prefix
+    user = [{"role": "user", "content": "Compute 7 + 5 - 9."}]
+    head = tiny_tokenizer.apply_chat_template(user, tokenize=True, return_dict=True,
+                                              add_generation_prompt=True)  # fmt: skip
+    prompt = list(record["prompt_ids"])
+    assert prompt[: len(head["input_ids"])] == list(head["input_ids"])
+    assert tiny_tokenizer.decode(prompt[len(head["input_ids"]) :]) == "7 + 5 = 12\n"
+    # each answer is the step alone, continuing the turn: no end-of-turn or EOS token
+    assert tiny_tokenizer.decode(record["chosen_ids"]) == "12 - 9 = 3\n"
+    assert tiny_tokenizer.decode(record["rejected_ids"]) == "12 - 9 = 4\n"
+    ends = {tiny_tokenizer.eos_token_id, tiny_tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+    assert not ends & (set(record["chosen_ids"]) | set(record["rejected_ids"]))
+    with pytest.raises(ValueError, match="row 0, field 'prefix'"):
+        data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)

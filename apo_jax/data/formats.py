@@ -8,7 +8,9 @@ Accepted (TRL's dataset formats, decided per column, not from one sampled key):
   - hybrid (ContextualAI/ultrafeedback_clair_32k): "prompt" a string while "chosen"/"rejected"
     are whole [user, assistant] conversations that repeat the prompt as their user turn.
   - unpaired (KTO): {"prompt", "completion", "label"}.
-Optional extras: `is_tie` (TODO), `timestamp` (NS-DPO), `score` (UNA). A row that cannot be
+Optional extras: `is_tie` (TODO), `timestamp` (NS-DPO), `score` (UNA). Step-level pairs (Step-DPO,
+apo_jax.data.steps) add `prefix`: the answer's text so far (its correct earlier steps), after which
+chosen and rejected continue the same assistant turn. A row that cannot be
 read raises `RowError` naming its index and field; `read_pairs` counts and skips those.
 """
 
@@ -43,6 +45,7 @@ class Pair:
     chosen: list[dict] | str
     rejected: list[dict] | str
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prefix: str = ""  # step-level pairs: the assistant's answer so far; chosen/rejected continue it
 
     @property
     def conversational(self) -> bool:
@@ -140,7 +143,7 @@ def normalize_pair(row: dict, index: int) -> Pair:
             raise RowError(
                 index, "chosen" if not chosen else "rejected", "empty after removing the common prompt"
             )
-        return Pair(prompt, chosen, rejected, _extras(index, row))
+        return Pair(prompt, chosen, rejected, _extras(index, row), _prefix(index, row))
     prompt = _messages(index, "prompt", prompt)
     answers = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
@@ -170,7 +173,21 @@ def normalize_pair(row: dict, index: int) -> Pair:
     for field in ("chosen", "rejected"):
         if not answers[field] or answers[field] == "":
             raise RowError(index, field, "empty answer")
-    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row))
+    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row), _prefix(index, row))
+
+
+def _prefix(index: int, row: dict) -> str:
+    prefix = row.get("prefix")
+    if prefix is None:
+        return ""
+    if not isinstance(prefix, str):
+        raise RowError(index, "prefix", f"expected a string (the answer so far), got {type(prefix).__name__}")
+    for field in ("chosen", "rejected"):
+        if not isinstance(row[field], str):
+            raise RowError(
+                index, field, "a row with a prefix continues one answer: give chosen/rejected as strings"
+            )
+    return prefix
 
 
 def normalize_unpaired(row: dict, index: int) -> Unpaired:
@@ -250,6 +267,9 @@ def as_chat(example: Pair | Unpaired) -> Pair | Unpaired:
         return [{"role": role, "content": text}]
 
     if isinstance(example, Pair):
+        if example.prefix:  # a continuation stays text: tokenize_example frames the prompt
+            return Pair(turn("user", example.prompt), example.chosen, example.rejected, example.extras,
+                        example.prefix)  # fmt: skip
         return Pair(turn("user", example.prompt), turn("assistant", example.chosen),
                     turn("assistant", example.rejected), example.extras)  # fmt: skip
     return Unpaired(

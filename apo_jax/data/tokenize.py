@@ -7,7 +7,8 @@ the completion starts at the common prefix, as in TRL, and the row is counted as
 mismatch (never silently). Standard (string) rows get the EOS token appended when missing;
 conversational rows take their end tokens from the template. One `max_length` keeps the start
 of prompt+completion; rows whose prompt alone fills it are dropped. An optional
-`max_prompt_length` keeps the end of long prompts (the part next to the answer).
+`max_prompt_length` keeps the end of long prompts (the part next to the answer). Step-level
+pairs (a `prefix`: the answer so far) continue the assistant turn: no EOS or end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def tokenize_example(tokenizer, example: Pair | Unpaired, kwargs: dict | None = 
     """Token ids of one pair (or unpaired example), exactly as TRL 1.16 builds them."""
     kwargs = chat_kwargs(tokenizer) if kwargs is None else kwargs
     answers = [example.chosen, example.rejected] if isinstance(example, Pair) else [example.completion]
+    if isinstance(example, Pair) and example.prefix:
+        return _continuation(tokenizer, example, kwargs)
     if example.conversational:
         prompt_ids = _template(tokenizer, example.prompt, kwargs, add_generation_prompt=True)
         full = [_template(tokenizer, example.prompt + answer, kwargs) for answer in answers]
@@ -73,6 +76,28 @@ def tokenize_example(tokenizer, example: Pair | Unpaired, kwargs: dict | None = 
         rejected_ids=completions[1] if len(completions) > 1 else None,
         prefix_mismatch=prompt_len < len(prompt_ids),
     )
+
+
+def _continuation(tokenizer, example: Pair, kwargs: dict) -> Tokenized:
+    """A step-level pair (Step-DPO): the prompt is the (chat-framed) question plus the answer so far,
+    and chosen/rejected are the next step's text, which continues the same turn: no EOS, no end of
+    turn. The completion ids are the suffix of the tokenized whole after the common prefix, as above."""
+    if example.conversational:
+        head = tokenizer.apply_chat_template(
+            example.prompt, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        special = False  # the template writes BOS itself
+    else:
+        head, special = example.prompt, True
+
+    def ids(text):
+        return list(tokenizer(text=text, add_special_tokens=special)["input_ids"])
+
+    prompt_ids = ids(head + example.prefix)
+    full = [ids(head + example.prefix + answer) for answer in (example.chosen, example.rejected)]
+    prompt_len = min(_common_prefix_length(prompt_ids, f) for f in full)
+    return Tokenized(prompt_ids[:prompt_len], full[0][prompt_len:], full[1][prompt_len:],
+                     prompt_len < len(prompt_ids))  # fmt: skip
 
 
 @dataclasses.dataclass
