@@ -4,6 +4,7 @@ revise --input answers.jsonl --output pairs.jsonl --base-url URL --model NAME
        [--concurrency 8] [--max-tokens 4096] [--temperature 0.7] [--limit N]
        (the API key comes from the environment variable named by --api-key-env, OPENAI_API_KEY)
 stats  --input pairs.jsonl [--input other.jsonl ...] [--tokenizer DIR] [--json stats.json]
+       [--model DIR [--as-chat]]    (adds CHES under that model: apo_jax.eval.ches)
 judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE   (on_policy_judge;
        answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`)
 stronger --answers answers.jsonl --stronger stronger.jsonl --output pairs.jsonl  (stronger_preferred)
@@ -20,6 +21,7 @@ import sys
 from apo_jax.data.clair import stats as stats_lib
 from apo_jax.data.clair.client import ClientConfig
 from apo_jax.data.clair.revise import revise
+from apo_jax.data.jsonl import read_jsonl
 
 
 def _pairs(path):
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     s.add_argument("--input", required=True, action="append")
     s.add_argument("--tokenizer", default=None, help="count tokenizer ids instead of whitespace words")
     s.add_argument("--json", default=None, help="also write the results here")
+    s.add_argument("--model", default=None, help="a Hugging Face Llama: also report CHES under it")
+    s.add_argument("--as-chat", action="store_true", help="with --model: frame string pairs as chat turns")
     args = p.parse_args(argv)
     try:
         if args.command == "revise":
@@ -101,6 +105,12 @@ def main(argv=None) -> int:
         results = {
             pathlib.Path(path).stem: stats_lib.pair_stats(_pairs(path), tokenize) for path in args.input
         }
+        if args.model:
+            for path in args.input:
+                rows = [(r["chosen"], r["rejected"], r.get("prompt")) for r in read_jsonl(path)]
+                results[pathlib.Path(path).stem] |= stats_lib.ches_stats(
+                    args.model, rows, as_chat=args.as_chat
+                )
         print(stats_lib.table(results))
         if args.json:
             pathlib.Path(args.json).write_text(stats_lib.to_json(results) + "\n")

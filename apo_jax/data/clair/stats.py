@@ -1,4 +1,6 @@
-"""How contrastive a preference dataset is (APO paper, Table 1): Jaccard and Levenshtein.
+"""How contrastive a preference dataset is (APO paper, Table 1): Jaccard and Levenshtein, and, with a
+model, CHES (apo_jax.eval.ches: how alike the model finds the two answers; high predicts likelihood
+displacement).
 
 Jaccard similarity of the token sets of chosen and rejected (higher: more contrastive, the pair
 shares more and differs only where it matters) and the character Levenshtein distance (lower:
@@ -53,15 +55,40 @@ def pair_stats(pairs, tokenize=str.split) -> dict:
     }
 
 
+def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
+    """Median CHES (apo_jax.eval.ches) of the pairs under a model, summed and length-normalized."""
+    import numpy as np
+
+    from apo_jax.data import formats, tokenize
+    from apo_jax.eval.ches import ches_scores
+    from apo_jax.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    records = []
+    for i, (chosen, rejected, prompt) in enumerate(pairs):
+        example = formats.normalize_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}, i)
+        t = tokenize.tokenize_example(tok, formats.as_chat(example) if as_chat else example)
+        records.append({k: np.asarray(getattr(t, k)) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    return {
+        "ches_median": float(np.median(ches_scores(model_dir, records))),
+        "ches_norm_median": float(np.median(ches_scores(model_dir, records, normalized=True))),
+    }
+
+
+COLUMNS = ["pairs", "jaccard_mean", "jaccard_median", "levenshtein_mean", "levenshtein_median",
+           "chosen_tokens_mean", "rejected_tokens_mean", "ches_median", "ches_norm_median"]  # fmt: skip
+
+
 def table(results: dict[str, dict]) -> str:
-    """A plain-text table, one row per dataset."""
-    cols = ["pairs", "jaccard_mean", "jaccard_median", "levenshtein_mean", "levenshtein_median",
-            "chosen_tokens_mean", "rejected_tokens_mean"]  # fmt: skip
+    """A plain-text table, one row per dataset (CHES columns when measured)."""
+    cols = [c for c in COLUMNS if any(c in r for r in results.values())]
     head = "dataset".ljust(24) + "".join(c.rjust(22) for c in cols)
+
+    def cell(c, v):
+        return "" if v is None else str(v) if c == "pairs" else f"{float(v):.3f}"
+
     rows = [
-        name.ljust(24)
-        + "".join((f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])).rjust(22) for c in cols)
-        for name, r in results.items()
+        name.ljust(24) + "".join(cell(c, r.get(c)).rjust(22) for c in cols) for name, r in results.items()
     ]
     return "\n".join([head, *rows])
 
