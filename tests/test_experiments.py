@@ -34,6 +34,9 @@ def test_names_paths_and_unknown_names():
         resolve("clair_nope")
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         grid.get_config("clair_apo_zero:huge")
+    assert grid.get_config("clair_steps_dpo:tiny").experiment.data == "clair_steps"  # Step-DPO pairs
+    with pytest.raises(ValueError, match="in the miniature only"):
+        grid.get_config("clair_steps_dpo:paper")
 
 
 def test_paper_variant_has_llama3_8b_shapes_and_fits_a_v5e_8():

@@ -15,6 +15,8 @@ from apo_jax import losses
 from apo_jax.train.config import default_config
 
 DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
+# Beyond the paper, miniature only: Step-DPO pairs (apo_jax.data.steps) from the same CLAIR revisions
+MINI_DATA = ("clair_steps",)
 PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
 VARIANTS = ("mini", "tiny", "paper")
 # The paper's four 32K datasets on the Hugging Face hub (Section 4); the off-policy name is unverified
@@ -28,7 +30,7 @@ PAPER_DATASETS = {
 
 def parse(name: str) -> tuple[str, str]:
     """'on_policy_judge_todo' -> ('on_policy_judge', 'todo'); ValueError listing what exists."""
-    for data in sorted(DATA, key=len, reverse=True):
+    for data in sorted(DATA + MINI_DATA, key=len, reverse=True):
         if name.startswith(data + "_"):
             loss = name[len(data) + 1 :]
             if loss in losses.names():
@@ -60,6 +62,8 @@ def get_config(arg: str):
         config.loss.beta = 0.01  # TODO README (XXares/TODO)
 
     if variant == "paper":
+        if data not in PAPER_DATASETS:
+            raise ValueError(f"{name}: {data!r} pairs exist in the miniature only (no paper dataset)")
         return _paper(config)
 
     # Model: the miniature's M is trained by the pipeline (experiments/mini) and put in model.path

@@ -14,9 +14,10 @@ import shutil
 import time
 
 from apo_jax.data.jsonl import write_jsonl
+from apo_jax.data.steps import step_pair
 from experiments.mini import task
 
-DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
+DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps")
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
 
 
@@ -111,10 +112,12 @@ def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list
     pairs = []
     for i, p in enumerate(prompts):
         m0, m1 = by[i][0], by[i].get(1, by[i][0])
-        if kind == "clair":
+        if kind in ("clair", "clair_steps"):
             revised = task.revise(p, m0)
-            if revised != m0:
+            if revised != m0 and kind == "clair":
                 pairs.append({"prompt": p["prompt"], "chosen": revised, "rejected": m0})
+            elif revised != m0 and (pair := step_pair(p["prompt"], m0, revised)) is not None:
+                pairs.append(pair)  # Step-DPO: the first wrong step vs its revision, after the right ones
         elif kind == "stronger_preferred":
             pairs.append({"prompt": p["prompt"], "chosen": task.stronger_answer(p), "rejected": m0})
         else:
