@@ -278,6 +278,8 @@ def run(cfg) -> dict:
                 "is intact."
             )
 
+    if evaluate is not None and t.eval_every and start == 0:
+        writer.write(0, evaluate(state))  # the start of Figure 4: policy = reference, rewards 0
     with _Preemption() as preempt:
         step = start
         while step < t.steps:

@@ -214,9 +214,8 @@ def run(config) -> dict:
     before_s = accuracy(m_dir, eval_prompts, cache, "acc_before_sampled", samples=4, temperature=1.0)
     after_s = accuracy(after_dir, eval_prompts, workdir, "acc_after_sampled", samples=4, temperature=1.0)
     plots = _plot(workdir, f"{kind} × {config.loss.name}")
-    final_eval = {
-        k: v for k, v in json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1]).items()
-    }
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
     summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
                "sampled_accuracy_before": before_s, "sampled_accuracy_after": after_s,
                "contrastiveness": contrast, "final_eval": final_eval,
