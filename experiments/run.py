@@ -35,6 +35,21 @@ def resolve(value: str) -> str:
     return f"{CONFIGS / 'grid.py'}:{value}"
 
 
+def compilation_cache(workdir) -> str:
+    """JAX's persistent compilation cache in `<workdir>/../jax_cache` (shared by the cells of a grid),
+    unless JAX_COMPILATION_CACHE_DIR names one: a second run compiles nothing it compiled before."""
+    import os
+
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        pathlib.Path(workdir).absolute().parent / "jax_cache"
+    )
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
+
+
 def _rewrite_argv(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):
@@ -82,6 +97,8 @@ def main(argv):
     from apo_jax.train.loop import NonFiniteError
 
     config = _CONFIG.value
+    if config.workdir:
+        compilation_cache(config.workdir)
     try:
         if _PRECOMPUTE.value:
             from apo_jax.train.reference import precompute

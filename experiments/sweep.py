@@ -25,8 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=",".join(grid.DATA), help="ways of building pairs (default: all four)")
     args = p.parse_args(argv)
     from experiments.mini.pipeline import run as run_mini
+    from experiments.run import compilation_cache
 
     root = pathlib.Path(args.workdir)
+    compilation_cache(root / "cell")  # <workdir>/jax_cache
     results = {}
     for data in args.data.split(","):
         for loss in args.losses.split(","):

@@ -194,7 +194,7 @@ def run(config) -> dict:
         raise ValueError(
             f"the miniature built no {kind} pairs: M is always right or always wrong; train M more"
         )
-    _say("contrastiveness of the four datasets:\n" + table({k: v for k, v in contrast.items() if v}))
+    _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
     preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True)
     eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
