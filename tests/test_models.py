@@ -330,3 +330,47 @@ def test_remat_policies_give_the_same_gradients(tiny_checkpoints):
         # recomputation reorders float32 sums: equal to ~1e-5 of gradients of order 1
         for a, b in zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_profs_edit_equals_numpy_on_transformers_hidden_states(tmp_path, tiny_tokenizer):
+    """ProFS (apo_jax.models.edit): the projector from transformers' own layer outputs, written out in
+    numpy; only the edited layer's MLP output projection changes, and it no longer writes along the
+    removed directions."""
+    import torch
+    import transformers
+
+    from apo_jax import testing
+    from apo_jax.data.tfrecords import read_records
+    from apo_jax.models.edit import edit_checkpoint
+
+    src = testing.tiny_hf_llama(tmp_path / "m", num_hidden_layers=3, seed=5, tokenizer=tiny_tokenizer)
+    data = testing.tiny_preference_records(tmp_path / "pairs", tiny_tokenizer, n=12, max_length=64)
+    edit_checkpoint(src, data, tmp_path / "edited", layers="1:2", rank=2)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    records, _ = read_records(data)
+    emb = {"chosen": [], "rejected": []}
+    for r in records:
+        for side in emb:
+            ids = np.concatenate([r["prompt_ids"], r[f"{side}_ids"]])
+            with torch.no_grad():
+                states = hf(torch.tensor(ids[None]), output_hidden_states=True).hidden_states
+            layer1 = states[2][0].double().numpy()  # the output of layer 1 (states[0]: the embeddings)
+            emb[side].append(layer1[len(r["prompt_ids"]) :].mean(0))  # mean over the answer's tokens
+    plus, minus = np.stack(emb["chosen"]), np.stack(emb["rejected"])
+    p = (plus - minus) / 2
+    mu = np.linalg.svd(plus)[2][0]
+    p = p @ (np.eye(len(mu)) - np.outer(mu, mu))
+    v = np.linalg.svd(p)[2][:2]
+    w = hf.model.layers[1].mlp.down_proj.weight.detach().double().numpy()  # [D, F]: y = W x
+    expected = (np.eye(len(mu)) - v.T @ v) @ w
+
+    edited = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "edited", dtype=torch.float32)
+    got = dict(edited.named_parameters())
+    np.testing.assert_allclose(
+        got["model.layers.1.mlp.down_proj.weight"].detach().numpy(), expected, atol=2e-5
+    )
+    assert np.abs(v @ got["model.layers.1.mlp.down_proj.weight"].detach().double().numpy()).max() < 2e-5
+    for name, before in hf.named_parameters():
+        if name != "model.layers.1.mlp.down_proj.weight":
+            np.testing.assert_array_equal(got[name].detach().numpy(), before.detach().numpy(), err_msg=name)

@@ -1,0 +1,134 @@
+"""ProFS: a training-free edit that projects a preference direction out of the MLP outputs.
+
+"Model Editing as a Robust and Denoised variant of DPO" (Uppaal et al., arXiv 2405.13967;
+Uppaal/detox-edit `detox.py`). For each layer l, with E+_l and E-_l the [N, D] mean hidden states
+(over each answer's tokens, at the output of layer l) of the preferred and dispreferred answers:
+
+    P_l = (E+_l - E-_l) / 2
+    P_l <- P_l (I - mu mu^T)           mu: the top right singular vector of E+_l (centering)
+    Q_l = V_k^T V_k                     V_k: the top-k right singular vectors of P_l
+    W_down,l <- W_down,l (I - Q_l)      for l in [lowest, highest): the MLP's output projection
+
+    python -m apo_jax.models.edit --model DIR --pairs data/records --output edited/ --layers 10:24 --rank 2
+
+`--pairs` is a record directory written by `python -m apo_jax.data.preprocess`; the first
+`--max-pairs` pairs (default 500, the paper's) are embedded. The edited model is written as a
+Hugging Face directory. Parameter names live here, in `models/`, like everything else that knows them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mean_embeddings(model, params, batch) -> dict[str, jax.Array]:
+    """{"chosen", "rejected"}: [L, b, D] per-layer outputs averaged over each answer's tokens (jittable)."""
+    from apo_jax.models.llama import hidden_states
+
+    out = {}
+    for side in ("chosen", "rejected"):
+        ids, attention = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+        _, per_layer = hidden_states(model, params, ids, attention, return_hidden=True)
+        mask = jnp.asarray(batch[f"{side}_loss_mask"], jnp.float32)
+        total = jnp.einsum("lbtd,bt->lbd", per_layer.astype(jnp.float32), mask)
+        out[side] = total / jnp.maximum(mask.sum(-1), 1.0)[None, :, None]
+    return out
+
+
+def projection(
+    preferred: np.ndarray, dispreferred: np.ndarray, rank: int, *, center: bool = True
+) -> np.ndarray:
+    """ProFS's [D, D] projector onto the top-`rank` directions of the preference matrix of one layer."""
+    p = (preferred.astype(np.float64) - dispreferred.astype(np.float64)) / 2
+    if center:
+        mu = np.linalg.svd(preferred.astype(np.float64), full_matrices=False)[2][0]
+        p = p - np.outer(p @ mu, mu)
+    v = np.linalg.svd(p, full_matrices=False)[2][:rank]
+    return v.T @ v
+
+
+def profs_edit(params, embeddings: dict[str, np.ndarray], layers: range, rank: int, *, center: bool = True):
+    """The edited params (a new tree: only `layers`' MLP down-projection kernels change) and the
+    projectors {layer: [D, D]}."""
+    kernel = params["layers"]["mlp"]["down_proj"]["kernel"]  # [L, F, D]: y = x @ W
+    new = np.asarray(kernel, np.float64).copy()
+    projectors = {}
+    for layer in layers:
+        q = projection(embeddings["chosen"][layer], embeddings["rejected"][layer], rank, center=center)
+        projectors[layer] = q
+        new[layer] = new[layer] @ (np.eye(q.shape[0]) - q)
+    edited = jax.tree.map(lambda x: x, params)  # new containers, the same arrays
+    edited["layers"]["mlp"]["down_proj"]["kernel"] = jnp.asarray(new, kernel.dtype)
+    return edited, projectors
+
+
+def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None, rank: int = 2,
+                    max_pairs: int = 500, batch_size: int = 8, center: bool = True) -> dict:  # fmt: skip
+    """Reads a Hugging Face Llama and preprocessed pairs, writes the ProFS-edited model."""
+    from apo_jax.data import layouts
+    from apo_jax.data.tfrecords import read_records
+    from apo_jax.models import from_hf, load_tokenizer, to_hf
+
+    model, params = from_hf(model_dir)
+    n_layers = model.config.num_hidden_layers
+    lo, hi = (int(x) for x in layers.split(":")) if layers else (n_layers // 2, n_layers)
+    if not 0 <= lo < hi <= n_layers:
+        raise ValueError(f"--layers {lo}:{hi} is not a range within the model's {n_layers} layers")
+    records, meta = read_records(records_dir)
+    if meta.get("kind") != "paired":
+        raise ValueError(f"{records_dir}: ProFS needs paired records (chosen and rejected)")
+    records = records[:max_pairs]
+    if len(records) <= rank:
+        raise ValueError(f"{records_dir}: {len(records)} pairs cannot give {rank} directions")
+    length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in records)
+    embed = jax.jit(lambda p, b: mean_embeddings(model, p, b))
+    parts = {"chosen": [], "rejected": []}
+    for start in range(0, len(records), batch_size):
+        chunk = list(records[start : start + batch_size])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - n)  # a fixed batch: one compiled program
+        out = embed(params, layouts.padded(chunk, length))
+        for side in parts:
+            parts[side].append(np.asarray(out[side])[:, :n])
+    embeddings = {side: np.concatenate(v, axis=1) for side, v in parts.items()}  # [L, N, D]
+    edited, projectors = profs_edit(params, embeddings, range(lo, hi), rank, center=center)
+    tokenizer = None
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except (OSError, ValueError):
+        pass
+    to_hf(model, edited, output, tokenizer=tokenizer)
+    return {"layers": [lo, hi], "rank": rank, "pairs": len(records), "output": str(output)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m apo_jax.models.edit", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="a Hugging Face Llama directory")
+    p.add_argument("--pairs", required=True, help="records written by apo_jax.data.preprocess")
+    p.add_argument("--output", required=True, help="where the edited Hugging Face model goes")
+    p.add_argument(
+        "--layers", default=None, help="LOW:HIGH, the layers whose MLP output is edited (default: upper half)"
+    )
+    p.add_argument("--rank", type=int, default=2, help="directions removed per layer (ProFS k)")
+    p.add_argument("--max-pairs", type=int, default=500)
+    p.add_argument(
+        "--no-center", action="store_true", help="skip removing the preferred embeddings' top direction"
+    )
+    args = p.parse_args(argv)
+    try:
+        summary = edit_checkpoint(args.model, args.pairs, args.output, layers=args.layers, rank=args.rank,
+                                  max_pairs=args.max_pairs, center=not args.no_center)  # fmt: skip
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
