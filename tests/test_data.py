@@ -380,3 +380,32 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     assert not ends & (set(record["chosen_ids"]) | set(record["rejected_ids"]))
     with pytest.raises(ValueError, match="row 0, field 'prefix'"):
         data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)
+
+
+def test_anchor_pairs_follow_the_rule_of_each_category():
+    from apo_jax.data.anchor import anchor_pairs, category
+
+    rows = [
+        # always right: best-scored over worst-scored
+        {
+            "prompt": "a",
+            "responses": ["a1", "a2", "a3"],
+            "correct": [True, True, True],
+            "scores": [2.0, 9.0, 1.0],
+        },
+        # sometimes right: the first right answer over the first wrong one
+        {"prompt": "b", "responses": ["b1", "b2", "b3"], "correct": [False, True, False]},
+        # never right: the anchor (gold) over a wrong answer
+        {"prompt": "c", "responses": ["c1", "c2"], "correct": [False, False], "anchor": "gold c"},
+        # always right, all scored alike: nothing to prefer; never right without an anchor: nothing
+        {"prompt": "d", "responses": ["d1", "d2"], "correct": [True, True], "scores": [5.0, 5.0]},
+        {"prompt": "e", "responses": ["e1"], "correct": [False]},
+    ]
+    assert anchor_pairs(rows) == [
+        {"prompt": "a", "chosen": "a2", "rejected": "a3", "category": "consistently_correct"},
+        {"prompt": "b", "chosen": "b2", "rejected": "b1", "category": "variable"},
+        {"prompt": "c", "chosen": "gold c", "rejected": "c1", "category": "consistently_wrong"},
+    ]
+    assert category([True, False]) == "variable"
+    with pytest.raises(ValueError, match="differ in length"):
+        anchor_pairs([{"prompt": "x", "responses": ["1", "2"], "correct": [True]}])
