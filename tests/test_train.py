@@ -112,8 +112,8 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
     deltas, step0 = {}, {"apo_zero": 1.0, "apo_down": 1.0, "sigmoid": math.log(2)}
     for name in ("apo_zero", "apo_down", "sigmoid"):
         cfg = make_config(tmp_path / name, data, loss__name=name, loss__beta=0.5, train__steps=50)
-        if name == "apo_zero":  # held-out dynamics (Figure 4): eval/ metrics every 25 steps
-            cfg.data.eval, cfg.train.eval_every = str(data), 25
+        if name == "apo_zero":  # held-out dynamics (Figure 4): eval/ metrics every 25 steps, and probes
+            cfg.data.eval, cfg.train.eval_every, cfg.data.probes = str(data), 25, f"fixed={data}"
         out = train.run(cfg)
         # step 0: policy = reference, so ρ = 0 for every pair (up to float32 rounding of two forwards)
         first = first_step(tmp_path / name)
@@ -122,6 +122,8 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
         chosen, rejected = metric(tmp_path / name, "logps/chosen"), metric(tmp_path / name, "logps/rejected")
         margins = metric(tmp_path / name, "rewards/margins")
         deltas[name] = (chosen[-1] - chosen[0], rejected[-1] - rejected[0], margins[-1] - margins[0])
+        if name == "apo_zero":
+            apo_params = out["state"].params
     c, r, _ = deltas["apo_zero"]
     assert c > 0 and r < 0, deltas  # APO-zero: chosen up, rejected down
     c, r, _ = deltas["apo_down"]
@@ -135,6 +137,16 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
     assert (
         evals[-1]["eval/rewards/chosen"] > 0 > evals[-1]["eval/rewards/rejected"]
     )  # same data: it learned it
+    # the probes' log-probs equal a separate scoring pass of the final policy over every probe record
+    from apo_jax.data import layouts
+
+    probe_records, _ = read_records(data)
+    batch = layouts.padded(probe_records, 64)
+    model = models.Llama(train.loop.tiny_llama_config())
+    for side in ("chosen", "rejected"):
+        ids, attention, mask = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
+        logps = models.token_logps(model, apo_params, ids, attention, mask)["logps"]
+        assert evals[-1][f"probe/fixed/logps/{side}"] == pytest.approx(float(np.mean(logps)), abs=1e-4)
     # after training, the frozen reference is bitwise the initial policy
     initial = models.init_params(models.Llama(train.loop.tiny_llama_config()), 0)
     for a, b in zip(jax.tree.leaves(out["state"].ref_params), jax.tree.leaves(initial), strict=True):

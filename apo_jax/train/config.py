@@ -32,7 +32,15 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
     c.data = ml_collections.ConfigDict(
-        {"train": "", "eval": "", "layout": "padded", "length": 0, "pad_id": 0, "packed_rows": 0}
+        {
+            "train": "",
+            "eval": "",
+            "layout": "padded",
+            "length": 0,
+            "pad_id": 0,
+            "packed_rows": 0,
+            "probes": "",
+        }  # probes: "name=dir,...": pair records whose log-probs are logged at each eval
     )
     c.loss = ml_collections.ConfigDict({"name": "sigmoid", "weights": (), "beta": 0.1})
     c.optimizer = ml_collections.ConfigDict(
@@ -109,6 +117,17 @@ def build_loss(config):
         raise ConfigError(f"loss.name / loss.weights: {e}") from None
 
 
+def probe_sets(spec: str) -> dict[str, str]:
+    """`data.probes` = "name=dir,name=dir" -> {name: record directory}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"data.probes: {item!r} is not name=directory")
+        out[name] = path
+    return out
+
+
 def validate(config) -> None:
     """Raises ConfigError naming the first unknown or inconsistent key."""
     _check_keys(config, default_config())
@@ -123,6 +142,7 @@ def validate(config) -> None:
         raise ConfigError(f"train.mode={t.mode!r}: use 'preference' or 'sft'")
     if not d.train:
         raise ConfigError("data.train is empty: give a directory written by apo_jax.data.preprocess")
+    probe_sets(d.get("probes", ""))
     if d.layout not in ("padded", "packed", "prompt_shared"):
         raise ConfigError(f"data.layout={d.layout!r}: use padded, packed or prompt_shared")
     if o.name != "adamw":

@@ -319,18 +319,32 @@ def _progress(t, start):
 
 
 def _eval_fn(cfg, model, step_cfg, mesh):
-    if not cfg.data.eval or cfg.train.mode != "preference":
+    """Held-out metrics (`eval/...`, the first `train.eval_batches` batches of data.eval) and the
+    learning-dynamics probes (`probe/<name>/...`: every full batch of each data.probes set, the log-probs
+    of fixed responses over training, "Learning Dynamics of LLM Finetuning")."""
+    if cfg.train.mode != "preference":
         return None
-    reader = PreferenceReader(
-        cfg.data.eval, global_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=0,
-        layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
-    )  # fmt: skip
-    n = min(cfg.train.eval_batches, reader.steps_per_epoch)
-    batches = [to_global(reader.batch(0, k), mesh) for k in range(n)]
+    sets = ([("eval/", cfg.data.eval, cfg.train.eval_batches)] if cfg.data.eval else []) + [
+        (f"probe/{name}/", path, None)
+        for name, path in config_lib.probe_sets(cfg.data.get("probes", "")).items()
+    ]
+    if not sets:
+        return None
     step = jax.jit(make_eval_step(model, step_cfg, cfg.loss.beta))
+    loaded = []
+    for prefix, path, limit in sets:
+        reader = PreferenceReader(
+            path, global_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=0,
+            layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
+        )  # fmt: skip
+        n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
+        loaded.append((prefix, [to_global(reader.batch(0, k), mesh) for k in range(n)]))
 
     def evaluate(state):
-        outs = [step(state, b) for b in batches]
-        return {k: float(np.mean([_host(o[k]) for o in outs])) for k in outs[0]}
+        metrics = {}
+        for prefix, batches in loaded:
+            outs = [step(state, b) for b in batches]
+            metrics |= {prefix + k[5:]: float(np.mean([_host(o[k]) for o in outs])) for k in outs[0]}
+        return metrics
 
     return evaluate
