@@ -98,6 +98,9 @@ def test_the_tiny_miniature_runs_end_to_end(mini_root):
     for name in ("results.md", "results.json", "figure4.png", "hf/config.json", "metrics.jsonl"):
         assert (run / name).exists(), name
     first = first_step(run)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if "probe/rephrased/logps/chosen" in r]  # learning-dynamics probes
+    assert [r["step"] for r in probes] == [0, 2, 4] and "probe/train_pairs/logps/rejected" in probes[0]
     assert first["loss"] == pytest.approx(1.0, abs=1e-6)  # APO-zero at policy = reference
     assert 0.0 <= summary["accuracy_before"] <= 1.0 and summary["contrastiveness"]["clair"]["pairs"] > 0
     text = (run / "results.md").read_text()

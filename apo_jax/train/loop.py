@@ -338,6 +338,11 @@ def _eval_fn(cfg, model, step_cfg, mesh):
             layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
         )  # fmt: skip
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
+        if n == 0:
+            raise config_lib.ConfigError(
+                f"{prefix.rstrip('/')} ({path}) holds fewer records than one evaluation batch "
+                f"(train.batch_size / train.grad_accum = {cfg.train.batch_size // cfg.train.grad_accum})"
+            )
         loaded.append((prefix, [to_global(reader.batch(0, k), mesh) for k in range(n)]))
 
     def evaluate(state):

@@ -135,6 +135,25 @@ def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list
     return pairs
 
 
+def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
+    """Learning-dynamics probes (data.probes): 32 training pairs of this cell (its chosen and rejected
+    answers), and for 32 training problems a rephrased right answer (the stronger model's style)
+    against another model's answer: fixed responses whose log-probs are logged over training."""
+    from apo_jax.data.preprocess import preprocess
+
+    rng = random.Random(seed + 11)
+    train = [json.loads(x) for x in pathlib.Path(pairs_path).read_text().splitlines()][:32]
+    rephrase = [{"prompt": p["prompt"], "chosen": task.stronger_answer(p),
+                 "rejected": task.other_model_answer(p, rng)} for p in prompts[:32]]  # fmt: skip
+    sets = {}
+    for name, rows in (("train_pairs", train), ("rephrased", rephrase)):
+        out = workdir / f"probe_{name}"
+        preprocess(str(write_jsonl(cache / f"probe_{kind}_{name}.jsonl", rows)), out, tok, max_length=128,
+                   as_chat=True)  # fmt: skip
+        sets[name] = str(out)
+    return ",".join(f"{k}={v}" for k, v in sets.items())
+
+
 def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     import matplotlib
 
@@ -146,7 +165,16 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     if not ev:
         return []
     steps = [r["step"] for r in ev]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    probes = sorted({k.split("/")[1] for k in ev[-1] if k.startswith("probe/")})
+    fig, axes = plt.subplots(1, 2 + bool(probes), figsize=(9 + 4.5 * bool(probes), 3.4))
+    if probes:  # learning dynamics: fixed responses' log-likelihood over training
+        for name, color in zip(probes, ("tab:green", "tab:purple", "tab:orange"), strict=False):
+            for side, style in (("chosen", "-"), ("rejected", "--")):
+                axes[2].plot(steps, [r[f"probe/{name}/logps/{side}"] for r in ev], style, color=color,
+                             label=f"{name}: {side}")  # fmt: skip
+        axes[2].set_xlabel("step")
+        axes[2].set_title("probes: log-likelihood")
+        axes[2].legend(fontsize=7)
     for ax, key, label in (
         (axes[0], "logps", "log-likelihood"),
         (axes[1], "rewards", "reward (β·log-ratio)"),
@@ -202,6 +230,7 @@ def run(config) -> dict:
                as_chat=True)  # fmt: skip
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
+    config.data.probes = _probes(cache, workdir, kind, train_prompts, paths[kind], tok, mini.seed)
     _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
     result = train.run(config)
     _say("scoring held-out accuracy before and after (greedy, and 4 samples at temperature 1)")
