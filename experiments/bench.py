@@ -23,6 +23,9 @@ the LM head, counted even when tied; embeddings not counted; causal attention ov
 recomputation not counted). A step is 3 forwards for the policy plus 1 for an online reference.
 MFU = FLOPs per step / step time / (devices × peak bf16 dense FLOP/s of the device).
 
+Memory: on a CPU, the compiled program's temporaries + arguments + outputs; on a GPU, the process's
+peak so far (JAX cannot reset it: run one `--parts` per process for per-part peaks).
+
 Prints a table and writes JSON (`--out`), so results compare across commits. Random weights, nothing
 downloaded. Runs from the source tree; the GPU path imports no TensorFlow.
 """
