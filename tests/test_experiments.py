@@ -41,6 +41,7 @@ def test_names_paths_and_unknown_names():
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         grid.get_config("clair_apo_zero:huge")
     assert grid.get_config("clair_steps_dpo:tiny").experiment.data == "clair_steps"  # Step-DPO pairs
+    assert grid.get_config("anchor_dpo").experiment.data == "anchor"  # anchor preference pairs
     with pytest.raises(ValueError, match="in the miniature only"):
         grid.get_config("clair_steps_dpo:paper")
 

@@ -13,11 +13,12 @@ import random
 import shutil
 import time
 
+from apo_jax.data.anchor import anchor_pair
 from apo_jax.data.jsonl import write_jsonl
 from apo_jax.data.steps import step_pair
 from experiments.mini import task
 
-DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps")
+DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
 
 
@@ -118,6 +119,11 @@ def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list
                 pairs.append({"prompt": p["prompt"], "chosen": revised, "rejected": m0})
             elif revised != m0 and (pair := step_pair(p["prompt"], m0, revised)) is not None:
                 pairs.append(pair)  # Step-DPO: the first wrong step vs its revision, after the right ones
+        elif kind == "anchor":  # apo_jax.data.anchor over M's two judged samples, the gold solution as anchor
+            pair = anchor_pair(p["prompt"], [m0, m1], [task.is_correct(p, m0), task.is_correct(p, m1)],
+                               anchor=task.gold_answer(p))  # fmt: skip
+            if pair is not None:
+                pairs.append(pair)
         elif kind == "stronger_preferred":
             pairs.append({"prompt": p["prompt"], "chosen": task.stronger_answer(p), "rejected": m0})
         else:
