@@ -75,3 +75,23 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
     assert got["ches_median"] == pytest.approx(float(np.median(ches_scores(path, records))), rel=1e-5)
     # hand-worked Jaccard: {7, +, 5, =} shared of 6 distinct words; the other two pairs share none
     assert got["jaccard_mean"] == pytest.approx((4 / 6 + 0 + 0) / 3)
+
+
+def test_preprocess_leaves_out_the_highest_ches_pairs(tmp_path, tiny_checkpoints, tiny_tokenizer):
+    from apo_jax import testing
+    from apo_jax.data import preprocess
+    from apo_jax.data.tfrecords import read_records
+    from apo_jax.eval.ches import ches_scores
+
+    path = tiny_checkpoints["gqa"]
+    full = testing.tiny_preference_records(tmp_path / "full", tiny_tokenizer, n=16, max_length=64)
+    records, _ = read_records(full)
+    scores = ches_scores(path, records)
+    src = str(tmp_path / "full.jsonl")  # the rows tiny_preference_records wrote beside its records
+    meta = preprocess.preprocess(src, tmp_path / "kept", tiny_tokenizer, max_length=64, ches_model=str(path),
+                                 ches_drop=0.25)  # fmt: skip
+    kept, _ = read_records(tmp_path / "kept")
+    highest = {int(records[i]["source_index"]) for i in np.argsort(scores)[-4:]}  # 25% of 16
+    assert meta["ches_filter"]["dropped"] == 4 and len(kept) == 12
+    assert {int(r["source_index"]) for r in kept} == {int(r["source_index"]) for r in records} - highest
+    assert "highest CHES" in preprocess.summary(meta)

@@ -104,8 +104,14 @@ def preprocess(
     chat_template_kwargs: dict | None = None,
     rows_per_shard: int = 10_000,
     as_chat: bool = False,
+    ches_model: str | None = None,
+    ches_drop: float = 0.0,
 ) -> dict:
-    """Reads, normalizes, tokenizes and writes `out_dir`; returns the metadata it wrote."""
+    """Reads, normalizes, tokenizes and writes `out_dir`; returns the metadata it wrote.
+
+    With `ches_model` (a Hugging Face Llama sharing the tokenizer) and `ches_drop` in (0, 1), the
+    `ches_drop` fraction of pairs with the highest CHES under that model is left out (likelihood
+    displacement, apo_jax.eval.ches)."""
     started = time.time()
     out_dir = pathlib.Path(out_dir)
     examples, report = formats.read_examples(source, unpaired=unpaired, split=split, chat=as_chat)
@@ -116,6 +122,18 @@ def preprocess(
     )  # fmt: skip
     if not records:
         raise ValueError(f"{source}: no usable rows ({report.rows} read, {report.skipped} malformed)")
+    ches = None
+    if ches_model and ches_drop > 0:
+        if unpaired or not 0 < ches_drop < 1:
+            raise ValueError(f"ches_drop={ches_drop}: a fraction in (0, 1) of paired records")
+        from apo_jax.eval.ches import ches_scores
+
+        scores = ches_scores(ches_model, records)
+        drop = int(round(ches_drop * len(records)))
+        keep = sorted(np.argsort(scores, kind="stable")[: len(records) - drop])
+        ches = {"model": str(ches_model), "drop_fraction": ches_drop, "dropped": drop,
+                "threshold": float(np.sort(scores)[len(records) - drop - 1]) if drop else None}  # fmt: skip
+        records = [records[i] for i in keep]
     num_shards = num_shards or max(1, -(-len(records) // rows_per_shard))
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,6 +165,7 @@ def preprocess(
         "source": {"path": str(source), "split": split, "fingerprint": source_fingerprint(str(source))},
         "shards": shards,
         "errors": report.errors,
+        "ches_filter": ches,
         "seconds": round(time.time() - started, 2),
     }
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -175,6 +194,9 @@ def summary(meta: dict) -> str:
         if key in hist:
             cells = ", ".join(f"{lab}: {n}" for lab, n in zip(labels, hist[key], strict=True) if n)
             lines.append(f"{key} tokens: {cells}")
+    if meta.get("ches_filter"):
+        c = meta["ches_filter"]
+        lines.append(f"dropped (highest CHES under {c['model']}, {c['drop_fraction']:.0%}): {c['dropped']}")
     lines += [f"  {e}" for e in meta["errors"][:5]]
     if r["skipped_malformed"] > 5:
         lines.append(f"  ... {r['skipped_malformed'] - 5} more malformed rows (first 20 in metadata.json)")
@@ -202,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--chat-template-kwargs", type=json.loads, default=None, help='JSON, e.g. {"date_string": "..."}'
     )
+    p.add_argument("--ches-model", default=None, help="a Llama (same tokenizer) to score pairs by CHES")
+    p.add_argument("--ches-drop", type=float, default=0.0, help="fraction of highest-CHES pairs left out")
     args = p.parse_args(argv)
     from apo_jax.models import load_tokenizer
 
@@ -215,6 +239,7 @@ def main(argv=None) -> int:
             args.input, args.output, tokenizer, split=args.split, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, unpaired=args.unpaired, kl_block=args.kl_block,
             num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs, as_chat=args.as_chat,
+            ches_model=args.ches_model, ches_drop=args.ches_drop,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
