@@ -136,3 +136,21 @@ def test_the_sweep_tabulates_each_cell_and_plots_the_grid(mini_root):
     stamp = (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns
     assert sweep.main(args) == 0  # finished cells are not run again
     assert (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_profs_edits_m_instead_of_training_it(mini_root):
+    from experiments.mini.pipeline import run as run_mini
+    from experiments.run import resolve
+
+    assert resolve("clair_profs:tiny").endswith("experiments/configs/clair_profs.py:tiny")
+    from experiments.configs import clair_profs
+
+    config = clair_profs.get_config("tiny")
+    config.workdir = str(mini_root / "clair_profs")
+    config.train.progress = False
+    summary = run_mini(config)
+    run = pathlib.Path(config.workdir)
+    assert summary["status"] == "edited" and not (run / "metrics.jsonl").exists()
+    assert (run / "hf" / "config.json").exists() and "Held-out accuracy" in (run / "results.md").read_text()
+    with pytest.raises(ValueError, match="miniature"):
+        clair_profs.get_config("paper")

@@ -20,6 +20,7 @@ from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
+METHOD_FIELDS = ("method", "profs_layers", "profs_rank")  # what M's answers and pairs do not depend on
 
 
 def _key(fields: dict) -> str:
@@ -207,7 +208,7 @@ def run(config) -> dict:
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
     m_cache = workdir.parent / "mini_cache" / _key({k: mini[k] for k in M_FIELDS})
-    cache = m_cache / _key(mini.to_dict())
+    cache = m_cache / _key({k: v for k, v in mini.to_dict().items() if k not in METHOD_FIELDS})
     cache.mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(m_cache, mini.seed)
@@ -237,8 +238,15 @@ def run(config) -> dict:
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
     config.data.probes = _probes(cache, workdir, kind, train_prompts, paths[kind], tok, mini.seed)
-    _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
-    result = train.run(config)
+    if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
+        from apo_jax.models.edit import edit_checkpoint
+
+        _say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
+        edit_checkpoint(m_dir, train_dir, workdir / "hf", layers=mini.profs_layers, rank=mini.profs_rank)
+        result, config.loss.name = {"status": "edited"}, "profs"
+    else:
+        _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
+        result = train.run(config)
     _say("scoring held-out accuracy before and after (greedy, and 4 samples at temperature 1)")
     after_dir = workdir / "hf"
     tok.save_pretrained(after_dir)
@@ -248,8 +256,9 @@ def run(config) -> dict:
     after = accuracy(after_dir, eval_prompts, workdir, "acc_after")
     before_s = accuracy(m_dir, eval_prompts, cache, "acc_before_sampled", samples=4, temperature=1.0)
     after_s = accuracy(after_dir, eval_prompts, workdir, "acc_after_sampled", samples=4, temperature=1.0)
-    plots = _plot(workdir, f"{kind} × {config.loss.name}")
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    metrics = workdir / "metrics.jsonl"
+    plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
     summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
                "sampled_accuracy_before": before_s, "sampled_accuracy_after": after_s,
