@@ -57,6 +57,23 @@ def padded(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     return out | _extras(records)
 
 
+def padded_batches(
+    records, batch_size: int, length: int | None = None, *, pad_id: int = 0, multiple: int = 1
+):
+    """Yields (padded batch, number of real rows) over `records` in order, every batch `batch_size` rows
+    (the last filled by repeating its last record): one compiled program scores them all. `length`
+    defaults to the longest prompt + answer, rounded up to `multiple`."""
+    if length is None:
+        longest = max(
+            len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in records
+        )
+        length = -(-longest // multiple) * multiple
+    for start in range(0, len(records), batch_size):
+        part = list(records[start : start + batch_size])
+        n = len(part)
+        yield padded(part + [part[-1]] * (batch_size - n), length, pad_id), n
+
+
 def unpaired(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
     """KTO batches: input_ids/attention_mask/loss_mask [b, T] for prompt+completion, the same
     under `kl_` for prompt + the block-neighbour's completion (KTO's reference point), and label."""

@@ -19,41 +19,46 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _sums(model, params, ids, attention_mask, loss_mask, normalized: bool):
+def _sums(model, params, ids, attention_mask, loss_mask):
+    """Σ of the final hidden states at the positions that predict each answer token, and their count."""
     from apo_jax import models
 
     h = models.hidden_states(model, params, ids, attention_mask).astype(jnp.float32)
     # position t - 1 predicts token t: the predicting positions are the loss mask shifted left by one
     predicting = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
-    s = jnp.einsum("btd,bt->bd", h, predicting)
-    if normalized:
-        s = s / jnp.maximum(predicting.sum(-1, keepdims=True), 1.0)
-    return s
+    return jnp.einsum("btd,bt->bd", h, predicting), predicting.sum(-1, keepdims=True)
 
 
-def ches(model, params, batch, *, normalized: bool = False) -> jax.Array:
-    """[b] CHES scores of a padded batch (apo_jax.data.layouts.padded's keys)."""
-    s = {
-        side: _sums(model, params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
-                    batch[f"{side}_loss_mask"], normalized)
-        for side in ("chosen", "rejected")
-    }  # fmt: skip
-    return jnp.sum(s["chosen"] * s["rejected"], -1) - jnp.sum(s["chosen"] ** 2, -1)
+def ches(model, params, batch) -> dict[str, jax.Array]:
+    """[b] CHES scores of a padded batch (apo_jax.data.layouts.padded's keys): `ches` from the sums,
+    `ches_norm` from the means, from one forward pass of each side."""
+    sums, means = {}, {}
+    for side in ("chosen", "rejected"):
+        sums[side], count = _sums(model, params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
+                                  batch[f"{side}_loss_mask"])  # fmt: skip
+        means[side] = sums[side] / jnp.maximum(count, 1.0)
+    return {
+        name: jnp.sum(s["chosen"] * s["rejected"], -1) - jnp.sum(s["chosen"] ** 2, -1)
+        for name, s in (("ches", sums), ("ches_norm", means))
+    }
 
 
-def ches_scores(model_dir, records, *, batch_size: int = 8, normalized: bool = False) -> np.ndarray:
-    """CHES of tokenized records (prompt_ids, chosen_ids, rejected_ids) under a Hugging Face Llama."""
+def ches_all(model_dir, records, *, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """{"ches", "ches_norm"}: [N] scores of tokenized records (prompt_ids, chosen_ids, rejected_ids)
+    under a Hugging Face Llama, both from one pass."""
     from apo_jax import models
     from apo_jax.data import layouts
 
     model, params = models.from_hf(model_dir)
-    length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in records)
-    length = -(-length // 16) * 16  # a few shapes, a few compilations
-    score = jax.jit(lambda p, b: ches(model, p, b, normalized=normalized))
-    out = []
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start : start + batch_size])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)  # a fixed batch: one compiled program
-        out.append(np.asarray(score(params, layouts.padded(chunk, length)))[:n])
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    score = jax.jit(lambda p, b: ches(model, p, b))
+    out = {"ches": [], "ches_norm": []}
+    # lengths rounded to 16: a few shapes, a few compilations
+    for batch, n in layouts.padded_batches(records, batch_size, multiple=16):
+        for k, v in score(params, batch).items():
+            out[k].append(np.asarray(v)[:n])
+    return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in out.items()}
+
+
+def ches_scores(model_dir, records, *, batch_size: int = 8, normalized: bool = False) -> np.ndarray:
+    """[N] CHES (or, `normalized`, its length-normalized variant) of tokenized records."""
+    return ches_all(model_dir, records, batch_size=batch_size)["ches_norm" if normalized else "ches"]

@@ -85,14 +85,10 @@ def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None
     records = records[:max_pairs]
     if len(records) <= rank:
         raise ValueError(f"{records_dir}: {len(records)} pairs cannot give {rank} directions")
-    length = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in records)
     embed = jax.jit(lambda p, b: mean_embeddings(model, p, b))
     parts = {"chosen": [], "rejected": []}
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start : start + batch_size])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)  # a fixed batch: one compiled program
-        out = embed(params, layouts.padded(chunk, length))
+    for batch, n in layouts.padded_batches(records, batch_size):
+        out = embed(params, batch)
         for side in parts:
             parts[side].append(np.asarray(out[side])[:, :n])
     embeddings = {side: np.concatenate(v, axis=1) for side, v in parts.items()}  # [L, N, D]

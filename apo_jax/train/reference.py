@@ -70,15 +70,12 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
         saved = np.load(progress)
         done, chosen, rejected = int(saved["done"]), saved["chosen"], saved["rejected"]
     n_batches = 0
-    while done < len(records):
-        part = records[done : done + bs]
-        padded_part = part + [part[-1]] * (bs - len(part))  # fixed shapes: repeat the last record
-        batch = layouts.padded(padded_part, length, cfg.data.pad_id)
+    for batch, n in layouts.padded_batches(records[done:], bs, length, pad_id=cfg.data.pad_id):
         batch = {k: v for k, v in batch.items() if k.endswith(("input_ids", "attention_mask", "loss_mask"))}
         out = score(params, to_global(batch, mesh))
-        chosen[done : done + len(part)] = np.asarray(out["chosen"])[: len(part)]
-        rejected[done : done + len(part)] = np.asarray(out["rejected"])[: len(part)]
-        done += len(part)
+        chosen[done : done + n] = np.asarray(out["chosen"])[:n]
+        rejected[done : done + n] = np.asarray(out["rejected"])[:n]
+        done += n
         n_batches += 1
         if n_batches % save_every == 0 and jax.process_index() == 0:
             np.savez(progress, done=done, chosen=chosen, rejected=rejected)

@@ -60,7 +60,7 @@ def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
     import numpy as np
 
     from apo_jax.data import formats, tokenize
-    from apo_jax.eval.ches import ches_scores
+    from apo_jax.eval.ches import ches_all
     from apo_jax.models import load_tokenizer
 
     tok = load_tokenizer(model_dir)
@@ -69,9 +69,10 @@ def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
         example = formats.normalize_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}, i)
         t = tokenize.tokenize_example(tok, formats.as_chat(example) if as_chat else example)
         records.append({k: np.asarray(getattr(t, k)) for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
+    scores = ches_all(model_dir, records)  # one pass gives both
     return {
-        "ches_median": float(np.median(ches_scores(model_dir, records))),
-        "ches_norm_median": float(np.median(ches_scores(model_dir, records, normalized=True))),
+        "ches_median": float(np.median(scores["ches"])),
+        "ches_norm_median": float(np.median(scores["ches_norm"])),
     }
 
 
