@@ -48,6 +48,8 @@ import time
 
 import numpy as np
 
+from apo_jax.train.loop import flops_per_token, param_counts
+
 # Lengths (prompt, chosen, rejected) of the ten CLAIR pairs in tests/data, in tokens estimated as
 # characters / 4 (English BPE): the realistic length mix of the layout part.
 CLAIR_LENGTHS = (
@@ -92,28 +94,12 @@ def shape_config(name: str, dtype: str, remat: str, attention: str | None = None
     raise SystemExit(f"unknown shape {name!r}: use tiny, 125m, 1b or 8b")
 
 
-def param_counts(config) -> dict[str, int]:
-    """Parameters by kind (biases left out): the matmul ones count in FLOPs, the embedding does not."""
-    D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    N, K, H = config.num_attention_heads, config.num_key_value_heads, config.H
-    layers = L * (D * N * H * 2 + D * K * H * 2 + 3 * D * F)
-    head = 0 if config.tie_word_embeddings else D * V
-    return {"matmul_layers": layers, "lm_head": head, "embedding": D * V, "norms": (2 * L + 1) * D}
-
-
-def flops_per_token(config, length: int) -> float:
-    from apo_jax.train.loop import flops_per_token as f
-
-    return f(config, length)
-
-
 def peak_flops() -> float:
     import jax
 
-    from apo_jax.train.loop import PEAK_FLOPS
+    from apo_jax.train.loop import peak_flops as peak
 
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_FLOPS.items() if kind.startswith(k)), 0.0)
+    return peak(jax.devices()[0].device_kind)
 
 
 def synthetic_pairs(n: int, length: int, vocab: int, seed: int, *, mix: str = "clair") -> list[dict]:
@@ -206,7 +192,7 @@ class JaxStep:
             }
         )
         tx, sched = make_optimizer(opt, steps)
-        ref = jax.tree.map(lambda x: x.copy(), params) if reference == "frozen" else None
+        ref = _copy(params) if reference == "frozen" else None
         self.state = create_state(params, tx, seed=0, ref_params=ref)
         cfg = StepConfig(layout=layout, reference=reference, hparams=(("beta", beta),), with_entropy=False)
         self.step = jax.jit(make_train_step(self.model, losses.get(loss), tx, sched, cfg), donate_argnums=0)
@@ -229,31 +215,17 @@ def reference_logps(config, params, records, length: int) -> np.ndarray:
     """Per-pair (chosen, rejected) reference log-probs, as apo_jax.train.reference precomputes them."""
     import jax
 
-    key = (id(params), id(records), length)
-    if key in _REFERENCE_CACHE:
-        return _REFERENCE_CACHE[key]
-
     from apo_jax import models
     from apo_jax.data import layouts
+    from apo_jax.train.step import StepConfig, sequence_sums
 
-    model = models.Llama(config)
-    batch = layouts.padded(records, length)
-
-    @jax.jit
-    def score(params, batch):
-        out = {}
-        for side in ("chosen", "rejected"):
-            out[side] = models.token_logps(
-                model,
-                params,
-                batch[f"{side}_input_ids"],
-                batch[f"{side}_attention_mask"],
-                batch[f"{side}_loss_mask"],
-            )["logps"]
-        return out
-
-    out = score(params, batch)
-    _REFERENCE_CACHE[key] = np.stack([np.asarray(out["chosen"]), np.asarray(out["rejected"])], 1)
+    key = (id(params), id(records), length)
+    if key not in _REFERENCE_CACHE:
+        model = models.Llama(config)
+        out = jax.jit(lambda p, b: sequence_sums(model, p, b, StepConfig(layout="padded")))(
+            params, layouts.padded(records, length)
+        )
+        _REFERENCE_CACHE[key] = np.stack([np.asarray(out["chosen"]), np.asarray(out["rejected"])], 1)
     return _REFERENCE_CACHE[key]
 
 

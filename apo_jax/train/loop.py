@@ -59,12 +59,26 @@ def build_model(cfg, mesh):
     return model, models.init_params(model, m.seed, mesh)
 
 
-def flops_per_token(config: models.LlamaConfig, length: int) -> float:
-    """Forward FLOPs per token: 2·(matmul parameters, LM head included even when tied) + 2·L·N·H·T."""
+def param_counts(config: models.LlamaConfig) -> dict[str, int]:
+    """Parameters by kind (biases left out): the matmul ones count in FLOPs, the embedding does not."""
     D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.H
-    per_layer = D * N * H * 2 + D * K * H * 2 + 3 * D * F
-    return 2.0 * (L * per_layer + D * V) + 2.0 * L * N * H * length
+    layers = L * (D * N * H * 2 + D * K * H * 2 + 3 * D * F)
+    head = 0 if config.tie_word_embeddings else D * V
+    return {"matmul_layers": layers, "lm_head": head, "embedding": D * V, "norms": (2 * L + 1) * D}
+
+
+def flops_per_token(config: models.LlamaConfig, length: int) -> float:
+    """Forward FLOPs per token: 2·(matmul parameters, LM head included even when tied) + 2·L·N·H·T."""
+    D, V, L = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    N, H = config.num_attention_heads, config.H
+    return 2.0 * (param_counts(config)["matmul_layers"] + D * V) + 2.0 * L * N * H * length
+
+
+def peak_flops(device_kind: str) -> float:
+    """PEAK_FLOPS of the longest matching prefix: device kinds carry suffixes ("NVIDIA H100 80GB HBM3")."""
+    keys = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+    return PEAK_FLOPS[max(keys, key=len)] if keys else 0.0
 
 
 class MetricsWriter:
@@ -242,7 +256,7 @@ def run(cfg) -> dict:
     writer = MetricsWriter(workdir, start)
     evaluate = _eval_fn(cfg, model, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
-    peak = t.peak_flops or PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+    peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)
     bar = _progress(t, start)
     status, last = "done", {}
     batches = prefetch_to_mesh(reader.batches_from(start), mesh)
