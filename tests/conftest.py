@@ -65,3 +65,12 @@ def tiny_checkpoints(tmp_path_factory, tiny_tokenizer):
         name: testing.tiny_hf_llama(root / name, seed=i, tokenizer=tiny_tokenizer, **kw)
         for i, (name, kw) in enumerate(TINY_CONFIGS.items())
     }
+
+
+def first_step(workdir) -> dict:
+    """The first training step's metrics (an eval line at step 0 may come before it)."""
+    import json
+    import pathlib
+
+    rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if "loss" in r)

@@ -8,17 +8,12 @@ import pathlib
 
 import jax
 import pytest
+from conftest import first_step
 
 from experiments.configs import grid
 from experiments.run import resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def first_step(workdir) -> dict:
-    """The first training step's metrics (an eval line at step 0 may come before it)."""
-    rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in rows if "loss" in r)
 
 
 @pytest.mark.parametrize("data", grid.DATA)

@@ -14,18 +14,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import first_step
 
 from apo_jax import models, testing, train
 from apo_jax.data.tfrecords import read_records, write_shards
 from apo_jax.train.config import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def first_step(workdir) -> dict:
-    """The first training step's metrics (an eval line at step 0 may come before it)."""
-    rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return next(r for r in rows if "loss" in r)
 
 
 @pytest.fixture(scope="module")
