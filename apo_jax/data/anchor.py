@@ -3,7 +3,7 @@ Enhancement", arXiv 2410.13216).
 
 Sample several answers per prompt from the model, judge each final answer against the gold one,
 and sort the prompts by how consistently the model gets them right; each category has its own
-rule for the pair (the exact per-category rules are unverified: ../shared/PAPERS.md §18):
+rule for the pair (the exact per-category rules are unverified; docs/papers.md cites the paper):
 
   - consistently correct: the best-scored answer over the worst-scored one (needs `scores`; a prompt
     whose answers all score alike gives no pair);
