@@ -7,6 +7,7 @@ import math
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 from conftest import first_step
 
@@ -149,3 +150,26 @@ def test_profs_edits_m_instead_of_training_it(mini_root):
     assert (run / "hf" / "config.json").exists() and "Held-out accuracy" in (run / "results.md").read_text()
     with pytest.raises(ValueError, match="miniature"):
         clair_profs.get_config("paper")
+
+
+@pytest.mark.parametrize("loss", ["mask_dpo", "tis_dpo"])
+def test_token_weighted_cells_train_on_records_with_token_weights(mini_root, loss):
+    """clair_mask_dpo: the scorer's line labels become 0/1 token weights; clair_tis_dpo: two contrastive
+    models (DPO on the pairs and on the reversed pairs) give TIS weights. Both then train token-level."""
+    from apo_jax.data.tfrecords import read_records
+    from experiments.mini.pipeline import run as run_mini
+
+    config = grid.get_config(f"clair_{loss}:tiny")
+    config.workdir = str(mini_root / f"clair_{loss}")
+    config.train.progress = False
+    run_mini(config)
+    records, meta = read_records(config.data.train)
+    assert meta["token_weights"]["method"] == {"mask_dpo": "mask", "tis_dpo": "tis"}[loss]
+    assert all(len(r["chosen_weights"]) == len(r["chosen_ids"]) for r in records)
+    if loss == "mask_dpo":  # CLAIR's revision is right everywhere; the answer keeps only its wrong lines
+        assert all(np.all(r["chosen_weights"] == 1) for r in records)
+        assert any(np.any(r["rejected_weights"] == 0) for r in records)
+    else:  # k·exp(±clip(d, -1, 1)) lies in [e^-1, e]
+        w = np.concatenate([r["rejected_weights"] for r in records])
+        assert np.all((w >= np.exp(-1) - 1e-6) & (w <= np.exp(1) + 1e-6)) and np.ptp(w) > 0
+    assert first_step(config.workdir)["loss"] == pytest.approx(np.log(2), abs=1e-6)

@@ -45,6 +45,7 @@ def padded(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
         ids = np.full((b, length), pad_id, np.int32)
         attn = np.zeros((b, length), np.int32)
         loss = np.zeros((b, length), np.float32)
+        weights = np.zeros((b, length), np.float32) if f"{side}_weights" in records[0] else None
         for i, r in enumerate(records):
             p, c = r["prompt_ids"], r[f"{side}_ids"]
             n = len(p) + len(c)
@@ -53,7 +54,11 @@ def padded(records, length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
             ids[i, :n] = np.concatenate([p, c])
             attn[i, :n] = 1
             loss[i, len(p) : n] = 1
+            if weights is not None:  # token weights (apo_jax.data.token_weights), aligned like the mask
+                weights[i, len(p) : n] = r[f"{side}_weights"]
         out |= {f"{side}_input_ids": ids, f"{side}_attention_mask": attn, f"{side}_loss_mask": loss}
+        if weights is not None:
+            out[f"{side}_weights"] = weights
     return out | _extras(records)
 
 

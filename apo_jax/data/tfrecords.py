@@ -10,6 +10,8 @@ Schema version 1, one `tf.train.Example` per example (all ids int64 lists, unpad
             aligned with prompt+completion ids); `metadata.json["reference"]` then holds the
             fingerprint (weights, tokenizer, data, max_length, ld_alpha, dtype, granularity) that
             ties them to one reference model, and a stale cache is refused.
+  token weights, added by `python -m apo_jax.data.token_weights` (TIS-DPO, Mask-DPO, D²PO):
+            chosen_weights, rejected_weights (float lists aligned with chosen_ids / rejected_ids)
 Loss masks are not stored: with keep-start truncation they are 0 on the prompt, 1 on the
 completion, and the batch layouts (apo_jax.data.layouts) build them aligned with the input ids.
 TensorFlow is imported only here, lazily.
@@ -33,10 +35,12 @@ FLOAT_FIELDS = (
     "ref_rejected_logps",
     "ref_chosen_token_logps",
     "ref_rejected_token_logps",
+    "chosen_weights",
+    "rejected_weights",
 )
 LIST_FIELDS = {
     "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids",
-    "ref_chosen_token_logps", "ref_rejected_token_logps",
+    "ref_chosen_token_logps", "ref_rejected_token_logps", "chosen_weights", "rejected_weights",
 }  # fmt: skip
 PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "source_index")
 UNPAIRED_FIELDS = ("prompt_ids", "completion_ids", "label", "kl_completion_ids", "source_index")
@@ -81,6 +85,25 @@ def write_shards(records: list[dict], out_dir: pathlib.Path, num_shards: int) ->
                 w.write(_example(tf, record).SerializeToString())
         shards.append({"file": name, "rows": int(hi - lo)})
     return shards
+
+
+def rewrite_records(records: list[dict], meta: dict, out_dir, extra_meta: dict) -> pathlib.Path:
+    """Writes `records` (read from a directory with metadata `meta`, fields added) to `out_dir`, as
+    many shards as before, with `extra_meta` merged into its metadata.json: into a `.partial`
+    sibling first, renamed when complete, so a killed job never leaves half a directory."""
+    import shutil
+
+    out_dir = pathlib.Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = dict(meta)
+    meta["shards"] = write_shards(records, tmp, len(meta["shards"]))
+    meta["fields"] = sorted(set(meta["fields"]) | set(records[0] if records else ()))
+    meta |= extra_meta
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
 
 
 def read_metadata(data_dir: str | pathlib.Path) -> dict:

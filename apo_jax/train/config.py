@@ -185,8 +185,11 @@ def validate(config) -> None:
         raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")
     if (ld_alpha is not None or config.loss.get("use_weighting", False)) and d.layout != "padded":
         raise ConfigError("loss.ld_alpha and loss.use_weighting need data.layout='padded'")
-    if loss.granularity == "token":
-        raise ConfigError(f"loss {loss.name!r} is token-level; the train step feeds sequence-level losses")
+    if loss.granularity == "token" and (d.layout != "padded" or r.mode == "precomputed"):
+        raise ConfigError(
+            f"loss {loss.name!r} is token-level: it needs data.layout='padded' and a reference model "
+            f"(reference.mode frozen or sync), not layout {d.layout!r} with reference.mode {r.mode!r}"
+        )
     if not loss.uses_reference and r.mode not in ("none", "frozen"):
         raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
 

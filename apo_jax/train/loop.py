@@ -242,7 +242,7 @@ def run(cfg) -> dict:
         mode=t.mode, layout=cfg.data.layout, grad_accum=t.grad_accum, reference=reference,
         sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
         ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
-        hparams=hp,
+        hparams=hp, token_level=loss is not None and loss.granularity == "token",
     )  # fmt: skip
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(

@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
 
 from apo_jax.data import layouts
-from apo_jax.data.tfrecords import read_records, reference_fingerprint, write_shards
+from apo_jax.data.tfrecords import read_records, reference_fingerprint, rewrite_records
 from apo_jax.train import config as config_lib
 
 
@@ -83,18 +82,7 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
         dict(r, ref_chosen_logps=float(c), ref_rejected_logps=float(j))
         for r, c, j in zip(records, chosen, rejected, strict=True)
     ]
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    meta = dict(meta)
-    meta["shards"] = write_shards(new, tmp, len(meta["shards"]))
-    meta["fields"] = sorted(set(meta["fields"]) | {"ref_chosen_logps", "ref_rejected_logps"})
-    meta["reference"] = {
-        "fingerprint": reference_id(cfg, meta),
-        "granularity": "sequence",
-        "source": cfg.data.train,
-    }
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    reference = {"fingerprint": reference_id(cfg, meta), "granularity": "sequence", "source": cfg.data.train}
+    rewrite_records(new, meta, out_dir, {"reference": reference})
     progress.unlink(missing_ok=True)
     return out_dir

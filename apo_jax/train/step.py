@@ -41,6 +41,7 @@ class StepConfig:
     ld_alpha: float | None = None
     use_weighting: bool = False
     hparams: tuple = ()  # sorted (name, value) pairs of the loss hyperparameters, beta included
+    token_level: bool = False  # the loss takes [B, T] token log-probs (padded layout only)
     chunk_size: int = 256
     with_entropy: bool = True
 
@@ -64,6 +65,8 @@ def _sides_padded(model, params, batch, cfg: StepConfig, *, with_entropy):
     else:
         res["chosen"], res["rejected"] = out["logps"][:b], out["logps"][b:]
     res["chosen_lengths"], res["rejected_lengths"] = out["lengths"][:b], out["lengths"][b:]
+    if cfg.token_level:
+        res["chosen_tok"], res["rejected_tok"] = c_tok, r_tok
     if with_entropy:
         res["entropy_sum"] = jnp.sum(out["entropy"] * loss_mask)
     if cfg.use_weighting:
@@ -117,6 +120,7 @@ def sequence_sums(model, params, batch, cfg: StepConfig, *, with_entropy=False):
 
 
 _FIELDS = {"is_tie": "is_tie", "timestamps": "timestamps", "scores": "scores", "label": "label"}
+_TOKEN_FIELDS = ("chosen_loss_mask", "rejected_loss_mask", "chosen_weights", "rejected_weights")
 
 
 def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
@@ -155,11 +159,14 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
         for key in ("chosen_lengths", "rejected_lengths"):
             if key in loss.needs + loss.accepts:
                 fields[key] = pol[key]
-        rc, rr = (ref["chosen"], ref["rejected"]) if ref is not None else (None, None)
+        side = "_tok" if cfg.token_level else ""  # token-level losses take [B, T] and the masks
+        if cfg.token_level:
+            fields |= {k: batch[k] for k in _TOKEN_FIELDS if k in batch}
+        rc, rr = (ref["chosen" + side], ref["rejected" + side]) if ref is not None else (None, None)
         weights = pol.get("wpo")
         out = mix(
-            pol["chosen"],
-            pol["rejected"],
+            pol["chosen" + side],
+            pol["rejected" + side],
             rc,
             rr,
             **hp,
@@ -177,8 +184,9 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
             "logps/rejected": jnp.mean(pol["rejected"]),
         }
         if ref is not None:
-            metrics["rewards/chosen_positive"] = jnp.mean((pol["chosen"] - rc > 0).astype(jnp.float32))
-            metrics["rewards/rejected_negative"] = jnp.mean((pol["rejected"] - rr < 0).astype(jnp.float32))
+            c_pos, r_neg = pol["chosen"] - ref["chosen"] > 0, pol["rejected"] - ref["rejected"] < 0
+            metrics["rewards/chosen_positive"] = jnp.mean(c_pos.astype(jnp.float32))
+            metrics["rewards/rejected_negative"] = jnp.mean(r_neg.astype(jnp.float32))
     metrics |= out.metrics or {}
     metrics |= {
         "tokens": pol["tokens"],

@@ -75,6 +75,8 @@ def get_config(arg: str):
         "sft_examples": 256 if small else 6000, "sft_steps": 10 if small else 600,
         "train_prompts": 48 if small else 3072, "eval_prompts": 16 if small else 128,
     })  # fmt: skip
+    if loss == "tis_dpo":  # DPO steps of each contrastive model behind TIS-DPO's token weights
+        config.experiment.tis_steps = 2 if small else 50
     # A 2-layer model's held-out rewards barely move at the paper's β (measured at β = 0.1, lr 1e-5:
     # margin 0.006 after 200 steps; at lr 1e-4 the policy degrades): the miniature anchors 10x harder
     config.loss.beta *= 10

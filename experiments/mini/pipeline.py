@@ -20,7 +20,8 @@ from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
-METHOD_FIELDS = ("method", "profs_layers", "profs_rank")  # what M's answers and pairs do not depend on
+# what M's answers and pairs do not depend on
+METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps")
 
 
 def _key(fields: dict) -> str:
@@ -161,6 +162,47 @@ def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
     return ",".join(f"{k}={v}" for k, v in sets.items())
 
 
+TOKEN_WEIGHTED = ("tis_dpo", "mask_dpo", "d2po")  # losses whose records need token weights
+
+
+def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib.Path:
+    """Records with per-token weights for a token-weighted loss (apo_jax.data.token_weights):
+    Mask-DPO's from the scorer's line labels; TIS-DPO's from two contrastive models, M trained briefly
+    with DPO on the pairs (π⁺) and on the reversed pairs (π⁻); D²PO's decay."""
+    from apo_jax import train
+    from apo_jax.data.tfrecords import read_records, rewrite_records
+    from apo_jax.data.token_weights import add_weights
+
+    name, workdir = config.loss.name, pathlib.Path(config.workdir)
+    out = workdir / f"records_train_{name}"
+    if name == "d2po":
+        return add_weights(train_dir, out, method="d2po")
+    if name == "mask_dpo":
+        by_prompt = {p["prompt"]: p for p in prompts}
+        rows = [json.loads(x) for x in pathlib.Path(pairs_path).read_text().splitlines()]
+        for r in rows:
+            if "prefix" in r:
+                raise ValueError(f"mask_dpo labels whole answers; {kind} pairs are single steps")
+            problem = by_prompt[r["prompt"]]
+            r["chosen_labels"] = task.line_labels(problem, r["chosen"])
+            r["rejected_labels"] = task.line_labels(problem, r["rejected"])
+        labeled = write_jsonl(workdir / f"pairs_{kind}_labeled.jsonl", rows)
+        return add_weights(train_dir, out, method="mask", pairs=labeled, tokenizer=tok)
+    records, meta = read_records(train_dir)
+    swapped = [dict(r, chosen_ids=r["rejected_ids"], rejected_ids=r["chosen_ids"]) for r in records]
+    data = {"plus": train_dir, "minus": rewrite_records(swapped, meta, workdir / "records_reversed", {})}
+    models = {}
+    for side, path in data.items():
+        cfg = config.copy_and_resolve_references()
+        cfg.workdir, cfg.data.train = str(workdir / f"tis_{side}"), str(path)
+        cfg.data.eval, cfg.data.probes = "", ""
+        cfg.loss.name, cfg.train.steps, cfg.train.export_hf = "sigmoid", config.experiment.tis_steps, True
+        _say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
+        train.run(cfg)
+        models[side] = workdir / f"tis_{side}" / "hf"
+    return add_weights(train_dir, out, method="tis", plus_model=models["plus"], minus_model=models["minus"])
+
+
 def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     import matplotlib
 
@@ -237,6 +279,8 @@ def run(config) -> dict:
                as_chat=True)  # fmt: skip
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
+    if config.loss.name in TOKEN_WEIGHTED:
+        config.data.train = str(_token_weights(config, kind, train_dir, paths[kind], train_prompts, tok))
     config.data.probes = _probes(cache, workdir, kind, train_prompts, paths[kind], tok, mini.seed)
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
         from apo_jax.models.edit import edit_checkpoint

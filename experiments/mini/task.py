@@ -55,6 +55,22 @@ def is_correct(problem: dict, text: str) -> bool:
     return final_answer(text) == solve(problem)[-1][3]
 
 
+def line_labels(problem: dict, text: str) -> list[int]:
+    """The scorer, line by line (Mask-DPO's sentence labels): a step line is right (1) when it is the
+    gold solution's step at its place, the answer line when the final answer is right; other lines 1."""
+    steps, labels, k = solve(problem), [], 0
+    for line in (x for x in text.split("\n") if x.strip()):
+        m = _STEP.match(line)
+        if m:
+            labels.append(int(k < len(steps) and tuple(m.groups()) == tuple(map(str, steps[k]))))
+            k += 1
+        elif _ANSWER.search(line):
+            labels.append(int(final_answer(line) == steps[-1][3]))
+        else:
+            labels.append(1)
+    return labels
+
+
 def revise(problem: dict, text: str) -> str:
     """The programmatic minimal reviser (CLAIR's stand-in for GPT-4-turbo): keeps every line of M's
     answer that is right, and rewrites only the wrong steps and the final answer, in M's format."""

@@ -1,0 +1,190 @@
+"""Per-token weights for token-weighted DPO (`loss.name = tis_dpo | mask_dpo | d2po`), added to records.
+
+    # TIS-DPO: weights from two contrastive models, e.g. DPO on the pairs and on the reversed pairs
+    python -m apo_jax.data.token_weights --records data/train --output data/train_tis \
+        --method tis --plus-model runs/plus/hf --minus-model runs/minus/hf --lower -1 --upper 1
+    # Mask-DPO: sentence labels of each answer (pair rows carry chosen_labels / rejected_labels)
+    python -m apo_jax.data.token_weights --records data/train --output data/train_mask \
+        --method mask --pairs pairs.jsonl --tokenizer Meta-Llama-3-8B-Instruct --split lines
+    # D²PO: temporal decay γ^k from the k-th answer token
+    python -m apo_jax.data.token_weights --records data/train --output data/train_d2po --method d2po
+
+The output is a copy of the record directory whose records carry `chosen_weights` and `rejected_weights`
+(float lists aligned with `chosen_ids` / `rejected_ids`); `metadata.json["token_weights"]` says how they
+were made. The train step feeds them to the token-weighted loss (apo_jax.losses.token_weighted):
+
+- TIS-DPO (arXiv 2410.04350): with d_t = log π⁺(y_t) − log π⁻(y_t) under the two contrastive models,
+  w_t = k·exp(μ·clip(d_t, L, U)), μ = +1 on chosen and −1 on rejected answers (the paper's form; its
+  bounds are not fixed by the code we could read, so L, U and k are flags: defaults −1, 1, 1).
+- Mask-DPO (arXiv 2503.02846): a chosen answer keeps the tokens of its correct sentences, a rejected
+  answer those of its wrong ones (w = 1 kept, 0 dropped). `chosen_labels` / `rejected_labels` hold one
+  0/1 (1 = correct) per sentence of the answer as `--split` cuts it. A token belongs to the sentence
+  that holds its last character; tokens in none (separators, the end-of-turn token) keep weight 1.
+- D²PO (arXiv 2502.14340): w = γ^k on the k-th answer token, k from 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+import numpy as np
+
+SPLITS = {  # what a sentence is: a non-blank line, or text up to . ! ? or a line end
+    "lines": re.compile(r"[^\n]*\S[^\n]*"),
+    "sentences": re.compile(r"[^\s][^.!?\n]*(?:[.!?]+|$)", re.M),
+}
+
+
+def d2po_weights(n: int, gamma: float) -> np.ndarray:
+    return np.power(np.float32(gamma), np.arange(1, n + 1, dtype=np.float32))
+
+
+def tis_weights(plus: np.ndarray, minus: np.ndarray, *, chosen: bool, lower: float, upper: float,
+                k: float = 1.0) -> np.ndarray:  # fmt: skip
+    """w_t = k·exp(μ·clip(log π⁺ − log π⁻, L, U)), μ = +1 for a chosen answer and −1 for a rejected one."""
+    mu = 1.0 if chosen else -1.0
+    return (k * np.exp(mu * np.clip(plus - minus, lower, upper))).astype(np.float32)
+
+
+def sentence_spans(text: str, split: str) -> list[tuple[int, int]]:
+    return [m.span() for m in SPLITS[split].finditer(text)]
+
+
+def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str, where: str) -> np.ndarray:
+    """Mask-DPO's 0/1 weights of one answer's token ids from its per-sentence labels (1 = correct).
+    `text` is the answer as written in the pair file; the ids may hold only its start (truncation)."""
+    spans = sentence_spans(text, split)
+    if len(spans) != len(labels):
+        raise ValueError(
+            f"{where}: {len(labels)} sentence labels, but the answer has {len(spans)} sentences when cut "
+            f"by --split {split}: {[text[a:b] for a, b in spans]}"
+        )
+    decoded = tokenizer.decode(list(ids), skip_special_tokens=True)
+    if not text.lstrip().startswith(decoded.strip()):
+        raise ValueError(f"{where}: the record's tokens decode to {decoded!r}, not the start of the answer")
+    # leading whitespace may differ (templates strip it, tokenizers merge it): align the first characters
+    shift = (len(decoded) - len(decoded.lstrip())) - (len(text) - len(text.lstrip()))
+    w = np.ones(len(ids), np.float32)
+    for j in range(len(ids)):
+        end = len(tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True)) - shift
+        for (a, b), label in zip(spans, labels, strict=True):
+            if a < end <= b:  # the token's last character lies in this sentence
+                w[j] = float(bool(label) == chosen)
+                break
+    return w
+
+
+def _contrast_logps(model_dir, records, batch_size):
+    """{"chosen", "rejected"}: per record, the answer tokens' log-probs under one model."""
+    import jax
+
+    from apo_jax import models
+    from apo_jax.data import layouts
+
+    model, params = models.from_hf(model_dir)
+    score = jax.jit(
+        lambda p, ids, attn, mask: models.token_logps(model, p, ids, attn, mask, with_entropy=False)[
+            "token_logps"
+        ]
+    )
+    out = {"chosen": [], "rejected": []}
+    for batch, n in layouts.padded_batches(records, batch_size, multiple=16):
+        for side in out:
+            tok = np.asarray(score(params, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask",
+                                                                           "loss_mask"))))  # fmt: skip
+            for row in range(n):
+                out[side].append(tok[row][batch[f"{side}_loss_mask"][row] > 0])
+    return out
+
+
+def add_weights(records_dir, output, *, method: str, plus_model=None, minus_model=None, lower=-1.0,
+                upper=1.0, k=1.0, pairs=None, tokenizer=None, split="lines", gamma=0.98,
+                batch_size=8) -> pathlib.Path:  # fmt: skip
+    """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added."""
+    from apo_jax.data.tfrecords import read_records, rewrite_records
+
+    records, meta = read_records(records_dir)
+    if meta.get("kind") != "paired":
+        raise ValueError(f"{records_dir}: token weights are for paired records, these are {meta.get('kind')}")
+    how = {"method": method, "source": str(records_dir)}
+    if method == "tis":
+        if not (plus_model and minus_model):
+            raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
+        if not lower < upper:
+            raise ValueError(f"--lower {lower} must be below --upper {upper}")
+        plus, minus = (_contrast_logps(m, records, batch_size) for m in (plus_model, minus_model))
+        weights = {
+            side: [tis_weights(p, q, chosen=side == "chosen", lower=lower, upper=upper, k=k)
+                   for p, q in zip(plus[side], minus[side], strict=True)]
+            for side in ("chosen", "rejected")
+        }  # fmt: skip
+        how |= {"plus_model": str(plus_model), "minus_model": str(minus_model), "lower": lower,
+                "upper": upper, "k": k}  # fmt: skip
+    elif method == "mask":
+        if not (pairs and tokenizer is not None):
+            raise ValueError(
+                "--method mask needs --pairs (rows with chosen_labels/rejected_labels) and --tokenizer"
+            )
+        rows = [json.loads(x) for x in pathlib.Path(pairs).read_text().splitlines() if x.strip()]
+        weights = {"chosen": [], "rejected": []}
+        for r in records:
+            i = int(r["source_index"])
+            for side in weights:
+                labels = rows[i].get(f"{side}_labels")
+                if labels is None:
+                    raise ValueError(f"{pairs}: row {i} has no {side}_labels (one 0/1 per sentence)")
+                w = mask_weights(r[f"{side}_ids"], labels, rows[i][side], tokenizer, chosen=side == "chosen",
+                                 split=split, where=f"{pairs}: row {i} ({side})")  # fmt: skip
+                weights[side].append(w)
+        how |= {"pairs": str(pairs), "split": split}
+    elif method == "d2po":
+        weights = {
+            s: [d2po_weights(len(r[f"{s}_ids"]), gamma) for r in records] for s in ("chosen", "rejected")
+        }
+        how |= {"gamma": gamma}
+    else:
+        raise ValueError(f"unknown --method {method!r}: use tis, mask or d2po")
+    new = [dict(r, chosen_weights=c, rejected_weights=j)
+           for r, c, j in zip(records, weights["chosen"], weights["rejected"], strict=True)]  # fmt: skip
+    return rewrite_records(new, meta, output, {"token_weights": how})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m apo_jax.data.token_weights", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--records", required=True, help="a record directory (apo_jax.data.preprocess)")
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--method", required=True, choices=("tis", "mask", "d2po"))
+    ap.add_argument("--plus-model", help="tis: the model that prefers chosen answers (HF directory)")
+    ap.add_argument("--minus-model", help="tis: the model that prefers rejected answers")
+    ap.add_argument("--lower", type=float, default=-1.0, help="tis: clip bound L")
+    ap.add_argument("--upper", type=float, default=1.0, help="tis: clip bound U")
+    ap.add_argument("--k", type=float, default=1.0, help="tis: scale k")
+    ap.add_argument("--pairs", help="mask: the pair file the records came from, with *_labels")
+    ap.add_argument("--tokenizer", help="mask: the tokenizer the records were made with")
+    ap.add_argument("--split", default="lines", choices=tuple(SPLITS), help="mask: what a sentence is")
+    ap.add_argument("--gamma", type=float, default=0.98, help="d2po: the decay")
+    ap.add_argument("--batch-size", type=int, default=8)
+    a = ap.parse_args(argv)
+    tok = None
+    if a.tokenizer:
+        from apo_jax.models import load_tokenizer
+
+        tok = load_tokenizer(a.tokenizer)
+    try:
+        out = add_weights(a.records, a.output, method=a.method, plus_model=a.plus_model,
+                          minus_model=a.minus_model, lower=a.lower, upper=a.upper, k=a.k, pairs=a.pairs,
+                          tokenizer=tok, split=a.split, gamma=a.gamma, batch_size=a.batch_size)  # fmt: skip
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Token weights (TIS-DPO, Mask-DPO, D²PO) and the token-level train step, against torch and numpy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import first_step
+
+from apo_jax import losses, models, testing, train
+from apo_jax.data import layouts, token_weights
+from apo_jax.data.tfrecords import read_records, rewrite_records
+
+
+@pytest.fixture(scope="module")
+def pair_models(tmp_path_factory, tiny_tokenizer):
+    """Two tiny HF Llamas of one shape (π⁺, π⁻ for TIS; policy, reference for the step) and records."""
+    root = tmp_path_factory.mktemp("tw")
+    dirs = [testing.tiny_hf_llama(root / f"m{i}", vocab_size=len(tiny_tokenizer), seed=10 + i,
+                                  tokenizer=tiny_tokenizer) for i in range(2)]  # fmt: skip
+    recs = testing.tiny_preference_records(root / "records", tiny_tokenizer, n=16, max_length=48, seed=5)
+    return dirs, recs
+
+
+def _torch_token_logps(model_dir, batch, side):
+    """[b, T] log p(token t | tokens < t) from transformers' PyTorch Llama (0 at t = 0)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = batch[f"{side}_input_ids"].astype(np.int64)
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(batch[f"{side}_attention_mask"]))
+    logp = torch.log_softmax(logits.logits, -1).numpy()
+    out = np.zeros(ids.shape, np.float64)
+    out[:, 1:] = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    return out
+
+
+def test_tis_weights_equal_the_formula_on_torch_log_probs(tmp_path, pair_models):
+    (plus, minus), recs = pair_models
+    out = token_weights.add_weights(recs, tmp_path / "tis", method="tis", plus_model=plus, minus_model=minus,
+                                    lower=-0.2, upper=0.3, k=1.5)  # fmt: skip
+    got, meta = read_records(out)
+    assert meta["token_weights"]["method"] == "tis" and "chosen_weights" in meta["fields"]
+    batch = layouts.padded(got, 48)
+    for side, mu in (("chosen", 1.0), ("rejected", -1.0)):
+        d = _torch_token_logps(plus, batch, side) - _torch_token_logps(minus, batch, side)
+        expected = 1.5 * np.exp(mu * np.clip(d, -0.2, 0.3))
+        mask = batch[f"{side}_loss_mask"] > 0
+        np.testing.assert_allclose(batch[f"{side}_weights"][mask], expected[mask], rtol=2e-5)
+        assert np.all(batch[f"{side}_weights"][~mask] == 0)
+        # clipping is active on some tokens: the test exercises both bounds
+        assert np.any(d[mask] < -0.2) and np.any(d[mask] > 0.3)
+
+
+def test_mask_dpo_weights_follow_the_sentence_labels(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows = [{"prompt": "Compute 7 + 5 - 9.", "chosen": "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3",
+             "rejected": "7 + 5 = 12\n12 - 9 = 4\nAnswer: 4",
+             "chosen_labels": [1, 1, 1], "rejected_labels": [1, 0, 0]}]  # fmt: skip
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from apo_jax.data.preprocess import preprocess
+
+    preprocess(str(pairs), tmp_path / "rec", tok, max_length=96)
+    out = token_weights.add_weights(tmp_path / "rec", tmp_path / "mask", method="mask", pairs=pairs,
+                                    tokenizer=tok)  # fmt: skip
+    (r,), _ = read_records(out)
+    assert np.all(r["chosen_weights"] == 1)  # every sentence of the chosen answer is right
+    dropped = [int(t) for t, w in zip(r["rejected_ids"], r["rejected_weights"], strict=True) if w == 0]
+    assert tok.decode(dropped).replace(" ", "") == "7+5=12"  # the rejected answer's one right line
+    kept = [int(t) for t, w in zip(r["rejected_ids"], r["rejected_weights"], strict=True) if w == 1]
+    assert "12-9=4" in tok.decode(kept).replace(" ", "") and "Answer:4" in tok.decode(kept).replace(" ", "")
+    rows[0]["rejected_labels"] = [1, 0]
+    pairs.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl: row 0 \(rejected\): 2 sentence labels.*3 sentences"):
+        token_weights.add_weights(tmp_path / "rec", tmp_path / "x", method="mask", pairs=pairs, tokenizer=tok)
+
+
+def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_models):
+    from apo_jax.train.step import StepConfig, preference_loss
+
+    (pol_dir, ref_dir), recs = pair_models
+    records, _ = read_records(recs)
+    rng = np.random.default_rng(0)
+    for r in records:
+        r["chosen_weights"] = rng.uniform(0, 2, len(r["chosen_ids"])).astype(np.float32)
+        r["rejected_weights"] = rng.uniform(0, 2, len(r["rejected_ids"])).astype(np.float32)
+    batch = layouts.padded(records, 48)
+    model, params = models.from_hf(pol_dir)
+    _, ref_params = models.from_hf(ref_dir)
+    loss = losses.get("tis_dpo")
+    cfg = StepConfig(hparams=(("beta", 0.3),), token_level=True)
+    value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
+    rho = {}
+    for side in ("chosen", "rejected"):
+        w = batch[f"{side}_weights"] * batch[f"{side}_loss_mask"]
+        diff = _torch_token_logps(pol_dir, batch, side) - _torch_token_logps(ref_dir, batch, side)
+        rho[side] = (w * diff).sum(-1)
+    expected = np.mean(np.logaddexp(0.0, -0.3 * (rho["chosen"] - rho["rejected"])))
+    assert float(value) == pytest.approx(expected, rel=1e-4)
+    assert float(metrics["rewards/margins"]) == pytest.approx(0.3 * np.mean(rho["chosen"] - rho["rejected"]),
+                                                              rel=1e-4, abs=1e-5)  # fmt: skip
+
+
+def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):
+    """Weights of 2 on every token make token-weighted DPO at β equal DPO at 2β: the records' weights
+    reach the loss through the reader, the layout and the step."""
+    _, recs = pair_models
+    records, meta = read_records(recs)
+    sides = ("chosen", "rejected")
+    doubled = [dict(r, **{f"{s}_weights": np.full(len(r[f"{s}_ids"]), 2.0, np.float32) for s in sides})
+               for r in records]  # fmt: skip
+    weighted = rewrite_records(doubled, meta, tmp_path / "doubled", {})
+    runs = {}
+    for name, data, beta in (("tis_dpo", weighted, 0.25), ("sigmoid", recs, 0.5)):
+        cfg = train.default_config()
+        cfg.workdir, cfg.model.preset, cfg.data.train = str(tmp_path / name), "tiny", str(data)
+        cfg.loss.name, cfg.loss.beta = name, beta
+        cfg.optimizer.lr, cfg.optimizer.schedule = 1e-3, "constant"
+        cfg.train.steps, cfg.train.batch_size, cfg.train.progress, cfg.train.export_hf = 3, 4, False, False
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+        train.run(cfg)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [r["loss"] for r in rows if "loss" in r]
+    assert first_step(tmp_path / "tis_dpo")["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    np.testing.assert_allclose(runs["tis_dpo"], runs["sigmoid"], rtol=2e-5)
+    assert runs["sigmoid"][-1] < runs["sigmoid"][0]
