@@ -382,6 +382,43 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
         data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)
 
 
+def test_scdpo_negatives_keep_the_right_steps_before_the_chosen_step(tmp_path, tiny_tokenizer):
+    """Step-Controlled DPO: the sampler continues each right solution after its first k lines at a rising
+    temperature; the negatives are wrong answers whose first k steps are the solution's (the
+    miniature's line-by-line scorer checks them), and chosen is the solution's own rest."""
+    import random
+
+    from apo_jax import testing
+    from apo_jax.data import generate, steps
+    from experiments.mini import task
+
+    model_dir = testing.tiny_hf_llama(tmp_path / "m", vocab_size=len(tiny_tokenizer), seed=2,
+                                      tokenizer=tiny_tokenizer)  # fmt: skip
+    problems = task.problems(12, seed=1)
+    solutions = [{"prompt": p["prompt"], "response": task.gold_answer(p), "index": i}
+                 for i, p in enumerate(problems)]  # fmt: skip
+    starts = steps.scdpo_starts(solutions, random.Random(0))
+    assert len({s["step"] for s in starts}) > 1  # different cut points
+    rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
+    out = tmp_path / "continuations.jsonl"
+    generate.generate_with_model(rows, out, model_dir, samples=2, max_tokens=12, batch_size=8, progress=False,
+                                 **steps.SCDPO_TEMPERATURE)  # fmt: skip
+    continuations = [json.loads(x) for x in out.read_text().splitlines()]
+    for row in rows:  # the sampler's prompt is the chat prompt followed by the kept steps
+        ids = generate.prompt_ids(tiny_tokenizer, row, {})
+        head = generate.prompt_ids(tiny_tokenizer, {"prompt": row["prompt"]}, {})
+        assert ids[: len(head)] == head and tiny_tokenizer.decode(ids[len(head) :]) == row["prefix"]
+    pairs = steps.scdpo_pairs(starts, continuations, lambda s, t: task.is_correct(problems[s["index"]], t))
+    assert len(pairs) >= 6
+    for pair in pairs:
+        problem, k = problems[pair["index"]], pair["step"]
+        gold = task.gold_answer(problem).split("\n")
+        assert pair["prefix"] == "".join(x + "\n" for x in gold[:k]) and pair["chosen"] == "\n".join(gold[k:])
+        whole = pair["prefix"] + pair["rejected"]
+        assert not task.is_correct(problem, whole)
+        assert all(task.line_labels(problem, whole)[:k])  # right before step k
+
+
 def test_anchor_pairs_follow_the_rule_of_each_category():
     from apo_jax.data.anchor import anchor_pairs, category
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS
 
-from apo_jax import models, sharding
+from apo_jax import models, sharding, testing
 from apo_jax.logprobs import naive_token_logps
 from apo_jax.logprobs import token_logps as chunked_token_logps
 
@@ -247,6 +247,52 @@ def test_top_k_one_is_greedy(tiny_checkpoints):
         model, params, prompts, mask, max_new_tokens=6, temperature=2.0, top_k=1, eos_ids=()
     )
     np.testing.assert_array_equal(top1["tokens"], greedy)
+
+
+def _mean_logp_check(samples, logits_true, logits_sampled, label):
+    """Samples drawn from softmax(logits_sampled) have E[log softmax(logits_true)] = Σ q·log p: the
+    empirical mean lies within 4.5 standard errors of the exact value (torch logits, numpy)."""
+    logp = torch.log_softmax(torch.tensor(logits_true, dtype=torch.float64), -1).numpy()
+    q = torch.softmax(torch.tensor(logits_sampled, dtype=torch.float64), -1).numpy()
+    exact, var = float(q @ logp), float(q @ logp**2 - (q @ logp) ** 2)
+    got = logp[samples]
+    assert abs(got.mean() - exact) < 4.5 * np.sqrt(var / len(got)), (label, got.mean(), exact)
+    return exact
+
+
+def test_rising_step_temperature_and_logit_mixing_sample_the_right_distributions(tmp_path, tiny_checkpoints):
+    """Step-Controlled DPO's temperature min(t0 + Δ·steps, t_max) and the online-DPO samplers' logit
+    mixing (Shi et al.): the token distributions against softmax of transformers' logits."""
+    path = tiny_checkpoints["gqa"]
+    ref_path = testing.tiny_hf_llama(tmp_path / "ref", seed=7)
+    model, params = models.from_hf(path)
+    _, ref_params = models.from_hf(ref_path)
+    n, prompt = 4096, np.arange(6, 12)
+    ids, mask = np.tile(prompt, (n, 1)), np.ones((n, 6), np.int32)
+    with torch.no_grad():
+        l0 = _hf(path)(input_ids=torch.tensor(prompt[None])).logits[0, -1].numpy()
+        r0 = _hf(ref_path)(input_ids=torch.tensor(prompt[None])).logits[0, -1].numpy()
+    # every token ends a "step": the first token is drawn at t0 = 0.5, the second at min(0.5 + 1, 1.2)
+    schedule = {"temperature": 0.5, "temperature_step": 1.0, "temperature_max": 1.2}
+    out = models.generate(model, params, ids, mask, max_new_tokens=2, step_end_ids=np.arange(384), eos_ids=(),
+                          rng=jax.random.key(3), **schedule)  # fmt: skip
+    tokens = np.asarray(out["tokens"])
+    at_t0 = _mean_logp_check(tokens[:, 0], l0, l0 / 0.5, "first token at 0.5")
+    top = np.bincount(tokens[:, 0]).argmax()  # the second token, after the most frequent first one
+    with torch.no_grad():
+        l1 = _hf(path)(input_ids=torch.tensor(np.append(prompt, top)[None])).logits[0, -1].numpy()
+    second = tokens[tokens[:, 0] == top, 1]
+    at_t1 = _mean_logp_check(second, l1, l1 / 1.2, "second token at 1.2")
+    with pytest.raises(AssertionError):  # the check can tell the temperatures apart
+        _mean_logp_check(second, l1, l1 / 0.5, "second token at 0.5")
+    assert at_t0 > at_t1
+    # logit mixing: half the rows from 1.5·l_θ − 0.5·l_ref, half from 0.5·l_θ + 0.5·l_ref (temperature 1)
+    mix = np.repeat([[1.5, -0.5], [0.5, 0.5]], n // 2, axis=0)
+    out = models.generate(model, params, ids, mask, max_new_tokens=1, temperature=1.0, eos_ids=(),
+                          ref_params=ref_params, mix=mix, rng=jax.random.key(4))  # fmt: skip
+    first = np.asarray(out["tokens"])[:, 0]
+    _mean_logp_check(first[: n // 2], l0, 1.5 * l0 - 0.5 * r0, "mix (1.5, -0.5)")
+    _mean_logp_check(first[n // 2 :], l0, 0.5 * l0 + 0.5 * r0, "mix (0.5, 0.5)")
 
 
 def test_sharded_logits_equal_single_device(tiny_checkpoints):

@@ -96,17 +96,43 @@ def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, te
     return {"rows": len(requests), "written": len(rows), "failed": len(failures), "failures": failures}
 
 
+def prompt_ids(tok, row: dict, kwargs: dict) -> list[int]:
+    """The chat-templated prompt of a row, continued by its `prefix` (the answer so far) if it has one,
+    tokenized as preprocess tokenizes step-level pairs (apo_jax.data.tokenize)."""
+    messages = [{"role": "user", "content": row["prompt"]}]
+    if not row.get("prefix"):
+        return tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                       **kwargs)["input_ids"]  # fmt: skip
+    head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+    return list(tok(text=head + row["prefix"], add_special_tokens=False)["input_ids"])
+
+
+def step_end_ids(tok, marker: str = "\n") -> list[int]:
+    """Token ids whose text contains `marker`: the end of a reasoning step written one per line."""
+    return [i for i in range(len(tok)) if marker in tok.decode([i])]
+
+
 def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512, temperature=0.7, top_p=1.0,
-                        batch_size=8, seed=0, mesh=None, progress=True) -> dict:  # fmt: skip
-    """With apo_jax's own sampler: chat-templated, left-padded batches, appended as they finish."""
+                        batch_size=8, seed=0, mesh=None, progress=True, temperature_step=0.0,
+                        temperature_max=None, params=None, ref_params=None, mix=None) -> dict:  # fmt: skip
+    """With apo_jax's own sampler: chat-templated, left-padded batches, appended as they finish.
+
+    Rows with a `prefix` continue it (the response is the continuation). `temperature_step` raises the
+    temperature by that much after each line the row writes, up to `temperature_max` (Step-Controlled
+    DPO). `params` replaces the directory's weights (a policy in training); `ref_params` with `mix`
+    ([2], or [samples, 2]: one pair per sample index) samples from mixed logits (online DPO's samplers)."""
     import jax
 
     from apo_jax import models
     from apo_jax.data.tokenize import chat_kwargs
 
     output = pathlib.Path(output)
-    model, params = models.from_hf(model_dir, mesh=mesh)
+    model, loaded = models.from_hf(model_dir, mesh=mesh)
+    params = loaded if params is None else params
     tok = models.load_tokenizer(model_dir)
+    schedule = {"temperature_step": temperature_step, "temperature_max": temperature_max}
+    if temperature_step:
+        schedule["step_end_ids"] = step_end_ids(tok)
     kwargs = chat_kwargs(tok)
     done = _done_ids(output)
     todo = [j for j in _jobs(prompts, samples) if j[0] not in done]
@@ -119,20 +145,24 @@ def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512
         bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         jobs = todo[start : start + batch_size]
-        ids = [tok.apply_chat_template([{"role": "user", "content": prompts[i]["prompt"]}], tokenize=True,
-                                       return_dict=True, add_generation_prompt=True, **kwargs)["input_ids"]
-               for _, i, _ in jobs]  # fmt: skip
+        ids = [prompt_ids(tok, prompts[i], kwargs) for _, i, _ in jobs]
         width = max(map(len, ids))
-        prompt_ids = np.full((batch_size, width), pad, np.int32)  # fixed batch: one compiled sampler
-        prompt_mask = np.zeros((batch_size, width), np.int32)
+        ids_ = np.full((batch_size, width), pad, np.int32)  # fixed batch: one compiled sampler
+        mask_ = np.zeros((batch_size, width), np.int32)
         for r, x in enumerate(ids):
-            prompt_ids[r, width - len(x) :], prompt_mask[r, width - len(x) :] = x, 1
-        prompt_mask[len(ids) :, -1] = 1  # filler rows: one token, discarded
+            ids_[r, width - len(x) :], mask_[r, width - len(x) :] = x, 1
+        mask_[len(ids) :, -1] = 1  # filler rows: one token, discarded
         # one key per batch of the remaining rows: a resumed run samples what is left afresh
         key = jax.random.fold_in(jax.random.key(seed), len(done) + start)
+        mixing = {}
+        if ref_params is not None:
+            per_sample = np.broadcast_to(np.asarray(mix, np.float32), (samples, 2))
+            m = np.ones((batch_size, 2), np.float32)
+            m[: len(jobs)] = per_sample[[s for _, _, s in jobs]]
+            mixing = {"ref_params": ref_params, "mix": m}
         out = models.generate(
-            model, params, prompt_ids, prompt_mask, max_new_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, eos_ids=eos, pad_id=pad, rng=key,
+            model, params, ids_, mask_, max_new_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, eos_ids=eos, pad_id=pad, rng=key, **schedule, **mixing,
         )  # fmt: skip
         tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
         rows = []

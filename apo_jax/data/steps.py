@@ -56,3 +56,41 @@ def step_pairs(rows: Iterable[dict], *, answer_key="rejected", revision_key="cho
             carried = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "prefix")}
             out.append(carried | pair)
     return out
+
+
+# Step-Controlled DPO (Lu et al. 2024, arXiv 2407.00782; mathllm/Step-Controlled_DPO): negatives that
+# start erring at a chosen step. From a correct solution keep the steps before step k, let the model
+# continue from there at a temperature that rises with each step it writes (the sampler's
+# `temperature_step`: min(1.1 + 0.1·i, 1.4) in the paper's Mistral runs), and keep the continuations
+# whose final answer is wrong; the pair is (the solution's own steps from k, that continuation), with
+# the shared steps in the prompt, so the loss sees only what comes after step k.
+SCDPO_TEMPERATURE = {"temperature": 1.1, "temperature_step": 0.1, "temperature_max": 1.4}  # Mistral
+
+
+def scdpo_starts(rows: Iterable[dict], rng, *, answer_key: str = "response") -> list[dict]:
+    """One controlled start per correct solution: a step k drawn uniformly from its lines, the
+    `prefix` (lines before k) and the solution's own rest as `chosen`. Other fields are carried."""
+    out = []
+    for row in rows:
+        lines = row[answer_key].split("\n")
+        k = rng.randrange(len(lines))
+        carried = {key: v for key, v in row.items() if key not in ("prompt", answer_key, "prefix", "chosen")}
+        out.append(carried | {"prompt": row["prompt"], "prefix": "".join(x + "\n" for x in lines[:k]),
+                              "chosen": "\n".join(lines[k:]), "step": k})  # fmt: skip
+    return out
+
+
+def scdpo_pairs(starts: list[dict], continuations: Iterable[dict], is_correct) -> list[dict]:
+    """Pairs from the starts and the model's continuations of them (rows with `start`, the position in
+    `starts`, and `response`): the first continuation of each start whose whole answer (prefix +
+    continuation) `is_correct(start, answer)` calls wrong becomes its rejected answer."""
+    pairs, seen = [], set()
+    for c in continuations:
+        i = c["start"]
+        start = starts[i]
+        wrong = not is_correct(start, start["prefix"] + c["response"])
+        if i in seen or not wrong:
+            continue
+        seen.add(i)
+        pairs.append(start | {"rejected": c["response"]})
+    return pairs

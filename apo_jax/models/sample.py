@@ -49,7 +49,7 @@ def _forward(config: LlamaConfig, params, ids, positions, caches, start, kv_vali
 def _sample(logits, rng, temperature, top_p, top_k, greedy):
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+    logits = logits / temperature[:, None]
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -67,12 +67,16 @@ def _sample(logits, rng, temperature, top_p, top_k, greedy):
 )
 def _generate(
     config,
-    params,
+    all_params,
+    mix,
     prompt_ids,
     prompt_mask,
     rng,
     temperature,
     top_p,
+    temperature_step,
+    temperature_max,
+    step_end,
     *,
     max_new_tokens,
     top_k,
@@ -80,20 +84,28 @@ def _generate(
     greedy,
     pad_id,
 ):
+    """`all_params`: one params pytree per model; the logits sampled from are Σ_m mix[:, m]·logits_m."""
     B, P = prompt_ids.shape
     S = P + max_new_tokens
     L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.H
     dt = DTYPES[config.dtype]
-    caches = (jnp.zeros((L, B, S, K, H), dt), jnp.zeros((L, B, S, K, H), dt))
     mask = prompt_mask.astype(bool)
     kv_valid = jnp.concatenate([mask, jnp.zeros((B, max_new_tokens), bool)], axis=1)
     positions = default_positions(mask.astype(jnp.int32))
-    w = output_weight(config, params)
+    weights = [output_weight(config, p).astype(jnp.float32) for p in all_params]
 
-    def logits_of(h):
-        return jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w.astype(jnp.float32))
+    def mixed_logits(hs):
+        return sum(mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
+                   for m, (h, w) in enumerate(zip(hs, weights, strict=True)))  # fmt: skip
 
-    h, caches = _forward(config, params, prompt_ids, positions, caches, 0, kv_valid)
+    def forward_all(ids, pos, caches, start, kv_valid):
+        outs = [
+            _forward(config, p, ids, pos, c, start, kv_valid) for p, c in zip(all_params, caches, strict=True)
+        ]
+        return [h for h, _ in outs], tuple(c for _, c in outs)
+
+    empty = tuple((jnp.zeros((L, B, S, K, H), dt), jnp.zeros((L, B, S, K, H), dt)) for _ in all_params)
+    hs, caches = forward_all(prompt_ids, positions, empty, 0, kv_valid)
     next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # [B]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
@@ -102,18 +114,21 @@ def _generate(
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, tokens, done, caches, kv_valid, logits, rng = state
+        i, tokens, done, caches, kv_valid, logits, rng, steps = state
         rng, key = jax.random.split(rng)
-        tok = _sample(logits, key, temperature, top_p, top_k, greedy)
+        temp = jnp.minimum(temperature + temperature_step * steps, temperature_max)  # [B]
+        tok = _sample(logits, key, temp, top_p, top_k, greedy)
         tok = jnp.where(done, pad_id, tok)
+        steps = steps + step_end[tok]
         tokens = tokens.at[:, i].set(tok)
         done = done | jnp.isin(tok, eos)
         kv_valid = kv_valid.at[:, P + i].set(True)
-        h, caches = _forward(config, params, tok[:, None], (next_pos + i)[:, None], caches, P + i, kv_valid)
-        return i + 1, tokens, done, caches, kv_valid, logits_of(h), rng
+        hs, caches = forward_all(tok[:, None], (next_pos + i)[:, None], caches, P + i, kv_valid)
+        return i + 1, tokens, done, caches, kv_valid, mixed_logits(hs), rng, steps
 
     tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, jnp.zeros((B,), bool), caches, kv_valid, logits_of(h), rng)
+    steps = jnp.zeros((B,), jnp.float32)  # step ends emitted so far, per row
+    state = (jnp.int32(0), tokens, jnp.zeros((B,), bool), caches, kv_valid, mixed_logits(hs), rng, steps)
     _, tokens, done, *_ = jax.lax.while_loop(cond, body, state)
     is_eos = jnp.isin(tokens, eos)
     first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
@@ -123,6 +138,8 @@ def _generate(
 def generate(
     model: Llama, params, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 0.0,
     top_p: float = 1.0, top_k: int = 0, eos_ids=None, rng=None, pad_id: int | None = None,
+    temperature_step: float = 0.0, temperature_max: float | None = None, step_end_ids=(), ref_params=None,
+    mix=None,
 ) -> dict[str, jax.Array]:  # fmt: skip
     """Samples up to `max_new_tokens` tokens after each left-padded prompt, jitted.
 
@@ -133,6 +150,13 @@ def generate(
       eos_ids: token ids that end a row (default: the config's eos_token_id); the EOS is kept.
       rng: a `jax.random.key`; a fixed key gives the same samples.
       pad_id: fills rows after their EOS (default: pad_token_id, else the first EOS id, else 0).
+      temperature_step, temperature_max, step_end_ids: a temperature that rises with each reasoning
+        step a row has written (Step-Controlled DPO): min(temperature + temperature_step·i,
+        temperature_max), i the number of tokens from `step_end_ids` (e.g. the newline tokens) the row
+        has emitted so far.
+      ref_params, mix: logit mixing with a second model of the same shape ("The Crucial Role of
+        Samplers in Online DPO"): row b samples from mix[b, 0]·logits_θ + mix[b, 1]·logits_ref, e.g.
+        (1.5, −0.5) and (0.5, 0.5). `mix` is [B, 2] (or a pair for every row).
 
     Returns:
       dict with `tokens` [B, max_new_tokens] int32, `lengths` [B] (tokens up to and with the
@@ -147,8 +171,18 @@ def generate(
             f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], top_k={top_k} >= 0"
         )
     rng = jax.random.key(0) if rng is None else rng
+    step_end = jnp.zeros((config.vocab_size,), jnp.float32).at[jnp.asarray(step_end_ids, jnp.int32)].set(1.0)
+    t_max = jnp.inf if temperature_max is None else temperature_max
+    B = prompt_ids.shape[0]
+    if ref_params is None:
+        all_params, mix = (params,), jnp.ones((B, 1), jnp.float32)
+    else:
+        if mix is None:
+            raise ValueError("ref_params needs mix: the [B, 2] logit weights of policy and reference")
+        all_params, mix = (params, ref_params), jnp.broadcast_to(jnp.asarray(mix, jnp.float32), (B, 2))
     return _generate(
-        config, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), rng,
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), max_new_tokens=max_new_tokens, top_k=top_k,
-        eos_ids=eos_ids, greedy=temperature == 0, pad_id=int(pad_id),
+        config, all_params, mix, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), rng,
+        jnp.full((B,), max(temperature, 1e-6), jnp.float32), jnp.float32(top_p),
+        jnp.float32(temperature_step), jnp.float32(t_max), step_end, max_new_tokens=max_new_tokens,
+        top_k=top_k, eos_ids=eos_ids, greedy=temperature == 0, pad_id=int(pad_id),
     )  # fmt: skip

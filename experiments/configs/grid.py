@@ -16,8 +16,9 @@ from apo_jax.train.config import default_config
 
 DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
 # Beyond the paper, miniature only: Step-DPO pairs (apo_jax.data.steps) from the same CLAIR revisions,
-# anchor pairs (apo_jax.data.anchor) from M's judged samples with the gold solution as anchor
-MINI_DATA = ("clair_steps", "anchor")
+# anchor pairs (apo_jax.data.anchor) from M's judged samples with the gold solution as anchor,
+# Step-Controlled DPO pairs (apo_jax.data.steps.scdpo_*) from M's continuations of its right answers
+MINI_DATA = ("clair_steps", "anchor", "scdpo")
 PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
 VARIANTS = ("mini", "tiny", "paper")
 # The paper's four 32K datasets on the Hugging Face hub (Section 4); the off-policy name is unverified

@@ -19,6 +19,7 @@ from apo_jax.data.steps import step_pair
 from experiments.mini import task
 
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
+SAMPLED_KINDS = ("scdpo",)  # kinds that sample M again (built only for their own cells)
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
 # what M's answers and pairs do not depend on
 METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps")
@@ -94,6 +95,26 @@ def _answers(cache, m_dir, prompts, name, samples, temperature):
     generate_with_model(rows, out, m_dir, samples=samples, max_tokens=48, temperature=temperature,
                         batch_size=64, progress=False)  # fmt: skip
     return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
+    """Step-Controlled DPO pairs (apo_jax.data.steps): M's correct answers (the gold solution where M
+    has none) cut at a random step and continued by M at a temperature rising per line (the paper's
+    Mistral schedule); two tries each, the first with a wrong final answer is the rejected answer."""
+    from apo_jax.data.generate import generate_with_model
+    from apo_jax.data.steps import SCDPO_TEMPERATURE, scdpo_pairs, scdpo_starts
+
+    correct = {a["index"]: a for a in answers if task.is_correct(prompts[a["index"]], a["response"])}
+    correct = [correct.get(i, {"prompt": p["prompt"], "response": task.gold_answer(p), "index": i})
+               for i, p in enumerate(prompts)]  # fmt: skip
+    starts = scdpo_starts(correct, random.Random(seed))
+    out = cache / f"{name}.jsonl"
+    rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
+    generate_with_model(rows, out, m_dir, samples=2, max_tokens=48, batch_size=64, progress=False, seed=seed,
+                        **SCDPO_TEMPERATURE)  # fmt: skip
+    continuations = [json.loads(x) for x in out.read_text().splitlines()]
+    pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
+    return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step")} for p in pairs]
 
 
 def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> float:
@@ -263,8 +284,11 @@ def run(config) -> dict:
     eval_answers = _answers(cache, m_dir, eval_prompts, "answers_eval", 2, 1.0)
     keep_ties = config.loss.name == "todo"
     contrast, paths = {}, {}
-    for k in DATA_KINDS:
-        pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
+    for k in DATA_KINDS + ((kind,) if kind in SAMPLED_KINDS else ()):
+        if k == "scdpo":
+            pairs = scdpo_pairs(cache, m_dir, train_prompts, answers, "scdpo_train", mini.seed)
+        else:
+            pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
         paths[k] = write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
         contrast[k] = pair_stats([(p["chosen"], p["rejected"]) for p in pairs]) if pairs else None
     if contrast[kind] is None:
@@ -274,7 +298,10 @@ def run(config) -> dict:
     _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
     preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True)
-    eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
+    if kind == "scdpo":
+        eval_pairs = scdpo_pairs(cache, m_dir, eval_prompts, eval_answers, "scdpo_eval", mini.seed + 9)
+    else:
+        eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
     preprocess(str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=128,
                as_chat=True)  # fmt: skip
     config.model.path, config.model.preset = str(m_dir), ""
