@@ -105,10 +105,18 @@ def main(argv):
 
             print(f"reference log-probs written to {precompute(config, _PRECOMPUTE.value)}")
             return 0
-        if config.experiment.get("kind", "") == "mini":
+        kind = config.experiment.get("kind", "")
+        if kind == "mini":
             from experiments.mini.pipeline import run as run_mini
 
             run_mini(config)
+            return 0
+        if kind in ("mini_online", "online"):
+            from apo_jax.train.online import run_online
+            from experiments.mini.online import run as run_mini_online
+
+            result = (run_mini_online if kind == "mini_online" else run_online)(config)
+            print(json.dumps({"status": "done", "rounds": len(result["rounds"])}))
             return 0
         result = run(config)
     except ConfigError as e:

@@ -78,14 +78,16 @@ def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str,
     return w
 
 
-def _contrast_logps(model_dir, records, batch_size):
-    """{"chosen", "rejected"}: per record, the answer tokens' log-probs under one model."""
+def answer_token_logps(model_dir, records, batch_size: int = 8, params=None) -> dict[str, list[np.ndarray]]:
+    """{"chosen", "rejected"}: per record, its answer tokens' log-probs under a Hugging Face Llama
+    (`params` in place of the directory's weights if given)."""
     import jax
 
     from apo_jax import models
     from apo_jax.data import layouts
 
-    model, params = models.from_hf(model_dir)
+    model, loaded = models.from_hf(model_dir)
+    params = loaded if params is None else params
     score = jax.jit(
         lambda p, ids, attn, mask: models.token_logps(model, p, ids, attn, mask, with_entropy=False)[
             "token_logps"
@@ -116,7 +118,7 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
             raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
         if not lower < upper:
             raise ValueError(f"--lower {lower} must be below --upper {upper}")
-        plus, minus = (_contrast_logps(m, records, batch_size) for m in (plus_model, minus_model))
+        plus, minus = (answer_token_logps(m, records, batch_size) for m in (plus_model, minus_model))
         weights = {
             side: [tis_weights(p, q, chosen=side == "chosen", lower=lower, upper=upper, k=k)
                    for p, q in zip(plus[side], minus[side], strict=True)]

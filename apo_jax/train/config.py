@@ -79,11 +79,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.reference = ml_collections.ConfigDict(
         {
             "mode": "frozen",  # frozen | precomputed | sync | none
+            "path": "",  # a Hugging Face directory of the reference; "" = the policy's initial weights
             "sync_steps": 512,  # TR-DPO τ (TRL's ref_model_sync_steps)
             "mixup_alpha": 0.6,  # TR-DPO α (TRL's ref_model_mixup_alpha); 1.0 = hard update
             "precompute_batch_size": 8,
         }
     )
+    from apo_jax.train.online import default_online
+
+    c.online = default_online()  # the online / iterative loop (apo_jax.train.online); train.run ignores it
     return c
 
 
@@ -170,6 +174,8 @@ def validate(config) -> None:
         raise ConfigError(f"train.grad_accum={t.grad_accum} needs data.layout='padded' (not {d.layout!r})")
     if r.mode not in ("frozen", "precomputed", "sync", "none"):
         raise ConfigError(f"reference.mode={r.mode!r}: use frozen, precomputed, sync or none")
+    if r.path and r.mode not in ("frozen", "sync"):
+        raise ConfigError(f"reference.path is for reference.mode frozen or sync, not {r.mode!r}")
     if not 0 < r.mixup_alpha <= 1:
         raise ConfigError(f"reference.mixup_alpha={r.mixup_alpha} must lie in (0, 1]")
     if t.mode == "sft":

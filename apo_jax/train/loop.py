@@ -226,13 +226,24 @@ def run(cfg) -> dict:
     model, params = build_model(cfg, mesh)
     tx, lr = make_optimizer(cfg.optimizer, t.steps)
     loss_state = loss.init_state() if loss is not None and loss.stateful else None
+    ref_loaded = None
+    if reference in ("frozen", "sync") and cfg.reference.path:  # a reference other than the start
+        ref_cfg = cfg.copy_and_resolve_references()
+        ref_cfg.model.path = cfg.reference.path
+        ref_model, ref_loaded = build_model(ref_cfg, mesh)
+        if ref_model.config != model.config:
+            raise config_lib.ConfigError(
+                f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
+            )
 
-    def init(params):
-        ref = jax.tree.map(jnp.copy, params) if reference in ("frozen", "sync") else None
+    def init(params, ref_loaded):
+        ref = None
+        if reference in ("frozen", "sync"):
+            ref = jax.tree.map(jnp.copy, params if ref_loaded is None else ref_loaded)
         return create_state(params, tx, seed=t.seed, ref_params=ref, loss_state=loss_state)
 
-    state = jax.jit(init)(params)
-    del params
+    state = jax.jit(init)(params, ref_loaded)
+    del params, ref_loaded
     hp = (
         tuple(sorted(config_lib.loss_hparams(cfg).items()))
         if loss is not None

@@ -1,0 +1,337 @@
+"""Online and iterative preference optimization: sample from the current policy, label pairs, train a
+round, repeat. `run_online(config)`, with the settings in `config.online`:
+
+    round t:  π_t ──KV-cache sampler (uniform, or logit-mixed with the reference)──▶ K samples per prompt
+              samples ──labeler──▶ pairs (+ a replay share of offline pairs) ──preprocess──▶ records
+              records ──train.run (reference π_t, or the initial model)──▶ π̂_{t+1}
+              π_{t+1} = π̂_{t+1} + α·(π̂_{t+1} − π̂_t)  (accelerated_po; α = 0: π_{t+1} = π̂_{t+1})
+
+Labelers (`online.labeler`):
+  - `scorer`: a function (prompt row, response) -> score, e.g. a verifiable task's checker; the best
+    and the worst scored sample of a prompt form its pair (no pair when all score alike).
+  - `judge`: an LLM judge grades every sample 1-10 through the CLAIR client (apo_jax.eval.judge's
+    grading prompt); best over worst.
+  - `clair`: on-policy CLAIR: the reviser minimally revises the policy's first sample; revision over sample.
+  - `dice`: DICE ("Bootstrapping Language Models with DPO Implicit Rewards", arXiv 2406.09760): the
+    policy's own implicit reward r = log π_t(y|x) − log π_ref(y|x) (no β), shaped by the length penalty
+    r − α_lc·|y| (characters), α_lc searched on [0, 1) in steps of 0.001 for the smallest mean length gap.
+Samplers (`online.sampler`, "The Crucial Role of Samplers in Online DPO", arXiv 2409.19605):
+  `uniform` samples the policy; `mixed` draws half the samples from 1.5·ℓ_θ − 0.5·ℓ_ref and half from
+  0.5·ℓ_θ + 0.5·ℓ_ref (temperature `online.temperature`, the paper's 0.7).
+Replay (DICE's experience replay): with γ = `online.replay`, n_off = γ·n_gen/(1 − γ) offline pairs from
+`online.offline` join the n_gen generated ones.
+Accelerated Preference Optimization (He, Yuan, Gu 2024, arXiv 2410.06293), `online.accelerate_alpha`:
+Nesterov extrapolation of the policy across rounds, read in parameter space
+(log π_{t+1} = (1+α)·log π̂_{t+1} − α·log π̂_t in the paper, with π̂_0 = π_0); the paper's
+Algorithm 1 was not readable to us (docs/papers.md).
+
+Each round lives in `<workdir>/round_<t>/` (samples, pairs, records, the round's training run, the
+policy); `<workdir>/online.json` records finished rounds, so a killed run resumes at the round it was in
+(and that round's sampling and training resume too).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pathlib
+import random
+import shutil
+
+import ml_collections
+import numpy as np
+
+LABELERS = ("scorer", "judge", "clair", "dice")
+SAMPLERS = ("uniform", "mixed")
+MIXES = ((1.5, -0.5), (0.5, 0.5))  # Shi et al.'s logit mixtures of policy and reference
+
+
+def default_online() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "rounds": 2,
+        "prompts": "",  # a JSONL file of rows with `prompt` (other fields reach the scorer)
+        "prompts_per_round": 0,  # 0: every prompt each round; else consecutive slices
+        "samples": 4,  # K samples per prompt
+        "sampler": "uniform",  # uniform | mixed
+        "temperature": 0.7,
+        "max_tokens": 512,
+        "sample_batch_size": 32,  # rows per sampler call
+        "labeler": "scorer",  # scorer | judge | clair | dice
+        "scorer": "",  # "module:function" for labeler scorer: f(prompt_row, response) -> float
+        "replay": 0.0,  # γ: the offline share of each round's pairs
+        "offline": "",  # offline pairs (prompt, chosen, rejected) for replay
+        "reference": "previous",  # previous: π_t (iterative DPO) | initial: π_0 (reference.path wins)
+        "accelerate_alpha": 0.0,  # accelerated_po's α
+        "dice_alpha": -1.0,  # α_lc of DICE; < 0: grid search
+        "max_length": 1024,  # preprocess's max_length for each round's records
+        "base_url": "",  # judge / reviser: an OpenAI-compatible endpoint ...
+        "api_model": "",  # ... and its model name
+        "api_key_env": "OPENAI_API_KEY",
+        "concurrency": 8,
+    })  # fmt: skip
+
+
+def validate_online(o) -> None:
+    from apo_jax.train.config import ConfigError
+
+    if o.labeler not in LABELERS:
+        raise ConfigError(f"online.labeler={o.labeler!r}: use one of {list(LABELERS)}")
+    if o.sampler not in SAMPLERS:
+        raise ConfigError(f"online.sampler={o.sampler!r}: use one of {list(SAMPLERS)}")
+    if o.reference not in ("previous", "initial"):
+        raise ConfigError(f"online.reference={o.reference!r}: use previous or initial")
+    if not 0 <= o.replay < 1:
+        raise ConfigError(f"online.replay={o.replay} must lie in [0, 1)")
+    if o.replay and not o.offline:
+        raise ConfigError("online.replay > 0 needs online.offline: the offline pairs to replay")
+    if o.samples < 2:
+        raise ConfigError(f"online.samples={o.samples}: a pair needs at least 2 samples per prompt")
+    if o.labeler in ("judge", "clair") and not (o.base_url and o.api_model):
+        raise ConfigError(f"online.labeler={o.labeler!r} needs online.base_url and online.api_model")
+    if o.rounds < 1:
+        raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
+
+
+# --- labelers ------------------------------------------------------------------------------------
+
+
+def best_worst(prompt_row: dict, samples: list[str], scores) -> dict | None:
+    """The best-scored sample over the worst (the first of equals); None when all score alike."""
+    hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
+    if scores[hi] == scores[lo]:
+        return None
+    return {"prompt": prompt_row["prompt"], "chosen": samples[hi], "rejected": samples[lo],
+            "chosen_score": float(scores[hi]), "rejected_score": float(scores[lo])}  # fmt: skip
+
+
+def dice_alpha(groups: list[tuple[np.ndarray, np.ndarray]], step: float = 0.001) -> float:
+    """DICE's α_lc: over α = 0, step, 2·step, ... < 1, the one whose pairs (argmax and argmin of
+    r − α·len) have the smallest mean |len(chosen) − len(rejected)|, stopping once the gap grows
+    (sail-sg/dice `generate_lc_paired_set.py`). `groups`: per prompt, (rewards, character lengths)."""
+    best_alpha, best_gap = 0.0, None
+    for alpha in np.arange(0.0, 1.0, step):
+        gaps = []
+        for r, n in groups:
+            shaped = r - alpha * n
+            gaps.append(abs(n[int(np.argmax(shaped))] - n[int(np.argmin(shaped))]))
+        gap = float(np.mean(gaps))
+        if best_gap is not None and gap > best_gap:
+            break
+        if best_gap is None or gap < best_gap:
+            best_alpha, best_gap = float(alpha), gap
+    return best_alpha
+
+
+def _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir):
+    """[prompt][sample] r = log π(y|x) − log π_ref(y|x), summed over the answer's tokens."""
+    from apo_jax.data.jsonl import write_jsonl
+    from apo_jax.data.preprocess import preprocess
+    from apo_jax.data.tfrecords import read_records
+    from apo_jax.data.token_weights import answer_token_logps
+
+    pairs = zip(prompts, samples, strict=True)
+    rows = [{"prompt": p["prompt"], "chosen": s, "rejected": s} for p, ss in pairs for s in ss]
+    preprocess(str(write_jsonl(workdir / "scored.jsonl", rows)), workdir / "scored", tokenizer,
+               max_length=o.max_length, as_chat=True)  # fmt: skip
+    records, _ = read_records(workdir / "scored")
+    pol = [float(x.sum()) for x in answer_token_logps(policy_dir, records)["chosen"]]
+    ref = [float(x.sum()) for x in answer_token_logps(ref_dir, records)["chosen"]]
+    r = np.full(len(rows), np.nan)  # samples that preprocessing drops (empty, too long) get no reward
+    r[[int(x["source_index"]) for x in records]] = np.asarray(pol) - np.asarray(ref)
+    return r.reshape(len(prompts), len(samples[0]))
+
+
+def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, scorer=None) -> list[dict]:
+    """Pairs from each prompt's samples with the configured labeler."""
+    workdir = pathlib.Path(workdir)
+    if o.labeler == "scorer":
+        score = scorer or _import(o.scorer)
+        pairs = [best_worst(p, ss, [score(p, s) for s in ss]) for p, ss in zip(prompts, samples, strict=True)]
+    elif o.labeler == "dice":
+        r = _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir)
+        groups = []  # per prompt: its scored samples, their rewards and character lengths
+        for p, ss, ri in zip(prompts, samples, r, strict=True):
+            kept = [(s, x) for s, x in zip(ss, ri, strict=True) if not np.isnan(x)]
+            if len(kept) > 1:
+                groups.append((p, [s for s, _ in kept], np.asarray([x for _, x in kept]),
+                               np.asarray([len(s) for s, _ in kept], np.float64)))  # fmt: skip
+        alpha = o.dice_alpha if o.dice_alpha >= 0 else dice_alpha([(g[2], g[3]) for g in groups])
+        rewards = [[None if np.isnan(x) else float(x) for x in ri] for ri in r]
+        (workdir / "dice.json").write_text(json.dumps({"alpha_lc": alpha, "rewards": rewards}))
+        pairs = [best_worst(p, ss, ri - alpha * n) for p, ss, ri, n in groups]
+    elif o.labeler == "judge":
+        pairs = _judge_pairs(o, prompts, samples, workdir)
+    else:
+        pairs = _clair_pairs(o, prompts, samples, workdir)
+    return [p for p in pairs if p is not None]
+
+
+def _client(o):
+    from apo_jax.data.clair.client import ClientConfig
+
+    return ClientConfig(base_url=o.base_url, model=o.api_model, api_key_env=o.api_key_env,
+                        concurrency=o.concurrency)  # fmt: skip
+
+
+def _judge_pairs(o, prompts, samples, workdir):
+    from apo_jax.data.clair.client import run_requests
+    from apo_jax.eval.judge import SCORE_TEMPLATE, parse_score
+
+    requests = {
+        f"{i}:{j}": {"model": o.api_model, "temperature": 0.0, "max_tokens": 1024, "messages": [
+            {"role": "user", "content": SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s)}]}
+        for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)) for j, s in enumerate(ss)
+    }  # fmt: skip
+    log, _, _ = run_requests(_client(o), requests, workdir / "judge.responses.jsonl", progress=False)
+    pairs = []
+    for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)):
+        scores = []
+        for j in range(len(ss)):
+            row = log.done.get(f"{i}:{j}")
+            try:
+                scores.append(
+                    parse_score(row["response"]["choices"][0]["message"].get("content")) if row else None
+                )
+            except ValueError:
+                scores.append(None)
+        kept = [(s, x) for s, x in zip(ss, scores, strict=True) if x is not None]  # unjudged samples sit out
+        pairs.append(best_worst(p, [s for s, _ in kept], [x for _, x in kept]) if len(kept) > 1 else None)
+    return pairs
+
+
+def _clair_pairs(o, prompts, samples, workdir):
+    from apo_jax.data.clair.revise import revise
+    from apo_jax.data.jsonl import read_jsonl, write_jsonl
+
+    first = [{"prompt": p["prompt"], "response": ss[0]} for p, ss in zip(prompts, samples, strict=True)]
+    answers = write_jsonl(workdir / "answers.jsonl", first)
+    revise(answers, workdir / "clair_pairs.jsonl", _client(o), progress=False)
+    return [r for r in read_jsonl(workdir / "clair_pairs.jsonl") if r["chosen"] != r["rejected"]]
+
+
+def _import(spec: str):
+    module, _, name = spec.partition(":")
+    if not (module and name):
+        raise ValueError(f"online.scorer={spec!r}: use 'module:function'")
+    return getattr(importlib.import_module(module), name)
+
+
+# --- accelerated_po ---------------------------------------------------------------------------------
+
+
+def extrapolate(new_hat, old_hat, alpha: float):
+    """θ = θ̂_new + α·(θ̂_new − θ̂_old), leaf by leaf (accelerated_po's Nesterov step)."""
+    import jax
+
+    return jax.tree.map(lambda a, b: (a + alpha * (a - b)).astype(a.dtype), new_hat, old_hat)
+
+
+def _write_policy(src_hat: pathlib.Path, old_hat: pathlib.Path, alpha: float, out: pathlib.Path, tokenizer):
+    from apo_jax import models
+
+    model, new = models.from_hf(src_hat)
+    _, old = models.from_hf(old_hat)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.to_hf(model, extrapolate(new, old, alpha), tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def replay_rows(offline: list[dict], n_gen: int, gamma: float, seed: int) -> list[dict]:
+    """DICE's replay share: n_off = round(γ·n_gen/(1 − γ)) offline pairs, drawn without replacement."""
+    n_off = min(round(gamma * n_gen / (1 - gamma)), len(offline)) if gamma else 0
+    rows = random.Random(seed).sample(offline, n_off)
+    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} | {"source": "offline"} for r in rows]
+
+
+def _round_prompts(prompts, o, t):
+    n = o.prompts_per_round or len(prompts)
+    start = (t * n) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+
+
+def run_online(cfg, *, scorer=None) -> dict:
+    """Runs (or resumes) `cfg.online.rounds` rounds; returns {"rounds": [per-round summary], "policy"}."""
+    from apo_jax import models
+    from apo_jax.data.generate import generate_with_model, read_prompts
+    from apo_jax.data.jsonl import read_jsonl, write_jsonl
+    from apo_jax.data.preprocess import preprocess
+    from apo_jax.train.loop import run as train_run
+
+    o = cfg.online
+    validate_online(o)
+    root = pathlib.Path(cfg.workdir).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    initial = pathlib.Path(cfg.model.path).absolute()
+    tok = models.load_tokenizer(initial)
+    prompts = read_prompts(o.prompts)
+    offline = read_jsonl(o.offline) if o.replay else []
+    book = root / "online.json"
+    done = json.loads(book.read_text()) if book.exists() else {"rounds": []}
+    policy = pathlib.Path(done["rounds"][-1]["policy"]) if done["rounds"] else initial
+    prev_hat = pathlib.Path(done["rounds"][-1]["hat"]) if done["rounds"] else initial
+    for t in range(len(done["rounds"]), o.rounds):
+        rd = root / f"round_{t}"
+        rd.mkdir(exist_ok=True)
+        ref = initial if o.reference == "initial" else policy
+        if cfg.reference.path:  # a fixed reference other than the start (DICE: the DPO model's own)
+            ref = pathlib.Path(cfg.reference.path).absolute()
+        batch = _round_prompts(prompts, o, t)
+        mixing = {}
+        if o.sampler == "mixed":
+            _, ref_params = models.from_hf(ref)
+            mixing = {
+                "ref_params": ref_params,
+                "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)],
+            }
+        rows = [dict(p, index=i) for i, p in enumerate(batch)]
+        generate_with_model(rows, rd / "samples.jsonl", policy, samples=o.samples, max_tokens=o.max_tokens,
+                            temperature=o.temperature, seed=cfg.train.seed + t, progress=cfg.train.progress,
+                            batch_size=o.sample_batch_size, **mixing)  # fmt: skip
+        by = {}
+        for s in read_jsonl(rd / "samples.jsonl"):
+            by.setdefault(s["index"], {})[s["sample"]] = s["response"]
+        samples = [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
+        pairs = label(
+            o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
+        )
+        generated = [dict(p, source=f"round_{t}") for p in pairs]
+        replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
+        if not generated + replayed:
+            raise ValueError(
+                f"round {t}: the {o.labeler} labeler found no pair among {len(batch)} prompts' samples"
+            )
+        write_jsonl(rd / "pairs.jsonl", generated + replayed)
+        if not (rd / "records" / "metadata.json").exists():
+            preprocess(str(rd / "pairs.jsonl"), rd / "records", tok, max_length=o.max_length, as_chat=True)
+        rc = cfg.copy_and_resolve_references()
+        rc.workdir, rc.model.path, rc.model.preset = str(rd / "train"), str(policy), ""
+        rc.data.train, rc.train.export_hf = str(rd / "records"), True
+        rc.reference.path = "" if ref == policy else str(ref)
+        result = train_run(rc)
+        if result["status"] != "done":
+            return {"status": result["status"], "round": t}
+        hat = rd / "train" / "hf"
+        tok.save_pretrained(hat)
+        if o.accelerate_alpha:
+            _write_policy(hat, prev_hat, o.accelerate_alpha, rd / "policy", tok)
+            policy = rd / "policy"
+        else:
+            policy = hat
+        scored = [s for s in (p.get("chosen_score") for p in pairs) if s is not None]
+        done["rounds"].append({
+            "round": t, "prompts": len(batch), "samples": len(batch) * o.samples, "pairs": len(generated),
+            "replayed": len(replayed), "final_loss": result["metrics"].get("loss"),
+            "mean_chosen_score": float(np.mean(scored)) if scored else None,
+            "policy": str(policy), "hat": str(hat), "reference": str(ref),
+        })  # fmt: skip
+        prev_hat = hat
+        tmp = book.with_name(book.name + ".tmp")
+        tmp.write_text(json.dumps(done, indent=2))
+        tmp.replace(book)
+    return {"status": "done", "rounds": done["rounds"], "policy": str(policy)}

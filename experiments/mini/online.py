@@ -1,0 +1,121 @@
+"""The miniature's online loop (apo_jax.train.online): M samples the task's problems, a labeler makes
+pairs, a round of preference training, repeat; accuracy of every round's policy on held-out problems.
+
+    python -m experiments.run --config=online_dpo        # the task's scorer labels, uniform sampler
+    python -m experiments.run --config=online_mixed      # the same with logit-mixed samples
+    python -m experiments.run --config=online_dice       # DICE: DPO first, then its implicit rewards
+    python -m experiments.run --config=accelerated_po    # the scorer loop with Nesterov extrapolation
+
+M is the same cached SFT model as in every grid cell (experiments/mini/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import time
+
+from apo_jax.data.jsonl import write_jsonl
+from experiments.mini import pipeline, task
+
+
+def score(row: dict, response: str) -> float:
+    """The task's scorer with partial credit (rows carry the problem): 1 for a right final answer, plus
+    0.5 × the share of the solution's intermediate results that the answer writes."""
+    results = {str(r) for *_, r in task.solve(row)}
+    found = set(re.findall(r"-?\d+", response))
+    return float(task.is_correct(row, response)) + 0.5 * len(results & found) / len(results)
+
+
+def _offline_dpo(config, m_dir, tok, prompts, workdir, cache) -> tuple[pathlib.Path, pathlib.Path]:
+    """DICE starts from a DPO model: M trained on offline CLAIR pairs of its own answers. Returns
+    (that model, the offline pairs file)."""
+    from apo_jax import train
+    from apo_jax.data.preprocess import preprocess
+
+    answers = pipeline._answers(cache, m_dir, prompts, "answers_offline", 2, 1.0)
+    pairs = write_jsonl(
+        workdir / "offline_pairs.jsonl",
+        pipeline.build_pairs("clair", prompts, answers, config.experiment.seed, False),
+    )
+    preprocess(str(pairs), workdir / "offline_records", tok, max_length=128, as_chat=True)
+    cfg = config.copy_and_resolve_references()
+    cfg.workdir, cfg.model.path, cfg.data.train = (
+        str(workdir / "offline_dpo"),
+        str(m_dir),
+        str(workdir / "offline_records"),
+    )
+    cfg.train.steps = config.experiment.offline_steps
+    pipeline._say(f"DICE: DPO on {pairs.name} for {cfg.train.steps} steps gives the starting policy")
+    train.run(cfg)
+    tok.save_pretrained(workdir / "offline_dpo" / "hf")
+    return workdir / "offline_dpo" / "hf", pairs
+
+
+def run(config) -> dict:
+    from apo_jax.train.online import run_online
+
+    started = time.time()
+    mini, o = config.experiment, config.online
+    workdir = pathlib.Path(config.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    m_cache = workdir.parent / "mini_cache" / pipeline._key({k: mini[k] for k in pipeline.M_FIELDS})
+    tok = pipeline._tokenizer(m_cache, mini.seed)
+    m_dir = pipeline._sft_model(m_cache, tok, mini, config)
+    prompts = task.problems(mini.train_prompts, mini.seed + 3)
+    eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)
+    o.prompts = str(write_jsonl(workdir / "prompts.jsonl", prompts))
+    config.model.path, config.model.preset = str(m_dir), ""
+    config.data.eval, config.data.probes = "", ""
+    if o.labeler == "dice":
+        start, offline = _offline_dpo(config, m_dir, tok, prompts, workdir, workdir)
+        config.model.path, config.reference.path = str(start), str(m_dir)
+        o.offline = str(offline)
+    else:
+        o.scorer = "experiments.mini.online:score"
+    pipeline._say(
+        f"online: {o.rounds} rounds, {o.labeler} labeler, {o.sampler} sampler, "
+        f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"
+    )
+    result = run_online(config)
+    pipeline._say("scoring held-out accuracy of each round's policy (greedy, and 4 samples at temperature 1)")
+    policies = [("start", pathlib.Path(config.model.path))] + [
+        (f"round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
+    ]
+    rows = []
+    for i, (name, path) in enumerate(policies):
+        greedy = pipeline.accuracy(path, eval_prompts, workdir, f"acc_{i}")
+        sampled = pipeline.accuracy(
+            path, eval_prompts, workdir, f"acc_{i}_sampled", samples=4, temperature=1.0
+        )
+        rows.append({"policy": name, "accuracy": greedy, "sampled_accuracy": sampled})
+    summary = {
+        "name": mini.name,
+        "labeler": o.labeler,
+        "sampler": o.sampler,
+        "alpha": o.accelerate_alpha,
+        "rounds": result["rounds"],
+        "accuracy": rows,
+        "seconds": round(time.time() - started, 1),
+    }
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+    md = [
+        f"# Miniature online loop: {mini.name}\n",
+        f"labeler {o.labeler}, sampler {o.sampler}, accelerate_alpha {o.accelerate_alpha}, "
+        f"{o.samples} samples per prompt, {config.train.steps} steps per round\n",
+        "| policy | pairs | replayed | mean chosen score | greedy accuracy | sampled accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for acc, r in zip(rows, [{}] + result["rounds"], strict=True):
+        mean = r.get("mean_chosen_score")
+        md.append(
+            f"| {acc['policy']} | {r.get('pairs', '')} | {r.get('replayed', '')} | "
+            f"{'' if mean is None else f'{mean:.3f}'} | {acc['accuracy']:.3f} | "
+            f"{acc['sampled_accuracy']:.3f} |"
+        )
+    (workdir / "results.md").write_text("\n".join(md) + "\n")
+    pipeline._say(
+        f"done in {summary['seconds']}s: " + ", ".join(f"{r['policy']} {r['accuracy']:.3f}" for r in rows)
+    )
+    return summary
