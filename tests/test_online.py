@@ -1,0 +1,220 @@
+"""The online loop (apo_jax.train.online): on-policy data, replay, accelerated_po, DICE's labels."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import first_step
+from safetensors.numpy import load_file
+
+from apo_jax import models, testing, train
+from apo_jax.data import layouts
+from apo_jax.data.generate import generate_with_model
+from apo_jax.data.jsonl import read_jsonl, write_jsonl
+from apo_jax.data.tfrecords import read_records
+from apo_jax.train import online
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("online")
+    model = testing.tiny_hf_llama(
+        root / "m0", vocab_size=len(tiny_tokenizer), seed=4, tokenizer=tiny_tokenizer
+    )
+    prompts = write_jsonl(
+        root / "prompts.jsonl",
+        [{"prompt": f"Compute {a} + {b}."} for a, b in zip(range(1, 9), range(9, 1, -1), strict=True)],
+    )
+    offline = write_jsonl(root / "offline.jsonl", testing.tiny_preference_rows(40, seed=1))
+    return root, model, prompts, offline
+
+
+def _config(workdir, model, prompts, **online_kw):
+    cfg = train.default_config()
+    cfg.workdir, cfg.model.path = str(workdir), str(model)
+    cfg.loss.name, cfg.loss.beta = "sigmoid", 0.5
+    cfg.optimizer.lr, cfg.optimizer.schedule = 3e-3, "constant"
+    cfg.train.steps, cfg.train.batch_size, cfg.train.progress = 2, 4, False
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
+    cfg.online.update(
+        {
+            "prompts": str(prompts),
+            "rounds": 2,
+            "samples": 2,
+            "temperature": 1.0,
+            "max_tokens": 8,
+            "max_length": 64,
+            "sample_batch_size": 16,
+            **online_kw,
+        }
+    )
+    return cfg
+
+
+def _responses(path):
+    by = {}
+    for r in read_jsonl(path):
+        by.setdefault(r["prompt"], {})[r["sample"]] = r["response"]
+    return by
+
+
+def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_steps(tmp_path, start):
+    root, m0, prompts, offline = start
+    alpha = 0.5
+    cfg = _config(
+        tmp_path / "run",
+        m0,
+        prompts,
+        sampler="mixed",
+        reference="initial",
+        replay=0.5,
+        offline=str(offline),
+        accelerate_alpha=alpha,
+    )
+    longest = lambda row, response: float(len(response))  # noqa: E731  a scorer that always separates
+    out = online.run_online(cfg, scorer=longest)
+    r0, r1 = out["rounds"]
+    run = tmp_path / "run"
+    # round 1 sampled π_1 (round 0's extrapolated policy), mixed with the initial reference: regenerating
+    # with it gives the same samples, regenerating with π_0 does not
+    rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(read_jsonl(prompts))]
+    _, ref_params = models.from_hf(m0)
+    mix = [online.MIXES[0], online.MIXES[1]]
+    again = {}
+    for name, policy in (("pi1", r0["policy"]), ("pi0", m0)):
+        generate_with_model(
+            rows,
+            tmp_path / f"{name}.jsonl",
+            policy,
+            samples=2,
+            max_tokens=8,
+            temperature=1.0,
+            seed=cfg.train.seed + 1,
+            batch_size=16,
+            progress=False,
+            ref_params=ref_params,
+            mix=mix,
+        )
+        again[name] = _responses(tmp_path / f"{name}.jsonl")
+    round1 = _responses(run / "round_1" / "samples.jsonl")
+    assert again["pi1"] == round1 and again["pi0"] != round1
+    # the round's pairs are its own samples, longest over shortest, plus n_gen offline pairs (γ = 0.5)
+    pairs = read_jsonl(run / "round_1" / "pairs.jsonl")
+    generated = [p for p in pairs if p["source"] == "round_1"]
+    assert len(generated) == r1["pairs"] > 0 and sum(p["source"] == "offline" for p in pairs) == len(
+        generated
+    )
+    for p in generated:
+        mine = list(round1[p["prompt"]].values())
+        assert p["chosen"] in mine and p["rejected"] in mine
+        assert len(p["chosen"]) == max(map(len, mine)) > len(p["rejected"]) == min(map(len, mine))
+    # accelerated_po: θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t), θ̂_0 = θ_0, on every tensor of the checkpoints
+    weights = {
+        k: load_file(f"{d}/model.safetensors")
+        for k, d in (
+            ("m0", m0),
+            ("h1", r0["hat"]),
+            ("p1", r0["policy"]),
+            ("h2", r1["hat"]),
+            ("p2", r1["policy"]),
+        )
+    }
+    for key in weights["m0"]:
+        for new, old, got in (("h1", "m0", "p1"), ("h2", "h1", "p2")):
+            expected = weights[new][key] + alpha * (weights[new][key] - weights[old][key])
+            np.testing.assert_allclose(weights[got][key], expected, rtol=1e-6, atol=1e-7, err_msg=key)
+    assert not np.allclose(weights["h1"][key], weights["m0"][key])
+    # the fixed reference: round 0 starts at policy = reference (DPO's log 2), round 1 does not
+    assert first_step(run / "round_0" / "train")["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(first_step(run / "round_1" / "train")["loss"] - math.log(2)) > 1e-3
+    # finished rounds are not run again
+    stamp = (run / "online.json").stat().st_mtime_ns
+    assert online.run_online(cfg, scorer=longest)["rounds"] == out["rounds"]
+    assert (run / "online.json").stat().st_mtime_ns == stamp
+
+
+def test_dice_alpha_search_stops_once_the_length_gap_grows():
+    # rewards (1, 0.5, 0) at lengths (100, 50, 40): r − α·len picks (0, 2) up to α = 0.010 (gap 60),
+    # (1, 2) from 0.011 (gap 10), and (1, 0) from 0.017 (gap 50): the search keeps 0.011 and stops there
+    groups = [(np.array([1.0, 0.5, 0.0]), np.array([100.0, 50.0, 40.0]))]
+    assert online.dice_alpha(groups) == pytest.approx(0.011)
+    assert online.dice_alpha([(np.array([1.0, 0.0]), np.array([5.0, 5.0]))]) == 0.0
+
+
+def test_dice_labels_by_the_implicit_reward_of_policy_over_reference(tmp_path, start, tiny_tokenizer):
+    """DICE's r = log π(y|x) − log π_ref(y|x) (no β) against transformers' log-probs: the pair is the
+    argmax over the argmin of r − α_lc·len(y)."""
+    root, m0, _, _ = start
+    m1 = testing.tiny_hf_llama(
+        tmp_path / "m1", vocab_size=len(tiny_tokenizer), seed=9, tokenizer=tiny_tokenizer
+    )
+    prompts = [{"prompt": "Compute 1 + 2."}, {"prompt": "Compute 3 - 1."}]
+    samples = [["1 + 2 = 3\nAnswer: 3", "Answer: 4", "1 plus 2 is 3"], ["3 - 1 = 2", "2", "Answer: 2"]]
+    o = train.default_config().online
+    o.update({"labeler": "dice", "dice_alpha": 0.01, "max_length": 64})
+    pairs = online.label(
+        o, prompts, samples, policy_dir=m1, ref_dir=m0, tokenizer=tiny_tokenizer, workdir=tmp_path
+    )
+    records, _ = read_records(tmp_path / "scored")
+    batch = layouts.padded(records, 64)
+    r = 0.0
+    for sign, d in ((1.0, m1), (-1.0, m0)):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        ids = torch.tensor(batch["chosen_input_ids"].astype(np.int64))
+        with torch.no_grad():
+            logp = torch.log_softmax(
+                hf(input_ids=ids, attention_mask=torch.tensor(batch["chosen_attention_mask"])).logits, -1
+            )
+        tok = np.take_along_axis(logp[:, :-1].numpy(), batch["chosen_input_ids"][:, 1:, None], -1)[..., 0]
+        r = r + sign * (tok * batch["chosen_loss_mask"][:, 1:]).sum(-1)
+    shaped = np.asarray(r).reshape(2, 3) - 0.01 * np.array([[len(s) for s in ss] for ss in samples])
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (ss[int(np.argmax(x))], ss[int(np.argmin(x))]) for ss, x in zip(samples, shaped, strict=True)
+    ]
+    np.testing.assert_allclose([p["chosen_score"] for p in pairs], shaped.max(-1), rtol=1e-4, atol=1e-4)
+    saved = json.loads((tmp_path / "dice.json").read_text())
+    assert saved["alpha_lc"] == 0.01
+
+
+def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_tokenizer):
+    """The judge grades each sample over HTTP (best over worst; an unreadable grade sits out); on-policy
+    CLAIR sends the first sample to the reviser and prefers its revision."""
+    import re
+
+    from test_clair import ChatServer
+
+    def respond(body):
+        text = body["messages"][-1]["content"]
+        if "{student_solution}" in text:  # the CLAIR reviser: upper-cases the answer
+            answer = re.search(r"\{student_solution\}: (.*?)\n\n-----", text, re.S).group(1)
+            return "{teacher_reasoning}: louder\n{corrected_student_solution}: " + answer.upper()
+        answer = re.search(r"\[Response\]\n(.*)\n$", text, re.S).group(1)  # the judge: longer is better
+        return "I cannot grade this." if answer == "zz" else f"Fine.\nScore: {min(len(answer), 10)}"
+
+    server = ChatServer(respond)
+    try:
+        prompts = [{"prompt": "p0"}, {"prompt": "p1"}, {"prompt": "p2"}]
+        samples = [["a", "bbbb", "cc"], ["zz", "y", "xxx"], ["same", "four", "sure"]]
+        o = train.default_config().online
+        o.update({"labeler": "judge", "base_url": server.url, "api_model": "judge-m", "concurrency": 2})
+        pairs = online.label(
+            o, prompts, samples, policy_dir=None, ref_dir=None, tokenizer=None, workdir=tmp_path
+        )
+        # p0: 4 over 1; p1: "zz" unreadable, 3 over 1; p2: all graded 4, no pair
+        assert [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs] == [
+            ("p0", "bbbb", "a"),
+            ("p1", "xxx", "y"),
+        ]
+        assert len(server.bodies) == 9 and all(b["model"] == "judge-m" for b in server.bodies)
+        o.labeler = "clair"
+        pairs = online.label(
+            o, prompts, samples, policy_dir=None, ref_dir=None, tokenizer=None, workdir=tmp_path
+        )
+        assert [(p["chosen"], p["rejected"]) for p in pairs] == [("A", "a"), ("ZZ", "zz"), ("SAME", "same")]
+    finally:
+        server.close()
