@@ -173,3 +173,31 @@ def test_token_weighted_cells_train_on_records_with_token_weights(mini_root, los
         w = np.concatenate([r["rejected_weights"] for r in records])
         assert np.all((w >= np.exp(-1) - 1e-6) & (w <= np.exp(1) + 1e-6)) and np.ptp(w) > 0
     assert first_step(config.workdir)["loss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_online_clair_runs_rounds_through_the_loopback_reviser(mini_root):
+    """online_clair:tiny: each round's pairs are the reviser's (HTTP) revisions of that round's samples."""
+    from apo_jax.data.jsonl import read_jsonl
+    from experiments.mini import online, task
+    from experiments.mini.server import problem_of
+
+    for name in ("online_dpo", "online_mixed", "online_dice", "accelerated_po", "online_judge"):
+        assert resolve(f"{name}:tiny").endswith(f"experiments/configs/{name}.py:tiny")
+    from experiments.configs import online_clair
+
+    config = online_clair.get_config("tiny")
+    config.workdir = str(mini_root / "online_clair")
+    config.train.progress = False
+    summary = online.run(config)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1] and len(summary["accuracy"]) == 3
+    run = pathlib.Path(config.workdir)
+    for t in (0, 1):
+        first = {
+            s["prompt"]: s["response"]
+            for s in read_jsonl(run / f"round_{t}" / "samples.jsonl")
+            if s["sample"] == 0
+        }
+        pairs = read_jsonl(run / f"round_{t}" / "pairs.jsonl")
+        assert pairs and all(p["rejected"] == first[p["prompt"]] for p in pairs)
+        assert all(p["chosen"] == task.revise(problem_of(p["prompt"]), p["rejected"]).strip() for p in pairs)
+    assert "| round 1 |" in (run / "results.md").read_text()

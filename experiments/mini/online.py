@@ -5,6 +5,8 @@ pairs, a round of preference training, repeat; accuracy of every round's policy 
     python -m experiments.run --config=online_mixed      # the same with logit-mixed samples
     python -m experiments.run --config=online_dice       # DICE: DPO first, then its implicit rewards
     python -m experiments.run --config=accelerated_po    # the scorer loop with Nesterov extrapolation
+    python -m experiments.run --config=online_clair      # on-policy CLAIR: the reviser over HTTP
+    python -m experiments.run --config=online_judge      # a judge's 1-10 grades over HTTP
 
 M is the same cached SFT model as in every grid cell (experiments/mini/pipeline.py).
 """
@@ -72,13 +74,20 @@ def run(config) -> dict:
         start, offline = _offline_dpo(config, m_dir, tok, prompts, workdir, workdir)
         config.model.path, config.reference.path = str(start), str(m_dir)
         o.offline = str(offline)
-    else:
+    elif o.labeler == "scorer":
         o.scorer = "experiments.mini.online:score"
     pipeline._say(
         f"online: {o.rounds} rounds, {o.labeler} labeler, {o.sampler} sampler, "
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"
     )
-    result = run_online(config)
+    if o.labeler in ("clair", "judge"):  # the stand-in reviser and judge, over loopback HTTP
+        from experiments.mini.server import Server
+
+        with Server() as url:
+            o.base_url, o.api_model = url, f"mini-{o.labeler}"
+            result = run_online(config)
+    else:
+        result = run_online(config)
     pipeline._say("scoring held-out accuracy of each round's policy (greedy, and 4 samples at temperature 1)")
     policies = [("start", pathlib.Path(config.model.path))] + [
         (f"round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
