@@ -200,4 +200,4 @@ def test_online_clair_runs_rounds_through_the_loopback_reviser(mini_root):
         pairs = read_jsonl(run / f"round_{t}" / "pairs.jsonl")
         assert pairs and all(p["rejected"] == first[p["prompt"]] for p in pairs)
         assert all(p["chosen"] == task.revise(problem_of(p["prompt"]), p["rejected"]).strip() for p in pairs)
-    assert "| round 1 |" in (run / "results.md").read_text()
+    assert "| after round 1 |" in (run / "results.md").read_text()

@@ -146,7 +146,9 @@ def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, score
     workdir = pathlib.Path(workdir)
     if o.labeler == "scorer":
         score = scorer or _import(o.scorer)
-        pairs = [best_worst(p, ss, [score(p, s) for s in ss]) for p, ss in zip(prompts, samples, strict=True)]
+        scores = [[float(score(p, s)) for s in ss] for p, ss in zip(prompts, samples, strict=True)]
+        (workdir / "scores.json").write_text(json.dumps(scores))  # the round's sample quality
+        pairs = [best_worst(p, ss, x) for p, ss, x in zip(prompts, samples, scores, strict=True)]
     elif o.labeler == "dice":
         r = _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir)
         groups = []  # per prompt: its scored samples, their rewards and character lengths
@@ -323,11 +325,12 @@ def run_online(cfg, *, scorer=None) -> dict:
             policy = rd / "policy"
         else:
             policy = hat
-        scored = [s for s in (p.get("chosen_score") for p in pairs) if s is not None]
+        scores = rd / "scores.json"  # the scorer's grades of every sample: how good the policy was
+        scored = [x for row in json.loads(scores.read_text()) for x in row] if scores.exists() else []
         done["rounds"].append({
             "round": t, "prompts": len(batch), "samples": len(batch) * o.samples, "pairs": len(generated),
             "replayed": len(replayed), "final_loss": result["metrics"].get("loss"),
-            "mean_chosen_score": float(np.mean(scored)) if scored else None,
+            "mean_sample_score": float(np.mean(scored)) if scored else None,
             "policy": str(policy), "hat": str(hat), "reference": str(ref),
         })  # fmt: skip
         prev_hat = hat

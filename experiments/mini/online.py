@@ -90,7 +90,7 @@ def run(config) -> dict:
         result = run_online(config)
     pipeline._say("scoring held-out accuracy of each round's policy (greedy, and 4 samples at temperature 1)")
     policies = [("start", pathlib.Path(config.model.path))] + [
-        (f"round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
+        (f"after round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
     ]
     rows = []
     for i, (name, path) in enumerate(policies):
@@ -113,14 +113,15 @@ def run(config) -> dict:
         f"# Miniature online loop: {mini.name}\n",
         f"labeler {o.labeler}, sampler {o.sampler}, accelerate_alpha {o.accelerate_alpha}, "
         f"{o.samples} samples per prompt, {config.train.steps} steps per round\n",
-        "| policy | pairs | replayed | mean chosen score | greedy accuracy | sampled accuracy |",
+        "| policy | mean score of the samples it was trained on | pairs | replayed | greedy accuracy "
+        "| sampled accuracy |",
         "|---|---|---|---|---|---|",
     ]
     for acc, r in zip(rows, [{}] + result["rounds"], strict=True):
-        mean = r.get("mean_chosen_score")
+        mean = r.get("mean_sample_score")
         md.append(
-            f"| {acc['policy']} | {r.get('pairs', '')} | {r.get('replayed', '')} | "
-            f"{'' if mean is None else f'{mean:.3f}'} | {acc['accuracy']:.3f} | "
+            f"| {acc['policy']} | {'' if mean is None else f'{mean:.3f}'} | {r.get('pairs', '')} | "
+            f"{r.get('replayed', '')} | {acc['accuracy']:.3f} | "
             f"{acc['sampled_accuracy']:.3f} |"
         )
     (workdir / "results.md").write_text("\n".join(md) + "\n")

@@ -22,7 +22,7 @@ DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferre
 SAMPLED_KINDS = ("scdpo",)  # kinds that sample M again (built only for their own cells)
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
 # what M's answers and pairs do not depend on
-METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps")
+METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps", "ches_drop")
 
 
 def _key(fields: dict) -> str:
@@ -264,7 +264,7 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
 def run(config) -> dict:
     """The miniature for one grid cell (`config.experiment.data` × `config.loss.name`)."""
     from apo_jax import train
-    from apo_jax.data.clair.stats import pair_stats, table
+    from apo_jax.data.clair.stats import ches_stats, pair_stats, table
     from apo_jax.data.preprocess import preprocess
 
     started = time.time()
@@ -291,13 +291,19 @@ def run(config) -> dict:
             pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
         paths[k] = write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
         contrast[k] = pair_stats([(p["chosen"], p["rejected"]) for p in pairs]) if pairs else None
+        if pairs and mini.get("ches_drop", 0.0) and "prefix" not in pairs[0]:  # whole answers only
+            usable = [(p["chosen"], p["rejected"], p["prompt"]) for p in pairs if p["rejected"]]
+            contrast[k] |= ches_stats(m_dir, usable, as_chat=True)  # how alike M finds each pair
     if contrast[kind] is None:
         raise ValueError(
             f"the miniature built no {kind} pairs: M is always right or always wrong; train M more"
         )
     _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
-    preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True)
+    ches = {"ches_model": str(m_dir), "ches_drop": mini.ches_drop} if mini.get("ches_drop", 0.0) else {}
+    if ches:
+        _say(f"leaving out the {mini.ches_drop:.0%} of {kind} pairs with the highest CHES under M")
+    preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True, **ches)
     if kind == "scdpo":
         eval_pairs = scdpo_pairs(cache, m_dir, eval_prompts, eval_answers, "scdpo_eval", mini.seed + 9)
     else:
