@@ -116,7 +116,7 @@ def main(argv):
             from experiments.mini.online import run as run_mini_online
 
             result = (run_mini_online if kind == "mini_online" else run_online)(config)
-            print(json.dumps({"status": "done", "rounds": len(result["rounds"])}))
+            print(json.dumps({"status": result["status"], "rounds": len(result["rounds"])}))
             return 0
         result = run(config)
     except ConfigError as e:

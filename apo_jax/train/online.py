@@ -71,7 +71,7 @@ def default_online() -> ml_collections.ConfigDict:
     })  # fmt: skip
 
 
-def validate_online(o) -> None:
+def validate_online(o, reference_path: str = "") -> None:
     from apo_jax.train.config import ConfigError
 
     if o.labeler not in LABELERS:
@@ -88,6 +88,12 @@ def validate_online(o) -> None:
         raise ConfigError(f"online.samples={o.samples}: a pair needs at least 2 samples per prompt")
     if o.labeler in ("judge", "clair") and not (o.base_url and o.api_model):
         raise ConfigError(f"online.labeler={o.labeler!r} needs online.base_url and online.api_model")
+    if o.sampler == "mixed" and o.reference == "previous" and not reference_path:
+        raise ConfigError(
+            "online.sampler='mixed' mixes the policy's logits with its reference's, but with "
+            "online.reference='previous' the reference is the policy itself: set online.reference='initial' "
+            "or reference.path"
+        )
     if o.rounds < 1:
         raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
 
@@ -266,7 +272,7 @@ def run_online(cfg, *, scorer=None) -> dict:
     from apo_jax.train.loop import run as train_run
 
     o = cfg.online
-    validate_online(o)
+    validate_online(o, cfg.reference.path)
     root = pathlib.Path(cfg.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     initial = pathlib.Path(cfg.model.path).absolute()
@@ -316,8 +322,8 @@ def run_online(cfg, *, scorer=None) -> dict:
         rc.data.train, rc.train.export_hf = str(rd / "records"), True
         rc.reference.path = "" if ref == policy else str(ref)
         result = train_run(rc)
-        if result["status"] != "done":
-            return {"status": result["status"], "round": t}
+        if result["status"] != "done":  # preempted: rerun to resume this round's training
+            return {"status": result["status"], "round": t, "rounds": done["rounds"], "policy": str(policy)}
         hat = rd / "train" / "hf"
         tok.save_pretrained(hat)
         if o.accelerate_alpha:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import statistics
 import time
 
 from apo_jax.data.jsonl import write_jsonl
@@ -28,6 +29,13 @@ def score(row: dict, response: str) -> float:
     results = {str(r) for *_, r in task.solve(row)}
     found = set(re.findall(r"-?\d+", response))
     return float(task.is_correct(row, response)) + 0.5 * len(results & found) / len(results)
+
+
+def _sample_score(path) -> float:
+    """The task's mean score (with partial credit) of a round's samples: how good the sampled policy was."""
+    from apo_jax.data.jsonl import read_jsonl
+
+    return statistics.fmean(score(row, row["response"]) for row in read_jsonl(path))
 
 
 def _offline_dpo(config, m_dir, tok, prompts, workdir, cache) -> tuple[pathlib.Path, pathlib.Path]:
@@ -88,6 +96,9 @@ def run(config) -> dict:
             result = run_online(config)
     else:
         result = run_online(config)
+    if result["status"] != "done":
+        pipeline._say(f"{result['status']} in round {result['round']}: run the same command again to resume")
+        return result
     pipeline._say("scoring held-out accuracy of each round's policy (greedy, and 4 samples at temperature 1)")
     policies = [("start", pathlib.Path(config.model.path))] + [
         (f"after round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
@@ -118,7 +129,7 @@ def run(config) -> dict:
         "|---|---|---|---|---|---|",
     ]
     for acc, r in zip(rows, [{}] + result["rounds"], strict=True):
-        mean = r.get("mean_sample_score")
+        mean = _sample_score(workdir / f"round_{r['round']}" / "samples.jsonl") if r else None
         md.append(
             f"| {acc['policy']} | {'' if mean is None else f'{mean:.3f}'} | {r.get('pairs', '')} | "
             f"{r.get('replayed', '')} | {acc['accuracy']:.3f} | "
