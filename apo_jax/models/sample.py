@@ -173,6 +173,7 @@ def generate(
     rng = jax.random.key(0) if rng is None else rng
     step_end = jnp.zeros((config.vocab_size,), jnp.float32).at[jnp.asarray(step_end_ids, jnp.int32)].set(1.0)
     t_max = jnp.inf if temperature_max is None else temperature_max
+    prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)
     B = prompt_ids.shape[0]
     if ref_params is None:
         all_params, mix = (params,), jnp.ones((B, 1), jnp.float32)
