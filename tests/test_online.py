@@ -77,9 +77,21 @@ def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_st
         accelerate_alpha=alpha,
     )
     longest = lambda row, response: float(len(response))  # noqa: E731  a scorer that always separates
-    out = online.run_online(cfg, scorer=longest)
-    r0, r1 = out["rounds"]
+    calls = []
+
+    def crashes_in_round_1(row, response):  # the job dies while labeling round 1, after its sampling
+        calls.append(1)
+        if len(calls) == 8 * 2 + 1:
+            raise RuntimeError("killed")
+        return longest(row, response)
+
     run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed"):
+        online.run_online(cfg, scorer=crashes_in_round_1)
+    round0 = (run / "round_0" / "train" / "metrics.jsonl").stat().st_mtime_ns
+    out = online.run_online(cfg, scorer=longest)  # resumes: round 0 is not run again
+    assert (run / "round_0" / "train" / "metrics.jsonl").stat().st_mtime_ns == round0
+    r0, r1 = out["rounds"]
     # round 1 sampled π_1 (round 0's extrapolated policy), mixed with the initial reference: regenerating
     # with it gives the same samples, regenerating with π_0 does not
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(read_jsonl(prompts))]
