@@ -358,10 +358,11 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     pair = steps.step_pair("Compute 7 + 5 - 9.", answer, revision)
     # hand-worked: line 0 agrees, line 1 is the first wrong step
     assert pair == {"prompt": "Compute 7 + 5 - 9.", "prefix": "7 + 5 = 12\n", "chosen": "12 - 9 = 3\n",
-                    "rejected": "12 - 9 = 4\n"}  # fmt: skip
+                    "rejected": "12 - 9 = 4\n", "ends_turn": False}  # fmt: skip
     assert steps.step_pair("q", "a\nb", "a\nb") is None and steps.step_pair("q", "a", "a\nb") is None
     last = steps.step_pair("q", "1 + 1 = 2\nAnswer: 3", "1 + 1 = 2\nAnswer: 2")
     assert (last["chosen"], last["rejected"]) == ("Answer: 2", "Answer: 3")  # the final line: no newline
+    assert last["ends_turn"]  # ... and the step closes the assistant's turn
     src = _write_jsonl(tmp_path / "steps.jsonl", steps.step_pairs([{"prompt": "Compute 7 + 5 - 9.",
                        "chosen": revision, "rejected": answer, "source": "m0"}]))  # fmt: skip
     preprocess.preprocess(str(src), tmp_path / "records", tiny_tokenizer, as_chat=True)
@@ -380,6 +381,18 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     assert not ends & (set(record["chosen_ids"]) | set(record["rejected_ids"]))
     with pytest.raises(ValueError, match="row 0, field 'prefix'"):
         data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)
+    with pytest.raises(ValueError, match="row 0, field 'ends_turn'"):
+        data.formats.normalize_pair({"prompt": "q", "chosen": "a", "rejected": "b", "ends_turn": True}, 0)
+    # a last step ends the turn: the answer's tokens are those of the whole templated conversation
+    src = _write_jsonl(tmp_path / "last.jsonl", [dict(last, prompt="Compute 1 + 1.")])
+    preprocess.preprocess(str(src), tmp_path / "last", tiny_tokenizer, as_chat=True)
+    (record,), _ = read_records(tmp_path / "last")
+    chat = [{"role": "user", "content": "Compute 1 + 1."},
+            {"role": "assistant", "content": "1 + 1 = 2\nAnswer: 2"}]  # fmt: skip
+    whole = tiny_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert list(record["prompt_ids"]) + list(record["chosen_ids"]) == list(whole)
+    assert record["chosen_ids"][-1] in ends
+    assert tiny_tokenizer.decode(record["chosen_ids"][:-1]) == "Answer: 2"
 
 
 def test_scdpo_negatives_keep_the_right_steps_before_the_chosen_step(tmp_path, tiny_tokenizer):
@@ -409,7 +422,7 @@ def test_scdpo_negatives_keep_the_right_steps_before_the_chosen_step(tmp_path, t
         head = generate.prompt_ids(tiny_tokenizer, {"prompt": row["prompt"]}, {})
         assert ids[: len(head)] == head and tiny_tokenizer.decode(ids[len(head) :]) == row["prefix"]
     pairs = steps.scdpo_pairs(starts, continuations, lambda s, t: task.is_correct(problems[s["index"]], t))
-    assert len(pairs) >= 6
+    assert len(pairs) >= 6 and all(p["ends_turn"] for p in pairs)  # continuations finish the answer
     for pair in pairs:
         problem, k = problems[pair["index"]], pair["step"]
         gold = task.gold_answer(problem).split("\n")

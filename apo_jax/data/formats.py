@@ -46,6 +46,7 @@ class Pair:
     rejected: list[dict] | str
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
     prefix: str = ""  # step-level pairs: the assistant's answer so far; chosen/rejected continue it
+    ends_turn: bool = False  # with a prefix: chosen/rejected finish the answer (end-of-turn included)
 
     @property
     def conversational(self) -> bool:
@@ -143,7 +144,8 @@ def normalize_pair(row: dict, index: int) -> Pair:
             raise RowError(
                 index, "chosen" if not chosen else "rejected", "empty after removing the common prompt"
             )
-        return Pair(prompt, chosen, rejected, _extras(index, row), _prefix(index, row))
+        extras, prefix, ends = _extras(index, row), _prefix(index, row), _ends_turn(index, row)
+        return Pair(prompt, chosen, rejected, extras, prefix, ends)
     prompt = _messages(index, "prompt", prompt)
     answers = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
@@ -173,7 +175,17 @@ def normalize_pair(row: dict, index: int) -> Pair:
     for field in ("chosen", "rejected"):
         if not answers[field] or answers[field] == "":
             raise RowError(index, field, "empty answer")
-    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row), _prefix(index, row))
+    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row), _prefix(index, row),
+                _ends_turn(index, row))  # fmt: skip
+
+
+def _ends_turn(index: int, row: dict) -> bool:
+    value = row.get("ends_turn", False)
+    if not isinstance(value, bool):
+        raise RowError(index, "ends_turn", f"expected true or false, got {value!r}")
+    if value and not row.get("prefix"):
+        raise RowError(index, "ends_turn", "only a row with a prefix continues a turn; whole answers end it")
+    return value
 
 
 def _prefix(index: int, row: dict) -> str:
@@ -269,7 +281,7 @@ def as_chat(example: Pair | Unpaired) -> Pair | Unpaired:
     if isinstance(example, Pair):
         if example.prefix:  # a continuation stays text: tokenize_example frames the prompt
             return Pair(turn("user", example.prompt), example.chosen, example.rejected, example.extras,
-                        example.prefix)  # fmt: skip
+                        example.prefix, example.ends_turn)  # fmt: skip
         return Pair(turn("user", example.prompt), turn("assistant", example.chosen),
                     turn("assistant", example.rejected), example.extras)  # fmt: skip
     return Unpaired(

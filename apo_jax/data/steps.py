@@ -13,7 +13,8 @@ first line where revision and answer differ is the first wrong step.
 
 The rows carry `prefix` (apo_jax.data.formats): preprocess frames the question with the chat
 template (`--as-chat`), appends the prefix as the start of the assistant's turn, and the chosen and
-rejected steps continue it without an end-of-turn token.
+rejected steps continue it without an end-of-turn token, unless the row says `ends_turn` (the step
+is the answer's last line; SCDPO's continuations always finish the answer).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ def step_pair(prompt: str, answer: str, revision: str) -> dict | None:
     if k >= len(a) or k >= len(r) or not a[k].strip() or not r[k].strip():
         return None
     prefix = "".join(line + "\n" for line in a[:k])
-    last = k == len(a) - 1 and k == len(r) - 1  # the final line: the step ends the answer
+    last = k == len(a) - 1 and k == len(r) - 1  # the final line: the step ends the answer (and the turn)
     end = "" if last else "\n"
-    return {"prompt": prompt, "prefix": prefix, "chosen": r[k] + end, "rejected": a[k] + end}
+    return {"prompt": prompt, "prefix": prefix, "chosen": r[k] + end, "rejected": a[k] + end,
+            "ends_turn": last}  # fmt: skip
 
 
 def step_pairs(rows: Iterable[dict], *, answer_key="rejected", revision_key="chosen") -> list[dict]:
@@ -76,7 +78,7 @@ def scdpo_starts(rows: Iterable[dict], rng, *, answer_key: str = "response") -> 
         k = rng.randrange(len(lines))
         carried = {key: v for key, v in row.items() if key not in ("prompt", answer_key, "prefix", "chosen")}
         out.append(carried | {"prompt": row["prompt"], "prefix": "".join(x + "\n" for x in lines[:k]),
-                              "chosen": "\n".join(lines[k:]), "step": k})  # fmt: skip
+                              "chosen": "\n".join(lines[k:]), "step": k, "ends_turn": True})  # fmt: skip
     return out
 
 

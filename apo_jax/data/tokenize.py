@@ -81,7 +81,8 @@ def tokenize_example(tokenizer, example: Pair | Unpaired, kwargs: dict | None = 
 def _continuation(tokenizer, example: Pair, kwargs: dict) -> Tokenized:
     """A step-level pair (Step-DPO): the prompt is the (chat-framed) question plus the answer so far,
     and chosen/rejected are the next step's text, which continues the same turn: no EOS, no end of
-    turn. The completion ids are the suffix of the tokenized whole after the common prefix, as above."""
+    turn, unless the row `ends_turn` (the answers finish the solution: Step-DPO's last step, SCDPO's
+    continuations). The completion ids are the suffix of the tokenized whole after the common prefix."""
     if example.conversational:
         head = tokenizer.apply_chat_template(
             example.prompt, tokenize=False, add_generation_prompt=True, **kwargs
@@ -94,7 +95,14 @@ def _continuation(tokenizer, example: Pair, kwargs: dict) -> Tokenized:
         return list(tokenizer(text=text, add_special_tokens=special)["input_ids"])
 
     prompt_ids = ids(head + example.prefix)
-    full = [ids(head + example.prefix + answer) for answer in (example.chosen, example.rejected)]
+    answers = (example.chosen, example.rejected)
+    if not example.ends_turn:
+        full = [ids(head + example.prefix + answer) for answer in answers]
+    elif example.conversational:  # the answer finishes the turn: the template closes it
+        turns = [example.prompt + [{"role": "assistant", "content": example.prefix + a}] for a in answers]
+        full = [_template(tokenizer, t, kwargs) for t in turns]
+    else:
+        full = [ids(head + example.prefix + a + tokenizer.eos_token) for a in answers]
     prompt_len = min(_common_prefix_length(prompt_ids, f) for f in full)
     return Tokenized(prompt_ids[:prompt_len], full[0][prompt_len:], full[1][prompt_len:],
                      prompt_len < len(prompt_ids))  # fmt: skip

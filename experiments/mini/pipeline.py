@@ -114,7 +114,7 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
                         **SCDPO_TEMPERATURE)  # fmt: skip
     continuations = [json.loads(x) for x in out.read_text().splitlines()]
     pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
-    return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step")} for p in pairs]
+    return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
 
 
 def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> float:
