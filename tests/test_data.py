@@ -382,7 +382,8 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     with pytest.raises(ValueError, match="row 0, field 'prefix'"):
         data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)
     with pytest.raises(ValueError, match="row 0, field 'ends_turn'"):
-        data.formats.normalize_pair({"prompt": "q", "chosen": "a", "rejected": "b", "ends_turn": True}, 0)
+        data.formats.normalize_pair({"prompt": "q", "prefix": "p", "chosen": "a", "rejected": "b",
+                                     "ends_turn": 1}, 0)  # fmt: skip
     # a last step ends the turn: the answer's tokens are those of the whole templated conversation
     src = _write_jsonl(tmp_path / "last.jsonl", [dict(last, prompt="Compute 1 + 1.")])
     preprocess.preprocess(str(src), tmp_path / "last", tiny_tokenizer, as_chat=True)

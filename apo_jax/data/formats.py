@@ -183,9 +183,7 @@ def _ends_turn(index: int, row: dict) -> bool:
     value = row.get("ends_turn", False)
     if not isinstance(value, bool):
         raise RowError(index, "ends_turn", f"expected true or false, got {value!r}")
-    if value and not row.get("prefix"):
-        raise RowError(index, "ends_turn", "only a row with a prefix continues a turn; whole answers end it")
-    return value
+    return value and bool(row.get("prefix"))  # without a prefix the answers are whole: they end the turn
 
 
 def _prefix(index: int, row: dict) -> str:
