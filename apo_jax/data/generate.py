@@ -114,21 +114,20 @@ def step_end_ids(tok, marker: str = "\n") -> list[int]:
 
 def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512, temperature=0.7, top_p=1.0,
                         batch_size=8, seed=0, mesh=None, progress=True, temperature_step=0.0,
-                        temperature_max=None, params=None, ref_params=None, mix=None) -> dict:  # fmt: skip
+                        temperature_max=None, ref_params=None, mix=None) -> dict:  # fmt: skip
     """With apo_jax's own sampler: chat-templated, left-padded batches, appended as they finish.
 
     Rows with a `prefix` continue it (the response is the continuation). `temperature_step` raises the
     temperature by that much after each line the row writes, up to `temperature_max` (Step-Controlled
-    DPO). `params` replaces the directory's weights (a policy in training); `ref_params` with `mix`
-    ([2], or [samples, 2]: one pair per sample index) samples from mixed logits (online DPO's samplers)."""
+    DPO). `ref_params` with `mix` ([2], or [samples, 2]: one pair per sample index) samples from mixed
+    logits (online DPO's samplers)."""
     import jax
 
     from apo_jax import models
     from apo_jax.data.tokenize import chat_kwargs
 
     output = pathlib.Path(output)
-    model, loaded = models.from_hf(model_dir, mesh=mesh)
-    params = loaded if params is None else params
+    model, params = models.from_hf(model_dir, mesh=mesh)
     tok = models.load_tokenizer(model_dir)
     schedule = {"temperature_step": temperature_step, "temperature_max": temperature_max}
     if temperature_step:

@@ -26,7 +26,6 @@ were made. The train step feeds them to the token-weighted loss (apo_jax.losses.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import sys
@@ -37,17 +36,6 @@ SPLITS = {  # what a sentence is: a non-blank line, or text up to . ! ? or a lin
     "lines": re.compile(r"[^\n]*\S[^\n]*"),
     "sentences": re.compile(r"[^\s][^.!?\n]*(?:[.!?]+|$)", re.M),
 }
-
-
-def d2po_weights(n: int, gamma: float) -> np.ndarray:
-    return np.power(np.float32(gamma), np.arange(1, n + 1, dtype=np.float32))
-
-
-def tis_weights(plus: np.ndarray, minus: np.ndarray, *, chosen: bool, lower: float, upper: float,
-                k: float = 1.0) -> np.ndarray:  # fmt: skip
-    """w_t = k·exp(μ·clip(log π⁺ − log π⁻, L, U)), μ = +1 for a chosen answer and −1 for a rejected one."""
-    mu = 1.0 if chosen else -1.0
-    return (k * np.exp(mu * np.clip(plus - minus, lower, upper))).astype(np.float32)
 
 
 def sentence_spans(text: str, split: str) -> list[tuple[int, int]]:
@@ -78,22 +66,20 @@ def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str,
     return w
 
 
-def answer_token_logps(model_dir, records, batch_size: int = 8, params=None) -> dict[str, list[np.ndarray]]:
-    """{"chosen", "rejected"}: per record, its answer tokens' log-probs under a Hugging Face Llama
-    (`params` in place of the directory's weights if given)."""
+def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen", "rejected")):
+    """{side: per record, its answer tokens' log-probs} under a Hugging Face Llama, for each of `sides`."""
     import jax
 
     from apo_jax import models
     from apo_jax.data import layouts
 
-    model, loaded = models.from_hf(model_dir)
-    params = loaded if params is None else params
+    model, params = models.from_hf(model_dir)
     score = jax.jit(
         lambda p, ids, attn, mask: models.token_logps(model, p, ids, attn, mask, with_entropy=False)[
             "token_logps"
         ]
     )
-    out = {"chosen": [], "rejected": []}
+    out = {side: [] for side in sides}
     for batch, n in layouts.padded_batches(records, batch_size, multiple=16):
         for side in out:
             tok = np.asarray(score(params, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask",
@@ -107,6 +93,8 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
                 upper=1.0, k=1.0, pairs=None, tokenizer=None, split="lines", gamma=0.98,
                 batch_size=8) -> pathlib.Path:  # fmt: skip
     """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added."""
+    from apo_jax import losses
+    from apo_jax.data.jsonl import read_jsonl
     from apo_jax.data.tfrecords import read_records, rewrite_records
 
     records, meta = read_records(records_dir)
@@ -120,7 +108,8 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
             raise ValueError(f"--lower {lower} must be below --upper {upper}")
         plus, minus = (answer_token_logps(m, records, batch_size) for m in (plus_model, minus_model))
         weights = {
-            side: [tis_weights(p, q, chosen=side == "chosen", lower=lower, upper=upper, k=k)
+            side: [np.asarray(losses.tis_dpo_weights(p - q, np.ones_like(p), chosen=side == "chosen",
+                                                     lower=lower, upper=upper, k=k))
                    for p, q in zip(plus[side], minus[side], strict=True)]
             for side in ("chosen", "rejected")
         }  # fmt: skip
@@ -131,7 +120,7 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
             raise ValueError(
                 "--method mask needs --pairs (rows with chosen_labels/rejected_labels) and --tokenizer"
             )
-        rows = [json.loads(x) for x in pathlib.Path(pairs).read_text().splitlines() if x.strip()]
+        rows = read_jsonl(pairs)
         weights = {"chosen": [], "rejected": []}
         for r in records:
             i = int(r["source_index"])
@@ -145,7 +134,11 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
         how |= {"pairs": str(pairs), "split": split}
     elif method == "d2po":
         weights = {
-            s: [d2po_weights(len(r[f"{s}_ids"]), gamma) for r in records] for s in ("chosen", "rejected")
+            s: [
+                np.asarray(losses.d2po_weights(np.ones(len(r[f"{s}_ids"]), np.float32), gamma))
+                for r in records
+            ]
+            for s in ("chosen", "rejected")
         }
         how |= {"gamma": gamma}
     else:

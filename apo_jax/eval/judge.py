@@ -23,7 +23,7 @@ import re
 import statistics
 import sys
 
-from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, first_by_prompt, parse_verdict
+from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, first_by_prompt, judge_request, parse_verdict
 from apo_jax.data.clair.client import ClientConfig, run_requests
 from apo_jax.data.jsonl import read_jsonl
 
@@ -80,13 +80,13 @@ def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig,
                 continue
             other = ref[prompt]["response"]
             for order, (a, b) in (("ab", (answer, other)), ("ba", (other, answer))):
-                content = JUDGE_TEMPLATE.format(prompt=prompt, a=a, b=b)
-                requests[f"{i}:{order}"] = {"model": cfg.model, "temperature": 0.0, "max_tokens": 1024,
-                                            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+                requests[f"{i}:{order}"] = judge_request(
+                    cfg.model, JUDGE_TEMPLATE.format(prompt=prompt, a=a, b=b)
+                )
         else:
-            content = SCORE_TEMPLATE.format(prompt=prompt, answer=answer)
-            requests[f"{i}:score"] = {"model": cfg.model, "temperature": 0.0, "max_tokens": 1024,
-                                      "messages": [{"role": "user", "content": content}]}  # fmt: skip
+            requests[f"{i}:score"] = judge_request(
+                cfg.model, SCORE_TEMPLATE.format(prompt=prompt, answer=answer)
+            )
         keys.append(i)
     output.mkdir(parents=True, exist_ok=True)
     log, failures, counters = run_requests(cfg, requests, output / "judge.responses.jsonl", client=client,

@@ -182,7 +182,7 @@ def generate(
             raise ValueError("ref_params needs mix: the [B, 2] logit weights of policy and reference")
         all_params, mix = (params, ref_params), jnp.broadcast_to(jnp.asarray(mix, jnp.float32), (B, 2))
     return _generate(
-        config, all_params, mix, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), rng,
+        config, all_params, mix, prompt_ids, prompt_mask, rng,
         jnp.full((B,), max(temperature, 1e-6), jnp.float32), jnp.float32(top_p),
         jnp.float32(temperature_step), jnp.float32(t_max), step_end, max_new_tokens=max_new_tokens,
         top_k=top_k, eos_ids=eos_ids, greedy=temperature == 0, pad_id=int(pad_id),

@@ -237,9 +237,9 @@ def run(cfg) -> dict:
             )
 
     def init(params, ref_loaded):
-        ref = None
-        if reference in ("frozen", "sync"):
-            ref = jax.tree.map(jnp.copy, params if ref_loaded is None else ref_loaded)
+        ref = ref_loaded  # a reference loaded apart, or a copy of the starting policy
+        if reference in ("frozen", "sync") and ref is None:
+            ref = jax.tree.map(jnp.copy, params)
         return create_state(params, tx, seed=t.seed, ref_params=ref, loss_state=loss_state)
 
     state = jax.jit(init)(params, ref_loaded)

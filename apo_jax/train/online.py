@@ -140,8 +140,9 @@ def _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workd
     preprocess(str(write_jsonl(workdir / "scored.jsonl", rows)), workdir / "scored", tokenizer,
                max_length=o.max_length, as_chat=True)  # fmt: skip
     records, _ = read_records(workdir / "scored")
-    pol = [float(x.sum()) for x in answer_token_logps(policy_dir, records)["chosen"]]
-    ref = [float(x.sum()) for x in answer_token_logps(ref_dir, records)["chosen"]]
+    # each row holds the sample as both answers: score one side
+    pol = [float(x.sum()) for x in answer_token_logps(policy_dir, records, sides=("chosen",))["chosen"]]
+    ref = [float(x.sum()) for x in answer_token_logps(ref_dir, records, sides=("chosen",))["chosen"]]
     r = np.full(len(rows), np.nan)  # samples that preprocessing drops (empty, too long) get no reward
     r[[int(x["source_index"]) for x in records]] = np.asarray(pol) - np.asarray(ref)
     return r.reshape(len(prompts), len(samples[0]))
@@ -182,14 +183,15 @@ def _client(o):
 
 
 def _judge_pairs(o, prompts, samples, workdir):
+    from apo_jax.data.clair.baselines import judge_request
     from apo_jax.data.clair.client import run_requests
     from apo_jax.eval.judge import SCORE_TEMPLATE, parse_score
 
     requests = {
-        f"{i}:{j}": {"model": o.api_model, "temperature": 0.0, "max_tokens": 1024, "messages": [
-            {"role": "user", "content": SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s)}]}
-        for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)) for j, s in enumerate(ss)
-    }  # fmt: skip
+        f"{i}:{j}": judge_request(o.api_model, SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s))
+        for i, (p, ss) in enumerate(zip(prompts, samples, strict=True))
+        for j, s in enumerate(ss)
+    }
     log, _, _ = run_requests(_client(o), requests, workdir / "judge.responses.jsonl", progress=False)
     pairs = []
     for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)):

@@ -11,10 +11,6 @@ from experiments.configs import grid
 
 
 def get_config(arg: str = ""):
-    variant = arg or "mini"
-    if variant == "paper":
-        raise ValueError("clair_ches is a miniature; at full scale: preprocess --ches-drop 0.1")
-    config = grid.get_config(f"clair_dpo:{variant}")
-    config.workdir = "workdirs/clair_ches" + ("" if variant == "mini" else f"_{variant}")
+    config = grid.miniature_only("clair_ches", "clair_dpo", arg, at_scale="use preprocess --ches-drop 0.1")
     config.experiment.ches_drop = 0.1
     return config

@@ -12,10 +12,8 @@ from experiments.configs import grid
 
 
 def get_config(arg: str = ""):
-    variant = arg or "mini"
-    if variant == "paper":
-        raise ValueError("clair_profs runs on the miniature; at full scale use python -m apo_jax.models.edit")
-    config = grid.get_config(f"clair_apo_zero:{variant}")
-    config.workdir = "workdirs/clair_profs" + ("" if variant == "mini" else f"_{variant}")
+    config = grid.miniature_only(
+        "clair_profs", "clair_apo_zero", arg, at_scale="use python -m apo_jax.models.edit"
+    )
     config.experiment.update({"method": "profs", "profs_layers": "1:2", "profs_rank": 2})  # M has 2 layers
     return config

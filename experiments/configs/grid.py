@@ -44,6 +44,22 @@ def parse(name: str) -> tuple[str, str]:
     )
 
 
+def workdir(name: str, variant: str) -> str:
+    """`workdirs/<name>` for the miniature, `workdirs/<name>_<variant>` for the others."""
+    return f"workdirs/{name}" + ("" if variant == "mini" else f"_{variant}")
+
+
+def miniature_only(name: str, cell: str, arg: str, *, at_scale: str):
+    """The config of a miniature-only experiment built on grid cell `cell`, in its own workdir; its
+    `:paper` variant is refused with `at_scale`, what to run at full scale instead."""
+    variant = arg or "mini"
+    if variant == "paper":
+        raise ValueError(f"{name} runs on the miniature; at full scale {at_scale}")
+    config = get_config(f"{cell}:{variant}")
+    config.workdir = workdir(name, variant)
+    return config
+
+
 def get_config(arg: str):
     name, _, variant = arg.partition(":")
     variant = variant or "mini"
@@ -51,7 +67,7 @@ def get_config(arg: str):
         raise ValueError(f"unknown variant {variant!r} of {name}: use one of {list(VARIANTS)}")
     data, loss = parse(name)
     config = default_config()
-    config.workdir = f"workdirs/{name}" + ("" if variant == "mini" else f"_{variant}")
+    config.workdir = workdir(name, variant)
 
     # Data
     config.experiment = {"kind": "paper" if variant == "paper" else "mini", "data": data, "name": name,

@@ -20,7 +20,7 @@ def get_config(arg: str = "", name: str = "online_dpo"):
         return _paper(name)
     config = grid.get_config(f"clair_dpo:{variant}")  # the miniature's M, β and optimizer
     small = variant == "tiny"
-    config.workdir = f"workdirs/{name}" + ("" if variant == "mini" else f"_{variant}")
+    config.workdir = grid.workdir(name, variant)
     config.experiment.update({"kind": "mini_online", "name": name, "offline_steps": 4 if small else 100})
     config.experiment.train_prompts = 16 if small else 512
     config.online.update({
@@ -36,7 +36,7 @@ def _paper(name: str):
     """Full scale, same code: Llama-3-8B-Instruct samples UltraFeedback prompts, a judge grades (the
     Samplers paper: K = 8 at temperature 0.7; DICE: replay 0.5). Paths are to be filled in."""
     config = grid.get_config("clair_dpo:paper")
-    config.workdir = f"workdirs/{name}_paper"
+    config.workdir = grid.workdir(name, "paper")
     config.experiment.update({"kind": "online", "name": name})
     config.reference.mode = "frozen"  # each round has a new reference: nothing to precompute
     config.data.train = ""

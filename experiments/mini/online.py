@@ -38,13 +38,13 @@ def _sample_score(path) -> float:
     return statistics.fmean(score(row, row["response"]) for row in read_jsonl(path))
 
 
-def _offline_dpo(config, m_dir, tok, prompts, workdir, cache) -> tuple[pathlib.Path, pathlib.Path]:
+def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pathlib.Path]:
     """DICE starts from a DPO model: M trained on offline CLAIR pairs of its own answers. Returns
     (that model, the offline pairs file)."""
     from apo_jax import train
     from apo_jax.data.preprocess import preprocess
 
-    answers = pipeline._answers(cache, m_dir, prompts, "answers_offline", 2, 1.0)
+    answers = pipeline._answers(workdir, m_dir, prompts, "answers_offline", 2, 1.0)
     pairs = write_jsonl(
         workdir / "offline_pairs.jsonl",
         pipeline.build_pairs("clair", prompts, answers, config.experiment.seed, False),
@@ -79,7 +79,7 @@ def run(config) -> dict:
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.eval, config.data.probes = "", ""
     if o.labeler == "dice":
-        start, offline = _offline_dpo(config, m_dir, tok, prompts, workdir, workdir)
+        start, offline = _offline_dpo(config, m_dir, tok, prompts, workdir)
         config.model.path, config.reference.path = str(start), str(m_dir)
         o.offline = str(offline)
     elif o.labeler == "scorer":

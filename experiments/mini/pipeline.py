@@ -14,7 +14,7 @@ import shutil
 import time
 
 from apo_jax.data.anchor import anchor_pair
-from apo_jax.data.jsonl import write_jsonl
+from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.steps import step_pair
 from experiments.mini import task
 
@@ -94,7 +94,7 @@ def _answers(cache, m_dir, prompts, name, samples, temperature):
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
     generate_with_model(rows, out, m_dir, samples=samples, max_tokens=48, temperature=temperature,
                         batch_size=64, progress=False)  # fmt: skip
-    return [json.loads(x) for x in out.read_text().splitlines()]
+    return read_jsonl(out)
 
 
 def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
@@ -112,7 +112,7 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
     rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
     generate_with_model(rows, out, m_dir, samples=2, max_tokens=48, batch_size=64, progress=False, seed=seed,
                         **SCDPO_TEMPERATURE)  # fmt: skip
-    continuations = [json.loads(x) for x in out.read_text().splitlines()]
+    continuations = read_jsonl(out)
     pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
     return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
 
@@ -171,7 +171,7 @@ def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
     from apo_jax.data.preprocess import preprocess
 
     rng = random.Random(seed + 11)
-    train = [json.loads(x) for x in pathlib.Path(pairs_path).read_text().splitlines()][:32]
+    train = read_jsonl(pairs_path)[:32]
     rephrase = [{"prompt": p["prompt"], "chosen": task.stronger_answer(p),
                  "rejected": task.other_model_answer(p, rng)} for p in prompts[:32]]  # fmt: skip
     sets = {}
@@ -200,7 +200,7 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         return add_weights(train_dir, out, method="d2po")
     if name == "mask_dpo":
         by_prompt = {p["prompt"]: p for p in prompts}
-        rows = [json.loads(x) for x in pathlib.Path(pairs_path).read_text().splitlines()]
+        rows = read_jsonl(pairs_path)
         for r in rows:
             if "prefix" in r:
                 raise ValueError(f"mask_dpo labels whole answers; {kind} pairs are single steps")
@@ -230,7 +230,7 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(workdir / "metrics.jsonl")
     ev = [r for r in rows if "eval/logps/chosen" in r]
     if not ev:
         return []
@@ -335,7 +335,7 @@ def run(config) -> dict:
     after_s = accuracy(after_dir, eval_prompts, workdir, "acc_after_sampled", samples=4, temperature=1.0)
     metrics = workdir / "metrics.jsonl"
     plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = read_jsonl(metrics) if metrics.exists() else []
     final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
     summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
                "sampled_accuracy_before": before_s, "sampled_accuracy_after": after_s,

@@ -25,6 +25,16 @@ JUDGE_TEMPLATE = (
 _VERDICT = re.compile(r"verdict\s*:\s*\**\s*(A|B|tie)\b", re.IGNORECASE)
 
 
+def judge_request(model: str, content: str) -> dict:
+    """One deterministic judge call (temperature 0, room to reason) with `content` as the user turn."""
+    return {
+        "model": model,
+        "temperature": 0.0,
+        "max_tokens": 1024,
+        "messages": [{"role": "user", "content": content}],
+    }
+
+
 def parse_verdict(text: str | None) -> str:
     """'A', 'B' or 'tie' from the judge's last 'Verdict:' line; ValueError if there is none."""
     found = _VERDICT.findall(text or "")
@@ -64,14 +74,7 @@ def on_policy_judge(answers_path, output, cfg: ClientConfig, *, client=None, pro
         by_prompt.setdefault(row["prompt"], {})[int(row.get("sample", 0))] = row
     items = [(p, s[0], s[1]) for p, s in by_prompt.items() if 0 in s and 1 in s]
     requests = {
-        f"{i}": {
-            "model": cfg.model,
-            "temperature": 0.0,
-            "max_tokens": 1024,
-            "messages": [
-                {"role": "user", "content": JUDGE_TEMPLATE.format(prompt=p, a=a["response"], b=b["response"])}
-            ],
-        }  # fmt: skip
+        f"{i}": judge_request(cfg.model, JUDGE_TEMPLATE.format(prompt=p, a=a["response"], b=b["response"]))
         for i, (p, a, b) in enumerate(items)
     }
     output = pathlib.Path(output)
