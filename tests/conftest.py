@@ -3,18 +3,25 @@
 Both must be in place before jax is imported anywhere, so they are set at import time of
 this file, which pytest loads before any test module. Subprocesses started by tests inherit
 the environment variables, and with them the device count and the cache directory.
+
+The cache is one fixed directory (`~/.cache/apo_jax/jit_cache_tests`, or
+`$JAX_COMPILATION_CACHE_DIR`) reused by every run and capped at 2 GiB (JAX evicts the least
+recently used programs): a fresh temporary directory per run made no run faster and left a
+directory behind each time.
 """
 
 import os
-import tempfile
+import pathlib
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="apo_jax_jit_cache_")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "apo_jax" / "jit_cache_tests")
+)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 << 30))
 # Cache every compiled program, however small or quick: test programs are small.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
@@ -24,6 +31,7 @@ import jax
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 import pytest  # noqa: E402
 
