@@ -4,7 +4,9 @@ A preference step needs, for every completion token, log p(token | prefix) under
 and the reference. The logits of a whole batch ([B, T, V], V = 128k for Llama 3) would dwarf
 the model's activations, so the output projection runs over chunks of `chunk_size` positions
 inside a `lax.scan`, each chunk under `jax.checkpoint`: the backward pass recomputes one
-chunk's logits at a time instead of storing them all.
+chunk's logits at a time instead of storing them all. Given the reference's hidden states too,
+the same chunks give the reference's log-probs and the full-vocabulary KL at every position
+(TDPO, TIS-DPO's token-level variant), still without a [B, T, V] array.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def token_logps(
     chunk_size: int = 256,
     with_entropy: bool = False,
     with_sum_sq: bool = False,
+    ref_hidden=None,
+    ref_weight=None,
+    kl: str | None = None,
 ) -> dict[str, jax.Array]:
     """Log-probs of `input_ids` under logits = hidden @ weight, aligned with the ids.
 
@@ -33,12 +38,22 @@ def token_logps(
       chunk_size: positions per chunk of the output projection.
       with_entropy: also return per-token entropy of the predictive distribution (no gradient).
       with_sum_sq: also return per-token log Σ_v p_v² (WPO's weighting statistic; no gradient).
+      ref_hidden, ref_weight: the reference model's [B, T, D] hidden states and [D, V] output
+        projection (no gradient flows into them); needed by `kl`.
+      kl: the per-position KL over the vocabulary between policy π and reference π_ref:
+        "ref_policy" = KL(π_ref ‖ π) = Σ_v π_ref (log π_ref − log π) (TDPO's sequential KL), or
+        "policy_ref" = KL(π ‖ π_ref) = Σ_v π (log π − log π_ref) (TIS-DPO's token-level term).
 
     Returns:
       dict with `token_logps` [B, T] (`[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0), `logps` [B]
       = Σ_t token_logps·loss_mask, `lengths` [B] = Σ_t loss_mask, and on request `entropy` and
-      `log_sum_sq_probs` [B, T] aligned the same way (0 at t = 0).
+      `log_sum_sq_probs` [B, T] aligned the same way (0 at t = 0). With `kl`, also `kl` [B, T]
+      (gradient through π only), `ref_token_logps` [B, T] and `ref_logps` [B] (no gradient).
     """
+    if kl not in (None, "ref_policy", "policy_ref"):
+        raise ValueError(f"kl={kl!r}: use 'ref_policy' (KL(π_ref ‖ π)) or 'policy_ref' (KL(π ‖ π_ref))")
+    if kl is not None and (ref_hidden is None or ref_weight is None):
+        raise ValueError("kl needs the reference's ref_hidden and ref_weight")
     B, T, D = hidden.shape
     n = T - 1
     c = max(1, min(chunk_size, n))
@@ -47,9 +62,15 @@ def token_logps(
     targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad)))
     h = h.reshape(B, -1, c, D).swapaxes(0, 1)  # [C, B, c, D]
     targets = targets.reshape(B, -1, c).swapaxes(0, 1)  # [C, B, c]
+    xs = (h, targets)
+    if kl is not None:
+        ref_weight = jax.lax.stop_gradient(ref_weight)
+        hr = jax.lax.stop_gradient(ref_hidden)[:, :-1].astype(ref_weight.dtype)
+        hr = jnp.pad(hr, ((0, 0), (0, pad), (0, 0)))
+        xs = (h, targets, hr.reshape(B, -1, c, D).swapaxes(0, 1))
 
     @jax.checkpoint
-    def chunk(w, hc, tc):
+    def chunk(w, wr, hc, tc, hrc=None):
         z = jnp.einsum("BcD,DV->BcV", hc, w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(z, axis=-1)
         out = {"token_logps": jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse}
@@ -58,9 +79,17 @@ def token_logps(
             out["entropy"] = jax.lax.stop_gradient(lse - jnp.sum(p * z, axis=-1))
         if with_sum_sq:
             out["log_sum_sq_probs"] = jax.lax.stop_gradient(jax.nn.logsumexp(2 * z, axis=-1) - 2 * lse)
+        if kl is not None:
+            logp = z - lse[..., None]
+            logr = jax.nn.log_softmax(jnp.einsum("BcD,DV->BcV", hrc, wr, preferred_element_type=jnp.float32))
+            out["ref_token_logps"] = jnp.take_along_axis(logr, tc[..., None], axis=-1)[..., 0]
+            if kl == "ref_policy":
+                out["kl"] = jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1)
+            else:
+                out["kl"] = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)
         return out
 
-    _, outs = jax.lax.scan(lambda carry, xs: (carry, chunk(weight, *xs)), None, (h, targets))
+    _, outs = jax.lax.scan(lambda carry, x: (carry, chunk(weight, ref_weight, *x)), None, xs)
 
     def unchunk(x):  # [C, B, c] -> [B, T], with the 0 at t = 0
         x = x.swapaxes(0, 1).reshape(B, -1)[:, :n]
@@ -70,6 +99,8 @@ def token_logps(
     mask = jnp.asarray(loss_mask, jnp.float32)
     result["logps"] = jnp.sum(result["token_logps"] * mask, axis=-1)
     result["lengths"] = jnp.sum(mask, axis=-1)
+    if kl is not None:
+        result["ref_logps"] = jnp.sum(result["ref_token_logps"] * mask, axis=-1)
     return result
 
 

@@ -237,3 +237,22 @@ def token_weighted(b, hp):
     rho_c = (wc * (b["tpc"] - b["trc"])).sum(-1)
     rho_r = (wr * (b["tpr"] - b["trr"])).sum(-1)
     return -logsig(hp["beta"] * (rho_c - rho_r))
+
+
+def tdpo(b, hp):
+    """TDPO (Zeng et al. 2024), the official code's `tdpo_loss` on sums over the completion."""
+    m_c = (b["chosen_loss_mask"] * (b["tpc"] - b["trc"])).sum(-1)
+    m_r = (b["rejected_loss_mask"] * (b["tpr"] - b["trr"])).sum(-1)
+    d_c = (b["chosen_loss_mask"] * b["chosen_kl"]).sum(-1)
+    d_r = (b["rejected_loss_mask"] * b["rejected_kl"]).sum(-1)
+    alpha = 1.0 if not hp.get("tdpo2", True) else hp.get("alpha", 0.5)  # TDPO1 has no α
+    return -logsig(hp["beta"] * (m_c - m_r + alpha * (d_c - d_r)))
+
+
+def tis_dpo_kl(b, hp):
+    """TIS-DPO's token_level variant (PhiVanDat123/TIS-DPO `tisdpo_loss`, weighted sums)."""
+    wc = b["chosen_loss_mask"] * b["chosen_weights"]
+    wr = b["rejected_loss_mask"] * b["rejected_weights"]
+    rho = (wc * (b["tpc"] - b["trc"])).sum(-1) - (wr * (b["tpr"] - b["trr"])).sum(-1)
+    kl = (wc * b["chosen_kl"]).sum(-1) - (wr * b["rejected_kl"]).sum(-1)
+    return -logsig(hp["beta"] * (rho - hp.get("alpha", 0.5) * kl))

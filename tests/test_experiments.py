@@ -29,6 +29,15 @@ def test_every_grid_cell_resolves(data, loss):
     assert path.endswith(f"experiments/configs/grid.py:{data}_{loss}:paper")
 
 
+@pytest.mark.parametrize("loss", ["tdpo", "tis_dpo", "d2po"])
+def test_token_level_cells_validate_at_paper_scale_with_a_frozen_reference(loss):
+    from apo_jax import train
+
+    config = grid.get_config(f"clair_{loss}:paper")
+    assert config.reference.mode == "frozen" and config.data.train == "data/clair"
+    train.validate(config)
+
+
 def test_names_paths_and_unknown_names():
     assert resolve("tiny_preference").endswith("experiments/configs/tiny_preference.py")
     assert resolve("some/path.py:arg") == "some/path.py:arg"

@@ -49,6 +49,8 @@ def make_batch(seed, beta_scale=1.0):
         "rejected_loss_mask": mask_r,
         "chosen_weights": rng.uniform(0.5, 1.5, (B, T)).astype(np.float32),
         "rejected_weights": rng.uniform(0.5, 1.5, (B, T)).astype(np.float32),
+        "chosen_kl": rng.exponential(0.3, (B, T)).astype(np.float32),  # per-position KLs are >= 0
+        "rejected_kl": rng.exponential(0.3, (B, T)).astype(np.float32),
     }
 
 
@@ -130,6 +132,11 @@ CASES = [
     ("tis_dpo", {}),
     ("d2po", {}),
     ("mask_dpo", {}),
+    ("tdpo", {}),
+    ("tdpo", {"tdpo2": False}),
+    ("tdpo", {"alpha": 1.7}),
+    ("tis_dpo_kl", {}),
+    ("tis_dpo_kl", {"alpha": 0.0}),
 ]
 REFERENCE = {
     "dpo": ref.sigmoid,
@@ -265,6 +272,32 @@ def test_analytic_gradients_dpo_apo_zero_apo_down(beta):
         np.testing.assert_allclose(g_pr, d_r, rtol=1e-4, atol=1e-7, err_msg=name)
         np.testing.assert_allclose(g_rc, -d_c, rtol=1e-4, atol=1e-7, err_msg=name)  # ρ = π − ref
         np.testing.assert_allclose(g_rr, -d_r, rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("tdpo2", [True, False])
+def test_tdpo_kl_gradients(tdpo2):
+    """∂L/∂KL per position: TDPO2 stops the chosen KL's gradient and scales the rejected one by α;
+    TDPO1 has both, unscaled (L = −log σ(βz), ∂L/∂z = −β σ(−βz))."""
+    b, beta, alpha = make_batch(12), 0.4, 0.3
+    loss = losses.get("tdpo")
+    fields = {k: b[k] for k in ("chosen_loss_mask", "rejected_loss_mask")}
+
+    def total(kc, kr):
+        out = loss(b["tpc"], b["tpr"], b["trc"], b["trr"], beta=beta, alpha=alpha, tdpo2=tdpo2,
+                   chosen_kl=kc, rejected_kl=kr, **fields)  # fmt: skip
+        return out.loss.sum()
+
+    g_c, g_r = jax.grad(total, argnums=(0, 1))(b["chosen_kl"], b["rejected_kl"])
+    f = f64(b)
+    a = alpha if tdpo2 else 1.0
+    mc, mr = f["chosen_loss_mask"], f["rejected_loss_mask"]
+    margin = (mc * (f["tpc"] - f["trc"])).sum(-1) - (mr * (f["tpr"] - f["trr"])).sum(-1)
+    z = margin + a * ((mc * f["chosen_kl"]).sum(-1) - (mr * f["rejected_kl"]).sum(-1))
+    dz = -beta * ref.sig(-beta * z)[:, None]
+    expected_c = np.zeros_like(mc) if tdpo2 else dz * mc
+    expected_r = -a * dz * mr
+    np.testing.assert_allclose(g_c, expected_c, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(g_r, expected_r, rtol=1e-4, atol=1e-7)
 
 
 def test_figure3_gradient_directions():

@@ -128,6 +128,48 @@ def test_chunked_token_logps_equal_naive_values_and_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("direction", ["ref_policy", "policy_ref"])
+def test_chunked_kl_equals_the_full_vocabulary_kl_and_its_gradient(direction):
+    """TDPO's KL(π_ref ‖ π) and TIS-DPO's KL(π ‖ π_ref) at every position, from the chunks, against
+    the full [B, T, V] distributions in numpy; gradients (policy only) against the naive jax form."""
+    rng = np.random.default_rng(1)
+    B, T, D, V = 2, 29, 16, 211
+    h, hr = (jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32) for _ in range(2))
+    w, wr = (jnp.asarray(rng.normal(size=(D, V)) * 0.5, jnp.float32) for _ in range(2))
+    ids = jnp.asarray(rng.integers(0, V, (B, T)))
+    mask = jnp.asarray(rng.random((B, T)) < 0.7, jnp.float32)
+    out = chunked_token_logps(h, w, ids, mask, chunk_size=8, ref_hidden=hr, ref_weight=wr, kl=direction)
+
+    def log_softmax64(hh, ww):
+        z = np.einsum("BTD,DV->BTV", np.asarray(hh, np.float64), np.asarray(ww, np.float64))[:, :-1]
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, lr = log_softmax64(h, w), log_softmax64(hr, wr)
+    a, b = (lr, lp) if direction == "ref_policy" else (lp, lr)
+    np.testing.assert_allclose(out["kl"][:, 1:], (np.exp(a) * (a - b)).sum(-1), rtol=1e-4, atol=1e-6)
+    assert np.all(np.asarray(out["kl"][:, 0]) == 0)
+    picked = np.take_along_axis(lr, np.asarray(ids)[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(out["ref_token_logps"][:, 1:], picked, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["ref_logps"], (picked * np.asarray(mask)[:, 1:]).sum(-1), rtol=1e-5)
+
+    def chunked(h, w, hr, wr):
+        o = chunked_token_logps(h, w, ids, mask, chunk_size=8, ref_hidden=hr, ref_weight=wr, kl=direction)
+        return jnp.sum(o["kl"] * mask) + jnp.sum(o["ref_token_logps"])
+
+    def naive(h, w, hr, wr):
+        p = jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", h, w)[:, :-1], -1)
+        r = jax.lax.stop_gradient(jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", hr, wr)[:, :-1], -1))
+        x, y = (r, p) if direction == "ref_policy" else (p, r)
+        return jnp.sum(jnp.sum(jnp.exp(x) * (x - y), -1) * mask[:, 1:])
+
+    g_chunked = jax.grad(chunked, argnums=(0, 1, 2, 3))(h, w, hr, wr)
+    g_naive = jax.grad(naive, argnums=(0, 1, 2, 3))(h, w, hr, wr)
+    for x, y in zip(g_chunked, g_naive, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    assert not np.any(np.asarray(g_chunked[2])) and not np.any(np.asarray(g_chunked[3]))
+
+
 def test_chunked_log_probs_use_a_quarter_of_the_naive_memory():
     B, T, D, V = 2, 1024, 64, 32768
     hidden = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
@@ -359,6 +401,22 @@ def test_bfloat16_policies_stay_close_to_float32(tiny_checkpoints):
         # bfloat16 keeps 8 bits of mantissa: agreement to a few percent of the logit scale
         assert np.abs(got[real] - ref[real]).max() < 0.05 * np.abs(ref[real]).max()
         assert np.mean(got[real].argmax(-1) == ref[real].argmax(-1)) > 0.9
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied_llama3"])
+def test_a_frozen_copy_in_the_compute_dtype_gives_the_same_log_probs(tiny_checkpoints, name):
+    """float32 master weights, bfloat16 compute: the reference's copy holds bfloat16 weights (the
+    output projection excepted) and its log-probs equal the float32 weights' bit for bit."""
+    model, params = models.from_hf(tiny_checkpoints[name], dtype="bfloat16", param_dtype="float32")
+    ref = models.frozen_copy(model.config, params)
+    flat = jax.tree_util.tree_flatten_with_path(ref)[0]
+    kept = [jax.tree_util.keystr(k) for k, x in flat if x.dtype == jnp.float32]
+    tied = model.config.tie_word_embeddings
+    assert kept == (["['embed_tokens']['embedding']"] if tied else ["['lm_head']"])
+    assert sum(x.nbytes for _, x in flat) < 0.75 * sum(x.nbytes for x in jax.tree.leaves(params))
+    ids, mask = _padded_batch(5)
+    a, b = (models.token_logps(model, p, ids, mask, mask, chunk_size=8)["token_logps"] for p in (params, ref))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_remat_policies_give_the_same_gradients(tiny_checkpoints):

@@ -26,13 +26,19 @@ def pair_models(tmp_path_factory, tiny_tokenizer):
     return dirs, recs
 
 
-def _torch_token_logps(model_dir, batch, side):
-    """[b, T] log p(token t | tokens < t) from transformers' PyTorch Llama (0 at t = 0)."""
+def _torch_log_softmax(model_dir, batch, side):
+    """[b, T, V] log p(· | tokens <= t) from transformers' PyTorch Llama."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = batch[f"{side}_input_ids"].astype(np.int64)
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(batch[f"{side}_attention_mask"]))
-    logp = torch.log_softmax(logits.logits, -1).numpy()
+    return torch.log_softmax(logits.logits.double(), -1).numpy()
+
+
+def _torch_token_logps(model_dir, batch, side):
+    """[b, T] log p(token t | tokens < t) from transformers' PyTorch Llama (0 at t = 0)."""
+    ids = batch[f"{side}_input_ids"].astype(np.int64)
+    logp = _torch_log_softmax(model_dir, batch, side)
     out = np.zeros(ids.shape, np.float64)
     out[:, 1:] = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
     return out
@@ -105,6 +111,48 @@ def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_mo
                                                               rel=1e-4, abs=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["tdpo", "tis_dpo_kl"])
+def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models, name):
+    """TDPO2 and TIS-DPO's token-level variant: the step's loss, rewards and KL metrics against the
+    official codes' formulas on transformers' full-vocabulary distributions of policy and reference."""
+    from apo_jax.train.step import StepConfig, preference_loss
+
+    (pol_dir, ref_dir), recs = pair_models
+    records, _ = read_records(recs)
+    rng = np.random.default_rng(3)
+    for r in records:
+        r["chosen_weights"] = rng.uniform(0, 2, len(r["chosen_ids"])).astype(np.float32)
+        r["rejected_weights"] = rng.uniform(0, 2, len(r["rejected_ids"])).astype(np.float32)
+    batch = layouts.padded(records, 48)
+    model, params = models.from_hf(pol_dir)
+    _, ref_params = models.from_hf(ref_dir)
+    loss, beta, alpha = losses.get(name), 0.3, 0.7
+    cfg = StepConfig(hparams=(("alpha", alpha), ("beta", beta)), token_level=True, kl=loss.kl, chunk_size=16)
+    value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
+    rho, kl = {}, {}
+    for side in ("chosen", "rejected"):
+        w = batch[f"{side}_loss_mask"][:, 1:].astype(np.float64)
+        if name == "tis_dpo_kl":
+            w = w * batch[f"{side}_weights"][:, 1:]
+        lp, lr = (_torch_log_softmax(d, batch, side)[:, :-1] for d in (pol_dir, ref_dir))
+        ids = batch[f"{side}_input_ids"][:, 1:, None].astype(np.int64)
+        diff = np.take_along_axis(lp, ids, -1)[..., 0] - np.take_along_axis(lr, ids, -1)[..., 0]
+        a, b = (lr, lp) if name == "tdpo" else (lp, lr)  # KL(π_ref ‖ π) for TDPO, KL(π ‖ π_ref) for TIS
+        rho[side] = (w * diff).sum(-1)
+        kl[side] = (w * (np.exp(a) * (a - b)).sum(-1)).sum(-1)
+    if name == "tdpo":
+        z = rho["chosen"] - rho["rejected"] + alpha * (kl["chosen"] - kl["rejected"])
+        reward = {s: beta * (rho[s] + kl[s]) for s in rho}
+    else:
+        z = rho["chosen"] - rho["rejected"] - alpha * (kl["chosen"] - kl["rejected"])
+        reward = {s: beta * (rho[s] - kl[s]) for s in rho}
+    assert float(value) == pytest.approx(np.mean(np.logaddexp(0.0, -beta * z)), rel=1e-4)
+    for side in ("chosen", "rejected"):
+        assert float(metrics[f"rewards/{side}"]) == pytest.approx(np.mean(reward[side]), rel=1e-4, abs=1e-6)
+        assert float(metrics[f"kl/{side}"]) == pytest.approx(np.mean(kl[side]), rel=1e-4, abs=1e-7)
+    assert np.all(kl["chosen"] > 0) and abs(np.mean(kl["chosen"] - kl["rejected"])) > 1e-3  # the term acts
+
+
 def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):
     """Weights of 2 on every token make token-weighted DPO at β equal DPO at 2β: the records' weights
     reach the loss through the reader, the layout and the step."""
@@ -128,3 +176,22 @@ def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):
     assert first_step(tmp_path / "tis_dpo")["loss"] == pytest.approx(math.log(2), abs=1e-6)
     np.testing.assert_allclose(runs["tis_dpo"], runs["sigmoid"], rtol=2e-5)
     assert runs["sigmoid"][-1] < runs["sigmoid"][0]
+
+
+def test_tdpo_trains_sharded_from_zero_kl(tmp_path, pair_models):
+    """TDPO on a data × fsdp × tensor mesh: at step 0 the policy is the reference, so every KL and
+    margin is 0 and the loss is log 2; training then moves the policy away (KL > 0) and lowers it."""
+    _, recs = pair_models
+    cfg = train.default_config()
+    cfg.workdir, cfg.model.preset, cfg.data.train = str(tmp_path / "tdpo"), "tiny", str(recs)
+    cfg.loss.name, cfg.loss.beta = "tdpo", 0.5
+    cfg.optimizer.lr, cfg.optimizer.schedule = 3e-3, "constant"
+    cfg.train.steps, cfg.train.batch_size, cfg.train.progress, cfg.train.export_hf = 4, 4, False, False
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2
+    train.run(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "tdpo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["kl/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["kl/rejected"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["kl/rejected"] > 1e-4 and rows[-1]["loss"] < rows[0]["loss"]

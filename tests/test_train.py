@@ -83,6 +83,9 @@ def test_config_errors_name_the_key(tmp_path, records):
     cfg = make_config(tmp_path, records, reference__mode="precomputed")
     with pytest.raises(ConfigError, match="no reference log-probs"):
         train.run(cfg)
+    cfg = make_config(tmp_path, records, loss__name="tdpo", reference__mode="none")
+    with pytest.raises(ConfigError, match="'tdpo' takes the KL .* needs reference.mode frozen or sync"):
+        train.validate(cfg)
 
 
 # --- the step on one and on many devices -------------------------------------------------------

@@ -33,6 +33,8 @@ class Mixture:
                 f"cannot mix losses {[p.name for p in self.parts]}: kinds {sorted(kinds)} and "
                 f"granularities {sorted(grains)} must agree"
             )
+        if len({p.kl for p in self.parts} - {None}) > 1:
+            raise ValueError(f"cannot mix losses {[p.name for p in self.parts]}: they need different KLs")
         if len(self.weights) != len(self.parts):
             raise ValueError(
                 f"loss weights {list(self.weights)} must have one entry per loss "
@@ -49,6 +51,7 @@ class Mixture:
     stateful = property(lambda self: any(p.stateful for p in self.parts))
     f_divergence = property(lambda self: all(p.f_divergence for p in self.parts))
     needs = property(lambda self: tuple(dict.fromkeys(f for p in self.parts for f in p.needs)))
+    kl = property(lambda self: next((p.kl for p in self.parts if p.kl is not None), None))
 
     @property
     def accepts(self):

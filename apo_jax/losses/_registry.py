@@ -26,6 +26,8 @@ BATCH_FIELDS = (
     "rejected_loss_mask",  # [B, T]
     "chosen_weights",  # [B, T] token-level losses: per-token weights
     "rejected_weights",  # [B, T]
+    "chosen_kl",  # [B, T] token-level losses: KL between policy and reference at each position
+    "rejected_kl",  # [B, T] (which KL: the loss's `kl`)
     "is_tie",  # [B] bool, TODO
     "timestamps",  # [B] int, NS-DPO
     "scores",  # [B] float in [0, 1], UNA score feedback
@@ -80,6 +82,8 @@ class Loss:
       f_divergence: supports TRL's `f_divergence_type`.
       paper: where the formula comes from.
       aliases: other registry names of the same loss.
+      kl: for losses that take `chosen_kl`/`rejected_kl`, which per-position KL the trainer
+        computes: "ref_policy" = KL(π_ref ‖ π) or "policy_ref" = KL(π ‖ π_ref); else None.
     """
 
     name: str
@@ -97,6 +101,7 @@ class Loss:
     checks: Mapping[str, Check]
     state_init: Callable[[], Any] | None = None
     aliases: tuple[str, ...] = ()
+    kl: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "__doc__", self.fn.__doc__)  # the formula, for help()
@@ -181,6 +186,7 @@ def register(
     checks: Mapping[str, Check] | None = None,
     state_init: Callable[[], Any] | None = None,
     aliases: tuple[str, ...] = (),
+    kl: str | None = None,
 ) -> Callable[[Callable[..., LossOutput]], Loss]:
     """Decorator: registers `fn` under `name` (and `aliases`) and returns its `Loss`."""
 
@@ -197,6 +203,8 @@ def register(
         for p in keyword:
             if p.name in hparams and p.name != "beta" and p.default is p.empty:
                 raise TypeError(f"{fn.__name__}: hyperparameter {p.name} needs a default")
+        if (kl is not None) != ("chosen_kl" in needs) or kl not in (None, "ref_policy", "policy_ref"):
+            raise TypeError(f"{fn.__name__}: kl={kl!r} must name the KL that its chosen_kl/rejected_kl hold")
         stateful = any(p.name == "loss_state" for p in keyword)
         f_div = "f_divergence_type" in hparams
         all_checks = {"beta": _BETA_CHECK, **(F_DIVERGENCE_CHECKS if f_div else {})}
@@ -217,6 +225,7 @@ def register(
             checks=all_checks,
             state_init=state_init,
             aliases=aliases,
+            kl=kl,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:

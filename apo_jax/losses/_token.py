@@ -36,7 +36,7 @@ def token_weighted(
 
     All inputs are [B, T]. Weights default to 1 (plain DPO). The three papers differ only in w:
       - TIS-DPO: importance weights from two contrastive models, precomputed offline
-        (`tis_dpo_weights`); its token-level KL variant needs full logits and is not here.
+        (`tis_dpo_weights`); its token-level KL variant is `tis_dpo_kl`.
       - D²PO: temporal decay w_t = γ^k, k = 1 at the first completion token (`d2po_weights`,
         γ = 0.98).
       - Mask-DPO: 0/1 sentence masks: the chosen answer keeps its correct sentences, the
@@ -48,6 +48,91 @@ def token_weighted(
     rho_c = jnp.sum(wc * (pc - rc), axis=-1)
     rho_r = jnp.sum(wr * (pr - rr), axis=-1)
     return paired_output(-jax.nn.log_sigmoid(beta * (rho_c - rho_r)), beta, rho_c, rho_r)
+
+
+def _sum(mask, x, weights=None):
+    w = f32(mask) * (1.0 if weights is None else f32(weights))
+    return jnp.sum(w * f32(x), axis=-1)
+
+
+_ALPHA = {"alpha": (lambda v: v >= 0, "must be >= 0")}
+
+
+@register(
+    "tdpo",
+    granularity="token",
+    kl="ref_policy",
+    checks={**_ALPHA, "tdpo2": (lambda v: isinstance(v, bool), "must be True (TDPO2) or False (TDPO1)")},
+    paper="TDPO, Zeng et al., ICML 2024 (arXiv 2404.11999); formulas and defaults (α 0.5, TDPO2) from the "
+    "official code, Vance0124/Token-level-Direct-Preference-Optimization `tdpo_loss`",
+)
+def tdpo(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    chosen_loss_mask,
+    rejected_loss_mask,
+    chosen_kl,
+    rejected_kl,
+    alpha=0.5,
+    tdpo2=True,
+):
+    """Token-level DPO: DPO's margin plus the sequential KLs D = Σ_t KL(π_ref ‖ π)(· | x, y_<t).
+
+    With m = Σ_t (log π_t − log π_ref,t) over the completion and D_w, D_l the chosen and rejected
+    answers' sequential KLs (`chosen_kl`/`rejected_kl` [B, T] per position, summed over the mask):
+      TDPO1: L = −log σ(β(m_w − m_l + D_w − D_l))
+      TDPO2: L = −log σ(β(m_w − m_l + α(sg(D_w) − D_l)))   (the default, α = 0.5)
+    Rewards are β(m + D), as in the official code.
+    """
+    m_c = _sum(chosen_loss_mask, f32(policy_chosen_logps) - f32(ref_chosen_logps))
+    m_r = _sum(rejected_loss_mask, f32(policy_rejected_logps) - f32(ref_rejected_logps))
+    d_c, d_r = _sum(chosen_loss_mask, chosen_kl), _sum(rejected_loss_mask, rejected_kl)
+    if tdpo2:
+        z = m_c - m_r + alpha * (jax.lax.stop_gradient(d_c) - d_r)
+    else:
+        z = m_c - m_r + d_c - d_r
+    metrics = {"kl/chosen": jnp.mean(d_c), "kl/rejected": jnp.mean(d_r)}
+    return paired_output(-jax.nn.log_sigmoid(beta * z), beta, m_c + d_c, m_r + d_r, metrics=metrics)
+
+
+@register(
+    "tis_dpo_kl",
+    granularity="token",
+    kl="policy_ref",
+    checks=_ALPHA,
+    paper="TIS-DPO (arXiv 2410.04350), token_level variant; code PhiVanDat123/TIS-DPO (tisdpo_loss)",
+)
+def tis_dpo_kl(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    beta,
+    chosen_loss_mask,
+    rejected_loss_mask,
+    chosen_kl,
+    rejected_kl,
+    chosen_weights=None,
+    rejected_weights=None,
+    alpha=0.5,
+):
+    """TIS-DPO's token-level variant: the weighted margins minus α times the weighted KLs.
+
+    ρ̃ = Σ_t m_t·w_t·(log π_t − log π_ref,t) and K̃ = Σ_t m_t·w_t·KL(π ‖ π_ref)(· | x, y_<t);
+    L = −log σ(β(ρ̃_w − ρ̃_l − α(K̃_w − K̃_l))), rewards β(ρ̃ − K̃). With α = 0 it is `tis_dpo`.
+    """
+    rho_c = _sum(chosen_loss_mask, f32(policy_chosen_logps) - f32(ref_chosen_logps), chosen_weights)
+    rho_r = _sum(rejected_loss_mask, f32(policy_rejected_logps) - f32(ref_rejected_logps), rejected_weights)
+    k_c = _sum(chosen_loss_mask, chosen_kl, chosen_weights)
+    k_r = _sum(rejected_loss_mask, rejected_kl, rejected_weights)
+    z = rho_c - rho_r - alpha * (k_c - k_r)
+    metrics = {"kl/chosen": jnp.mean(k_c), "kl/rejected": jnp.mean(k_r)}
+    return paired_output(-jax.nn.log_sigmoid(beta * z), beta, rho_c - k_c, rho_r - k_r, metrics=metrics)
 
 
 def d2po_weights(loss_mask, gamma=0.98):

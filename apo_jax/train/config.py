@@ -196,6 +196,11 @@ def validate(config) -> None:
             f"loss {loss.name!r} is token-level: it needs data.layout='padded' and a reference model "
             f"(reference.mode frozen or sync), not layout {d.layout!r} with reference.mode {r.mode!r}"
         )
+    if loss.kl is not None and r.mode not in ("frozen", "sync"):
+        raise ConfigError(
+            f"loss {loss.name!r} takes the KL between policy and reference at every position: it needs "
+            f"reference.mode frozen or sync (the reference's logits each step), not {r.mode!r}"
+        )
     if not loss.uses_reference and r.mode not in ("none", "frozen"):
         raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
 

@@ -238,7 +238,9 @@ def run(cfg) -> dict:
 
     def init(params, ref_loaded):
         ref = ref_loaded  # a reference loaded apart, or a copy of the starting policy
-        if reference in ("frozen", "sync") and ref is None:
+        if reference == "frozen":  # in the compute dtype: the same log-probs in less memory
+            ref = models.frozen_copy(model.config, params if ref is None else ref)
+        elif reference == "sync" and ref is None:  # mixed with the policy: keeps the policy's precision
             ref = jax.tree.map(jnp.copy, params)
         return create_state(params, tx, seed=t.seed, ref_params=ref, loss_state=loss_state)
 
@@ -254,6 +256,7 @@ def run(cfg) -> dict:
         sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
         ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
         hparams=hp, token_level=loss is not None and loss.granularity == "token",
+        kl=None if loss is None else loss.kl,
     )  # fmt: skip
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(

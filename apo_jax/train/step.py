@@ -42,22 +42,32 @@ class StepConfig:
     use_weighting: bool = False
     hparams: tuple = ()  # sorted (name, value) pairs of the loss hyperparameters, beta included
     token_level: bool = False  # the loss takes [B, T] token log-probs (padded layout only)
+    kl: str | None = None  # the per-position KL a token-level loss takes (`Loss.kl`), from one joint pass
     chunk_size: int = 256
     with_entropy: bool = True
 
 
-def _sides_padded(model, params, batch, cfg: StepConfig, *, with_entropy):
-    """Per-completion sums for chosen and rejected from the padded layout (one forward of [2b, T])."""
+def _sides_padded(model, params, batch, cfg: StepConfig, *, with_entropy, ref_params=None):
+    """Per-completion sums for chosen and rejected from the padded layout (one forward of [2b, T]).
+
+    With `ref_params` (losses with a `kl`), the same pass over the output projection also gives
+    the reference's sums and token log-probs (under "ref") and the per-position KL (`*_kl`)."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+    kl = cfg.kl if ref_params is not None else None
     out = token_logps(
         model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, with_entropy=with_entropy,
-        with_sum_sq=cfg.use_weighting,
+        with_sum_sq=cfg.use_weighting, ref_params=ref_params, kl=kl,
     )  # fmt: skip
     b = batch["chosen_input_ids"].shape[0]
     res = {"tokens": jnp.sum(attn), "loss_tokens": jnp.sum(loss_mask)}
     c_tok, r_tok = out["token_logps"][:b], out["token_logps"][b:]
+    if kl is not None:
+        res["chosen_kl"], res["rejected_kl"] = out["kl"][:b], out["kl"][b:]
+        ref_tok = out["ref_token_logps"]
+        res["ref"] = {"chosen": out["ref_logps"][:b], "rejected": out["ref_logps"][b:],
+                      "chosen_tok": ref_tok[:b], "rejected_tok": ref_tok[b:]}  # fmt: skip
     if cfg.ld_alpha is not None:
         res["chosen"], res["rejected"] = losses_lib.ld_aggregate(
             c_tok, batch["chosen_loss_mask"], r_tok, batch["rejected_loss_mask"], cfg.ld_alpha
@@ -126,14 +136,18 @@ _TOKEN_FIELDS = ("chosen_loss_mask", "rejected_loss_mask", "chosen_weights", "re
 def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
     """(scalar loss, (metrics, new loss_state)) of one micro-batch."""
     hp = dict(cfg.hparams)
-    pol = sequence_sums(model, params, batch, cfg, with_entropy=cfg.with_entropy)
     use_ref = loss.uses_reference and cfg.reference != "none"
-    if use_ref and cfg.reference == "precomputed":
-        ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
-    elif use_ref:
-        ref = jax.lax.stop_gradient(sequence_sums(model, ref_params, batch, cfg))
+    if cfg.kl is not None:  # policy, reference and their KL in one pass over the output projection
+        pol = _sides_padded(model, params, batch, cfg, with_entropy=cfg.with_entropy, ref_params=ref_params)
+        ref = pol.pop("ref")
     else:
-        ref = None
+        pol = sequence_sums(model, params, batch, cfg, with_entropy=cfg.with_entropy)
+        if use_ref and cfg.reference == "precomputed":
+            ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
+        elif use_ref:
+            ref = jax.lax.stop_gradient(sequence_sums(model, ref_params, batch, cfg))
+        else:
+            ref = None
     fields = {k: batch[v] for k, v in _FIELDS.items() if v in batch and k in loss.needs + loss.accepts}
     mix = loss if isinstance(loss, losses_lib.Mixture) else losses_lib.Mixture((loss,), (1.0,))
     state_in = loss_state or None
@@ -162,6 +176,8 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
         side = "_tok" if cfg.token_level else ""  # token-level losses take [B, T] and the masks
         if cfg.token_level:
             fields |= {k: batch[k] for k in _TOKEN_FIELDS if k in batch}
+        if cfg.kl is not None:
+            fields |= {"chosen_kl": pol["chosen_kl"], "rejected_kl": pol["rejected_kl"]}
         rc, rr = (ref["chosen" + side], ref["rejected" + side]) if ref is not None else (None, None)
         weights = pol.get("wpo")
         out = mix(

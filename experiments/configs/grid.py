@@ -92,7 +92,7 @@ def get_config(arg: str):
         "sft_examples": 256 if small else 6000, "sft_steps": 10 if small else 600,
         "train_prompts": 48 if small else 3072, "eval_prompts": 16 if small else 128,
     })  # fmt: skip
-    if loss == "tis_dpo":  # DPO steps of each contrastive model behind TIS-DPO's token weights
+    if loss in ("tis_dpo", "tis_dpo_kl"):  # DPO steps of each contrastive model behind TIS-DPO's weights
         config.experiment.tis_steps = 2 if small else 50
     # A 2-layer model's held-out rewards barely move at the paper's β (measured at β = 0.1, lr 1e-5:
     # margin 0.006 after 200 steps; at lr 1e-4 the policy degrades): the miniature anchors 10x harder
@@ -138,4 +138,9 @@ def _paper(config):
     config.train.checkpoint_every = 100
     config.train.eval_every = 50
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
+    if losses.get(config.loss.name).granularity == "token":
+        # token-level losses (TIS-DPO, D²PO, Mask-DPO, TDPO) read the reference's per-token log-probs,
+        # TDPO its whole next-token distribution, every step: a frozen bf16 copy (~17 GB more) instead
+        config.reference.mode = "frozen"
+        config.data.train = f"data/{config.experiment.data}"
     return config

@@ -183,7 +183,7 @@ def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
     return ",".join(f"{k}={v}" for k, v in sets.items())
 
 
-TOKEN_WEIGHTED = ("tis_dpo", "mask_dpo", "d2po")  # losses whose records need token weights
+TOKEN_WEIGHTED = ("tis_dpo", "tis_dpo_kl", "mask_dpo", "d2po")  # losses whose records need token weights
 
 
 def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib.Path:
