@@ -85,18 +85,24 @@ def test_mask_dpo_weights_follow_the_sentence_labels(tmp_path, tiny_tokenizer):
         token_weights.add_weights(tmp_path / "rec", tmp_path / "x", method="mask", pairs=pairs, tokenizer=tok)
 
 
-def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_models):
-    from apo_jax.train.step import StepConfig, preference_loss
-
+def _weighted_batch(pair_models, seed):
+    """The records with random token weights in [0, 2), padded; the policy and the reference."""
     (pol_dir, ref_dir), recs = pair_models
     records, _ = read_records(recs)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for r in records:
         r["chosen_weights"] = rng.uniform(0, 2, len(r["chosen_ids"])).astype(np.float32)
         r["rejected_weights"] = rng.uniform(0, 2, len(r["rejected_ids"])).astype(np.float32)
-    batch = layouts.padded(records, 48)
     model, params = models.from_hf(pol_dir)
     _, ref_params = models.from_hf(ref_dir)
+    return layouts.padded(records, 48), model, params, ref_params
+
+
+def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_models):
+    from apo_jax.train.step import StepConfig, preference_loss
+
+    (pol_dir, ref_dir), _ = pair_models
+    batch, model, params, ref_params = _weighted_batch(pair_models, seed=0)
     loss = losses.get("tis_dpo")
     cfg = StepConfig(hparams=(("beta", 0.3),), token_level=True)
     value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
@@ -117,15 +123,8 @@ def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models,
     official codes' formulas on transformers' full-vocabulary distributions of policy and reference."""
     from apo_jax.train.step import StepConfig, preference_loss
 
-    (pol_dir, ref_dir), recs = pair_models
-    records, _ = read_records(recs)
-    rng = np.random.default_rng(3)
-    for r in records:
-        r["chosen_weights"] = rng.uniform(0, 2, len(r["chosen_ids"])).astype(np.float32)
-        r["rejected_weights"] = rng.uniform(0, 2, len(r["rejected_ids"])).astype(np.float32)
-    batch = layouts.padded(records, 48)
-    model, params = models.from_hf(pol_dir)
-    _, ref_params = models.from_hf(ref_dir)
+    (pol_dir, ref_dir), _ = pair_models
+    batch, model, params, ref_params = _weighted_batch(pair_models, seed=3)
     loss, beta, alpha = losses.get(name), 0.3, 0.7
     cfg = StepConfig(hparams=(("alpha", alpha), ("beta", beta)), token_level=True, kl=loss.kl, chunk_size=16)
     value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)

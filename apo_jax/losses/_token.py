@@ -14,6 +14,12 @@ from apo_jax.losses._pairwise import paired_output
 from apo_jax.losses._registry import check, f32, register
 
 
+def _sum(mask, x, weights=None):
+    """Σ_t m_t·w_t·x_t over the last axis (w = 1 without weights), in float32."""
+    w = f32(mask) * (1.0 if weights is None else f32(weights))
+    return jnp.sum(w * f32(x), axis=-1)
+
+
 @register(
     "token_weighted",
     granularity="token",
@@ -43,16 +49,9 @@ def token_weighted(
         rejected its hallucinated ones (`mask_dpo_weights`).
     """
     pc, pr, rc, rr = f32(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    wc = f32(chosen_loss_mask) * (1.0 if chosen_weights is None else f32(chosen_weights))
-    wr = f32(rejected_loss_mask) * (1.0 if rejected_weights is None else f32(rejected_weights))
-    rho_c = jnp.sum(wc * (pc - rc), axis=-1)
-    rho_r = jnp.sum(wr * (pr - rr), axis=-1)
+    rho_c = _sum(chosen_loss_mask, pc - rc, chosen_weights)
+    rho_r = _sum(rejected_loss_mask, pr - rr, rejected_weights)
     return paired_output(-jax.nn.log_sigmoid(beta * (rho_c - rho_r)), beta, rho_c, rho_r)
-
-
-def _sum(mask, x, weights=None):
-    w = f32(mask) * (1.0 if weights is None else f32(weights))
-    return jnp.sum(w * f32(x), axis=-1)
 
 
 _ALPHA = {"alpha": (lambda v: v >= 0, "must be >= 0")}
