@@ -68,7 +68,7 @@ CLAIR_LENGTHS = (
 
 def shape_config(name: str, dtype: str, remat: str, attention: str | None = None):
     from apo_jax import models
-    from apo_jax.train.loop import tiny_llama_config
+    from apo_jax.train.state import tiny_llama_config
 
     policies = {"dtype": dtype, "param_dtype": "float32", "remat_policy": remat, "attention_impl": attention}
     if name == "tiny":

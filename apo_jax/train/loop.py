@@ -23,7 +23,7 @@ from apo_jax import models, sharding
 from apo_jax.data.reader import PreferenceReader
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
-from apo_jax.train.state import create_state, make_optimizer
+from apo_jax.train.state import build_model, create_state, make_optimizer
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
 
 # Dense bf16 peak FLOP/s per device, for mfu (train.peak_flops overrides).
@@ -39,24 +39,6 @@ class NonFiniteError(RuntimeError):
 
 
 # --- parts ------------------------------------------------------------------------------------
-
-
-def tiny_llama_config(vocab_size: int = 384, **policies) -> models.LlamaConfig:
-    """The `model.preset = "tiny"` architecture (also apo_jax.testing's default tiny Llama)."""
-    return models.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
-        eos_token_id=(1, 4), pad_token_id=5, **policies,
-    )  # fmt: skip
-
-
-def build_model(cfg, mesh):
-    m = cfg.model
-    policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
-    if m.path:
-        return models.from_hf(m.path, mesh=mesh, **policies)
-    model = models.Llama(tiny_llama_config(m.vocab_size, **policies))
-    return model, models.init_params(model, m.seed, mesh)
 
 
 def param_counts(config: models.LlamaConfig) -> dict[str, int]:

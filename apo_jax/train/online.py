@@ -38,64 +38,11 @@ import pathlib
 import random
 import shutil
 
-import ml_collections
 import numpy as np
 
-LABELERS = ("scorer", "judge", "clair", "dice")
-SAMPLERS = ("uniform", "mixed")
+from apo_jax.train.config import validate_online
+
 MIXES = ((1.5, -0.5), (0.5, 0.5))  # Shi et al.'s logit mixtures of policy and reference
-
-
-def default_online() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "rounds": 2,
-        "prompts": "",  # a JSONL file of rows with `prompt` (other fields reach the scorer)
-        "prompts_per_round": 0,  # 0: every prompt each round; else consecutive slices
-        "samples": 4,  # K samples per prompt
-        "sampler": "uniform",  # uniform | mixed
-        "temperature": 0.7,
-        "max_tokens": 512,
-        "sample_batch_size": 32,  # rows per sampler call
-        "labeler": "scorer",  # scorer | judge | clair | dice
-        "scorer": "",  # "module:function" for labeler scorer: f(prompt_row, response) -> float
-        "replay": 0.0,  # γ: the offline share of each round's pairs
-        "offline": "",  # offline pairs (prompt, chosen, rejected) for replay
-        "reference": "previous",  # previous: π_t (iterative DPO) | initial: π_0 (reference.path wins)
-        "accelerate_alpha": 0.0,  # accelerated_po's α
-        "dice_alpha": -1.0,  # α_lc of DICE; < 0: grid search
-        "max_length": 1024,  # preprocess's max_length for each round's records
-        "base_url": "",  # judge / reviser: an OpenAI-compatible endpoint ...
-        "api_model": "",  # ... and its model name
-        "api_key_env": "OPENAI_API_KEY",
-        "concurrency": 8,
-    })  # fmt: skip
-
-
-def validate_online(o, reference_path: str = "") -> None:
-    from apo_jax.train.config import ConfigError
-
-    if o.labeler not in LABELERS:
-        raise ConfigError(f"online.labeler={o.labeler!r}: use one of {list(LABELERS)}")
-    if o.sampler not in SAMPLERS:
-        raise ConfigError(f"online.sampler={o.sampler!r}: use one of {list(SAMPLERS)}")
-    if o.reference not in ("previous", "initial"):
-        raise ConfigError(f"online.reference={o.reference!r}: use previous or initial")
-    if not 0 <= o.replay < 1:
-        raise ConfigError(f"online.replay={o.replay} must lie in [0, 1)")
-    if o.replay and not o.offline:
-        raise ConfigError("online.replay > 0 needs online.offline: the offline pairs to replay")
-    if o.samples < 2:
-        raise ConfigError(f"online.samples={o.samples}: a pair needs at least 2 samples per prompt")
-    if o.labeler in ("judge", "clair") and not (o.base_url and o.api_model):
-        raise ConfigError(f"online.labeler={o.labeler!r} needs online.base_url and online.api_model")
-    if o.sampler == "mixed" and o.reference == "previous" and not reference_path:
-        raise ConfigError(
-            "online.sampler='mixed' mixes the policy's logits with its reference's, but with "
-            "online.reference='previous' the reference is the policy itself: set online.reference='initial' "
-            "or reference.path"
-        )
-    if o.rounds < 1:
-        raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
 
 
 # --- labelers ------------------------------------------------------------------------------------

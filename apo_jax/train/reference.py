@@ -44,7 +44,7 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
     """Writes `out_dir`: the records of `cfg.data.train` with reference log-probs added."""
     from apo_jax import sharding
     from apo_jax.sharding import to_global
-    from apo_jax.train.loop import build_model
+    from apo_jax.train.state import build_model
     from apo_jax.train.step import StepConfig, sequence_sums
 
     out_dir = pathlib.Path(out_dir)

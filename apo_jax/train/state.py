@@ -1,4 +1,5 @@
-"""The train state (one pytree that orbax saves) and the optimizer built from the config."""
+"""What a run starts from: the model and its parameters, the optimizer, and the train state (one
+pytree that orbax saves), all built from the config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+
+from apo_jax import models
+
+
+def tiny_llama_config(vocab_size: int = 384, **policies) -> models.LlamaConfig:
+    """The `model.preset = "tiny"` architecture (also apo_jax.testing's default tiny Llama)."""
+    return models.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+        eos_token_id=(1, 4), pad_token_id=5, **policies,
+    )  # fmt: skip
+
+
+def build_model(cfg, mesh):
+    """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random."""
+    m = cfg.model
+    policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
+    if m.path:
+        return models.from_hf(m.path, mesh=mesh, **policies)
+    model = models.Llama(tiny_llama_config(m.vocab_size, **policies))
+    return model, models.init_params(model, m.seed, mesh)
 
 
 @flax.struct.dataclass

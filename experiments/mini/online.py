@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import statistics
 import time
 
@@ -23,19 +22,11 @@ from apo_jax.data.jsonl import write_jsonl
 from experiments.mini import pipeline, task
 
 
-def score(row: dict, response: str) -> float:
-    """The task's scorer with partial credit (rows carry the problem): 1 for a right final answer, plus
-    0.5 × the share of the solution's intermediate results that the answer writes."""
-    results = {str(r) for *_, r in task.solve(row)}
-    found = set(re.findall(r"-?\d+", response))
-    return float(task.is_correct(row, response)) + 0.5 * len(results & found) / len(results)
-
-
 def _sample_score(path) -> float:
     """The task's mean score (with partial credit) of a round's samples: how good the sampled policy was."""
     from apo_jax.data.jsonl import read_jsonl
 
-    return statistics.fmean(score(row, row["response"]) for row in read_jsonl(path))
+    return statistics.fmean(task.score(row, row["response"]) for row in read_jsonl(path))
 
 
 def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pathlib.Path]:
@@ -83,7 +74,7 @@ def run(config) -> dict:
         config.model.path, config.reference.path = str(start), str(m_dir)
         o.offline = str(offline)
     elif o.labeler == "scorer":
-        o.scorer = "experiments.mini.online:score"
+        o.scorer = "experiments.mini.task:score"
     pipeline._say(
         f"online: {o.rounds} rounds, {o.labeler} labeler, {o.sampler} sampler, "
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"

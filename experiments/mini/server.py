@@ -30,9 +30,7 @@ def reply(content: str) -> str:
         return "{teacher_reasoning}: wrong steps recomputed.\n{corrected_student_solution}: " + revised
     prompt = re.search(r"\[Instruction\]\n(.*?)\n\n\[Response\]", content, re.S).group(1)
     answer = re.search(r"\[Response\]\n(.*)\n$", content, re.S).group(1)
-    from experiments.mini.online import score
-
-    return f"Graded by the task's checker.\nScore: {1 + round(6 * score(problem_of(prompt), answer))}"
+    return f"Graded by the task's checker.\nScore: {1 + round(6 * task.score(problem_of(prompt), answer))}"
 
 
 class Server:

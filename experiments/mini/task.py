@@ -55,6 +55,14 @@ def is_correct(problem: dict, text: str) -> bool:
     return final_answer(text) == solve(problem)[-1][3]
 
 
+def score(row: dict, response: str) -> float:
+    """The task's scorer with partial credit (rows carry the problem): 1 for a right final answer, plus
+    0.5 × the share of the solution's intermediate results that the answer writes."""
+    results = {str(r) for *_, r in solve(row)}
+    found = set(re.findall(r"-?\d+", response))
+    return float(is_correct(row, response)) + 0.5 * len(results & found) / len(results)
+
+
 def line_labels(problem: dict, text: str) -> list[int]:
     """The scorer, line by line (Mask-DPO's sentence labels): a step line is right (1) when it is the
     gold solution's step at its place, the answer line when the final answer is right; other lines 1."""
