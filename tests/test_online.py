@@ -150,6 +150,58 @@ def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_st
     assert (run / "online.json").stat().st_mtime_ns == stamp
 
 
+def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start, monkeypatch):
+    """A real SIGTERM while round 1 trains: the loop saves and reports `preempted`, round 1 is not
+    booked; the rerun neither samples round 1 again nor restarts its training (it goes on from the
+    checkpoint: every step is logged once), and ends with both rounds."""
+    import signal
+    import threading
+
+    from apo_jax.train import loop
+
+    root, m0, prompts, _ = start
+    cfg = _config(tmp_path / "run", m0, prompts)
+    cfg.train.steps = 3
+    longest = lambda row, response: float(len(response))  # noqa: E731
+    real_run = loop.run
+
+    def run_with_sigterm(rc):
+        if not rc.workdir.endswith("round_1/train") or (tmp_path / "fired").exists():
+            return real_run(rc)
+        (tmp_path / "fired").touch()
+        mine = lambda *_: None  # noqa: E731  holds SIGTERM until the loop installs its own handler
+        old = signal.signal(signal.SIGTERM, mine)
+
+        def kill_once_the_loop_listens():
+            for _ in range(60_000):
+                if signal.getsignal(signal.SIGTERM) is not mine:
+                    signal.raise_signal(signal.SIGTERM)
+                    return
+                threading.Event().wait(0.001)
+
+        threading.Thread(target=kill_once_the_loop_listens, daemon=True).start()
+        try:
+            return real_run(rc)
+        finally:
+            signal.signal(signal.SIGTERM, old)
+
+    monkeypatch.setattr(loop, "run", run_with_sigterm)
+    run = tmp_path / "run"
+    out = online.run_online(cfg, scorer=longest)
+    assert out["status"] == "preempted" and out["round"] == 1 and len(out["rounds"]) == 1
+    assert len(json.loads((run / "online.json").read_text())["rounds"]) == 1
+    kept = ("round_0/train/metrics.jsonl", "round_1/samples.jsonl")
+    stamps = {f: (run / f).stat().st_mtime_ns for f in kept}
+    metrics = run / "round_1" / "train" / "metrics.jsonl"
+    done_before = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+    assert 0 < len(done_before) < 3
+    out = online.run_online(cfg, scorer=longest)
+    assert out["status"] == "done" and len(out["rounds"]) == 2
+    assert {f: (run / f).stat().st_mtime_ns for f in stamps} == stamps
+    steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
+    assert steps == sorted(set(steps)) and len(steps) == 3 and steps[: len(done_before)] == done_before
+
+
 def test_dice_alpha_search_stops_once_the_length_gap_grows():
     # rewards (1, 0.5, 0) at lengths (100, 50, 40): r − α·len picks (0, 2) up to α = 0.010 (gap 60),
     # (1, 2) from 0.011 (gap 10), and (1, 0) from 0.017 (gap 50): the search keeps 0.011 and stops there
