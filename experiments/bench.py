@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -452,16 +453,30 @@ def export_model(config, params, out: pathlib.Path, vocab: int) -> tuple[str, st
 def bench_logprobs(args, config) -> list[dict]:
     """Chunked vs full logits, value and gradient wrt the hidden states and the output weight: the
     memory at the issue's size (compiled only), the time at the benchmarked shape's width, vocabulary
-    and batch (on a GPU, also at the issue's size)."""
+    and batch (on a GPU, also at the issue's size). `kl` rows add what TDPO needs: the reference's
+    log-probs and the per-position KL(π_ref ‖ π) over the vocabulary, as TDPO's code computes them
+    (both models' [B, T, V] log-softmax) against the chunked pass."""
     import jax
     import jax.numpy as jnp
 
     from apo_jax.logprobs import naive_token_logps, token_logps
 
-    def fn(impl):
-        def loss(h, w, ids, mask):
+    def fn(impl, kl):
+        def loss(h, w, ids, mask, hr, wr):
+            if impl == "full" and kl:
+                f32 = jnp.float32
+                lp = jax.nn.log_softmax(jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=f32), -1)
+                zr = jnp.einsum("BTD,DV->BTV", hr, wr, preferred_element_type=f32)
+                lr = jax.lax.stop_gradient(jax.nn.log_softmax(zr, -1))
+                picked = jnp.take_along_axis(lp[:, :-1] - lr[:, :-1], ids[:, 1:, None], -1)[..., 0]
+                seq_kl = jnp.sum(jnp.exp(lr) * (lr - lp), -1)[:, :-1]
+                return jnp.sum((picked + seq_kl) * mask[:, 1:])
             if impl == "full":
                 return jnp.sum(naive_token_logps(h, w, ids) * mask)
+            if kl:
+                o = token_logps(h, w, ids, mask, chunk_size=256, ref_hidden=hr, ref_weight=wr,
+                                kl="ref_policy")  # fmt: skip
+                return jnp.sum(o["logps"] - o["ref_logps"]) + jnp.sum(o["kl"] * mask)
             return jnp.sum(token_logps(h, w, ids, mask, chunk_size=256)["logps"])
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -475,25 +490,28 @@ def bench_logprobs(args, config) -> list[dict]:
             sizes[0] = ("memory+time", 16, 2048, 2048, 128256, True)
     else:
         sizes = [("smoke", 4, 128, 64, 4096, True)]
-    for what, B, T, D, V, run in sizes:
+    for (what, B, T, D, V, run), kl in itertools.product(sizes, (False, True)):
         h = jax.ShapeDtypeStruct((B, T, D), dtype)
         w = jax.ShapeDtypeStruct((D, V), dtype)
         ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
         mask = jax.ShapeDtypeStruct((B, T), jnp.float32)
-        row = {"part": "logprobs", "size": what, "B": B, "T": T, "D": D, "V": V}
+        row = {"part": "logprobs", "size": what, "with": "ref + KL" if kl else "policy", "B": B, "T": T,
+               "D": D, "V": V}  # fmt: skip
         for impl in ("full", "chunked"):
-            f = fn(impl)
+            f = fn(impl, kl)
             t0 = time.perf_counter()
-            compiled = f.lower(h, w, ids, mask).compile()
+            compiled = f.lower(h, w, ids, mask, h, w).compile()
             row[f"{impl}_compile_s"] = time.perf_counter() - t0
             row[f"{impl}_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
             if run:
-                key = jax.random.key(0)
+                key, key_r = jax.random.key(0), jax.random.key(1)
                 xs = (
                     jax.random.normal(key, (B, T, D), dtype),
                     0.02 * jax.random.normal(key, (D, V), dtype),
                     jax.random.randint(key, (B, T), 0, V),
                     jnp.ones((B, T), jnp.float32),
+                    jax.random.normal(key_r, (B, T, D), dtype),
+                    0.02 * jax.random.normal(key_r, (D, V), dtype),
                 )
                 row |= {
                     f"{impl}_{k}": v
