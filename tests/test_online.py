@@ -152,8 +152,9 @@ def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_st
 
 def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start, monkeypatch):
     """A real SIGTERM while round 1 trains: the loop saves and reports `preempted`, round 1 is not
-    booked; the rerun neither samples round 1 again nor restarts its training (it goes on from the
-    checkpoint: every step is logged once), and ends with both rounds."""
+    booked; the rerun neither samples nor labels round 1 again nor restarts its training (it goes on from the
+    checkpoint: every step is logged once), and ends with both rounds. Its pairs and records are
+    kept as they were, not labeled again."""
     import signal
     import threading
 
@@ -190,7 +191,8 @@ def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start,
     out = online.run_online(cfg, scorer=longest)
     assert out["status"] == "preempted" and out["round"] == 1 and len(out["rounds"]) == 1
     assert len(json.loads((run / "online.json").read_text())["rounds"]) == 1
-    kept = ("round_0/train/metrics.jsonl", "round_1/samples.jsonl")
+    kept = ("round_0/train/metrics.jsonl", "round_1/samples.jsonl", "round_1/pairs.jsonl",
+            "round_1/records/metadata.json")  # fmt: skip
     stamps = {f: (run / f).stat().st_mtime_ns for f in kept}
     metrics = run / "round_1" / "train" / "metrics.jsonl"
     done_before = [r["step"] for r in read_jsonl(metrics) if "loss" in r]

@@ -254,17 +254,21 @@ def run_online(cfg, *, scorer=None) -> dict:
         for s in read_jsonl(rd / "samples.jsonl"):
             by.setdefault(s["index"], {})[s["sample"]] = s["response"]
         samples = [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
-        pairs = label(
-            o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
-        )
-        generated = [dict(p, source=f"round_{t}") for p in pairs]
-        replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
-        if not generated + replayed:
-            raise ValueError(
-                f"round {t}: the {o.labeler} labeler found no pair among {len(batch)} prompts' samples"
+        if (rd / "records" / "metadata.json").exists():  # labeled and tokenized before a restart: keep
+            rows = read_jsonl(rd / "pairs.jsonl")  # the pairs the records hold (a judge may not repeat)
+            generated = [r for r in rows if r["source"] == f"round_{t}"]
+            replayed = [r for r in rows if r["source"] != f"round_{t}"]
+        else:
+            pairs = label(
+                o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
             )
-        write_jsonl(rd / "pairs.jsonl", generated + replayed)
-        if not (rd / "records" / "metadata.json").exists():
+            generated = [dict(p, source=f"round_{t}") for p in pairs]
+            replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
+            if not generated + replayed:
+                raise ValueError(
+                    f"round {t}: the {o.labeler} labeler found no pair among {len(batch)} prompts' samples"
+                )
+            write_jsonl(rd / "pairs.jsonl", generated + replayed)
             preprocess(str(rd / "pairs.jsonl"), rd / "records", tok, max_length=o.max_length, as_chat=True)
         rc = cfg.copy_and_resolve_references()
         rc.workdir, rc.model.path, rc.model.preset = str(rd / "train"), str(policy), ""
