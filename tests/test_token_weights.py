@@ -85,6 +85,42 @@ def test_mask_dpo_weights_follow_the_sentence_labels(tmp_path, tiny_tokenizer):
         token_weights.add_weights(tmp_path / "rec", tmp_path / "x", method="mask", pairs=pairs, tokenizer=tok)
 
 
+def _metaspace_tokenizer(corpus):
+    """A SentencePiece-style (Llama 2) tokenizer: ▁ for spaces, a decoder that strips the first one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"],
+                                                         show_progress=False))  # fmt: skip
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "metaspace"])
+def test_token_ends_equal_the_lengths_of_every_decoded_prefix(kind, tiny_tokenizer, monkeypatch):
+    """Mask-DPO's token -> character map, decoded incrementally (2 decodes a token, not a prefix
+    each), against decoding each prefix whole; a token inside a multi-byte character ends where the
+    character does."""
+    text = "Café au lait: 3€.\n  Two  spaces, then naïve → résumé!\nAnswer: 42"
+    tok = tiny_tokenizer if kind == "byte_level" else _metaspace_tokenizer([text, text.upper()])
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    prefixes = [tok.decode(ids[: j + 1], skip_special_tokens=True) for j in range(len(ids))]
+    expected = []
+    for j in range(len(ids)):
+        k = j
+        while prefixes[k].endswith("\ufffd"):  # inside a character: its end
+            k += 1
+        expected.append(len(prefixes[k]))
+    calls, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    assert token_weights.token_ends(ids, tok) == expected
+    assert len(calls) == 2 * len(ids) + 1  # the incremental path, not the quadratic fallback
+    assert prefixes[-1] == text  # both tokenizers give the text back
+    if kind == "byte_level":
+        assert any(p.endswith("\ufffd") for p in prefixes)  # € and → span several byte tokens
+
+
 def _weighted_batch(pair_models, seed):
     """The records with random token weights in [0, 2), padded; the policy and the reference."""
     (pol_dir, ref_dir), recs = pair_models

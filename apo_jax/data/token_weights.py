@@ -42,6 +42,33 @@ def sentence_spans(text: str, split: str) -> list[tuple[int, int]]:
     return [m.span() for m in SPLITS[split].finditer(text)]
 
 
+def token_ends(ids, tokenizer, window: int = 6) -> list[int]:
+    """For each token, where its text ends in `decode(ids)` (exclusive character offset).
+
+    Decoded incrementally, each new token against the few before it (a tokenizer may merge or
+    strip characters at a token's edge, so a token is never decoded alone). A token that ends
+    inside a multi-byte character ends where that character does. If the pieces do not add up
+    to the whole decode, every prefix is decoded instead (exact, but quadratic in the length).
+    """
+    ids = [int(i) for i in ids]
+
+    def dec(x):
+        return tokenizer.decode(x, skip_special_tokens=True)
+
+    ends, text, read = [], "", 0
+    for j in range(len(ids)):
+        start = max(0, read - window)
+        before, now = dec(ids[start:read]), dec(ids[start : j + 1])
+        if now.endswith("\ufffd") or not now.startswith(before):
+            continue  # an unfinished character (or an unsettled edge): wait for the next token
+        text += now[len(before) :]
+        ends += [len(text)] * (j + 1 - len(ends))
+        read = j + 1
+    if text != dec(ids) or len(ends) != len(ids):
+        return [len(dec(ids[: j + 1])) for j in range(len(ids))]
+    return ends
+
+
 def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str, where: str) -> np.ndarray:
     """Mask-DPO's 0/1 weights of one answer's token ids from its per-sentence labels (1 = correct).
     `text` is the answer as written in the pair file; the ids may hold only its start (truncation)."""
@@ -57,8 +84,8 @@ def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str,
     # leading whitespace may differ (templates strip it, tokenizers merge it): align the first characters
     shift = (len(decoded) - len(decoded.lstrip())) - (len(text) - len(text.lstrip()))
     w = np.ones(len(ids), np.float32)
-    for j in range(len(ids)):
-        end = len(tokenizer.decode(list(ids[: j + 1]), skip_special_tokens=True)) - shift
+    for j, end in enumerate(token_ends(ids, tokenizer)):
+        end -= shift
         for (a, b), label in zip(spans, labels, strict=True):
             if a < end <= b:  # the token's last character lies in this sentence
                 w[j] = float(bool(label) == chosen)
