@@ -193,7 +193,7 @@ class JaxStep:
             }
         )
         tx, sched = make_optimizer(opt, steps)
-        ref = _copy(params) if reference == "frozen" else None
+        ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
         self.state = create_state(params, tx, seed=0, ref_params=ref)
         cfg = StepConfig(layout=layout, reference=reference, hparams=(("beta", beta),), with_entropy=False)
         self.step = jax.jit(make_train_step(self.model, losses.get(loss), tx, sched, cfg), donate_argnums=0)
