@@ -155,26 +155,30 @@ def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_mo
 
 @pytest.mark.parametrize("name", ["tdpo", "tis_dpo_kl"])
 def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models, name):
-    """TDPO2 and TIS-DPO's token-level variant: the step's loss, rewards and KL metrics against the
-    official codes' formulas on transformers' full-vocabulary distributions of policy and reference."""
-    from apo_jax.train.step import StepConfig, preference_loss
+    """TDPO2 and TIS-DPO's token-level variant: the step's loss, rewards and KL metrics (and the eval
+    step's held-out KLs) against the official codes' formulas on transformers' full-vocabulary
+    distributions of policy and reference."""
+    import optax
+
+    from apo_jax.train.state import create_state
+    from apo_jax.train.step import StepConfig, make_eval_step, preference_loss
 
     (pol_dir, ref_dir), _ = pair_models
     batch, model, params, ref_params = _weighted_batch(pair_models, seed=3)
     loss, beta, alpha = losses.get(name), 0.3, 0.7
     cfg = StepConfig(hparams=(("alpha", alpha), ("beta", beta)), token_level=True, kl=loss.kl, chunk_size=16)
     value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
-    rho, kl = {}, {}
+    rho, kl, plain_kl = {}, {}, {}
     for side in ("chosen", "rejected"):
-        w = batch[f"{side}_loss_mask"][:, 1:].astype(np.float64)
-        if name == "tis_dpo_kl":
-            w = w * batch[f"{side}_weights"][:, 1:]
+        mask = batch[f"{side}_loss_mask"][:, 1:].astype(np.float64)
+        w = mask * batch[f"{side}_weights"][:, 1:] if name == "tis_dpo_kl" else mask
         lp, lr = (_torch_log_softmax(d, batch, side)[:, :-1] for d in (pol_dir, ref_dir))
         ids = batch[f"{side}_input_ids"][:, 1:, None].astype(np.int64)
         diff = np.take_along_axis(lp, ids, -1)[..., 0] - np.take_along_axis(lr, ids, -1)[..., 0]
         a, b = (lr, lp) if name == "tdpo" else (lp, lr)  # KL(π_ref ‖ π) for TDPO, KL(π ‖ π_ref) for TIS
         rho[side] = (w * diff).sum(-1)
         kl[side] = (w * (np.exp(a) * (a - b)).sum(-1)).sum(-1)
+        plain_kl[side] = (mask * (np.exp(a) * (a - b)).sum(-1)).sum(-1)
     if name == "tdpo":
         z = rho["chosen"] - rho["rejected"] + alpha * (kl["chosen"] - kl["rejected"])
         reward = {s: beta * (rho[s] + kl[s]) for s in rho}
@@ -186,6 +190,11 @@ def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models,
         assert float(metrics[f"rewards/{side}"]) == pytest.approx(np.mean(reward[side]), rel=1e-4, abs=1e-6)
         assert float(metrics[f"kl/{side}"]) == pytest.approx(np.mean(kl[side]), rel=1e-4, abs=1e-7)
     assert np.all(kl["chosen"] > 0) and abs(np.mean(kl["chosen"] - kl["rejected"])) > 1e-3  # the term acts
+    # held out: each side's summed KL (unweighted), from the eval step's joint pass
+    state = create_state(params, optax.identity(), seed=0, ref_params=ref_params)
+    ev = make_eval_step(model, cfg, beta)(state, batch)
+    for side in ("chosen", "rejected"):
+        assert float(ev[f"eval/kl/{side}"]) == pytest.approx(np.mean(plain_kl[side]), rel=1e-4)
 
 
 def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):

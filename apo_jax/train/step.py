@@ -303,15 +303,26 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
 
 
 def make_eval_step(model, cfg: StepConfig, beta: float):
-    """Held-out log-likelihoods and rewards (APO paper, Figure 4): `eval(state, batch) -> metrics`."""
+    """Held-out log-likelihoods and rewards (APO paper, Figure 4): `eval(state, batch) -> metrics`.
+    For losses with a `kl` (TDPO, TIS-DPO's token-level variant), also each side's summed
+    per-position KL, `eval/kl/chosen` and `eval/kl/rejected` (TDPO's sequential KL curves)."""
 
     def evaluate(state: TrainState, batch, ref=None):
-        pol = sequence_sums(model, state.params, batch, cfg)
-        if cfg.reference == "precomputed":
-            ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
-        elif state.ref_params:
-            ref = sequence_sums(model, state.ref_params, batch, cfg)
+        kl = cfg.kl is not None and bool(state.ref_params) and cfg.layout == "padded"
+        if kl:  # the policy, the reference and their KL in one pass
+            ref_params = state.ref_params
+            pol = _sides_padded(model, state.params, batch, cfg, with_entropy=False, ref_params=ref_params)
+            ref = pol.pop("ref")
+        else:
+            pol = sequence_sums(model, state.params, batch, cfg)
+            if cfg.reference == "precomputed":
+                ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
+            elif state.ref_params:
+                ref = sequence_sums(model, state.ref_params, batch, cfg)
         out = {"eval/logps/chosen": jnp.mean(pol["chosen"]), "eval/logps/rejected": jnp.mean(pol["rejected"])}
+        if kl:
+            for side in ("chosen", "rejected"):
+                out[f"eval/kl/{side}"] = jnp.mean(jnp.sum(pol[f"{side}_kl"] * batch[f"{side}_loss_mask"], -1))
         if ref is not None:
             cr, rj = beta * (pol["chosen"] - ref["chosen"]), beta * (pol["rejected"] - ref["rejected"])
             out |= {
