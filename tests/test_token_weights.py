@@ -61,6 +61,52 @@ def test_tis_weights_equal_the_formula_on_torch_log_probs(tmp_path, pair_models)
         assert np.any(d[mask] < -0.2) and np.any(d[mask] > 0.3)
 
 
+def test_tis_code_transforms_on_hand_worked_scores():
+    """The TIS-DPO code's transforms (preference_datasets.py), worked by hand on d = log π⁺ − log π⁻;
+    a chosen answer's score is d, a rejected answer's −d, rounded to 2 decimals first."""
+    d = [0.3, -1.234, 0.3, 2.0, 0.0]
+
+    def w(transform, chosen=True, **kw):
+        return token_weights.tis_weights(d, chosen=chosen, transform=transform, **kw).tolist()
+
+    assert w("origin") == pytest.approx([0.3, -1.23, 0.3, 2.0, 0.0])
+    assert w("origin", chosen=False) == pytest.approx([-0.3, 1.23, -0.3, -2.0, 0.0])
+    # top 50% of 5 = 2 places: 2.0 (1st) and 0.3 (2nd), but the tied 0.3 also sits 3rd, which wins
+    assert w("binary", top_percent=50) == [0, 0, 0, 1, 0]
+    assert w("binary") == [1, 1, 1, 1, 1]  # the code's default, top 100%
+    assert w("threshold") == pytest.approx([0.3, -1.0, 0.3, 1.0, 0.0])
+    # clip to ±1.5, then 0.7 + (x + 1.5)·0.6/3
+    assert w("threshold_and_scale") == pytest.approx([1.06, 0.754, 1.06, 1.3, 1.0])
+    # ascending ranks 0..4 over [0.7, 1.3]: -1.23 → 0, 0.0 → 1, the two 0.3 → 2, 3 (first first), 2.0 → 4
+    assert w("rank_based") == pytest.approx([1.0, 0.7, 1.15, 1.3, 0.85])
+    assert w("rank_based", chosen=False) == pytest.approx([0.85, 1.3, 1.0, 0.7, 1.15])  # -2 < -.3 ≤ -.3 < 0
+    r = w("random", rng=np.random.default_rng(1))
+    assert all(0.7 <= x <= 1.3 for x in r) and r == w("random", rng=np.random.default_rng(1))
+    assert w("exp", lower=-0.5, upper=0.5, k=2.0) == pytest.approx(2 * np.exp(np.clip(d, -0.5, 0.5)))
+
+
+def test_tis_rank_based_weights_from_the_two_models(tmp_path, pair_models):
+    """`--transform rank_based` from the command line: each answer's weights are its ranks of
+    μ·round(d, 2), d from transformers' log-probs of the two models, spread over [0.7, 1.3]."""
+    (plus, minus), recs = pair_models
+    out = tmp_path / "tis_rank"
+    assert token_weights.main(["--records", str(recs), "--output", str(out), "--method", "tis",
+                               "--plus-model", str(plus), "--minus-model", str(minus),
+                               "--transform", "rank_based"]) == 0  # fmt: skip
+    got, meta = read_records(out)
+    assert meta["token_weights"]["transform"] == "rank_based"
+    batch = layouts.padded(got, 48)
+    for side, mu in (("chosen", 1.0), ("rejected", -1.0)):
+        d = _torch_token_logps(plus, batch, side) - _torch_token_logps(minus, batch, side)
+        for row in range(len(got)):
+            mask = batch[f"{side}_loss_mask"][row] > 0
+            score = mu * np.array([round(float(x), 2) for x in d[row][mask]])  # the code's round(weight, 2)
+            ranks = np.argsort(np.argsort(score, kind="stable"), kind="stable")
+            n = len(score)
+            expected = 0.7 + ranks / (n - 1) * 0.6 if n > 1 else [1.0]  # the code gives one token 1.0
+            np.testing.assert_allclose(batch[f"{side}_weights"][row][mask], expected, rtol=1e-5)
+
+
 def test_mask_dpo_weights_follow_the_sentence_labels(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     rows = [{"prompt": "Compute 7 + 5 - 9.", "chosen": "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3",

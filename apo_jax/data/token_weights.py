@@ -13,9 +13,17 @@ The output is a copy of the record directory whose records carry `chosen_weights
 (float lists aligned with `chosen_ids` / `rejected_ids`); `metadata.json["token_weights"]` says how they
 were made. The train step feeds them to the token-weighted loss (apo_jax.losses.token_weighted):
 
-- TIS-DPO (arXiv 2410.04350): with d_t = log π⁺(y_t) − log π⁻(y_t) under the two contrastive models,
-  w_t = k·exp(μ·clip(d_t, L, U)), μ = +1 on chosen and −1 on rejected answers (the paper's form; its
-  bounds are not fixed by the code we could read, so L, U and k are flags: defaults −1, 1, 1).
+- TIS-DPO (arXiv 2410.04350): with d_t = log π⁺(y_t) − log π⁻(y_t) under the two contrastive models
+  and s_t = μ·d_t (μ = +1 on chosen, −1 on rejected answers), `--transform` turns an answer's scores
+  into weights:
+  - `exp` (default, the paper's form): w_t = k·exp(clip(s_t, L, U)); L, U, k are flags (−1, 1, 1),
+    the paper does not fix them.
+  - the code's transforms (PhiVanDat123/TIS-DPO, `preference_datasets.py`), on s_t rounded to 2
+    decimals as its estimation script writes them: `origin` (s_t itself), `binary` (1 on the
+    `--top-percent` highest of the answer, else 0; its default 100 makes every weight 1),
+    `threshold` (clip to [L, U], default ±1), `threshold_and_scale` (clip to [L, U], default ±1.5,
+    then map linearly onto [--scale-min, --scale-max], default [0.7, 1.3]), `rank_based` (the
+    answer's ranks spread evenly over [0.7, 1.3]) and `random` (uniform on [0.7, 1.3], seeded).
 - Mask-DPO (arXiv 2503.02846): a chosen answer keeps the tokens of its correct sentences, a rejected
   answer those of its wrong ones (w = 1 kept, 0 dropped). `chosen_labels` / `rejected_labels` hold one
   0/1 (1 = correct) per sentence of the answer as `--split` cuts it. A token belongs to the sentence
@@ -69,6 +77,44 @@ def token_ends(ids, tokenizer, window: int = 6) -> list[int]:
     return ends
 
 
+TIS_TRANSFORMS = ("exp", "origin", "binary", "threshold", "threshold_and_scale", "rank_based", "random")
+_BOUNDS = {"exp": (-1.0, 1.0), "threshold": (-1.0, 1.0), "threshold_and_scale": (-1.5, 1.5)}
+
+
+def tis_weights(d, *, chosen: bool, transform: str = "exp", lower=None, upper=None, k: float = 1.0,
+                top_percent: float = 100.0, scale=(0.7, 1.3), rng=None) -> np.ndarray:  # fmt: skip
+    """TIS-DPO weights of one answer's tokens from d = log π⁺ − log π⁻ (see the module's docstring)."""
+    from apo_jax import losses
+
+    if transform not in TIS_TRANSFORMS:
+        raise ValueError(f"unknown TIS transform {transform!r}: use one of {list(TIS_TRANSFORMS)}")
+    lo, hi = _BOUNDS.get(transform, (None, None))
+    lo, hi = lo if lower is None else lower, hi if upper is None else upper
+    if transform == "exp":
+        d = np.asarray(d, np.float32)
+        return np.asarray(losses.tis_dpo_weights(d, np.ones_like(d), chosen=chosen, lower=lo, upper=hi, k=k))
+    s = [(1.0 if chosen else -1.0) * round(float(x), 2) for x in d]  # as the code's estimation writes them
+    a, b = scale
+    if transform == "origin":
+        w = s
+    elif transform == "binary":  # the code's rule, ties included: a value takes its last place's label
+        cut = int(len(s) * top_percent / 100)
+        label = {x: int(i < cut) for i, x in enumerate(sorted(s, reverse=True))}
+        w = [label[x] for x in s]
+    elif transform == "threshold":
+        w = [min(max(x, lo), hi) for x in s]
+    elif transform == "threshold_and_scale":
+        w = [a + (min(max(x, lo), hi) - lo) * (b - a) / (hi - lo) for x in s]
+    elif transform == "rank_based":
+        order = sorted(range(len(s)), key=lambda i: s[i])
+        w = [0.0] * len(s)
+        for r, i in enumerate(order):
+            w[i] = 1.0 if len(s) == 1 else a + r / (len(s) - 1) * (b - a)
+    else:  # random
+        w = (rng or np.random.default_rng(0)).uniform(a, b, len(s))
+    return np.asarray(w, np.float32)
+
+
 def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str, where: str) -> np.ndarray:
     """Mask-DPO's 0/1 weights of one answer's token ids from its per-sentence labels (1 = correct).
     `text` is the answer as written in the pair file; the ids may hold only its start (truncation)."""
@@ -116,9 +162,9 @@ def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen",
     return out
 
 
-def add_weights(records_dir, output, *, method: str, plus_model=None, minus_model=None, lower=-1.0,
-                upper=1.0, k=1.0, pairs=None, tokenizer=None, split="lines", gamma=0.98,
-                batch_size=8) -> pathlib.Path:  # fmt: skip
+def add_weights(records_dir, output, *, method: str, plus_model=None, minus_model=None, transform="exp",
+                lower=None, upper=None, k=1.0, top_percent=100.0, scale=(0.7, 1.3), seed=0, pairs=None,
+                tokenizer=None, split="lines", gamma=0.98, batch_size=8) -> pathlib.Path:  # fmt: skip
     """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added."""
     from apo_jax import losses
     from apo_jax.data.jsonl import read_jsonl
@@ -131,17 +177,25 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
     if method == "tis":
         if not (plus_model and minus_model):
             raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
-        if not lower < upper:
+        if transform not in TIS_TRANSFORMS:
+            raise ValueError(f"unknown --transform {transform!r}: use one of {list(TIS_TRANSFORMS)}")
+        lo, hi = _BOUNDS.get(transform, (None, None))
+        lower, upper = lo if lower is None else lower, hi if upper is None else upper
+        if lower is not None and not lower < upper:
             raise ValueError(f"--lower {lower} must be below --upper {upper}")
+        if not scale[0] <= scale[1] or not 0 <= top_percent <= 100:
+            raise ValueError(f"--scale-min/--scale-max {scale} must be ordered, --top-percent in [0, 100]")
         plus, minus = (answer_token_logps(m, records, batch_size) for m in (plus_model, minus_model))
+        rng = np.random.default_rng(seed)
         weights = {
-            side: [np.asarray(losses.tis_dpo_weights(p - q, np.ones_like(p), chosen=side == "chosen",
-                                                     lower=lower, upper=upper, k=k))
+            side: [tis_weights(p - q, chosen=side == "chosen", transform=transform, lower=lower, upper=upper,
+                               k=k, top_percent=top_percent, scale=scale, rng=rng)
                    for p, q in zip(plus[side], minus[side], strict=True)]
             for side in ("chosen", "rejected")
         }  # fmt: skip
-        how |= {"plus_model": str(plus_model), "minus_model": str(minus_model), "lower": lower,
-                "upper": upper, "k": k}  # fmt: skip
+        how |= {"plus_model": str(plus_model), "minus_model": str(minus_model), "transform": transform,
+                "lower": lower, "upper": upper, "k": k, "top_percent": top_percent, "scale": list(scale),
+                "seed": seed}  # fmt: skip
     elif method == "mask":
         if not (pairs and tokenizer is not None):
             raise ValueError(
@@ -183,9 +237,14 @@ def main(argv=None) -> int:
     ap.add_argument("--method", required=True, choices=("tis", "mask", "d2po"))
     ap.add_argument("--plus-model", help="tis: the model that prefers chosen answers (HF directory)")
     ap.add_argument("--minus-model", help="tis: the model that prefers rejected answers")
-    ap.add_argument("--lower", type=float, default=-1.0, help="tis: clip bound L")
-    ap.add_argument("--upper", type=float, default=1.0, help="tis: clip bound U")
-    ap.add_argument("--k", type=float, default=1.0, help="tis: scale k")
+    ap.add_argument("--transform", default="exp", choices=TIS_TRANSFORMS, help="tis: scores -> weights")
+    ap.add_argument("--lower", type=float, help="tis: clip bound L (-1; threshold_and_scale -1.5)")
+    ap.add_argument("--upper", type=float, help="tis: clip bound U (1; threshold_and_scale 1.5)")
+    ap.add_argument("--k", type=float, default=1.0, help="tis exp: scale k")
+    ap.add_argument("--top-percent", type=float, default=100.0, help="tis binary: the share set to 1")
+    ap.add_argument("--scale-min", type=float, default=0.7, help="tis: the scaled transforms' range")
+    ap.add_argument("--scale-max", type=float, default=1.3)
+    ap.add_argument("--seed", type=int, default=0, help="tis random")
     ap.add_argument("--pairs", help="mask: the pair file the records came from, with *_labels")
     ap.add_argument("--tokenizer", help="mask: the tokenizer the records were made with")
     ap.add_argument("--split", default="lines", choices=tuple(SPLITS), help="mask: what a sentence is")
@@ -199,8 +258,10 @@ def main(argv=None) -> int:
         tok = load_tokenizer(a.tokenizer)
     try:
         out = add_weights(a.records, a.output, method=a.method, plus_model=a.plus_model,
-                          minus_model=a.minus_model, lower=a.lower, upper=a.upper, k=a.k, pairs=a.pairs,
-                          tokenizer=tok, split=a.split, gamma=a.gamma, batch_size=a.batch_size)  # fmt: skip
+                          minus_model=a.minus_model, transform=a.transform, lower=a.lower, upper=a.upper,
+                          k=a.k, top_percent=a.top_percent, scale=(a.scale_min, a.scale_max), seed=a.seed,
+                          pairs=a.pairs, tokenizer=tok, split=a.split, gamma=a.gamma,
+                          batch_size=a.batch_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
