@@ -2,6 +2,9 @@
 
     python -m experiments.run --config=NAME[:VARIANT] [--config.a.b=v ...]
 
+`--config.loss.<hyperparameter>=v` sets any hyperparameter of the configured loss, typed by its
+default (e.g. `--config=clair_tdpo --config.loss.alpha=0.3 --config.loss.tdpo2=false`).
+
 NAME is `experiments/configs/NAME.py` when that file exists, otherwise a grid cell
 `<data>_<loss>` built by experiments/configs/grid.py (e.g. `clair_apo_zero`, `on_policy_judge_todo`);
 a path to a config file works too. VARIANT: the default CPU miniature (`mini`), `tiny` (CI-sized)
@@ -50,10 +53,24 @@ def compilation_cache(workdir) -> str:
     return path
 
 
-def _rewrite_argv(argv: list[str]) -> list[str]:
-    out, i = [], 0
+_LOSS_KEYS_IN_FILE = ("name", "weights", "beta")  # loss keys every config has; the others are the loss's own
+
+
+def _rewrite_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """`--config=NAME` -> the config file; `--config.loss.<hyperparameter>=v` taken out (config files
+    hold only the loss keys they set, so ml_collections would refuse the others) and returned, to be
+    set once the loss is known (apo_jax.train.config.set_loss_hparams)."""
+    out, loss_flags, i = [], {}, 0
     while i < len(argv):
         arg = argv[i]
+        key = arg[len("--config.loss.") :].split("=", 1)[0] if arg.startswith("--config.loss.") else None
+        if key and key not in _LOSS_KEYS_IN_FILE:
+            if "=" in arg:
+                loss_flags[key] = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                loss_flags[key], i = argv[i + 1], i + 1
+            i += 1
+            continue
         if arg.startswith("--config="):
             arg = "--config=" + resolve(arg.split("=", 1)[1])
         elif arg == "--config" and i + 1 < len(argv):
@@ -61,7 +78,10 @@ def _rewrite_argv(argv: list[str]) -> list[str]:
             arg, i = resolve(argv[i + 1]), i + 1
         out.append(arg)
         i += 1
-    return out
+    return out, loss_flags
+
+
+_LOSS_FLAGS: dict[str, str] = {}
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
@@ -93,13 +113,14 @@ def main(argv):
             process_id=_PROCESS_ID.value,
         )
     from apo_jax.train import run
-    from apo_jax.train.config import ConfigError
+    from apo_jax.train.config import ConfigError, set_loss_hparams
     from apo_jax.train.loop import NonFiniteError
 
     config = _CONFIG.value
     if config.workdir:
         compilation_cache(config.workdir)
     try:
+        set_loss_hparams(config, _LOSS_FLAGS)
         if _PRECOMPUTE.value:
             from apo_jax.train.reference import precompute
 
@@ -136,8 +157,9 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        argv = _rewrite_argv(sys.argv)
+        argv, _LOSS_FLAGS = _rewrite_argv(sys.argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv itself
     app.run(main, argv=argv)

@@ -38,6 +38,34 @@ def test_token_level_cells_validate_at_paper_scale_with_a_frozen_reference(loss)
     train.validate(config)
 
 
+def test_loss_hyperparameters_from_the_command_line():
+    """`--config.loss.<key>=v` for keys the config file does not hold: taken out of argv, then typed by
+    the configured loss's defaults; unknown keys and bad values are named."""
+    from apo_jax import train
+    from apo_jax.train.config import ConfigError, loss_hparams, set_loss_hparams
+    from experiments.run import _rewrite_argv
+
+    cli = ["run", "--config=clair_tdpo:tiny", "--config.loss.alpha=0.3", "--config.loss.tdpo2", "false",
+           "--config.loss.beta=0.2", "--config.train.steps=3"]  # fmt: skip
+    argv, flags = _rewrite_argv(cli)
+    assert argv == ["run", f"--config={resolve('clair_tdpo:tiny')}", "--config.loss.beta=0.2",
+                    "--config.train.steps=3"]  # fmt: skip
+    assert flags == {"alpha": "0.3", "tdpo2": "false"}
+    config = grid.get_config("clair_tdpo:tiny")
+    set_loss_hparams(config, flags)
+    config.data.train = "data/clair"  # the miniature's pipeline fills it in; validation does not open it
+    train.validate(config)
+    assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 1.0}
+    ns = grid.get_config("clair_ns_dpo:tiny")
+    set_loss_hparams(ns, {"current_time": "120", "normalize": "TRUE", "ld_alpha": "0.5"})
+    assert (ns.loss.current_time, ns.loss.normalize, ns.loss.ld_alpha) == (120, True, 0.5)
+    for bad, message in (({"gamma": "1"}, r"'tdpo' has no hyperparameter 'gamma'; it takes \['alpha', "),
+                         ({"tdpo2": "maybe"}, r"tdpo2='maybe' is not a bool"),
+                         ({"alpha": "x"}, r"alpha='x' is not a float")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            set_loss_hparams(grid.get_config("clair_tdpo:tiny"), bad)
+
+
 def test_names_paths_and_unknown_names():
     assert resolve("tiny_preference").endswith("experiments/configs/tiny_preference.py")
     assert resolve("some/path.py:arg") == "some/path.py:arg"

@@ -113,6 +113,8 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
         if name == "apo_zero":  # held-out dynamics (Figure 4): eval/ metrics every 25 steps, and probes
             cfg.data.eval, cfg.train.eval_every, cfg.data.probes = str(data), 25, f"fixed={data}"
         out = train.run(cfg)
+        saved = json.loads((tmp_path / name / "config.json").read_text())  # the run's config, beside it
+        assert (saved["loss"], saved["train"]["steps"]) == ({"name": name, "weights": [], "beta": 0.5}, 50)
         # step 0: policy = reference, so ρ = 0 for every pair (up to float32 rounding of two forwards)
         first = first_step(tmp_path / name)
         assert first["loss"] == pytest.approx(step0[name], abs=1e-6), name

@@ -166,6 +166,40 @@ def loss_hparams(config) -> dict:
     return out
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def set_loss_hparams(config, raw: dict[str, str]) -> None:
+    """Sets loss hyperparameters given as text (`--config.loss.<key>=<value>`), typed by the
+    configured loss's defaults: `config.loss` holds only the keys a config file set, and a key the
+    command line names must exist in the loss (or be `ld_alpha` / `use_weighting`)."""
+    if not raw:
+        return
+    hparams = {**build_loss(config).hparams, "ld_alpha": 0.0, "use_weighting": False}
+    for key, text in raw.items():
+        if key not in hparams:
+            raise ConfigError(
+                f"--config.loss.{key}: loss {config.loss.name!r} has no hyperparameter {key!r}; it takes "
+                f"{sorted(k for k in hparams if k != 'beta')}"
+            )
+        default = hparams[key]
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError
+                value = text.lower() in _TRUE
+            elif isinstance(default, int):
+                value = int(text)
+            elif isinstance(default, str):
+                value = text
+            else:  # float, or None (a float left unset)
+                value = float(text)
+        except ValueError:
+            kind = type(default).__name__ if default is not None else "float"
+            raise ConfigError(f"--config.loss.{key}={text!r} is not a {kind}") from None
+        config.loss[key] = value
+
+
 def build_loss(config):
     weights = tuple(config.loss.weights) or None
     try:

@@ -1,6 +1,7 @@
 """`run(config)`: the training loop, from named parts (mesh, model, data, state, step, checkpoints).
 
-Everything it writes lives in `config.workdir`: metrics.jsonl (one JSON object per logged step),
+Everything it writes lives in `config.workdir`: config.json (the run's whole config, written at each
+start), metrics.jsonl (one JSON object per logged step),
 TensorBoard events (when TensorFlow is installed), checkpoints/ (orbax, asynchronous, the
 reader's cursor beside the state) and hf/ (the final policy). A restarted run resumes from the
 latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
@@ -175,6 +176,10 @@ def run(cfg) -> dict:
     config_lib.validate(cfg)
     workdir = pathlib.Path(cfg.workdir).absolute()  # orbax refuses relative checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:  # the run's whole config, command-line overrides included
+        tmp = workdir / "config.json.tmp"
+        tmp.write_text(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        tmp.replace(workdir / "config.json")
     t = cfg.train
     mesh = sharding.make_mesh(**dict(cfg.mesh))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
