@@ -200,6 +200,10 @@ def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start,
     out = online.run_online(cfg, scorer=longest)
     assert out["status"] == "done" and len(out["rounds"]) == 2
     assert {f: (run / f).stat().st_mtime_ns for f in stamps} == stamps
+    saved = json.loads((run / "config.json").read_text())  # the loop's config, and each round's run's
+    assert saved["online"]["rounds"] == 2 and saved["train"]["steps"] == 3
+    round1 = json.loads((run / "round_1" / "train" / "config.json").read_text())
+    assert round1["model"]["path"] == out["rounds"][0]["policy"]  # round 1 trains π_1
     steps = [r["step"] for r in read_jsonl(metrics) if "loss" in r]
     assert steps == sorted(set(steps)) and len(steps) == 3 and steps[: len(done_before)] == done_before
 

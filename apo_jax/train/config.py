@@ -8,6 +8,8 @@ its TRL config field name (checked against what the losses take).
 
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
 
 from apo_jax import losses
@@ -198,6 +200,15 @@ def set_loss_hparams(config, raw: dict[str, str]) -> None:
             kind = type(default).__name__ if default is not None else "float"
             raise ConfigError(f"--config.loss.{key}={text!r} is not a {kind}") from None
         config.loss[key] = value
+
+
+def save_config(config, workdir) -> pathlib.Path:
+    """Writes `<workdir>/config.json`, the whole config (command-line overrides included), atomically."""
+    path = pathlib.Path(workdir) / "config.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def build_loss(config):

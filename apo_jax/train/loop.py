@@ -176,10 +176,8 @@ def run(cfg) -> dict:
     config_lib.validate(cfg)
     workdir = pathlib.Path(cfg.workdir).absolute()  # orbax refuses relative checkpoint paths
     workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:  # the run's whole config, command-line overrides included
-        tmp = workdir / "config.json.tmp"
-        tmp.write_text(cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-        tmp.replace(workdir / "config.json")
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, workdir)
     t = cfg.train
     mesh = sharding.make_mesh(**dict(cfg.mesh))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]

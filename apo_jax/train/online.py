@@ -40,7 +40,7 @@ import shutil
 
 import numpy as np
 
-from apo_jax.train.config import validate_online
+from apo_jax.train.config import save_config, validate_online
 
 MIXES = ((1.5, -0.5), (0.5, 0.5))  # Shi et al.'s logit mixtures of policy and reference
 
@@ -224,6 +224,7 @@ def run_online(cfg, *, scorer=None) -> dict:
     validate_online(o, cfg.reference.path)
     root = pathlib.Path(cfg.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, root)  # each round's training writes its own in round_<t>/train
     initial = pathlib.Path(cfg.model.path).absolute()
     tok = models.load_tokenizer(initial)
     prompts = read_prompts(o.prompts)
