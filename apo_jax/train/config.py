@@ -289,6 +289,10 @@ def validate(config) -> None:
         raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")
     if (ld_alpha is not None or config.loss.get("use_weighting", False)) and d.layout != "padded":
         raise ConfigError("loss.ld_alpha and loss.use_weighting need data.layout='padded'")
+    if ld_alpha is not None and loss.granularity == "token":
+        raise ConfigError(
+            f"loss.ld_alpha aggregates sequence log-probs; the token-level loss {loss.name!r} would ignore it"
+        )
     if loss.granularity == "token" and (d.layout != "padded" or r.mode == "precomputed"):
         raise ConfigError(
             f"loss {loss.name!r} is token-level: it needs data.layout='padded' and a reference model "
