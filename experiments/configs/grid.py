@@ -94,6 +94,7 @@ def get_config(arg: str):
     })  # fmt: skip
     if loss in ("tis_dpo", "tis_dpo_kl"):  # DPO steps of each contrastive model behind TIS-DPO's weights
         config.experiment.tis_steps = 2 if small else 50
+        config.experiment.tis_transform = "exp"  # the paper's form; the code's: rank_based, binary, ...
     # A 2-layer model's held-out rewards barely move at the paper's β (measured at β = 0.1, lr 1e-5:
     # margin 0.006 after 200 steps; at lr 1e-4 the policy degrades): the miniature anchors 10x harder
     config.loss.beta *= 10

@@ -22,7 +22,7 @@ DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferre
 SAMPLED_KINDS = ("scdpo",)  # kinds that sample M again (built only for their own cells)
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
 # what M's answers and pairs do not depend on
-METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps", "ches_drop")
+METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps", "tis_transform", "ches_drop")
 
 
 def _key(fields: dict) -> str:
@@ -221,7 +221,8 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         _say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
         train.run(cfg)
         models[side] = workdir / f"tis_{side}" / "hf"
-    return add_weights(train_dir, out, method="tis", plus_model=models["plus"], minus_model=models["minus"])
+    return add_weights(train_dir, out, method="tis", plus_model=models["plus"], minus_model=models["minus"],
+                       transform=config.experiment.tis_transform)
 
 
 def _plot(workdir: pathlib.Path, title: str) -> list[str]:
