@@ -41,3 +41,17 @@ def test_smoke_run_is_complete_and_agrees_with_trl(tmp_path):
     assert all(abs(r["step0_loss"] - 1.0) < 1e-6 and r["step1_loss"] < 0.999 for r in trl)
     assert all(r["memory_ratio"] > 1 for r in results if r["part"] == "logprobs")
     assert len(report["ratios"]) >= 4 and report["machine"]["commit"]
+
+
+def test_compare_flags_a_device_whose_step_numbers_differ(tmp_path):
+    """experiments.gpu.compare (GPU vs CPU smoke runs): equal within rtol passes, a changed loss fails."""
+    from experiments.gpu import compare
+
+    row = {"part": "step", "impl": "apo_jax", "reference": "frozen", "layout": "padded", "step0_loss": 1.0,
+           "step0_logps_chosen": -231.6, "step0_logps_rejected": -185.8, "step1_loss": 0.765}  # fmt: skip
+    files = {}
+    for name, step1 in (("cpu", 0.765), ("gpu_close", 0.765 * (1 + 2e-4)), ("gpu_off", 0.70)):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps({"results": [dict(row, step1_loss=step1), {"part": "logprobs"}]}))
+    assert compare.main([str(files["gpu_close"]), str(files["cpu"])]) == 0
+    assert compare.main([str(files["gpu_off"]), str(files["cpu"])]) == 1

@@ -16,5 +16,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 # the smoke run first: every part at the tiny shape, with the TRL agreement check (exit 1 if not)
 python3 -m experiments.bench --smoke --out "$out/bench_smoke_gpu.json" 2>&1 | tee "$out/smoke.log"
+# the same smoke run on the CPU: the GPU path must give the CPU's numbers
+JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3 -m experiments.bench --smoke --parts step \
+    --out "$out/bench_smoke_cpu.json" > "$out/smoke_cpu.log" 2>&1
+python3 -m experiments.gpu.compare "$out/bench_smoke_gpu.json" "$out/bench_smoke_cpu.json" | tee "$out/compare.txt"
 python3 -m experiments.bench --shape 1b --length 2048 --batch 8 --dtype bfloat16 --remat dots_no_batch \
     --attention cudnn --out "$out/bench_h100.json" 2>&1 | tee "$out/bench.log"
