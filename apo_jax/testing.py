@@ -3,13 +3,17 @@
 Nothing here downloads anything. `tiny_hf_llama` writes a randomly initialized
 `transformers.LlamaForCausalLM` with `save_pretrained` (needs PyTorch: the test extra);
 `tiny_tokenizer` trains a byte-level BPE tokenizer on a few sentences and gives it a
-Llama-3-style chat template.
+Llama-3-style chat template. `ChatServer` is a real OpenAI-compatible endpoint on 127.0.0.1 that
+answers with a Python function (the stand-in for a stronger LLM in tests and the miniature).
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import pathlib
+import threading
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -166,3 +170,77 @@ def tiny_preference_records(out_dir, tokenizer, n: int = 64, seed: int = 0, max_
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess(str(src), out_dir, tokenizer, max_length=max_length, unpaired=unpaired)
     return out_dir
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (a free port) that hands every POST's JSON body to
+    `handle(handler, body)`; `url` is its OpenAI-style base URL. Use `with` or call `close()`."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                owner.handle(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def handle(self, h, body) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def send(h, code: int, payload, headers=None) -> None:
+        """A JSON response; a client that already hung up is not an error."""
+        raw = json.dumps(payload).encode()
+        try:
+            h.send_response(code)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(len(raw)))
+            for k, v in (headers or {}).items():
+                h.send_header(k, v)
+            h.end_headers()
+            h.wfile.write(raw)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ChatServer(LoopbackServer):
+    """A /chat/completions endpoint answering every request with `respond(body) -> content` and keeping
+    each request body in `bodies`; `usage` = (prompt, completion) tokens reported per answer."""
+
+    def __init__(self, respond, usage: tuple[int, int] = (0, 0)):
+        self.respond, self.usage, self.bodies = respond, usage, []
+        super().__init__()
+
+    def handle(self, h, body) -> None:
+        with self.lock:
+            self.bodies.append(body)
+        content = self.respond(body)
+        prompt, completion = self.usage
+        message = {"role": "assistant", "content": content}
+        self.send(h, 200, {
+            "id": "loopback", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+        })  # fmt: skip
+

@@ -3,14 +3,12 @@ loopback server that misbehaves, and the contrastiveness metrics against hand-wo
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import pathlib
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from apo_jax.data.clair import ParseError, jaccard, levenshtein, pair_stats, parse_revision, revision_messages
 from apo_jax.data.clair.client import ClientConfig
 from apo_jax.data.clair.revise import revise
+from apo_jax.testing import ChatServer, LoopbackServer
 
 DATA = pathlib.Path(__file__).parent / "data"
 ROWS = [json.loads(line) for line in (DATA / "clair_gpt4_revisions.jsonl").open()]
@@ -102,30 +101,14 @@ def test_stats_command_on_the_hybrid_pairs(tmp_path, capsys):
 # --- the client against a loopback server ------------------------------------------------------
 
 
-class Server:
+class Server(LoopbackServer):
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that answers from the recorded GPT-4
     responses, with scripted faults per row and attempt, and counts requests per row."""
 
     def __init__(self, script: dict[int, list[str]] | None = None, delay: float = 0.0):
         self.script, self.delay = script or {}, delay
         self.counts: dict[int, int] = {}
-        self.lock = threading.Lock()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.handle(self, body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        super().__init__()
 
     def row_of(self, body) -> int:
         text = body["messages"][-1]["content"]
@@ -168,23 +151,6 @@ class Server:
         if action == "unparsable":
             response["choices"][0]["message"]["content"] = "I would not change anything."
         return self.send(h, 200, response)
-
-    @staticmethod
-    def send(h, code, payload, headers=None):
-        raw = json.dumps(payload).encode()
-        try:
-            h.send_response(code)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(raw)))
-            for k, v in (headers or {}).items():
-                h.send_header(k, v)
-            h.end_headers()
-            h.wfile.write(raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def close(self):
-        self.httpd.shutdown()
 
 
 def _answers(tmp_path):
@@ -272,25 +238,6 @@ def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
 
 
 # --- answers and baselines ---------------------------------------------------------------------
-
-
-class ChatServer(Server):
-    """The same loopback server, answering with `respond(request body) -> content`, and keeping
-    every request body."""
-
-    def __init__(self, respond):
-        self.respond, self.bodies = respond, []
-        super().__init__()
-
-    def handle(self, h, body):
-        with self.lock:
-            self.bodies.append(body)
-        content = self.respond(body)
-        response = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}  # fmt: skip
-        self.send(h, 200, response)
 
 
 def _prompts(tmp_path, n=3):
@@ -426,7 +373,7 @@ def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
             return "Verdict: B" if mine_is_a else "Verdict: A"
         return "Verdict: tie"
 
-    server = ChatServer(respond)
+    server = ChatServer(respond, usage=(3, 2))
     try:
         cfg = ClientConfig(base_url=server.url, model="judge")
         reference = [{"prompt": f"q{i}", "response": f"ref {i}"} for i in range(3)]

@@ -256,8 +256,6 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
     CLAIR sends the first sample to the reviser and prefers its revision."""
     import re
 
-    from test_clair import ChatServer
-
     def respond(body):
         text = body["messages"][-1]["content"]
         if "{student_solution}" in text:  # the CLAIR reviser: upper-cases the answer
@@ -266,7 +264,7 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
         answer = re.search(r"\[Response\]\n(.*)\n$", text, re.S).group(1)  # the judge: longer is better
         return "I cannot grade this." if answer == "zz" else f"Fine.\nScore: {min(len(answer), 10)}"
 
-    server = ChatServer(respond)
+    server = testing.ChatServer(respond)
     try:
         prompts = [{"prompt": "p0"}, {"prompt": "p1"}, {"prompt": "p2"}]
         samples = [["a", "bbbb", "cc"], ["zz", "y", "xxx"], ["same", "four", "sure"]]

@@ -80,10 +80,10 @@ def run(config) -> dict:
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"
     )
     if o.labeler in ("clair", "judge"):  # the stand-in reviser and judge, over loopback HTTP
-        from experiments.mini.server import Server
+        from experiments.mini.server import server
 
-        with Server() as url:
-            o.base_url, o.api_model = url, f"mini-{o.labeler}"
+        with server() as endpoint:
+            o.base_url, o.api_model = endpoint.url, f"mini-{o.labeler}"
             result = run_online(config)
     else:
         result = run_online(config)

@@ -5,10 +5,7 @@ on 127.0.0.1: the CLAIR reviser (the task's minimal reviser) and a judge (the ta
 
 from __future__ import annotations
 
-import http.server
-import json
 import re
-import threading
 
 from experiments.mini import task
 
@@ -33,36 +30,8 @@ def reply(content: str) -> str:
     return f"Graded by the task's checker.\nScore: {1 + round(6 * task.score(problem_of(prompt), answer))}"
 
 
-class Server:
-    """`with Server() as url:` an endpoint at `url` until the block ends."""
+def server():
+    """`with server() as s:` the reviser and the judge at `s.url` until the block ends."""
+    from apo_jax.testing import ChatServer
 
-    def __enter__(self) -> str:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                content = reply(body["messages"][-1]["content"])
-                raw = json.dumps({
-                    "id": "mini", "object": "chat.completion", "created": 0, "model": body["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": content}}],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-                }).encode()  # fmt: skip
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return ChatServer(lambda body: reply(body["messages"][-1]["content"]))
