@@ -1,4 +1,5 @@
-"""JSON Lines files: read all rows, write all rows atomically (a crash leaves the old file or the new)."""
+"""JSON Lines files: read all rows, write all rows atomically (a crash leaves the old file or the new);
+`write_atomic` does the same for any text file."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
 
 
-def write_jsonl(path, rows) -> pathlib.Path:
-    """Writes `rows` one JSON object per line, through a temporary file renamed into place."""
+def write_atomic(path, text: str) -> pathlib.Path:
+    """Writes `text` to `path` through a temporary file renamed into place."""
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text(text)
     tmp.replace(path)
     return path
+
+
+def write_jsonl(path, rows) -> pathlib.Path:
+    """Writes `rows` one JSON object per line, atomically."""
+    return write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -204,11 +204,10 @@ def set_loss_hparams(config, raw: dict[str, str]) -> None:
 
 def save_config(config, workdir) -> pathlib.Path:
     """Writes `<workdir>/config.json`, the whole config (command-line overrides included), atomically."""
-    path = pathlib.Path(workdir) / "config.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-    return path
+    from apo_jax.data.jsonl import write_atomic
+
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    return write_atomic(pathlib.Path(workdir) / "config.json", text)
 
 
 def build_loss(config):

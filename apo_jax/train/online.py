@@ -216,7 +216,7 @@ def run_online(cfg, *, scorer=None) -> dict:
     """Runs (or resumes) `cfg.online.rounds` rounds; returns {"rounds": [per-round summary], "policy"}."""
     from apo_jax import models
     from apo_jax.data.generate import generate_with_model, read_prompts
-    from apo_jax.data.jsonl import read_jsonl, write_jsonl
+    from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
     from apo_jax.data.preprocess import preprocess
     from apo_jax.train.loop import run as train_run
 
@@ -256,9 +256,9 @@ def run_online(cfg, *, scorer=None) -> dict:
             by.setdefault(s["index"], {})[s["sample"]] = s["response"]
         samples = [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
         if (rd / "records" / "metadata.json").exists():  # labeled and tokenized before a restart: keep
-            rows = read_jsonl(rd / "pairs.jsonl")  # the pairs the records hold (a judge may not repeat)
-            generated = [r for r in rows if r["source"] == f"round_{t}"]
-            replayed = [r for r in rows if r["source"] != f"round_{t}"]
+            held = read_jsonl(rd / "pairs.jsonl")  # the pairs the records hold (a judge may not repeat)
+            generated = [r for r in held if r["source"] == f"round_{t}"]
+            replayed = [r for r in held if r["source"] != f"round_{t}"]
         else:
             pairs = label(
                 o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
@@ -294,7 +294,5 @@ def run_online(cfg, *, scorer=None) -> dict:
             "policy": str(policy), "hat": str(hat), "reference": str(ref),
         })  # fmt: skip
         prev_hat = hat
-        tmp = book.with_name(book.name + ".tmp")
-        tmp.write_text(json.dumps(done, indent=2))
-        tmp.replace(book)
+        write_atomic(book, json.dumps(done, indent=2))
     return {"status": "done", "rounds": done["rounds"], "policy": str(policy)}
