@@ -81,15 +81,20 @@ TIS_TRANSFORMS = ("exp", "origin", "binary", "threshold", "threshold_and_scale",
 _BOUNDS = {"exp": (-1.0, 1.0), "threshold": (-1.0, 1.0), "threshold_and_scale": (-1.5, 1.5)}
 
 
+def tis_bounds(transform: str, lower=None, upper=None) -> tuple[float | None, float | None]:
+    """A TIS transform's clip bounds (L, U): those given, else its defaults (None where it has none)."""
+    if transform not in TIS_TRANSFORMS:
+        raise ValueError(f"unknown TIS transform {transform!r}: use one of {list(TIS_TRANSFORMS)}")
+    lo, hi = _BOUNDS.get(transform, (None, None))
+    return (lo if lower is None else lower), (hi if upper is None else upper)
+
+
 def tis_weights(d, *, chosen: bool, transform: str = "exp", lower=None, upper=None, k: float = 1.0,
                 top_percent: float = 100.0, scale=(0.7, 1.3), rng=None) -> np.ndarray:  # fmt: skip
     """TIS-DPO weights of one answer's tokens from d = log π⁺ − log π⁻ (see the module's docstring)."""
     from apo_jax import losses
 
-    if transform not in TIS_TRANSFORMS:
-        raise ValueError(f"unknown TIS transform {transform!r}: use one of {list(TIS_TRANSFORMS)}")
-    lo, hi = _BOUNDS.get(transform, (None, None))
-    lo, hi = lo if lower is None else lower, hi if upper is None else upper
+    lo, hi = tis_bounds(transform, lower, upper)
     if transform == "exp":
         d = np.asarray(d, np.float32)
         return np.asarray(losses.tis_dpo_weights(d, np.ones_like(d), chosen=chosen, lower=lo, upper=hi, k=k))
@@ -177,10 +182,7 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
     if method == "tis":
         if not (plus_model and minus_model):
             raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
-        if transform not in TIS_TRANSFORMS:
-            raise ValueError(f"unknown --transform {transform!r}: use one of {list(TIS_TRANSFORMS)}")
-        lo, hi = _BOUNDS.get(transform, (None, None))
-        lower, upper = lo if lower is None else lower, hi if upper is None else upper
+        lower, upper = tis_bounds(transform, lower, upper)
         if lower is not None and not lower < upper:
             raise ValueError(f"--lower {lower} must be below --upper {upper}")
         if not scale[0] <= scale[1] or not 0 <= top_percent <= 100:
