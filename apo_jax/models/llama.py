@@ -378,7 +378,7 @@ def frozen_copy(config: LlamaConfig, params):
     """A frozen reference's copy of `params`, in the compute dtype (`config.dtype`) but for the output
     projection. Every layer casts its weights to the compute dtype before use, and the log-prob chunks
     use the output projection in its own dtype, so the copy gives the original's log-probs bit for bit;
-    with float32 master weights and bfloat16 compute it takes half the memory (16 GB less at 8B)."""
+    with float32 master weights and bfloat16 compute it takes about half the memory (~15 GB less at 8B)."""
     dt = DTYPES[config.dtype]
 
     def copy(path, x):
