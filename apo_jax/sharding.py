@@ -37,15 +37,20 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
+    data: int | None = None, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices of all processes; one size may be -1 (the rest).
+
+    `data` left out takes the devices the other sizes leave: `make_mesh()` is pure data parallelism,
+    `make_mesh(fsdp=-1)` puts every device on fsdp.
 
     On a single host, explicit sizes that multiply to fewer devices take the first ones.
 
     Axes are `AxisType.Auto`: the compiler places what the rules table does not pin.
     """
     devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = 1 if -1 in (fsdp, tensor) else -1
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))}: at most one may be -1")

@@ -163,6 +163,7 @@ def tiny_preference_records(out_dir, tokenizer, n: int = 64, seed: int = 0, max_
     from apo_jax.data.preprocess import preprocess
 
     out_dir = pathlib.Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
     rows = tiny_preference_rows(n, seed, unpaired=unpaired)
     for i, row in enumerate(rows):
         row.update((extra or (lambda i: {}))(i))

@@ -29,7 +29,9 @@ quick = nb([
              "config.workdir = f'{WORKDIR}/clair_apo_zero'\n"
              "config.train.progress = False\n"
              "summary = run_mini(config)\n"
-             "print('accuracy before / after:', summary['accuracy_before'], summary['accuracy_after'])"),
+             "acc = summary['accuracy']  # greedy and sampled, each with its standard error\n"
+             "print('greedy accuracy: M', acc['before']['greedy'], '-> aligned', acc['after']['greedy'],\n"
+             "      '| positive control', acc['control']['greedy'])"),
     ("md", "## Figure 4: held-out likelihoods and rewards of the winning and losing answers"),
     ("code", "import json, pathlib\n"
              "import matplotlib.pyplot as plt\n"

@@ -355,7 +355,9 @@ def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
     prompts = [{"prompt": f"q{i}", "answer": i} for i in range(3)]
     answers = [{"prompt": "q0", "response": "it is 0"}, {"prompt": "q1", "response": "so 7"},
                {"prompt": "q2", "response": "2"}]  # fmt: skip
-    assert judge.exact_match(prompts, answers) == {"mode": "exact", "n": 3, "samples": 3, "accuracy": 2 / 3}
+    # scores 1, 0, 1: mean 2/3, sample standard deviation sqrt(1/3), standard error sqrt(1/3)/sqrt(3) = 1/3
+    assert judge.exact_match(prompts, answers) == {"mode": "exact", "n": 3, "samples": 3, "accuracy": 2 / 3,
+                                                   "stderr": pytest.approx(1 / 3)}  # fmt: skip
     # sampled accuracy: q0 right in 1 of 2 samples, q1 in 2 of 2, q2 unanswered -> (0.5 + 1 + 0) / 3
     sampled = [{"prompt": "q0", "response": "0"}, {"prompt": "q0", "response": "3"},
                {"prompt": "q1", "response": "1"}, {"prompt": "q1", "response": "x 1"}]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -24,7 +25,7 @@ def test_every_grid_cell_resolves(data, loss):
         config = grid.get_config(f"{data}_{loss}:{variant}")
         assert config.experiment.data == data and config.loss.name == loss
         paper_beta = 0.01 if loss == "todo" else 0.1  # TODO's README; the APO paper, Section 5.2
-        assert config.loss.beta == pytest.approx(paper_beta * (1 if variant == "paper" else 10))
+        assert config.loss.beta == pytest.approx(paper_beta)  # the miniature too
     path = resolve(f"{data}_{loss}:paper")
     assert path.endswith(f"experiments/configs/grid.py:{data}_{loss}:paper")
 
@@ -55,7 +56,7 @@ def test_loss_hyperparameters_from_the_command_line():
     set_loss_hparams(config, flags)
     config.data.train = "data/clair"  # the miniature's pipeline fills it in; validation does not open it
     train.validate(config)
-    assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 1.0}
+    assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 0.1}
     ns = grid.get_config("clair_ns_dpo:tiny")
     set_loss_hparams(ns, {"current_time": "120", "normalize": "TRUE", "ld_alpha": "0.5"})
     assert (ns.loss.current_time, ns.loss.normalize, ns.loss.ld_alpha) == (120, True, 0.5)
@@ -136,39 +137,84 @@ def test_the_tiny_miniature_runs_end_to_end(mini_root):
     probes = [r for r in rows if "probe/rephrased/logps/chosen" in r]  # learning-dynamics probes
     assert [r["step"] for r in probes] == [0, 2, 4] and "probe/train_pairs/logps/rejected" in probes[0]
     assert first["loss"] == pytest.approx(1.0, abs=1e-6)  # APO-zero at policy = reference
-    assert 0.0 <= summary["accuracy_before"] <= 1.0 and summary["contrastiveness"]["clair"]["pairs"] > 0
+    assert summary["contrastiveness"]["clair"]["pairs"] > 0
     text = (run / "results.md").read_text()
-    assert "Held-out accuracy" in text and "jaccard_mean" in text
+    assert "Held-out accuracy" in text and "jaccard_mean" in text and "positive control" in text
+    for model in ("before", "after", "control"):  # accuracy ± its standard error, recomputed from the answers
+        acc = summary["accuracy"][model]
+        assert f"{acc['greedy']:.3f} ± {acc['greedy_se']:.3f}" in text
+    answers = [json.loads(x) for x in (run / "acc_after.jsonl").read_text().splitlines()]
+    from experiments.mini import pipeline, task
+
+    _, held_out = pipeline.problem_sets(config.experiment)
+
+    def right_answer(problem, text):  # exact match: the answer's last number is the solution's result
+        numbers = re.findall(r"-?\d+", text)
+        return float(bool(numbers) and int(numbers[-1]) == task.solve(problem)[-1][3])
+
+    right = [right_answer(held_out[a["index"]], a["response"]) for a in answers]
+    n = len(right)
+    mean = sum(right) / n
+    se = (sum((x - mean) ** 2 for x in right) / (n - 1)) ** 0.5 / n**0.5
+    assert summary["accuracy"]["after"]["greedy"] == pytest.approx(mean)
+    assert summary["accuracy"]["after"]["greedy_se"] == pytest.approx(se)
 
 
-def test_the_sweep_tabulates_each_cell_and_plots_the_grid(mini_root):
+def test_the_sweep_tabulates_each_cell_over_seeds_and_marks_the_claims(mini_root):
+    """Two seeds of two cells: the table holds each cell's mean ± standard error over its seeds
+    (recomputed here from the runs' results.json), M and the positive control, and the claims."""
+    import statistics
+
     from experiments import sweep
 
     root = mini_root
-    args = [
-        "--variant",
-        "tiny",
-        "--workdir",
-        str(root),
-        "--losses",
-        "apo_zero",
-        "--data",
-        "clair,stronger_preferred",
-    ]
+    args = ["--variant", "tiny", "--workdir", str(root), "--losses", "apo_zero", "--data",
+            "clair,stronger_preferred", "--seeds", "0,1"]  # fmt: skip
     assert sweep.main(args) == 0
-    rows = [x for x in (root / "comparison.md").read_text().splitlines() if x.startswith("| ")][1:]
-    assert [x.split(" | ")[0] for x in rows] == ["| clair_apo_zero", "| stronger_preferred_apo_zero"]
-    for row, cell in zip(rows, ("clair_apo_zero", "stronger_preferred_apo_zero"), strict=True):
-        r = json.loads((root / cell / "results.json").read_text())
-        assert f"{r['accuracy_before']:.3f} → {r['accuracy_after']:.3f}" in row
-        assert str(r["contrastiveness"][r["data"]]["pairs"]) == row.split(" | ")[1]
+    text = (root / "comparison.md").read_text()
+    rows = {}
+    for line in (x for x in text.splitlines() if x.startswith("| ")):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        rows[cells[0]] = cells
+    for cell in ("clair_apo_zero", "stronger_preferred_apo_zero"):
+        runs = [json.loads((root / f"{cell}_seed{s}" / "results.json").read_text()) for s in (0, 1)]
+        assert [r["seed"] for r in runs] == [0, 1]
+        greedy = [r["accuracy"]["after"]["greedy"] for r in runs]
+        se = statistics.stdev(greedy) / math.sqrt(2)
+        assert rows[cell][4] == f"{statistics.fmean(greedy):.3f} ± {se:.3f}"
+        assert rows[cell][1] == str(runs[0]["contrastiveness"][runs[0]["data"]]["pairs"])
+    before = runs[0]["accuracy"]["before"]
+    assert rows["M (before)"][4] == f"{before['greedy']:.3f} ± {before['greedy_se']:.3f}"
+    assert "positive control (SFT on the CLAIR revisions)" in rows
     # stronger-preferred chosen answers are written from scratch: far less word overlap than CLAIR's
-    jaccard = [float(x.split(" | ")[2]) for x in rows]
-    assert jaccard[0] > jaccard[1]
-    assert (root / "grid.png").stat().st_size > 10_000
-    stamp = (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns
-    assert sweep.main(args) == 0  # finished cells are not run again
-    assert (root / "clair_apo_zero" / "results.json").stat().st_mtime_ns == stamp
+    assert float(rows["clair_apo_zero"][2]) > float(rows["stronger_preferred_apo_zero"][2])
+    assert "1. **CLAIR's pairs are the most contrastive** (Table 1): **held**" in text
+    assert (root / "grid.png").stat().st_size > 10_000 and (root / "accuracy.png").stat().st_size > 10_000
+    stamp = (root / "clair_apo_zero_seed0" / "results.json").stat().st_mtime_ns
+    assert sweep.main(args) == 0  # finished runs are not run again
+    assert (root / "clair_apo_zero_seed0" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_claims_are_marked_from_the_numbers():
+    """The three claims on hand-made cells: each held or not held as the numbers say."""
+    from experiments.sweep import claims
+
+    def cell(data, loss, greedy, se, jaccard=0.5, lev=10.0):
+        return {"data": data, "loss": loss, "greedy": (greedy, se), "jaccard": jaccard, "levenshtein": lev}
+
+    cells = {"clair_apo_zero": cell("clair", "apo_zero", 0.80, 0.01, 0.9, 2.0),
+             "clair_dpo": cell("clair", "dpo", 0.78, 0.01, 0.9, 2.0),
+             "on_policy_judge_dpo": cell("on_policy_judge", "dpo", 0.70, 0.01, 0.6, 8.0)}  # fmt: skip
+    text = "\n".join(claims(cells))
+    assert "contrastive** (Table 1): **held**" in text
+    assert "DPO on CLAIR pairs**: **held**" in text and "difference +0.020 ± 0.014" in text
+    assert "best cell**: **held**" in text and "the next cell clair_dpo" in text
+    assert "(not more than two standard errors)" in text  # 0.020 < 2 × 0.014
+    cells["clair_dpo"]["greedy"] = (0.90, 0.01)  # DPO now beats APO-zero by 0.10 ± 0.014
+    text = "\n".join(claims(cells))
+    assert "DPO on CLAIR pairs**: **not held**" in text and "best cell**: **not held**" in text
+    cells["on_policy_judge_dpo"]["levenshtein"] = 1.0  # the judge's pairs now closer by edit distance
+    assert "contrastive** (Table 1): **not held**" in claims(cells)[0]
 
 
 def test_profs_edits_m_instead_of_training_it(mini_root):

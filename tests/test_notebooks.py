@@ -25,4 +25,4 @@ def test_notebook_runs_in_tiny_mode(name, tmp_path, monkeypatch):
     if name == "clair_data":
         assert "'revised': 5" in outputs and "jaccard_mean" in outputs
     else:
-        assert "accuracy before / after" in outputs and "Held-out accuracy" in outputs
+        assert "positive control" in outputs and "Held-out accuracy" in outputs

@@ -82,3 +82,20 @@ def test_traced_beta_is_accepted_and_exact():
     fn = losses.get("apo_down")
     got = jax.jit(lambda beta: fn(b["pc"], b["pr"], b["rc"], b["rr"], beta=beta).loss)(0.3)
     np.testing.assert_allclose(got, ref.apo_down(f64(b), {"beta": 0.3}), rtol=RTOL, atol=2e-6)
+
+
+def test_make_mesh_sizes_read_as_written():
+    """`data` left out takes what the other sizes leave: make_mesh() is all data, make_mesh(fsdp=-1) all
+    fsdp (8 devices here); two axes at -1 is ambiguous and refused."""
+    from apo_jax import sharding
+
+    def sizes(mesh):
+        return tuple(mesh.shape[a] for a in sharding.MESH_AXES)
+
+    assert sizes(sharding.make_mesh()) == (8, 1, 1)
+    assert sizes(sharding.make_mesh(fsdp=-1)) == (1, 8, 1)
+    assert sizes(sharding.make_mesh(tensor=-1)) == (1, 1, 8)
+    assert sizes(sharding.make_mesh(fsdp=4)) == (2, 4, 1)
+    assert sizes(sharding.make_mesh(data=2, fsdp=-1, tensor=2)) == (2, 2, 2)
+    with pytest.raises(ValueError, match="at most one may be -1"):
+        sharding.make_mesh(data=-1, fsdp=-1)

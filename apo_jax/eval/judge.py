@@ -46,7 +46,8 @@ def parse_score(text: str | None) -> int:
 def exact_match(prompts, answers) -> dict:
     """Share of answers whose last number equals the prompt row's `answer`. With several samples per
     prompt (`generate --samples K`), each prompt scores the share of its samples that are right
-    (sampled accuracy); a prompt without an answer scores 0."""
+    (sampled accuracy); a prompt without an answer scores 0. `stderr` is the standard error of the
+    accuracy over prompts."""
     by: dict[str, list[bool]] = {}
     for a in answers:
         numbers = _NUMBER.findall(a.get("response") or "")
@@ -62,6 +63,8 @@ def exact_match(prompts, answers) -> dict:
         "n": len(scores),
         "samples": sum(len(by.get(p["prompt"], [])) for p in prompts),
         "accuracy": statistics.fmean(scores) if scores else 0.0,
+        # standard error of that mean over prompts (the per-prompt scores' spread / sqrt(n))
+        "stderr": statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0,
     }
 
 

@@ -88,24 +88,24 @@ def get_config(arg: str):
     config.model.preset = "tiny"
     small = variant == "tiny"
     config.experiment.update({
-        "seed": 0, "hidden_size": 64, "layers": 2,
+        "seed": 0, "hidden_size": 64, "layers": 3, "careless": 0.6,
         "sft_examples": 256 if small else 6000, "sft_steps": 10 if small else 600,
-        "train_prompts": 48 if small else 3072, "eval_prompts": 16 if small else 128,
+        "train_prompts": 48 if small else 3072, "eval_prompts": 16 if small else 512,
+        "temperature": 0.7, "eval_samples": 2 if small else 4,
     })  # fmt: skip
     if loss in ("tis_dpo", "tis_dpo_kl"):  # DPO steps of each contrastive model behind TIS-DPO's weights
         config.experiment.tis_steps = 2 if small else 50
         config.experiment.tis_transform = "exp"  # the paper's form; the code's: rank_based, binary, ...
-    # A 2-layer model's held-out rewards barely move at the paper's β (measured at β = 0.1, lr 1e-5:
-    # margin 0.006 after 200 steps; at lr 1e-4 the policy degrades): the miniature anchors 10x harder
-    config.loss.beta *= 10
 
-    # Trainer
-    config.optimizer.lr = 1e-4
+    # Trainer. β is the paper's; the learning rate was chosen once for every cell, before the grid ran:
+    # the best mean greedy accuracy of DPO (the baseline, not APO) over the four datasets at one pilot
+    # seed (100, not a reported one) among 1e-5, 3e-5 and 1e-4 (README, "What the miniature shows")
+    config.optimizer.lr = 3e-5
     config.optimizer.warmup_steps = 0 if small else 10
     config.optimizer.schedule = "linear"
-    config.train.steps = 4 if small else 200
+    config.train.steps = 4 if small else 100
     config.train.batch_size = 8 if small else 32
-    config.train.eval_every = 2 if small else 20
+    config.train.eval_every = 2 if small else 25
     config.train.eval_batches = 2
     config.train.export_hf = True
     config.mesh.data = 1

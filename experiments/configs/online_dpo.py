@@ -24,8 +24,9 @@ def get_config(arg: str = "", name: str = "online_dpo"):
     config.experiment.update({"kind": "mini_online", "name": name, "offline_steps": 4 if small else 100})
     config.experiment.train_prompts = 16 if small else 512
     config.online.update({
-        "rounds": 2 if small else 3, "samples": 2 if small else 4, "temperature": 1.0, "max_tokens": 48,
-        "max_length": 128, "labeler": "scorer", "sample_batch_size": 32 if small else 256,
+        "rounds": 2 if small else 3, "samples": 2 if small else 4, "max_tokens": 40, "max_length": 96,
+        "temperature": config.experiment.temperature,  # M's own sampling temperature
+        "labeler": "scorer", "sample_batch_size": 32 if small else 256,
     })  # fmt: skip
     config.train.steps = 2 if small else 60
     config.train.eval_every = 0

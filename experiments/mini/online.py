@@ -35,12 +35,12 @@ def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pa
     from apo_jax import train
     from apo_jax.data.preprocess import preprocess
 
-    answers = pipeline._answers(workdir, m_dir, prompts, "answers_offline", 2, 1.0)
+    answers = pipeline._answers(workdir, m_dir, prompts, "answers_offline", 2, config.experiment.temperature)
     pairs = write_jsonl(
         workdir / "offline_pairs.jsonl",
         pipeline.build_pairs("clair", prompts, answers, config.experiment.seed, False),
     )
-    preprocess(str(pairs), workdir / "offline_records", tok, max_length=128, as_chat=True)
+    preprocess(str(pairs), workdir / "offline_records", tok, max_length=pipeline.PAIR_LENGTH, as_chat=True)
     cfg = config.copy_and_resolve_references()
     cfg.workdir, cfg.model.path, cfg.data.train = (
         str(workdir / "offline_dpo"),
@@ -64,8 +64,7 @@ def run(config) -> dict:
     m_cache = workdir.parent / "mini_cache" / pipeline._key({k: mini[k] for k in pipeline.M_FIELDS})
     tok = pipeline._tokenizer(m_cache, mini.seed)
     m_dir = pipeline._sft_model(m_cache, tok, mini, config)
-    prompts = task.problems(mini.train_prompts, mini.seed + 3)
-    eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)
+    prompts, eval_prompts = pipeline.problem_sets(mini)
     o.prompts = str(write_jsonl(workdir / "prompts.jsonl", prompts))
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.eval, config.data.probes = "", ""
@@ -90,17 +89,16 @@ def run(config) -> dict:
     if result["status"] != "done":
         pipeline._say(f"{result['status']} in round {result['round']}: run the same command again to resume")
         return result
-    pipeline._say("scoring held-out accuracy of each round's policy (greedy, and 4 samples at temperature 1)")
+    pipeline._say(f"scoring held-out accuracy of each round's policy (greedy, and {mini.eval_samples} "
+                  f"samples at temperature {mini.temperature})")  # fmt: skip
     policies = [("start", pathlib.Path(config.model.path))] + [
         (f"after round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
     ]
     rows = []
     for i, (name, path) in enumerate(policies):
-        greedy = pipeline.accuracy(path, eval_prompts, workdir, f"acc_{i}")
-        sampled = pipeline.accuracy(
-            path, eval_prompts, workdir, f"acc_{i}_sampled", samples=4, temperature=1.0
-        )
-        rows.append({"policy": name, "accuracy": greedy, "sampled_accuracy": sampled})
+        acc = pipeline.evaluate(path, eval_prompts, workdir, f"acc_{i}", mini)
+        rows.append({"policy": name, "accuracy": acc["greedy"], "sampled_accuracy": acc["sampled"],
+                     "accuracy_se": acc["greedy_se"], "sampled_accuracy_se": acc["sampled_se"]})  # fmt: skip
     summary = {
         "name": mini.name,
         "labeler": o.labeler,
@@ -123,8 +121,8 @@ def run(config) -> dict:
         mean = _sample_score(workdir / f"round_{r['round']}" / "samples.jsonl") if r else None
         md.append(
             f"| {acc['policy']} | {'' if mean is None else f'{mean:.3f}'} | {r.get('pairs', '')} | "
-            f"{r.get('replayed', '')} | {acc['accuracy']:.3f} | "
-            f"{acc['sampled_accuracy']:.3f} |"
+            f"{r.get('replayed', '')} | {acc['accuracy']:.3f} ± {acc['accuracy_se']:.3f} | "
+            f"{acc['sampled_accuracy']:.3f} ± {acc['sampled_accuracy_se']:.3f} |"
         )
     (workdir / "results.md").write_text("\n".join(md) + "\n")
     pipeline._say(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pathlib
 import random
 import shutil
@@ -18,19 +19,28 @@ from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.steps import step_pair
 from experiments.mini import task
 
+SFT_SEED = 2  # M's SFT problems are task.problems(sft_examples, SFT_SEED + seed)
+TRAIN_POOL = 4096  # the training problems are the first `train_prompts` of this many
+MAX_TOKENS = 40  # a generated answer: the longest teacher answer is 30 tokens
+SFT_LENGTH = 64  # prompt (about 30 tokens) + M's answer
+PAIR_LENGTH = 96  # prompt + the longest answer of any stand-in (the stronger model's, 49 tokens)
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
 SAMPLED_KINDS = ("scdpo",)  # kinds that sample M again (built only for their own cells)
-M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps")  # what defines M
-# what M's answers and pairs do not depend on
-METHOD_FIELDS = ("method", "profs_layers", "profs_rank", "tis_steps", "tis_transform", "ches_drop")
+M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps", "careless")  # what defines M
+# what defines M's answers, the pairs built from them and M's own accuracy: shared by every cell
+ANSWER_FIELDS = (*M_FIELDS, "train_prompts", "eval_prompts", "temperature", "eval_samples")
 
 
 def _key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+_START = time.time()
+
+
 def _say(msg: str) -> None:
-    print(f"[mini] {msg}", flush=True)
+    minutes, seconds = divmod(int(time.time() - _START), 60)
+    print(f"[mini {minutes}:{seconds:02d}] {msg}", flush=True)
 
 
 def _tokenizer(cache: pathlib.Path, seed: int):
@@ -43,7 +53,7 @@ def _tokenizer(cache: pathlib.Path, seed: int):
         for p in task.problems(400, seed + 1):
             corpus += [
                 p["prompt"],
-                task.gold_answer(p),
+                task.teacher_answer(p, rng, 0.5),
                 task.other_model_answer(p, rng),
                 task.stronger_answer(p),
             ]
@@ -54,26 +64,46 @@ def _tokenizer(cache: pathlib.Path, seed: int):
     return load_tokenizer(path)
 
 
+def _initial_model(path, tok, mini) -> pathlib.Path:
+    """M before SFT: a Llama of the configured size at random (the project's own initialisation),
+    written as a Hugging Face checkpoint."""
+    from apo_jax import models
+    from apo_jax.train.state import tiny_llama_config
+
+    if (path / "config.json").exists():
+        return path
+    config = tiny_llama_config(len(tok), hidden_size=mini.hidden_size, intermediate_size=4 * mini.hidden_size,
+                               num_hidden_layers=mini.layers)  # fmt: skip
+    model = models.Llama(config)
+    return models.to_hf(model, models.init_params(model, mini.seed), path, tokenizer=tok)
+
+
 def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
-    """M: a tiny Llama fine-tuned on gold solutions (reasonable but imperfect)."""
-    from apo_jax import testing, train
+    """M: a Llama fine-tuned on the teacher's answers (it knows the arithmetic, it slips at carries
+    in `mini.careless` of its answers), so M's errors are a learned habit."""
+    from apo_jax import train
     from apo_jax.data.preprocess import preprocess
 
     out = cache / "m"
     if (out / "config.json").exists():
         return out
-    _say(f"training M: SFT on {mini.sft_examples} gold solutions for {mini.sft_steps} steps")
-    rows = [{"prompt": p["prompt"], "chosen": task.gold_answer(p), "rejected": task.gold_answer(p)}
-            for p in task.problems(mini.sft_examples, mini.seed + 2)]  # fmt: skip
+    _say(f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
+         f"for {mini.sft_steps} steps")  # fmt: skip
+    rng = random.Random(mini.seed + 5)
+    rows = []
+    for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed):
+        answer = task.teacher_answer(p, rng, mini.careless)
+        rows.append({"prompt": p["prompt"], "chosen": answer, "rejected": answer})
     preprocess(
-        str(write_jsonl(cache / "sft.jsonl", rows)), cache / "sft_records", tok, max_length=96, as_chat=True
+        str(write_jsonl(cache / "sft.jsonl", rows)),
+        cache / "sft_records",
+        tok,
+        max_length=SFT_LENGTH,
+        as_chat=True,
     )
-    base = testing.tiny_hf_llama(cache / "m_init", vocab_size=len(tok), hidden_size=mini.hidden_size,
-                                 intermediate_size=2 * mini.hidden_size, num_hidden_layers=mini.layers,
-                                 initializer_range=0.02, seed=mini.seed, tokenizer=tok)  # fmt: skip
     cfg = train.default_config()
     cfg.workdir = str(cache / "sft_run")
-    cfg.model.path = str(base)
+    cfg.model.path = str(_initial_model(cache / "m_init", tok, mini))
     cfg.data.train = str(cache / "sft_records")
     cfg.train.mode = "sft"
     cfg.train.steps, cfg.train.batch_size = mini.sft_steps, 32
@@ -87,13 +117,21 @@ def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     return out
 
 
+def problem_sets(mini) -> tuple[list[dict], list[dict]]:
+    """(training problems, held-out problems): no held-out problem is among M's SFT problems or the
+    training pool, so every experiment on one M (whatever its `train_prompts`) scores the same set."""
+    pool = task.problems(max(TRAIN_POOL, mini.train_prompts), mini.seed + 3)
+    seen = [p["prompt"] for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed) + pool]
+    return pool[: mini.train_prompts], task.held_out(mini.eval_prompts, mini.seed + 4, seen)
+
+
 def _answers(cache, m_dir, prompts, name, samples, temperature):
     from apo_jax.data.generate import generate_with_model
 
     out = cache / f"{name}.jsonl"
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
-    generate_with_model(rows, out, m_dir, samples=samples, max_tokens=48, temperature=temperature,
-                        batch_size=64, progress=False)  # fmt: skip
+    generate_with_model(rows, out, m_dir, samples=samples, max_tokens=MAX_TOKENS, temperature=temperature,
+                        batch_size=128, progress=False)  # fmt: skip
     return read_jsonl(out)
 
 
@@ -110,21 +148,65 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
     starts = scdpo_starts(correct, random.Random(seed))
     out = cache / f"{name}.jsonl"
     rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
-    generate_with_model(rows, out, m_dir, samples=2, max_tokens=48, batch_size=64, progress=False, seed=seed,
-                        **SCDPO_TEMPERATURE)  # fmt: skip
+    generate_with_model(rows, out, m_dir, samples=2, max_tokens=MAX_TOKENS, batch_size=64, progress=False,
+                        seed=seed, **SCDPO_TEMPERATURE)  # fmt: skip
     continuations = read_jsonl(out)
     pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
     return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
 
 
-def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> float:
+def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> dict:
     """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
-    the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples."""
+    the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples;
+    `accuracy` and its standard error over prompts, `stderr`."""
     from apo_jax.eval.judge import exact_match
 
     answers = _answers(cache, model_dir, prompts, name, samples, temperature)
     rows = [{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts]
-    return exact_match(rows, answers)["accuracy"]
+    return exact_match(rows, answers)
+
+
+def evaluate(model_dir, prompts, folder, name, mini) -> dict:
+    """Held-out accuracy of one model: greedy, and `mini.eval_samples` samples per problem at
+    `mini.temperature` (M's own sampling temperature), each with its standard error."""
+    greedy = accuracy(model_dir, prompts, folder, name)
+    sampled = accuracy(model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature)
+    return {"greedy": greedy["accuracy"], "greedy_se": greedy["stderr"],
+            "sampled": sampled["accuracy"], "sampled_se": sampled["stderr"]}  # fmt: skip
+
+
+def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Path:
+    """The positive control: M fine-tuned (SFT) on the CLAIR revisions of its own first answers to
+    the training problems (a right answer is its own revision), with the preference stage's
+    optimizer, steps and batch size. The revisions are the signal CLAIR's chosen answers hold: if
+    this does not raise M's accuracy, the testbed cannot judge the objectives."""
+    from apo_jax import train
+    from apo_jax.data.preprocess import preprocess
+
+    opt, steps, batch = config.optimizer, config.train.steps, config.train.batch_size
+    out = cache / f"control_{_key([opt.lr, opt.schedule, opt.warmup_steps, steps, batch])}"
+    if (out / "hf" / "config.json").exists():
+        return out / "hf"
+    out.mkdir(parents=True, exist_ok=True)
+    first = {a["index"]: a["response"] for a in answers if a["sample"] == 0}
+    rows = []
+    for i, p in enumerate(prompts):
+        revised = task.revise(p, first[i])
+        rows.append({"prompt": p["prompt"], "chosen": revised, "rejected": revised})
+    _say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} training answers, "
+         f"{steps} steps")  # fmt: skip
+    preprocess(str(write_jsonl(out / "revisions.jsonl", rows)), out / "records", tok, max_length=SFT_LENGTH,
+               as_chat=True)  # fmt: skip
+    cfg = train.default_config()
+    cfg.workdir, cfg.model.path, cfg.data.train = str(out / "run"), str(m_dir), str(out / "records")
+    cfg.train.mode, cfg.train.steps, cfg.train.batch_size = "sft", steps, batch
+    cfg.optimizer = opt.copy_and_resolve_references()
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = config.mesh.data, 1, 1
+    cfg.train.progress = config.train.progress
+    train.run(cfg)
+    shutil.copytree(out / "run" / "hf", out / "hf")
+    tok.save_pretrained(out / "hf")
+    return out / "hf"
 
 
 def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:
@@ -177,8 +259,8 @@ def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
     sets = {}
     for name, rows in (("train_pairs", train), ("rephrased", rephrase)):
         out = workdir / f"probe_{name}"
-        preprocess(str(write_jsonl(cache / f"probe_{kind}_{name}.jsonl", rows)), out, tok, max_length=128,
-                   as_chat=True)  # fmt: skip
+        preprocess(str(write_jsonl(cache / f"probe_{kind}_{name}.jsonl", rows)), out, tok,
+                   max_length=PAIR_LENGTH, as_chat=True)  # fmt: skip
         sets[name] = str(out)
     return ",".join(f"{k}={v}" for k, v in sets.items())
 
@@ -221,8 +303,14 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         _say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
         train.run(cfg)
         models[side] = workdir / f"tis_{side}" / "hf"
-    return add_weights(train_dir, out, method="tis", plus_model=models["plus"], minus_model=models["minus"],
-                       transform=config.experiment.tis_transform)
+    return add_weights(
+        train_dir,
+        out,
+        method="tis",
+        plus_model=models["plus"],
+        minus_model=models["minus"],
+        transform=config.experiment.tis_transform,
+    )
 
 
 def _plot(workdir: pathlib.Path, title: str) -> list[str]:
@@ -262,34 +350,18 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     return ["figure4.png"]
 
 
-def run(config) -> dict:
-    """The miniature for one grid cell (`config.experiment.data` × `config.loss.name`)."""
-    from apo_jax import train
-    from apo_jax.data.clair.stats import ches_stats, pair_stats, table
-    from apo_jax.data.preprocess import preprocess
+def _datasets(config, cache, m_dir, prompts, answers) -> tuple[dict, dict]:
+    """Every kind of pairs from M's answers ({kind: pairs file}) and their contrastiveness."""
+    from apo_jax.data.clair.stats import ches_stats, pair_stats
 
-    started = time.time()
     mini, kind = config.experiment, config.experiment.data
-    workdir = pathlib.Path(config.workdir)
-    m_cache = workdir.parent / "mini_cache" / _key({k: mini[k] for k in M_FIELDS})
-    cache = m_cache / _key({k: v for k, v in mini.to_dict().items() if k not in METHOD_FIELDS})
-    cache.mkdir(parents=True, exist_ok=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(m_cache, mini.seed)
-    _say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
-    m_dir = _sft_model(m_cache, tok, mini, config)
-    train_prompts = task.problems(mini.train_prompts, mini.seed + 3)
-    eval_prompts = task.problems(mini.eval_prompts, mini.seed + 4)
-    _say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each)")
-    answers = _answers(cache, m_dir, train_prompts, "answers_train", 2, 1.0)
-    eval_answers = _answers(cache, m_dir, eval_prompts, "answers_eval", 2, 1.0)
     keep_ties = config.loss.name == "todo"
     contrast, paths = {}, {}
     for k in DATA_KINDS + ((kind,) if kind in SAMPLED_KINDS else ()):
         if k == "scdpo":
-            pairs = scdpo_pairs(cache, m_dir, train_prompts, answers, "scdpo_train", mini.seed)
+            pairs = scdpo_pairs(cache, m_dir, prompts, answers, "scdpo_train", mini.seed)
         else:
-            pairs = build_pairs(k, train_prompts, answers, mini.seed, keep_ties)
+            pairs = build_pairs(k, prompts, answers, mini.seed, keep_ties)
         paths[k] = write_jsonl(cache / f"pairs_{k}{'_ties' if keep_ties else ''}.jsonl", pairs)
         contrast[k] = pair_stats([(p["chosen"], p["rejected"]) for p in pairs]) if pairs else None
         if pairs and mini.get("ches_drop", 0.0) and "prefix" not in pairs[0]:  # whole answers only
@@ -299,71 +371,155 @@ def run(config) -> dict:
         raise ValueError(
             f"the miniature built no {kind} pairs: M is always right or always wrong; train M more"
         )
-    _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
+    return paths, contrast
+
+
+def _row_length(tok, rows) -> int:
+    """The shortest row length (a multiple of 16) that holds every pair of `rows` whole: the chat-
+    templated prompt, any prefix, the longer answer and the end-of-turn token. Rows no longer than
+    needed make the cheap cells (CLAIR's answers are M-sized) cheaper than the long ones (the
+    stronger model's)."""
+    from apo_jax.data.generate import prompt_ids
+    from apo_jax.data.tokenize import chat_kwargs
+
+    kwargs = chat_kwargs(tok)
+    longest_prompt = max(len(prompt_ids(tok, {"prompt": p}, kwargs)) for p in {r["prompt"] for r in rows})
+    answers = [r.get("prefix", "") + r[k] for r in rows for k in ("chosen", "rejected")]
+    longest_answer = max(len(ids) for ids in tok(answers, add_special_tokens=False)["input_ids"])
+    return -(-(longest_prompt + longest_answer + 2) // 16) * 16
+
+
+def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> None:
+    """The cell's training and held-out records (TFRecords), put in `config.data`."""
+    from apo_jax.data.preprocess import preprocess
+
+    mini, kind = config.experiment, config.experiment.data
+    workdir = pathlib.Path(config.workdir)
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
     ches = {"ches_model": str(m_dir), "ches_drop": mini.ches_drop} if mini.get("ches_drop", 0.0) else {}
     if ches:
         _say(f"leaving out the {mini.ches_drop:.0%} of {kind} pairs with the highest CHES under M")
-    preprocess(str(paths[kind]), train_dir, tok, max_length=128, as_chat=True, **ches)
     if kind == "scdpo":
         eval_pairs = scdpo_pairs(cache, m_dir, eval_prompts, eval_answers, "scdpo_eval", mini.seed + 9)
     else:
-        eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, keep_ties)
-    preprocess(str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=128,
+        eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, config.loss.name == "todo")
+    length = _row_length(tok, read_jsonl(paths[kind]) + eval_pairs)
+    preprocess(str(paths[kind]), train_dir, tok, max_length=length, as_chat=True, **ches)
+    preprocess(str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=length,
                as_chat=True)  # fmt: skip
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
+
+
+def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
+    """The cell's method: preference training of M (or ProFS's edit); the result lands in `hf/`."""
+    from apo_jax import train
+
+    mini, kind, workdir = config.experiment, config.experiment.data, pathlib.Path(config.workdir)
     if config.loss.name in TOKEN_WEIGHTED:
-        config.data.train = str(_token_weights(config, kind, train_dir, paths[kind], train_prompts, tok))
-    config.data.probes = _probes(cache, workdir, kind, train_prompts, paths[kind], tok, mini.seed)
+        config.data.train = str(_token_weights(config, kind, pathlib.Path(config.data.train), paths[kind],
+                                               prompts, tok))  # fmt: skip
+    config.data.probes = _probes(cache, workdir, kind, prompts, paths[kind], tok, mini.seed)
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
         from apo_jax.models.edit import edit_checkpoint
 
         _say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
-        edit_checkpoint(m_dir, train_dir, workdir / "hf", layers=mini.profs_layers, rank=mini.profs_rank)
-        result, config.loss.name = {"status": "edited"}, "profs"
-    else:
-        _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps")
-        result = train.run(config)
-    _say("scoring held-out accuracy before and after (greedy, and 4 samples at temperature 1)")
-    after_dir = workdir / "hf"
-    tok.save_pretrained(after_dir)
-    for f in ("acc_after", "acc_after_sampled"):
-        (workdir / f"{f}.jsonl").unlink(missing_ok=True)
-    before = accuracy(m_dir, eval_prompts, cache, "acc_before")
-    after = accuracy(after_dir, eval_prompts, workdir, "acc_after")
-    before_s = accuracy(m_dir, eval_prompts, cache, "acc_before_sampled", samples=4, temperature=1.0)
-    after_s = accuracy(after_dir, eval_prompts, workdir, "acc_after_sampled", samples=4, temperature=1.0)
-    metrics = workdir / "metrics.jsonl"
-    plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
-    rows = read_jsonl(metrics) if metrics.exists() else []
-    final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
-    summary = {"data": kind, "loss": config.loss.name, "accuracy_before": before, "accuracy_after": after,
-               "sampled_accuracy_before": before_s, "sampled_accuracy_after": after_s,
-               "contrastiveness": contrast, "final_eval": final_eval,
-               "seconds": round(time.time() - started, 1),
-               "status": result["status"]}  # fmt: skip
-    (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+        edit_checkpoint(m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers,
+                        rank=mini.profs_rank)  # fmt: skip
+        config.loss.name = "profs"
+        return {"status": "edited"}
+    _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
+         f"(seed {config.train.seed})")  # fmt: skip
+    return train.run(config)
+
+
+def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
+    from apo_jax.data.clair.stats import table
+
+    kind, loss, acc = summary["data"], summary["loss"], summary["accuracy"]
+    rows = (("M (before)", "before"), (f"after {kind} × {loss} (seed {summary['seed']})", "after"),
+            ("positive control: M + SFT on the CLAIR revisions of its training answers (the same steps)",
+             "control"))  # fmt: skip
+    gain = {m: acc["after"][m] - acc["before"][m] for m in ("greedy", "sampled")}
+    se = {m: math.hypot(acc["after"][f"{m}_se"], acc["before"][f"{m}_se"]) for m in gain}
     md = [
-        f"# Miniature: {kind} × {config.loss.name}\n",
-        f"Held-out accuracy of M on {len(eval_prompts)} problems (exact final answer):\n",
-        "| | before | after |\n|---|---|---|",
-        f"| greedy | {before:.3f} | {after:.3f} |",
-        f"| sampled (4 per problem, temperature 1) | {before_s:.3f} | {after_s:.3f} |\n",
+        f"# Miniature: {kind} × {loss}\n",
+        f"Held-out accuracy on {n_eval} problems (exact final answer), ± one standard error over problems:\n",
+        f"| model | greedy | sampled ({mini.eval_samples} per problem, temperature {mini.temperature}) |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {acc[k]['greedy']:.3f} ± {acc[k]['greedy_se']:.3f} | "
+            f"{acc[k]['sampled']:.3f} ± {acc[k]['sampled_se']:.3f} |"
+            for label, k in rows
+        ),  # fmt: skip
+        "",
+        "After − before: "
+        + ", ".join(
+            f"{gain[m]:+.3f} {m} ({gain[m] / se[m]:+.1f} standard errors)" if se[m] else f"{gain[m]:+.3f} {m}"
+            for m in gain
+        )
+        + ".",  # fmt: skip
+        "The positive control shows how far a training signal the pairs hold can move M in as many steps.\n",
         "## Contrastiveness (Jaccard: higher is more contrastive; Levenshtein: lower is)\n",
         "```\n" + table({k: v for k, v in contrast.items() if v}) + "\n```\n",
         "".join(
             f"({k}: no pairs, M's two answers were always equally right or wrong)\n"
             for k, v in contrast.items()
             if v is None
-        ),
+        ),  # fmt: skip
         "## Final held-out metrics\n",
-        "\n".join(f"- {k}: {v:.4f}" for k, v in final_eval.items() if k.startswith("eval/")) + "\n",
+        "".join(f"- {k}: {v:.4f}\n" for k, v in summary["final_eval"].items() if k.startswith("eval/")),
         *(f"\n![Figure 4]({p})\n" for p in plots),
     ]
-    (workdir / "results.md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def run(config) -> dict:
+    """The miniature for one grid cell (`config.experiment.data` × `config.loss.name`)."""
+    from apo_jax.data.clair.stats import table
+
+    started = time.time()
+    mini, kind = config.experiment, config.experiment.data
+    workdir = pathlib.Path(config.workdir)
+    m_cache = workdir.parent / "mini_cache" / _key({k: mini[k] for k in M_FIELDS})
+    cache = m_cache / _key({k: mini[k] for k in ANSWER_FIELDS})
+    cache.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(m_cache, mini.seed)
+    _say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
+    m_dir = _sft_model(m_cache, tok, mini, config)
+    train_prompts, eval_prompts = problem_sets(mini)
+    _say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
+         f"temperature {mini.temperature})")  # fmt: skip
+    answers = _answers(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature)
+    eval_answers = _answers(cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature)
+    paths, contrast = _datasets(config, cache, m_dir, train_prompts, answers)
+    _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
+    _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
+    control = positive_control(cache, m_dir, tok, train_prompts, answers, config)
+    result = _align(config, cache, m_dir, paths, train_prompts, tok)
+    _say(f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
+         f"{mini.temperature}) of M, the positive control and the aligned model")  # fmt: skip
+    after_dir = workdir / "hf"
+    tok.save_pretrained(after_dir)
+    for f in ("acc_after", "acc_after_sampled"):
+        (workdir / f"{f}.jsonl").unlink(missing_ok=True)
+    acc = {"before": evaluate(m_dir, eval_prompts, cache, "acc_before", mini),
+           "control": evaluate(control, eval_prompts, control.parent, "acc", mini),
+           "after": evaluate(after_dir, eval_prompts, workdir, "acc_after", mini)}  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
+    rows = read_jsonl(metrics) if metrics.exists() else []
+    final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
+    summary = {"data": kind, "loss": config.loss.name, "seed": config.train.seed, "accuracy": acc,
+               "contrastiveness": contrast, "final_eval": final_eval,
+               "seconds": round(time.time() - started, 1), "status": result["status"]}  # fmt: skip
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "results.md").write_text(_results_md(summary, contrast, len(eval_prompts), mini, plots))
+    b, a, c = acc["before"], acc["after"], acc["control"]
     _say(
-        f"done in {summary['seconds']}s: accuracy {before:.3f} -> {after:.3f} greedy, "
-        f"{before_s:.3f} -> {after_s:.3f} sampled; see {workdir / 'results.md'}"
+        f"done in {summary['seconds']}s: accuracy {b['greedy']:.3f} -> {a['greedy']:.3f} greedy, "
+        f"{b['sampled']:.3f} -> {a['sampled']:.3f} sampled (positive control {c['greedy']:.3f} / "
+        f"{c['sampled']:.3f}); see {workdir / 'results.md'}"
     )
     return summary
