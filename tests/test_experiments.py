@@ -126,7 +126,7 @@ def test_the_tiny_miniature_runs_end_to_end(mini_root):
     from experiments.mini.pipeline import run as run_mini
 
     config = grid.get_config("clair_apo_zero:tiny")
-    config.workdir = str(mini_root / "clair_apo_zero")
+    config.workdir = str(mini_root / "clair_apo_zero_seed0")  # the sweep test reuses this run
     config.train.progress = False
     summary = run_mini(config)
     run = pathlib.Path(config.workdir)
@@ -140,13 +140,13 @@ def test_the_tiny_miniature_runs_end_to_end(mini_root):
     assert summary["contrastiveness"]["clair"]["pairs"] > 0
     text = (run / "results.md").read_text()
     assert "Held-out accuracy" in text and "jaccard_mean" in text and "positive control" in text
-    for model in ("before", "after", "control"):  # accuracy ± its standard error, recomputed from the answers
-        acc = summary["accuracy"][model]
+    for who in ("before", "after", "control"):  # accuracy ± its standard error, recomputed from the answers
+        acc = summary["accuracy"][who]
         assert f"{acc['greedy']:.3f} ± {acc['greedy_se']:.3f}" in text
     answers = [json.loads(x) for x in (run / "acc_after.jsonl").read_text().splitlines()]
-    from experiments.mini import pipeline, task
+    from experiments.mini import model, task
 
-    _, held_out = pipeline.problem_sets(config.experiment)
+    _, held_out = model.problem_sets(config.experiment)
 
     def right_answer(problem, text):  # exact match: the answer's last number is the solution's result
         numbers = re.findall(r"-?\d+", text)
@@ -272,6 +272,7 @@ def test_online_clair_runs_rounds_through_the_loopback_reviser(mini_root):
     config.workdir = str(mini_root / "online_clair")
     config.train.progress = False
     summary = online.run(config)
+    assert summary["status"] == "done"  # experiments.run prints it
     assert [r["round"] for r in summary["rounds"]] == [0, 1] and len(summary["accuracy"]) == 3
     run = pathlib.Path(config.workdir)
     for t in (0, 1):

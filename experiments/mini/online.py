@@ -19,7 +19,7 @@ import statistics
 import time
 
 from apo_jax.data.jsonl import write_jsonl
-from experiments.mini import pipeline, task
+from experiments.mini import model, pipeline, task
 
 
 def _sample_score(path) -> float:
@@ -35,7 +35,7 @@ def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pa
     from apo_jax import train
     from apo_jax.data.preprocess import preprocess
 
-    answers = pipeline._answers(workdir, m_dir, prompts, "answers_offline", 2, config.experiment.temperature)
+    answers = model.sample(workdir, m_dir, prompts, "answers_offline", 2, config.experiment.temperature)
     pairs = write_jsonl(
         workdir / "offline_pairs.jsonl",
         pipeline.build_pairs("clair", prompts, answers, config.experiment.seed, False),
@@ -48,7 +48,7 @@ def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pa
         str(workdir / "offline_records"),
     )
     cfg.train.steps = config.experiment.offline_steps
-    pipeline._say(f"DICE: DPO on {pairs.name} for {cfg.train.steps} steps gives the starting policy")
+    model.say(f"DICE: DPO on {pairs.name} for {cfg.train.steps} steps gives the starting policy")
     train.run(cfg)
     tok.save_pretrained(workdir / "offline_dpo" / "hf")
     return workdir / "offline_dpo" / "hf", pairs
@@ -61,10 +61,10 @@ def run(config) -> dict:
     mini, o = config.experiment, config.online
     workdir = pathlib.Path(config.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    m_cache = workdir.parent / "mini_cache" / pipeline._key({k: mini[k] for k in pipeline.M_FIELDS})
-    tok = pipeline._tokenizer(m_cache, mini.seed)
-    m_dir = pipeline._sft_model(m_cache, tok, mini, config)
-    prompts, eval_prompts = pipeline.problem_sets(mini)
+    m_cache, _ = model.caches(workdir, mini)
+    tok = model.tokenizer(m_cache, mini.seed)
+    m_dir = model.sft_model(m_cache, tok, mini, config)
+    prompts, eval_prompts = model.problem_sets(mini)
     o.prompts = str(write_jsonl(workdir / "prompts.jsonl", prompts))
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.eval, config.data.probes = "", ""
@@ -74,7 +74,7 @@ def run(config) -> dict:
         o.offline = str(offline)
     elif o.labeler == "scorer":
         o.scorer = "experiments.mini.task:score"
-    pipeline._say(
+    model.say(
         f"online: {o.rounds} rounds, {o.labeler} labeler, {o.sampler} sampler, "
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"
     )
@@ -87,20 +87,21 @@ def run(config) -> dict:
     else:
         result = run_online(config)
     if result["status"] != "done":
-        pipeline._say(f"{result['status']} in round {result['round']}: run the same command again to resume")
+        model.say(f"{result['status']} in round {result['round']}: run the same command again to resume")
         return result
-    pipeline._say(f"scoring held-out accuracy of each round's policy (greedy, and {mini.eval_samples} "
+    model.say(f"scoring held-out accuracy of each round's policy (greedy, and {mini.eval_samples} "
                   f"samples at temperature {mini.temperature})")  # fmt: skip
     policies = [("start", pathlib.Path(config.model.path))] + [
         (f"after round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
     ]
     rows = []
     for i, (name, path) in enumerate(policies):
-        acc = pipeline.evaluate(path, eval_prompts, workdir, f"acc_{i}", mini)
+        acc = model.evaluate(path, eval_prompts, workdir, f"acc_{i}", mini)
         rows.append({"policy": name, "accuracy": acc["greedy"], "sampled_accuracy": acc["sampled"],
                      "accuracy_se": acc["greedy_se"], "sampled_accuracy_se": acc["sampled_se"]})  # fmt: skip
     summary = {
         "name": mini.name,
+        "status": result["status"],
         "labeler": o.labeler,
         "sampler": o.sampler,
         "alpha": o.accelerate_alpha,
@@ -125,7 +126,7 @@ def run(config) -> dict:
             f"{acc['sampled_accuracy']:.3f} ± {acc['sampled_accuracy_se']:.3f} |"
         )
     (workdir / "results.md").write_text("\n".join(md) + "\n")
-    pipeline._say(
+    model.say(
         f"done in {summary['seconds']}s: " + ", ".join(f"{r['policy']} {r['accuracy']:.3f}" for r in rows)
     )
     return summary

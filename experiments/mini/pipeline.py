@@ -1,138 +1,27 @@
-"""The miniature paper, end to end on a CPU: task -> tokenizer -> SFT'd tiny M -> M's answers ->
-pairs built the paper's four ways -> TFRecords -> preference training -> accuracy, contrastiveness,
-Figure-4 plots and results.md. The tokenizer and M are cached in `<workdir>/../mini_cache/<M's key>`,
-M's answers and the pairs in a subfolder keyed by the rest of `config.experiment`, and reused.
+"""The miniature paper, end to end on a CPU: task -> tokenizer -> SFT'd M -> M's answers -> pairs
+built the paper's four ways -> TFRecords -> preference training -> accuracy (M, the aligned model and
+the positive control, experiments/mini/model.py), contrastiveness, Figure-4 plots and results.md.
+M, its answers, the pairs and the positive control are cached in `<workdir>/../mini_cache/` and
+shared by every cell.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pathlib
 import random
-import shutil
 import time
 
 from apo_jax.data.anchor import anchor_pair
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.steps import step_pair
-from experiments.mini import task
+from experiments.mini import model, task
+from experiments.mini.model import say
 
-SFT_SEED = 2  # M's SFT problems are task.problems(sft_examples, SFT_SEED + seed)
-TRAIN_POOL = 4096  # the training problems are the first `train_prompts` of this many
-MAX_TOKENS = 40  # a generated answer: the longest teacher answer is 30 tokens
-SFT_LENGTH = 64  # prompt (about 30 tokens) + M's answer
 PAIR_LENGTH = 96  # prompt + the longest answer of any stand-in (the stronger model's, 49 tokens)
 DATA_KINDS = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred", "clair_steps", "anchor")
 SAMPLED_KINDS = ("scdpo",)  # kinds that sample M again (built only for their own cells)
-M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps", "careless")  # what defines M
-# what defines M's answers, the pairs built from them and M's own accuracy: shared by every cell
-ANSWER_FIELDS = (*M_FIELDS, "train_prompts", "eval_prompts", "temperature", "eval_samples")
-
-
-def _key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-_START = time.time()
-
-
-def _say(msg: str) -> None:
-    minutes, seconds = divmod(int(time.time() - _START), 60)
-    print(f"[mini {minutes}:{seconds:02d}] {msg}", flush=True)
-
-
-def _tokenizer(cache: pathlib.Path, seed: int):
-    from apo_jax import testing
-
-    path = cache / "tokenizer"
-    if not (path / "tokenizer.json").exists():
-        rng = random.Random(seed)
-        corpus = []
-        for p in task.problems(400, seed + 1):
-            corpus += [
-                p["prompt"],
-                task.teacher_answer(p, rng, 0.5),
-                task.other_model_answer(p, rng),
-                task.stronger_answer(p),
-            ]
-        tok = testing.tiny_tokenizer(vocab_size=384, corpus=corpus)
-        tok.save_pretrained(path)
-    from apo_jax.models import load_tokenizer
-
-    return load_tokenizer(path)
-
-
-def _initial_model(path, tok, mini) -> pathlib.Path:
-    """M before SFT: a Llama of the configured size at random (the project's own initialisation),
-    written as a Hugging Face checkpoint."""
-    from apo_jax import models
-    from apo_jax.train.state import tiny_llama_config
-
-    if (path / "config.json").exists():
-        return path
-    config = tiny_llama_config(len(tok), hidden_size=mini.hidden_size, intermediate_size=4 * mini.hidden_size,
-                               num_hidden_layers=mini.layers)  # fmt: skip
-    model = models.Llama(config)
-    return models.to_hf(model, models.init_params(model, mini.seed), path, tokenizer=tok)
-
-
-def _sft_model(cache, tok, mini, base_config) -> pathlib.Path:
-    """M: a Llama fine-tuned on the teacher's answers (it knows the arithmetic, it slips at carries
-    in `mini.careless` of its answers), so M's errors are a learned habit."""
-    from apo_jax import train
-    from apo_jax.data.preprocess import preprocess
-
-    out = cache / "m"
-    if (out / "config.json").exists():
-        return out
-    _say(f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
-         f"for {mini.sft_steps} steps")  # fmt: skip
-    rng = random.Random(mini.seed + 5)
-    rows = []
-    for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed):
-        answer = task.teacher_answer(p, rng, mini.careless)
-        rows.append({"prompt": p["prompt"], "chosen": answer, "rejected": answer})
-    preprocess(
-        str(write_jsonl(cache / "sft.jsonl", rows)),
-        cache / "sft_records",
-        tok,
-        max_length=SFT_LENGTH,
-        as_chat=True,
-    )
-    cfg = train.default_config()
-    cfg.workdir = str(cache / "sft_run")
-    cfg.model.path = str(_initial_model(cache / "m_init", tok, mini))
-    cfg.data.train = str(cache / "sft_records")
-    cfg.train.mode = "sft"
-    cfg.train.steps, cfg.train.batch_size = mini.sft_steps, 32
-    cfg.optimizer.lr, cfg.optimizer.schedule = 3e-3, "cosine"
-    cfg.optimizer.warmup_steps = min(20, mini.sft_steps // 5)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = base_config.mesh.data, 1, 1
-    cfg.train.progress = base_config.train.progress
-    train.run(cfg)
-    shutil.copytree(cache / "sft_run" / "hf", out)
-    tok.save_pretrained(out)
-    return out
-
-
-def problem_sets(mini) -> tuple[list[dict], list[dict]]:
-    """(training problems, held-out problems): no held-out problem is among M's SFT problems or the
-    training pool, so every experiment on one M (whatever its `train_prompts`) scores the same set."""
-    pool = task.problems(max(TRAIN_POOL, mini.train_prompts), mini.seed + 3)
-    seen = [p["prompt"] for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed) + pool]
-    return pool[: mini.train_prompts], task.held_out(mini.eval_prompts, mini.seed + 4, seen)
-
-
-def _answers(cache, m_dir, prompts, name, samples, temperature):
-    from apo_jax.data.generate import generate_with_model
-
-    out = cache / f"{name}.jsonl"
-    rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
-    generate_with_model(rows, out, m_dir, samples=samples, max_tokens=MAX_TOKENS, temperature=temperature,
-                        batch_size=128, progress=False)  # fmt: skip
-    return read_jsonl(out)
 
 
 def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
@@ -148,65 +37,11 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
     starts = scdpo_starts(correct, random.Random(seed))
     out = cache / f"{name}.jsonl"
     rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
-    generate_with_model(rows, out, m_dir, samples=2, max_tokens=MAX_TOKENS, batch_size=64, progress=False,
-                        seed=seed, **SCDPO_TEMPERATURE)  # fmt: skip
+    generate_with_model(rows, out, m_dir, samples=2, max_tokens=model.MAX_TOKENS, batch_size=64,
+                        progress=False, seed=seed, **SCDPO_TEMPERATURE)  # fmt: skip
     continuations = read_jsonl(out)
     pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
     return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
-
-
-def accuracy(model_dir, prompts, cache, name, samples=1, temperature=0.0) -> dict:
-    """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
-    the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples;
-    `accuracy` and its standard error over prompts, `stderr`."""
-    from apo_jax.eval.judge import exact_match
-
-    answers = _answers(cache, model_dir, prompts, name, samples, temperature)
-    rows = [{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts]
-    return exact_match(rows, answers)
-
-
-def evaluate(model_dir, prompts, folder, name, mini) -> dict:
-    """Held-out accuracy of one model: greedy, and `mini.eval_samples` samples per problem at
-    `mini.temperature` (M's own sampling temperature), each with its standard error."""
-    greedy = accuracy(model_dir, prompts, folder, name)
-    sampled = accuracy(model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature)
-    return {"greedy": greedy["accuracy"], "greedy_se": greedy["stderr"],
-            "sampled": sampled["accuracy"], "sampled_se": sampled["stderr"]}  # fmt: skip
-
-
-def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Path:
-    """The positive control: M fine-tuned (SFT) on the CLAIR revisions of its own first answers to
-    the training problems (a right answer is its own revision), with the preference stage's
-    optimizer, steps and batch size. The revisions are the signal CLAIR's chosen answers hold: if
-    this does not raise M's accuracy, the testbed cannot judge the objectives."""
-    from apo_jax import train
-    from apo_jax.data.preprocess import preprocess
-
-    opt, steps, batch = config.optimizer, config.train.steps, config.train.batch_size
-    out = cache / f"control_{_key([opt.lr, opt.schedule, opt.warmup_steps, steps, batch])}"
-    if (out / "hf" / "config.json").exists():
-        return out / "hf"
-    out.mkdir(parents=True, exist_ok=True)
-    first = {a["index"]: a["response"] for a in answers if a["sample"] == 0}
-    rows = []
-    for i, p in enumerate(prompts):
-        revised = task.revise(p, first[i])
-        rows.append({"prompt": p["prompt"], "chosen": revised, "rejected": revised})
-    _say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} training answers, "
-         f"{steps} steps")  # fmt: skip
-    preprocess(str(write_jsonl(out / "revisions.jsonl", rows)), out / "records", tok, max_length=SFT_LENGTH,
-               as_chat=True)  # fmt: skip
-    cfg = train.default_config()
-    cfg.workdir, cfg.model.path, cfg.data.train = str(out / "run"), str(m_dir), str(out / "records")
-    cfg.train.mode, cfg.train.steps, cfg.train.batch_size = "sft", steps, batch
-    cfg.optimizer = opt.copy_and_resolve_references()
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = config.mesh.data, 1, 1
-    cfg.train.progress = config.train.progress
-    train.run(cfg)
-    shutil.copytree(out / "run" / "hf", out / "hf")
-    tok.save_pretrained(out / "hf")
-    return out / "hf"
 
 
 def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:
@@ -300,7 +135,7 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         cfg.workdir, cfg.data.train = str(workdir / f"tis_{side}"), str(path)
         cfg.data.eval, cfg.data.probes = "", ""
         cfg.loss.name, cfg.train.steps, cfg.train.export_hf = "sigmoid", config.experiment.tis_steps, True
-        _say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
+        say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
         train.run(cfg)
         models[side] = workdir / f"tis_{side}" / "hf"
     return add_weights(
@@ -398,7 +233,7 @@ def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> No
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
     ches = {"ches_model": str(m_dir), "ches_drop": mini.ches_drop} if mini.get("ches_drop", 0.0) else {}
     if ches:
-        _say(f"leaving out the {mini.ches_drop:.0%} of {kind} pairs with the highest CHES under M")
+        say(f"leaving out the {mini.ches_drop:.0%} of {kind} pairs with the highest CHES under M")
     if kind == "scdpo":
         eval_pairs = scdpo_pairs(cache, m_dir, eval_prompts, eval_answers, "scdpo_eval", mini.seed + 9)
     else:
@@ -423,12 +258,12 @@ def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
         from apo_jax.models.edit import edit_checkpoint
 
-        _say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
+        say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
         edit_checkpoint(m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers,
                         rank=mini.profs_rank)  # fmt: skip
         config.loss.name = "profs"
         return {"status": "edited"}
-    _say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
+    say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
          f"(seed {config.train.seed})")  # fmt: skip
     return train.run(config)
 
@@ -481,32 +316,30 @@ def run(config) -> dict:
     started = time.time()
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
-    m_cache = workdir.parent / "mini_cache" / _key({k: mini[k] for k in M_FIELDS})
-    cache = m_cache / _key({k: mini[k] for k in ANSWER_FIELDS})
-    cache.mkdir(parents=True, exist_ok=True)
+    m_cache, cache = model.caches(workdir, mini)
     workdir.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(m_cache, mini.seed)
-    _say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
-    m_dir = _sft_model(m_cache, tok, mini, config)
-    train_prompts, eval_prompts = problem_sets(mini)
-    _say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
-         f"temperature {mini.temperature})")  # fmt: skip
-    answers = _answers(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature)
-    eval_answers = _answers(cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature)
+    tok = model.tokenizer(m_cache, mini.seed)
+    say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
+    m_dir = model.sft_model(m_cache, tok, mini, config)
+    train_prompts, eval_prompts = model.problem_sets(mini)
+    say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
+        f"temperature {mini.temperature})")  # fmt: skip
+    answers = model.sample(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature)
+    eval_answers = model.sample(cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature)
     paths, contrast = _datasets(config, cache, m_dir, train_prompts, answers)
-    _say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
+    say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
     _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
-    control = positive_control(cache, m_dir, tok, train_prompts, answers, config)
+    control = model.positive_control(cache, m_dir, tok, train_prompts, answers, config)
     result = _align(config, cache, m_dir, paths, train_prompts, tok)
-    _say(f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
+    say(f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
          f"{mini.temperature}) of M, the positive control and the aligned model")  # fmt: skip
     after_dir = workdir / "hf"
     tok.save_pretrained(after_dir)
     for f in ("acc_after", "acc_after_sampled"):
         (workdir / f"{f}.jsonl").unlink(missing_ok=True)
-    acc = {"before": evaluate(m_dir, eval_prompts, cache, "acc_before", mini),
-           "control": evaluate(control, eval_prompts, control.parent, "acc", mini),
-           "after": evaluate(after_dir, eval_prompts, workdir, "acc_after", mini)}  # fmt: skip
+    acc = {"before": model.evaluate(m_dir, eval_prompts, cache, "acc_before", mini),
+           "control": model.evaluate(control, eval_prompts, control.parent, "acc", mini),
+           "after": model.evaluate(after_dir, eval_prompts, workdir, "acc_after", mini)}  # fmt: skip
     metrics = workdir / "metrics.jsonl"
     plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
     rows = read_jsonl(metrics) if metrics.exists() else []
@@ -517,7 +350,7 @@ def run(config) -> dict:
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     (workdir / "results.md").write_text(_results_md(summary, contrast, len(eval_prompts), mini, plots))
     b, a, c = acc["before"], acc["after"], acc["control"]
-    _say(
+    say(
         f"done in {summary['seconds']}s: accuracy {b['greedy']:.3f} -> {a['greedy']:.3f} greedy, "
         f"{b['sampled']:.3f} -> {a['sampled']:.3f} sampled (positive control {c['greedy']:.3f} / "
         f"{c['sampled']:.3f}); see {workdir / 'results.md'}"

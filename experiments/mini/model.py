@@ -1,0 +1,161 @@
+"""The miniature's M and how it is scored: the tokenizer, M (a small Llama SFT'd on the task's careless
+teacher), its sampled answers, the held-out problems, exact-match accuracy with standard errors, and
+the positive control (M SFT'd on the CLAIR revisions of its own answers).
+
+Everything is cached under `<workdir>/../mini_cache/<key of M_FIELDS>/`: the tokenizer and M once,
+M's answers, its scores and the positive control once per `ANSWER_FIELDS` in a subfolder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import random
+import shutil
+import time
+
+from apo_jax.data.jsonl import read_jsonl, write_jsonl
+from experiments.mini import task
+
+SFT_SEED = 2  # M's SFT problems are task.problems(sft_examples, SFT_SEED + seed)
+TRAIN_POOL = 4096  # the training problems are the first `train_prompts` of this many
+MAX_TOKENS = 40  # a generated answer: the longest teacher answer is 30 tokens
+SFT_LENGTH = 64  # prompt (about 30 tokens) + M's answer
+M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps", "careless")  # what defines M
+# what defines M's answers, the pairs built from them and M's own accuracy: shared by every cell
+ANSWER_FIELDS = (*M_FIELDS, "train_prompts", "eval_prompts", "temperature", "eval_samples")
+_START = time.time()
+
+
+def key(fields) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def caches(workdir, mini) -> tuple[pathlib.Path, pathlib.Path]:
+    """(M's folder, its answers' folder) in `<workdir>/../mini_cache/`, created."""
+    m_cache = pathlib.Path(workdir).absolute().parent / "mini_cache" / key({k: mini[k] for k in M_FIELDS})
+    cache = m_cache / key({k: mini[k] for k in ANSWER_FIELDS})
+    cache.mkdir(parents=True, exist_ok=True)
+    return m_cache, cache
+
+
+def say(msg: str) -> None:
+    minutes, seconds = divmod(int(time.time() - _START), 60)
+    print(f"[mini {minutes}:{seconds:02d}] {msg}", flush=True)
+
+
+def tokenizer(cache: pathlib.Path, seed: int):
+    """A byte-level BPE tokenizer trained on the task's texts (every style of answer), saved once."""
+    from apo_jax import testing
+    from apo_jax.models import load_tokenizer
+
+    path = cache / "tokenizer"
+    if not (path / "tokenizer.json").exists():
+        rng, corpus = random.Random(seed), []
+        for p in task.problems(400, seed + 1):
+            corpus += [p["prompt"], task.teacher_answer(p, rng, 0.5), task.other_model_answer(p, rng),
+                       task.stronger_answer(p)]  # fmt: skip
+        testing.tiny_tokenizer(vocab_size=384, corpus=corpus).save_pretrained(path)
+    return load_tokenizer(path)
+
+
+def _sft(rows, folder: pathlib.Path, start, tok, *, steps, batch_size, optimizer, base_config):
+    """`start` fine-tuned (SFT) on the rows' answers; the result, with the tokenizer, in `folder/hf`."""
+    from apo_jax import train
+    from apo_jax.data.preprocess import preprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = folder / "records"
+    preprocess(str(write_jsonl(folder / "sft.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
+                                                       "rejected": r["answer"]} for r in rows])),
+               records, tok, max_length=SFT_LENGTH, as_chat=True)  # fmt: skip
+    cfg = train.default_config()
+    cfg.workdir, cfg.model.path, cfg.data.train = str(folder / "run"), str(start), str(records)
+    cfg.train.mode, cfg.train.steps, cfg.train.batch_size = "sft", steps, batch_size
+    cfg.optimizer.update(optimizer)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = base_config.mesh.data, 1, 1
+    cfg.train.progress = base_config.train.progress
+    train.run(cfg)
+    shutil.copytree(folder / "run" / "hf", folder / "hf")
+    tok.save_pretrained(folder / "hf")
+    return folder / "hf"
+
+
+def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
+    """M: a Llama of the configured size, initialised by the project's own JAX code, fine-tuned on
+    the teacher's answers (it knows the arithmetic and slips at carries in `mini.careless` of its
+    answers), so M's errors are a learned habit."""
+    from apo_jax import models
+    from apo_jax.train.state import tiny_llama_config
+
+    out = cache / "m" / "hf"
+    if (out / "config.json").exists():
+        return out
+    say(f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
+        f"for {mini.sft_steps} steps")  # fmt: skip
+    config = tiny_llama_config(len(tok), hidden_size=mini.hidden_size, intermediate_size=4 * mini.hidden_size,
+                               num_hidden_layers=mini.layers)  # fmt: skip
+    model = models.Llama(config)
+    start = models.to_hf(model, models.init_params(model, mini.seed), cache / "m" / "init", tokenizer=tok)
+    rng = random.Random(mini.seed + 5)
+    rows = [{"prompt": p["prompt"], "answer": task.teacher_answer(p, rng, mini.careless)}
+            for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed)]  # fmt: skip
+    optimizer = {"lr": 3e-3, "schedule": "cosine", "warmup_steps": min(20, mini.sft_steps // 5)}
+    return _sft(rows, cache / "m", start, tok, steps=mini.sft_steps, batch_size=32, optimizer=optimizer,
+                base_config=base_config)  # fmt: skip
+
+
+def problem_sets(mini) -> tuple[list[dict], list[dict]]:
+    """(training problems, held-out problems): no held-out problem is among M's SFT problems or the
+    training pool, so every experiment on one M (whatever its `train_prompts`) scores the same set."""
+    pool = task.problems(max(TRAIN_POOL, mini.train_prompts), mini.seed + 3)
+    seen = [p["prompt"] for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed) + pool]
+    return pool[: mini.train_prompts], task.held_out(mini.eval_prompts, mini.seed + 4, seen)
+
+
+def sample(folder, model_dir, prompts, name, samples, temperature) -> list[dict]:
+    """`samples` answers of a model to each prompt (`folder/name.jsonl`; finished rows are kept)."""
+    from apo_jax.data.generate import generate_with_model
+
+    out = folder / f"{name}.jsonl"
+    rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
+    generate_with_model(rows, out, model_dir, samples=samples, max_tokens=MAX_TOKENS, temperature=temperature,
+                        batch_size=128, progress=False)  # fmt: skip
+    return read_jsonl(out)
+
+
+def accuracy(model_dir, prompts, folder, name, samples=1, temperature=0.0) -> dict:
+    """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
+    the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples;
+    `accuracy` and its standard error over prompts, `stderr`."""
+    from apo_jax.eval.judge import exact_match
+
+    answers = sample(folder, model_dir, prompts, name, samples, temperature)
+    return exact_match([{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts], answers)
+
+
+def evaluate(model_dir, prompts, folder, name, mini) -> dict:
+    """Held-out accuracy of one model: greedy, and `mini.eval_samples` samples per problem at
+    `mini.temperature` (M's own sampling temperature), each with its standard error."""
+    greedy = accuracy(model_dir, prompts, folder, name)
+    sampled = accuracy(model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature)
+    return {"greedy": greedy["accuracy"], "greedy_se": greedy["stderr"],
+            "sampled": sampled["accuracy"], "sampled_se": sampled["stderr"]}  # fmt: skip
+
+
+def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Path:
+    """The positive control: M fine-tuned (SFT) on the CLAIR revisions of its own first answers to
+    the training problems (a right answer is its own revision), with the preference stage's
+    optimizer, steps and batch size. The revisions are the signal CLAIR's chosen answers hold: if
+    this does not raise M's accuracy, the testbed cannot judge the objectives."""
+    opt, steps, batch = config.optimizer, config.train.steps, config.train.batch_size
+    folder = cache / f"control_{key([opt.lr, opt.schedule, opt.warmup_steps, steps, batch])}"
+    if (folder / "hf" / "config.json").exists():
+        return folder / "hf"
+    first = {a["index"]: a["response"] for a in answers if a["sample"] == 0}
+    rows = [{"prompt": p["prompt"], "answer": task.revise(p, first[i])} for i, p in enumerate(prompts)]
+    say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} training answers, "
+        f"{steps} steps")  # fmt: skip
+    return _sft(rows, folder, m_dir, tok, steps=steps, batch_size=batch, optimizer=opt.to_dict(),
+                base_config=config)  # fmt: skip
