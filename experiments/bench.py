@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 
+from apo_jax import cli
 from apo_jax.train.loop import flops_per_token, param_counts
 
 # Lengths (prompt, chosen, rejected) of the ten CLAIR pairs in tests/data, in tokens estimated as
@@ -92,7 +93,7 @@ def shape_config(name: str, dtype: str, remat: str, attention: str | None = None
         return models.LlamaConfig.llama3_2_1b(**policies)
     if name == "8b":
         return models.LlamaConfig.llama3_8b(**policies)
-    raise SystemExit(f"unknown shape {name!r}: use tiny, 125m, 1b or 8b")
+    raise cli.UserError(f"unknown shape {name!r}: use tiny, 125m, 1b or 8b")
 
 
 def peak_flops() -> float:
@@ -725,6 +726,7 @@ def agreement(results: list[dict], rtol: float) -> list[str]:
     return problems
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="tiny", help="tiny, 125m, 1b (Llama-3.2-1B) or 8b (Llama-3-8B)")

@@ -14,8 +14,10 @@ or `paper`. Multi-host CPU/GPU runs pass `--coordinator_address`, `--num_process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import re
 import sys
 
 from absl import app, flags
@@ -27,6 +29,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
 def resolve(value: str) -> str:
     """`--config` value -> a config file path with its argument (ml_collections takes only paths)."""
     if value.split(":", 1)[0].endswith(".py"):
+        if not pathlib.Path(value.split(":", 1)[0]).is_file():
+            raise ValueError(f"--config={value}: no such config file")
         return value
     name, _, variant = value.partition(":")
     if (CONFIGS / f"{name}.py").is_file() and name != "grid":
@@ -93,6 +97,46 @@ _PRECOMPUTE = flags.DEFINE_string(
 )
 
 
+def _run(config) -> dict | None:
+    """The run `config` describes; the trainer's result, or None for the kinds that print their own."""
+    from apo_jax.train import run
+    from apo_jax.train.config import set_loss_hparams
+
+    set_loss_hparams(config, _LOSS_FLAGS)
+    if _PRECOMPUTE.value:
+        from apo_jax.train.reference import precompute
+
+        print(f"reference log-probs written to {precompute(config, _PRECOMPUTE.value)}")
+        return None
+    kind = config.experiment.get("kind", "")
+    if kind == "mini":
+        from experiments.mini.pipeline import run as run_mini
+
+        run_mini(config)
+        return None
+    if kind in ("mini_online", "online"):
+        from apo_jax.train.online import run_online
+        from experiments.mini.online import run as run_mini_online
+
+        result = (run_mini_online if kind == "mini_online" else run_online)(config)
+        print(json.dumps({"status": result["status"], "rounds": len(result["rounds"])}))
+        return None
+    return run(config)
+
+
+def _unknown_key(error: BaseException, argv: list[str]) -> str | None:
+    """ml_collections' "'stepz' / Did you mean "steps"" as one line naming the flag, or None."""
+    text = str(error).replace("\\'", "'").replace("\\n", " ")
+    key = re.search(r"'(\w+)'", text)
+    if key is None:
+        return None
+    flag = next(
+        (a.split("=", 1)[0] for a in argv if re.search(rf"\.{key[1]}(=|$)", a)), f"config key {key[1]!r}"
+    )
+    hint = re.search(r'Did you mean "(\w+)"', text)
+    return f"{flag}: no such config key" + (f" (did you mean {hint[1]!r}?)" if hint else "")
+
+
 def main(argv):
     del argv
     import jax
@@ -112,40 +156,30 @@ def main(argv):
             num_processes=_NUM_PROCESSES.value,
             process_id=_PROCESS_ID.value,
         )
-    from apo_jax.train import run
-    from apo_jax.train.config import ConfigError, set_loss_hparams
+    from apo_jax.cli import expected_errors, one_line
+    from apo_jax.outputs import WorkdirLock
+    from apo_jax.train.config import ConfigError, check_ranges
     from apo_jax.train.loop import NonFiniteError
 
     config = _CONFIG.value
     if config.workdir:
         compilation_cache(config.workdir)
+    lock = WorkdirLock(config.workdir) if config.workdir and jax.process_index() == 0 else None
     try:
-        set_loss_hparams(config, _LOSS_FLAGS)
-        if _PRECOMPUTE.value:
-            from apo_jax.train.reference import precompute
-
-            print(f"reference log-probs written to {precompute(config, _PRECOMPUTE.value)}")
-            return 0
-        kind = config.experiment.get("kind", "")
-        if kind == "mini":
-            from experiments.mini.pipeline import run as run_mini
-
-            run_mini(config)
-            return 0
-        if kind in ("mini_online", "online"):
-            from apo_jax.train.online import run_online
-            from experiments.mini.online import run as run_mini_online
-
-            result = (run_mini_online if kind == "mini_online" else run_online)(config)
-            print(json.dumps({"status": result["status"], "rounds": len(result["rounds"])}))
-            return 0
-        result = run(config)
+        check_ranges(config)  # before the data work of a recipe, not at its training
+        with lock or contextlib.nullcontext():
+            result = _run(config)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except expected_errors() as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    if result is None:
+        return 0
     if jax.process_index() == 0:
         print(
             json.dumps(
@@ -158,8 +192,12 @@ def main(argv):
 if __name__ == "__main__":
     try:
         argv, _LOSS_FLAGS = _rewrite_argv(sys.argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv itself
+        rest = flags.FLAGS(argv)  # parsed here, so that a bad flag or config key is one line
+    except (AttributeError, KeyError) as e:
+        print(f"error: {_unknown_key(e, sys.argv) or e}", file=sys.stderr)
         sys.exit(2)
-    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv itself
-    app.run(main, argv=argv)
+    except (ValueError, OSError, flags.Error) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    app.run(main, argv=argv, flags_parser=lambda _: rest)

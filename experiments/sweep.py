@@ -21,6 +21,7 @@ import pathlib
 import statistics
 import sys
 
+from apo_jax import cli
 from experiments.configs import grid
 
 
@@ -133,6 +134,7 @@ def table(cells: dict[str, dict], reference: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.sweep")
     p.add_argument("--variant", default="mini", choices=["mini", "tiny"])
@@ -141,6 +143,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=",".join(grid.DATA), help="ways of building pairs (default: all four)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the preference stage (train.seed)")
     args = p.parse_args(argv)
+    from apo_jax.outputs import WorkdirLock
     from experiments.mini.pipeline import run as run_mini
     from experiments.run import compilation_cache
 
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
                 if not done.exists():
                     print(f"[sweep] {name}, seed {seed}", flush=True)
                     try:
-                        run_mini(config)
+                        with WorkdirLock(config.workdir):  # a cell run by another sweep is refused
+                            run_mini(config)
                     except ValueError as e:  # e.g. no pairs of this kind: report, go on
                         print(f"[sweep] {name}: {e}", flush=True)
                         continue

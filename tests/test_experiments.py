@@ -69,7 +69,10 @@ def test_loss_hyperparameters_from_the_command_line():
 
 def test_names_paths_and_unknown_names():
     assert resolve("tiny_preference").endswith("experiments/configs/tiny_preference.py")
-    assert resolve("some/path.py:arg") == "some/path.py:arg"
+    path = resolve("tiny_preference")
+    assert resolve(f"{path}:arg") == f"{path}:arg"
+    with pytest.raises(ValueError, match="--config=some/path.py:arg: no such config file"):
+        resolve("some/path.py:arg")
     with pytest.raises(ValueError, match="unknown experiment 'clair_nope'.*clair_apo_zero"):
         resolve("clair_nope")
     with pytest.raises(ValueError, match="unknown variant 'huge'"):

@@ -251,7 +251,7 @@ def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):
     sides = ("chosen", "rejected")
     doubled = [dict(r, **{f"{s}_weights": np.full(len(r[f"{s}_ids"]), 2.0, np.float32) for s in sides})
                for r in records]  # fmt: skip
-    weighted = rewrite_records(doubled, meta, tmp_path / "doubled", {})
+    weighted = rewrite_records(doubled, meta, tmp_path / "doubled", {}, tool="tests")
     runs = {}
     for name, data, beta in (("tis_dpo", weighted, 0.25), ("sigmoid", recs, 0.5)):
         cfg = train.default_config()

@@ -6,7 +6,9 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +91,38 @@ def test_config_errors_name_the_key(tmp_path, records):
     cfg = make_config(tmp_path, records, loss__name="tdpo", loss__ld_alpha=0.5)
     with pytest.raises(ConfigError, match="ld_alpha aggregates sequence log-probs; the token-level loss"):
         train.validate(cfg)
+    # finding 4: a negative learning rate would ascend the loss; every numeric setting has a range
+    for key, value, says in [("optimizer__lr", -1e-3, "optimizer.lr=-0.001: must be > 0"),
+                             ("optimizer__lr", float("nan"), "optimizer.lr=nan"),
+                             ("optimizer__b2", 1.0, "optimizer.b2=1.0: must be >= 0.0 and < 1.0"),
+                             ("train__log_every", 0, "train.log_every=0: must be >= 1"),
+                             ("data__length", -5, "data.length=-5: must be >= 0")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            train.validate(make_config(tmp_path, records, **{key: value}))
+    # finding 11: a batch larger than the data names the data's path
+    with pytest.raises(
+        ValueError, match=f"{re.escape(str(records))}: its 32 records cannot fill one global batch of 64"
+    ):
+        train.run(make_config(tmp_path, records, train__batch_size=64))
+
+
+def test_token_ids_beyond_the_models_vocabulary_stop_the_run_before_it_compiles(tmp_path, records):
+    """Finding 3: records from a tokenizer with more tokens than the model has rows in its embedding
+    used to train on NaN (or on another token's row) and export; now the run refuses at start."""
+    from apo_jax.data.tfrecords import rewrite_records
+
+    recs, meta = read_records(records)
+    assert meta["max_token_id"] == max(
+        int(np.max(r[k])) for r in recs for k in ("prompt_ids", "chosen_ids", "rejected_ids")
+    )
+    recs[7] = dict(recs[7], chosen_ids=np.append(recs[7]["chosen_ids"][:-1], 384))  # preset vocab: 384
+    big = rewrite_records(recs, meta, tmp_path / "big_vocab", {}, tool="tests")
+    cfg = make_config(tmp_path / "run", big, train__export_hf=True)
+    with pytest.raises(
+        ConfigError, match=f"{re.escape(str(big))}: token id 384 is beyond the model's vocabulary of 384"
+    ):
+        train.run(cfg)
+    assert not (tmp_path / "run" / "hf").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # --- the step on one and on many devices -------------------------------------------------------
@@ -291,6 +325,48 @@ def test_unpaired_kto_step(tmp_path, tiny_tokenizer):
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0  # ρ = 0, z0 = 0
 
 
+def _damage(checkpoint: pathlib.Path, how: str) -> None:
+    state = checkpoint / "state"
+    if how == "truncate":  # the largest array file, cut in half
+        biggest = max((f for f in state.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+        biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+    else:
+        (state / "_METADATA").write_text("")
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_one_that_restores(
+    tmp_path, records, capfd
+):
+    """Finding 6: a damaged latest checkpoint used to stop the run with a long traceback. Now the
+    newest one that restores is used (bit-exact with an unbroken run), the damaged ones are moved
+    aside, not deleted; when none restores the run stops naming each, and nothing is moved."""
+    whole = train.run(make_config(tmp_path / "whole", records, train__steps=4))
+    cfg = make_config(tmp_path / "run", records, train__steps=4, train__checkpoint_every=1)
+    train.run(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [2, 3, 4]  # keep 3
+    _damage(ckpts / "4", "truncate")
+    _damage(ckpts / "3", "empty_metadata")
+    capfd.readouterr()
+    out = train.run(cfg)
+    err = capfd.readouterr().err
+    assert "checkpoint 4 does not restore" in err and "checkpoint 3 does not restore" in err, err
+    assert "resuming from checkpoint 2" in err
+    aside = tmp_path / "run" / "checkpoints.damaged"
+    assert sorted(p.name for p in aside.iterdir()) == ["3", "4"]
+    for a, b in zip(
+        jax.tree.leaves(out["state"].params), jax.tree.leaves(whole["state"].params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert losses_of(tmp_path / "run") == losses_of(tmp_path / "whole")
+    # every checkpoint damaged: the run stops and names them; nothing is moved
+    for step in (2, 3, 4):
+        _damage(ckpts / str(step), "empty_metadata")
+    with pytest.raises(ConfigError, match=r"no checkpoint in .*checkpoints restores \(4: .*; 3: .*; 2: "):
+        train.run(cfg)
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "3", "4"]
+
+
 # --- preemption and processes -------------------------------------------------------------------
 
 
@@ -351,10 +427,17 @@ def test_kill_and_resume_is_bit_exact(tmp_path, records):
     for line in proc.stdout:
         if "blocking inside the save of step 6" in line:
             break
+    # finding 2: a second run on a live workdir is refused, naming the first one's host and pid
+    second = _spawn({**blocked, "train.seed": 1}, tmp_path, "second")
+    said = second.communicate(timeout=120)[0]
+    assert second.returncode == 2, said
+    assert f"in use by pid {proc.pid} on host {socket.gethostname()}" in said and "Traceback" not in said
     proc.kill()
     proc.wait()
-    proc = _spawn(blocked, tmp_path, "blocked")
-    assert proc.wait(timeout=180) == 0, proc.stdout.read()
+    killed = proc.pid
+    proc = _spawn(blocked, tmp_path, "blocked")  # the killed run's lock is stale: taken over
+    said = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 0 and f"taking over the lock of pid {killed}, which has ended" in said, said
     whole = _final_params(tmp_path / "whole")
     for name in ("killed", "blocked"):
         resumed = _final_params(tmp_path / name)

@@ -173,10 +173,17 @@ def normalize_pair(row: dict, index: int) -> Pair:
             if isinstance(answers[field], str):
                 answers[field] = [{"role": "assistant", "content": answers[field]}]
     for field in ("chosen", "rejected"):
-        if not answers[field] or answers[field] == "":
+        if _empty(answers[field]):
             raise RowError(index, field, "empty answer")
     return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row), _prefix(index, row),
                 _ends_turn(index, row))  # fmt: skip
+
+
+def _empty(answer) -> bool:
+    """An answer with no text: "", or assistant turns whose contents are all empty."""
+    if isinstance(answer, str):
+        return not answer.strip()
+    return not answer or all(not m["content"].strip() for m in answer)
 
 
 def _ends_turn(index: int, row: dict) -> bool:
@@ -216,6 +223,8 @@ def normalize_unpaired(row: dict, index: int) -> Unpaired:
             completion = [{"role": "assistant", "content": completion}]
         else:
             raise RowError(index, "prompt", "a string prompt with a conversational completion")
+    if _empty(completion):
+        raise RowError(index, "completion", "empty answer")
     return Unpaired(prompt, completion, bool(row["label"]), _extras(index, row))
 
 
@@ -224,8 +233,15 @@ def iter_rows(source: str | pathlib.Path, split: str = "train") -> Iterator[dict
     (a `save_to_disk` directory, a local dataset directory, or a cached hub name, offline)."""
     path = pathlib.Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f):
+        with open(path, "rb") as f:  # bytes: a bad byte costs its line, not the file
+            for line_no, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield _BadLine(
+                        f"{path}:{line_no + 1}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                    )
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -246,8 +262,35 @@ def iter_rows(source: str | pathlib.Path, split: str = "train") -> Iterator[dict
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(str(source), split=split)
+        ds = _load_offline(datasets, source, split)
     yield from ds
+
+
+def _load_offline(datasets, source, split):
+    """A local dataset directory or a hub name already in the local cache; never the network."""
+    path = pathlib.Path(source)
+    if not path.exists() and (path.suffix or str(source).startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    import huggingface_hub.constants as hub
+
+    flags = [
+        (hub, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_HUB_OFFLINE"),
+        (datasets.config, "HF_DATASETS_OFFLINE"),
+    ]
+    saved = [getattr(module, name) for module, name in flags]
+    for module, name in flags:
+        setattr(module, name, True)
+    try:
+        return datasets.load_dataset(str(source), split=split)
+    except (ConnectionError, FileNotFoundError, ValueError, OSError) as e:
+        raise FileNotFoundError(
+            f"{source}: not a file or folder here, and not a dataset in the local Hugging Face cache "
+            f"(read offline: {type(e).__name__})"
+        ) from None
+    finally:
+        for (module, name), value in zip(flags, saved, strict=True):
+            setattr(module, name, value)
 
 
 class _BadLine(dict):

@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 
+from apo_jax import cli
 from apo_jax.data.jsonl import write_jsonl
 
 
@@ -176,6 +177,7 @@ def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512
     return {"rows": len(_jobs(prompts, samples)), "written": len(_done_ids(output)), "failed": 0}
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.data.generate", description=__doc__.split("\n")[0])
     p.add_argument("--input", required=True)
@@ -195,23 +197,19 @@ def main(argv=None) -> int:
     if bool(args.model_dir) == bool(args.base_url):
         print("error: give exactly one of --model-dir and --base-url (with --model)", file=sys.stderr)
         return 2
-    try:
-        prompts = read_prompts(args.input)[: args.limit]
-        if args.base_url:
-            from apo_jax.data.clair.client import ClientConfig
+    prompts = read_prompts(args.input)[: args.limit]
+    if args.base_url:
+        from apo_jax.data.clair.client import ClientConfig
 
-            cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                               concurrency=args.concurrency)  # fmt: skip
-            summary = generate_with_server(prompts, args.output, cfg, samples=args.samples,
-                                           max_tokens=args.max_tokens, temperature=args.temperature,
-                                           top_p=args.top_p)  # fmt: skip
-        else:
-            summary = generate_with_model(prompts, args.output, args.model_dir, samples=args.samples,
-                                          max_tokens=args.max_tokens, temperature=args.temperature,
-                                          top_p=args.top_p, batch_size=args.batch_size)  # fmt: skip
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                           concurrency=args.concurrency)  # fmt: skip
+        summary = generate_with_server(prompts, args.output, cfg, samples=args.samples,
+                                       max_tokens=args.max_tokens, temperature=args.temperature,
+                                       top_p=args.top_p)  # fmt: skip
+    else:
+        summary = generate_with_model(prompts, args.output, args.model_dir, samples=args.samples,
+                                      max_tokens=args.max_tokens, temperature=args.temperature,
+                                      top_p=args.top_p, batch_size=args.batch_size)  # fmt: skip
     print(json.dumps({k: v for k, v in summary.items() if k != "failures"}))
     return 0 if summary["failed"] == 0 else 1
 

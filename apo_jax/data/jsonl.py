@@ -8,8 +8,20 @@ import pathlib
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every non-empty line of `path`, parsed."""
-    return [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
+    """Every non-empty line of `path`, parsed; a line that is not UTF-8 JSON is a ValueError naming
+    the file and line."""
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
+                    rows.append(json.loads(line))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    return rows
 
 
 def write_atomic(path, text: str) -> pathlib.Path:

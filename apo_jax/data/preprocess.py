@@ -15,16 +15,23 @@ import argparse
 import hashlib
 import json
 import pathlib
-import shutil
 import sys
 import time
 
 import numpy as np
 
+from apo_jax import cli, outputs
 from apo_jax.data import formats
-from apo_jax.data.tfrecords import PAIRED_FIELDS, SCHEMA_VERSION, UNPAIRED_FIELDS, write_shards
+from apo_jax.data.tfrecords import (
+    PAIRED_FIELDS,
+    SCHEMA_VERSION,
+    UNPAIRED_FIELDS,
+    max_token_id,
+    write_shards,
+)  # fmt: skip
 from apo_jax.data.tokenize import chat_kwargs, tokenize_example, tokenizer_fingerprint, truncate
 
+TOOL = "apo_jax.data.preprocess"
 HISTOGRAM_BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 2**31 - 1)
 
 
@@ -106,14 +113,17 @@ def preprocess(
     as_chat: bool = False,
     ches_model: str | None = None,
     ches_drop: float = 0.0,
+    overwrite: bool = False,
 ) -> dict:
     """Reads, normalizes, tokenizes and writes `out_dir`; returns the metadata it wrote.
 
     With `ches_model` (a Hugging Face Llama sharing the tokenizer) and `ches_drop` in (0, 1), the
     `ches_drop` fraction of pairs with the highest CHES under that model is left out (likelihood
-    displacement, apo_jax.eval.ches)."""
+    displacement, apo_jax.eval.ches). An existing `out_dir` is replaced only when this tool wrote it,
+    or with `overwrite` (apo_jax.outputs)."""
     started = time.time()
-    out_dir = pathlib.Path(out_dir)
+    check_lengths(max_length, max_prompt_length, kl_block=kl_block, num_shards=num_shards)
+    out_dir = outputs.check_output(out_dir, TOOL, overwrite=overwrite, inputs=[source])  # before the work
     examples, report = formats.read_examples(source, unpaired=unpaired, split=split, chat=as_chat)
     kwargs = chat_kwargs(tokenizer, chat_template_kwargs)
     records, counts, truncated, histogram = build_records(
@@ -121,7 +131,11 @@ def preprocess(
         unpaired=unpaired, kl_block=kl_block, kwargs=kwargs,
     )  # fmt: skip
     if not records:
-        raise ValueError(f"{source}: no usable rows ({report.rows} read, {report.skipped} malformed)")
+        why = f"{report.rows} read, {report.skipped} malformed"
+        if counts["dropped_prompt_too_long"]:
+            why += f", {counts['dropped_prompt_too_long']} dropped: prompt alone >= --max-length {max_length}"
+        first = f"; first problem: {report.errors[0]}" if report.errors else ""
+        raise ValueError(f"{source}: no usable rows ({why}){first}")
     ches = None
     if ches_model and ches_drop > 0:
         if unpaired or not 0 < ches_drop < 1:
@@ -135,12 +149,34 @@ def preprocess(
                 "threshold": float(np.sort(scores)[len(records) - drop - 1]) if drop else None}  # fmt: skip
         records = [records[i] for i in keep]
     num_shards = num_shards or max(1, -(-len(records) // rows_per_shard))
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shards = write_shards(records, tmp, num_shards)
+    with outputs.replacing(out_dir, TOOL, overwrite=overwrite, inputs=[source]) as tmp:
+        meta = _metadata(records, write_shards(records, tmp, num_shards), report, counts, truncated,
+                         histogram, tokenizer, kwargs, ches, source=source, split=split, unpaired=unpaired,
+                         max_length=max_length, max_prompt_length=max_prompt_length, kl_block=kl_block,
+                         started=started)  # fmt: skip
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def check_lengths(max_length, max_prompt_length, **positive) -> None:
+    """The length settings, before any row is read: positive, and a prompt budget below the total."""
+    for flag, value in {"--max-length": max_length, "--max-prompt-length": max_prompt_length,
+                        **{"--" + k.replace("_", "-"): v for k, v in positive.items()}}.items():  # fmt: skip
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} {value}: must be a positive number of tokens (or left out)")
+    if max_length and max_prompt_length and max_prompt_length >= max_length:
+        raise ValueError(
+            f"--max-prompt-length {max_prompt_length} must be below --max-length {max_length}: "
+            "the answers need tokens too"
+        )
+
+
+def _metadata(records, shards, report, counts, truncated, histogram, tokenizer, kwargs, ches, *, source,
+              split, unpaired, max_length, max_prompt_length, kl_block, started) -> dict:  # fmt: skip
     fields = set().union(*(r.keys() for r in records))
-    meta = {
+    return {
         "schema_version": SCHEMA_VERSION,
+        "written_by": TOOL,
         "kind": "unpaired" if unpaired else "paired",
         "fields": sorted(fields),
         "required_fields": list(UNPAIRED_FIELDS if unpaired else PAIRED_FIELDS),
@@ -155,9 +191,11 @@ def preprocess(
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "kl_block": kl_block if unpaired else None,
+        "max_token_id": max_token_id(records),  # the trainer checks it against the model's vocabulary
         "tokenizer": {
             "name_or_path": getattr(tokenizer, "name_or_path", None),
             "fingerprint": tokenizer_fingerprint(tokenizer),
+            "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
@@ -168,10 +206,6 @@ def preprocess(
         "ches_filter": ches,
         "seconds": round(time.time() - started, 2),
     }
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return meta
 
 
 def summary(meta: dict) -> str:
@@ -205,6 +239,7 @@ def summary(meta: dict) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.data.preprocess", description=__doc__.split("\n")[0])
     p.add_argument(
@@ -226,24 +261,17 @@ def main(argv=None) -> int:
     )
     p.add_argument("--ches-model", default=None, help="a Llama (same tokenizer) to score pairs by CHES")
     p.add_argument("--ches-drop", type=float, default=0.0, help="fraction of highest-CHES pairs left out")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     args = p.parse_args(argv)
     from apo_jax.models import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-    except (OSError, ValueError) as e:
-        print(f"error: cannot load a tokenizer from {args.tokenizer}: {e}", file=sys.stderr)
-        return 2
-    try:
-        meta = preprocess(
-            args.input, args.output, tokenizer, split=args.split, max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length, unpaired=args.unpaired, kl_block=args.kl_block,
-            num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs, as_chat=args.as_chat,
-            ches_model=args.ches_model, ches_drop=args.ches_drop,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = load_tokenizer(args.tokenizer)
+    meta = preprocess(
+        args.input, args.output, tokenizer, split=args.split, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, unpaired=args.unpaired, kl_block=args.kl_block,
+        num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs, as_chat=args.as_chat,
+        ches_model=args.ches_model, ches_drop=args.ches_drop, overwrite=args.overwrite,
+    )  # fmt: skip
     print(summary(meta))
     return 0
 

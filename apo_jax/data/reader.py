@@ -56,8 +56,10 @@ class PreferenceReader:
                 f"global_batch_size={global_batch_size} is not divisible by {process_count} processes"
             )
         if len(self.records) < global_batch_size:
+            where = f"{data_dir}: its " if isinstance(data_dir, str | pathlib.Path) else ""
             raise ValueError(
-                f"{len(self.records)} records cannot fill one global batch of {global_batch_size}"
+                f"{where}{len(self.records)} records cannot fill one global batch of {global_batch_size} "
+                "(train.batch_size)"
             )
         if layout not in layouts.LAYOUTS:
             raise ValueError(f"unknown batch layout {layout!r}; use one of {layouts.LAYOUTS}")

@@ -87,23 +87,23 @@ def write_shards(records: list[dict], out_dir: pathlib.Path, num_shards: int) ->
     return shards
 
 
-def rewrite_records(records: list[dict], meta: dict, out_dir, extra_meta: dict) -> pathlib.Path:
+def rewrite_records(records: list[dict], meta: dict, out_dir, extra_meta: dict, *, tool: str,
+                    overwrite: bool = False, inputs=(), flag: str = "--output") -> pathlib.Path:  # fmt: skip
     """Writes `records` (read from a directory with metadata `meta`, fields added) to `out_dir`, as
-    many shards as before, with `extra_meta` merged into its metadata.json: into a `.partial`
-    sibling first, renamed when complete, so a killed job never leaves half a directory."""
-    import shutil
+    many shards as before, with `extra_meta` merged into its metadata.json and `tool` named as its
+    writer: into a temporary sibling first, moved into place when complete (a killed job never leaves
+    half a directory), and only over an earlier output of `tool` unless `overwrite`
+    (apo_jax.outputs.replacing)."""
+    from apo_jax import outputs
 
-    out_dir = pathlib.Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    meta = dict(meta)
-    meta["shards"] = write_shards(records, tmp, len(meta["shards"]))
-    meta["fields"] = sorted(set(meta["fields"]) | set(records[0] if records else ()))
-    meta |= extra_meta
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    with outputs.replacing(out_dir, tool, overwrite=overwrite, inputs=inputs, flag=flag) as tmp:
+        meta = dict(meta)
+        meta["shards"] = write_shards(records, tmp, len(meta["shards"]))
+        meta["fields"] = sorted(set(meta["fields"]) | set(records[0] if records else ()))
+        meta |= extra_meta | {"written_by": tool, "max_token_id": max_token_id(records)}
+        meta.pop("files", None)
+        (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return pathlib.Path(out_dir)
 
 
 def read_metadata(data_dir: str | pathlib.Path) -> dict:
@@ -112,11 +112,14 @@ def read_metadata(data_dir: str | pathlib.Path) -> dict:
         raise FileNotFoundError(
             f"{data_dir}: no metadata.json; make it with `python -m apo_jax.data.preprocess`"
         )
-    meta = json.loads(path.read_text())
-    if meta.get("schema_version") != SCHEMA_VERSION:
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); preprocess the data again") from None
+    version = meta.get("schema_version") if isinstance(meta, dict) else None
+    if version != SCHEMA_VERSION:
         raise ValueError(
-            f"{path}: record schema v{meta.get('schema_version')}, this reader reads v{SCHEMA_VERSION}; "
-            "preprocess the data again"
+            f"{path}: record schema v{version}, this reader reads v{SCHEMA_VERSION}; preprocess again"
         )
     return meta
 
@@ -135,22 +138,34 @@ def read_records(data_dir: str | pathlib.Path) -> tuple[list[dict], dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{data_dir}: shard {shard['file']} named in metadata.json is missing")
         n = 0
-        for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
-            ex = tf.train.Example.FromString(raw).features.feature
-            record = {}
-            for key, feat in ex.items():
-                kind = feat.WhichOneof("kind")
-                values = np.asarray(
-                    getattr(feat, kind).value, np.int32 if kind == "int64_list" else np.float32
-                )
-                record[key] = values if key in LIST_FIELDS else values[0]
-            records.append(record)
-            n += 1
+        try:
+            for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+                records.append(_record(tf.train.Example.FromString(raw).features.feature))
+                n += 1
+        except tf.errors.OpError as e:  # DataLossError: a truncated or corrupted shard
+            raise ValueError(
+                f"{path}: a truncated or corrupt shard after {n} records ({e.message})"
+            ) from None
         if n != shard["rows"]:
             raise ValueError(
                 f"{path}: {n} records, metadata.json says {shard['rows']} (a truncated or stale shard)"
             )
     return records, meta
+
+
+def _record(features) -> dict:
+    record = {}
+    for key, feat in features.items():
+        kind = feat.WhichOneof("kind")
+        values = np.asarray(getattr(feat, kind).value, np.int32 if kind == "int64_list" else np.float32)
+        record[key] = values if key in LIST_FIELDS else values[0]
+    return record
+
+
+def max_token_id(records: list[dict]) -> int:
+    """The largest token id in any id field of `records` (-1 if there are none)."""
+    return max((int(np.max(v)) for r in records for k, v in r.items() if k.endswith("_ids") and len(v)),
+               default=-1)  # fmt: skip
 
 
 def reference_fingerprint(

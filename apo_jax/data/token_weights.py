@@ -40,6 +40,9 @@ import sys
 
 import numpy as np
 
+from apo_jax import cli
+
+TOOL = "apo_jax.data.token_weights"
 SPLITS = {  # what a sentence is: a non-blank line, or text up to . ! ? or a line end
     "lines": re.compile(r"[^\n]*\S[^\n]*"),
     "sentences": re.compile(r"[^\s][^.!?\n]*(?:[.!?]+|$)", re.M),
@@ -169,12 +172,15 @@ def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen",
 
 def add_weights(records_dir, output, *, method: str, plus_model=None, minus_model=None, transform="exp",
                 lower=None, upper=None, k=1.0, top_percent=100.0, scale=(0.7, 1.3), seed=0, pairs=None,
-                tokenizer=None, split="lines", gamma=0.98, batch_size=8) -> pathlib.Path:  # fmt: skip
-    """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added."""
-    from apo_jax import losses
+                tokenizer=None, split="lines", gamma=0.98, batch_size=8,
+                overwrite=False) -> pathlib.Path:  # fmt: skip
+    """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added
+    (over an earlier output of this tool only, unless `overwrite`: apo_jax.outputs)."""
+    from apo_jax import losses, outputs
     from apo_jax.data.jsonl import read_jsonl
     from apo_jax.data.tfrecords import read_records, rewrite_records
 
+    outputs.check_output(output, TOOL, overwrite=overwrite, inputs=[records_dir])  # before the work
     records, meta = read_records(records_dir)
     if meta.get("kind") != "paired":
         raise ValueError(f"{records_dir}: token weights are for paired records, these are {meta.get('kind')}")
@@ -228,9 +234,12 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
         raise ValueError(f"unknown --method {method!r}: use tis, mask or d2po")
     new = [dict(r, chosen_weights=c, rejected_weights=j)
            for r, c, j in zip(records, weights["chosen"], weights["rejected"], strict=True)]  # fmt: skip
-    return rewrite_records(new, meta, output, {"token_weights": how})
+    return rewrite_records(
+        new, meta, output, {"token_weights": how}, tool=TOOL, overwrite=overwrite, inputs=[records_dir]
+    )
 
 
+@cli.command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m apo_jax.data.token_weights", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -252,21 +261,18 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="lines", choices=tuple(SPLITS), help="mask: what a sentence is")
     ap.add_argument("--gamma", type=float, default=0.98, help="d2po: the decay")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     a = ap.parse_args(argv)
     tok = None
     if a.tokenizer:
         from apo_jax.models import load_tokenizer
 
         tok = load_tokenizer(a.tokenizer)
-    try:
-        out = add_weights(a.records, a.output, method=a.method, plus_model=a.plus_model,
-                          minus_model=a.minus_model, transform=a.transform, lower=a.lower, upper=a.upper,
-                          k=a.k, top_percent=a.top_percent, scale=(a.scale_min, a.scale_max), seed=a.seed,
-                          pairs=a.pairs, tokenizer=tok, split=a.split, gamma=a.gamma,
-                          batch_size=a.batch_size)  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = add_weights(a.records, a.output, method=a.method, plus_model=a.plus_model,
+                      minus_model=a.minus_model, transform=a.transform, lower=a.lower, upper=a.upper,
+                      k=a.k, top_percent=a.top_percent, scale=(a.scale_min, a.scale_max), seed=a.seed,
+                      pairs=a.pairs, tokenizer=tok, split=a.split, gamma=a.gamma,
+                      batch_size=a.batch_size, overwrite=a.overwrite)  # fmt: skip
     print(f"wrote {out}")
     return 0
 

@@ -23,6 +23,7 @@ import re
 import statistics
 import sys
 
+from apo_jax import cli
 from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, first_by_prompt, judge_request, parse_verdict
 from apo_jax.data.clair.client import ClientConfig, run_requests
 from apo_jax.data.jsonl import read_jsonl
@@ -120,6 +121,7 @@ def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig,
     }
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.eval.judge", description=__doc__.split("\n")[0])
     p.add_argument("--prompts", required=True, help="JSONL with `prompt` (and `answer` for --mode exact)")

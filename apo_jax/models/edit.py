@@ -19,11 +19,16 @@ Hugging Face directory. Parameter names live here, in `models/`, like everything
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from apo_jax import cli
+
+TOOL = "apo_jax.models.edit"
 
 
 def mean_embeddings(model, params, batch) -> dict[str, jax.Array]:
@@ -68,12 +73,17 @@ def profs_edit(params, embeddings: dict[str, np.ndarray], layers: range, rank: i
 
 
 def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None, rank: int = 2,
-                    max_pairs: int = 500, batch_size: int = 8, center: bool = True) -> dict:  # fmt: skip
-    """Reads a Hugging Face Llama and preprocessed pairs, writes the ProFS-edited model."""
+                    max_pairs: int = 500, batch_size: int = 8, center: bool = True,
+                    overwrite: bool = False) -> dict:  # fmt: skip
+    """Reads a Hugging Face Llama and preprocessed pairs, writes the ProFS-edited model and `edit.json`
+    (what was done); an existing `output` is replaced only if this tool wrote it, or with `overwrite`."""
+    from apo_jax import outputs
     from apo_jax.data import layouts
     from apo_jax.data.tfrecords import read_records
     from apo_jax.models import from_hf, load_tokenizer, to_hf
 
+    where = {"overwrite": overwrite, "inputs": [model_dir, records_dir], "manifest_name": "edit.json"}
+    outputs.check_output(output, TOOL, **where)  # before the work
     model, params = from_hf(model_dir)
     n_layers = model.config.num_hidden_layers
     lo, hi = (int(x) for x in layers.split(":")) if layers else (n_layers // 2, n_layers)
@@ -98,10 +108,16 @@ def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None
         tokenizer = load_tokenizer(model_dir)
     except (OSError, ValueError):
         pass
-    to_hf(model, edited, output, tokenizer=tokenizer)
-    return {"layers": [lo, hi], "rank": rank, "pairs": len(records), "output": str(output)}
+    summary = {"layers": [lo, hi], "rank": rank, "pairs": len(records), "output": str(output)}
+    with outputs.replacing(output, TOOL, **where) as tmp:
+        to_hf(model, edited, tmp, tokenizer=tokenizer)
+        files = [p.name for p in tmp.iterdir()]
+        manifest = outputs.manifest(TOOL, files, model=str(model_dir), pairs_from=str(records_dir), **summary)
+        (tmp / "edit.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return summary
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.models.edit", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a Hugging Face Llama directory")
@@ -115,13 +131,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-center", action="store_true", help="skip removing the preferred embeddings' top direction"
     )
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     args = p.parse_args(argv)
-    try:
-        summary = edit_checkpoint(args.model, args.pairs, args.output, layers=args.layers, rank=args.rank,
-                                  max_pairs=args.max_pairs, center=not args.no_center)  # fmt: skip
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = edit_checkpoint(args.model, args.pairs, args.output, layers=args.layers, rank=args.rank,
+                              max_pairs=args.max_pairs, center=not args.no_center,
+                              overwrite=args.overwrite)  # fmt: skip
     print(summary)
     return 0
 

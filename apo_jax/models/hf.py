@@ -407,8 +407,19 @@ def to_hf(
     return out
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer (with its chat template) saved beside a checkpoint, read offline."""
+    """The tokenizer (with its chat template) saved beside a checkpoint, read offline. A path that is
+    not a folder of tokenizer files is named as such (transformers would take it for a hub name)."""
     from transformers import AutoTokenizer
 
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{path}: no such tokenizer folder (a folder holding tokenizer.json, e.g. a checkpoint)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{path}: holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -8,11 +8,13 @@ its TRL config field name (checked against what the losses take).
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import ml_collections
 
 from apo_jax import losses
+from apo_jax.cli import UserError
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 
@@ -91,8 +93,35 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key that is unknown or inconsistent; the message names it."""
+
+
+# The range of every numeric setting: (key, lowest, highest, whether the lowest is allowed).
+RANGES = (
+    ("optimizer.lr", 0.0, math.inf, False), ("optimizer.weight_decay", 0.0, math.inf, True),
+    ("optimizer.max_grad_norm", 0.0, math.inf, True), ("optimizer.b1", 0.0, 1.0, True),
+    ("optimizer.b2", 0.0, 1.0, True), ("optimizer.eps", 0.0, math.inf, False),
+    ("train.log_every", 1, math.inf, True), ("train.eval_every", 0, math.inf, True),
+    ("train.eval_batches", 1, math.inf, True), ("train.checkpoint_every", 0, math.inf, True),
+    ("train.keep_checkpoints", 1, math.inf, True), ("train.max_nonfinite", 1, math.inf, True),
+    ("train.peak_flops", 0.0, math.inf, True), ("data.length", 0, math.inf, True),
+    ("data.packed_rows", 0, math.inf, True), ("data.pad_id", 0, math.inf, True),
+    ("model.vocab_size", 1, math.inf, True), ("reference.sync_steps", 1, math.inf, True),
+    ("reference.precompute_batch_size", 1, math.inf, True),
+)  # fmt: skip
+
+
+def check_ranges(config) -> None:
+    """Every numeric setting within its range (a negative learning rate would ascend the loss)."""
+    for key, low, high, low_ok in RANGES:
+        group, name = key.split(".")
+        value = config[group].get(name)
+        if value is None:
+            continue
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low) and value < high):
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if high < math.inf else "")
+            raise ConfigError(f"{key}={value}: must be {bound}")
 
 
 LABELERS = ("scorer", "judge", "clair", "dice")
@@ -237,6 +266,7 @@ def validate(config) -> None:
         raise ConfigError("workdir is empty: every run writes its metrics and checkpoints there")
     if bool(m.path) == bool(m.preset):
         raise ConfigError("set exactly one of model.path (a Hugging Face directory) and model.preset")
+    check_ranges(config)
     if m.preset and m.preset != "tiny":
         raise ConfigError(f"model.preset={m.preset!r}: the known preset is 'tiny'")
     if t.mode not in ("preference", "sft"):

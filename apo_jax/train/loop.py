@@ -9,19 +9,22 @@ latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import signal
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import models, sharding
+from apo_jax import models, outputs, sharding
 from apo_jax.data.reader import PreferenceReader
+from apo_jax.data.tfrecords import max_token_id
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
 from apo_jax.train.state import build_model, create_state, make_optimizer
@@ -124,16 +127,36 @@ def _save(mngr, step: int, state, reader: PreferenceReader):
         time.sleep(3600)
 
 
-def _restore(mngr, state, reader: PreferenceReader):
+def _restore(mngr, state, reader: PreferenceReader, workdir: pathlib.Path):
+    """The newest checkpoint that restores. One that does not (a truncated array file, an empty
+    `_METADATA`) while an older one does is damaged: it is moved to `checkpoints.damaged/` (kept, not
+    deleted) and the run says so. When none restores, nothing is moved and the run stops naming each
+    checkpoint's error (a changed config fails them all alike)."""
     import orbax.checkpoint as ocp
 
-    step = mngr.latest_step()
-    if step is None:
-        return state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = mngr.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), reader=ocp.args.JsonRestore())
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), reader=ocp.args.JsonRestore())
+    failed = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            restored = mngr.restore(step, args=args)
+        except Exception as e:
+            failed.append((step, " ".join(str(e).split())[:300] or type(e).__name__))
+            continue
+        for bad, why in failed:
+            _set_aside(mngr, workdir, bad, why)
+        if failed:
+            print(f"resuming from checkpoint {step}, the newest that restores", file=sys.stderr)
+        break
+    else:
+        if failed:
+            listed = "; ".join(f"{step}: {why}" for step, why in failed)
+            raise config_lib.ConfigError(
+                f"no checkpoint in {workdir / 'checkpoints'} restores ({listed}). If the config changed "
+                "since they were written, restore it; if they are damaged, move that folder away to "
+                "start afresh"
+            )
+        return state
     state = restored["state"]
     if dataclasses.asdict(reader.cursor(int(_host(state.step)))) != restored["reader"]:
         raise ValueError(
@@ -141,6 +164,18 @@ def _restore(mngr, state, reader: PreferenceReader):
             "the data or train.batch_size changed since it was written"
         )
     return state
+
+
+def _set_aside(mngr, workdir: pathlib.Path, step: int, why: str) -> None:
+    """Moves a damaged checkpoint out of orbax's folder (so that its step can be saved again)."""
+    if jax.process_index() == 0:
+        aside = workdir / "checkpoints.damaged" / str(step)
+        aside.parent.mkdir(exist_ok=True)
+        if aside.exists():
+            aside = aside.with_name(f"{step}-{time.time_ns()}")
+        (workdir / "checkpoints" / str(step)).rename(aside)
+        print(f"checkpoint {step} does not restore ({why}); moved to {aside}", file=sys.stderr)
+    mngr.reload()
 
 
 def _host(x):
@@ -172,10 +207,32 @@ class _Preemption:
 
 
 def run(cfg) -> dict:
-    """Trains as `cfg` says; returns {"status", "step", "metrics", "state"}."""
+    """Trains as `cfg` says; returns {"status", "step", "metrics", "state"}. The workdir is locked
+    while it runs (apo_jax.outputs.WorkdirLock): a second run on it is refused."""
     config_lib.validate(cfg)
     workdir = pathlib.Path(cfg.workdir).absolute()  # orbax refuses relative checkpoint paths
-    workdir.mkdir(parents=True, exist_ok=True)
+    with outputs.WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _run(cfg, workdir)
+
+
+def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:
+    """Token ids of the records must index the model's embedding: a larger id reads out of bounds
+    (NaN, or silently another token's row) instead of failing."""
+    top = max_token_id(records)  # the records themselves: metadata may predate an edit
+    if top >= vocab_size:
+        tok = metadata.get("tokenizer", {})
+        raise config_lib.ConfigError(
+            f"{path}: token id {top} is beyond the model's vocabulary of {vocab_size}; the records were "
+            f"tokenized with {tok.get('name_or_path')!r} (vocabulary {tok.get('vocab_size', '?')}), another "
+            "tokenizer than the model's: preprocess them with the model's tokenizer"
+        )
+
+
+def _vocab_size(cfg) -> int:
+    return models.read_config(cfg.model.path).vocab_size if cfg.model.path else cfg.model.vocab_size
+
+
+def _run(cfg, workdir: pathlib.Path) -> dict:
     if jax.process_index() == 0:
         config_lib.save_config(cfg, workdir)
     t = cfg.train
@@ -191,6 +248,7 @@ def run(cfg) -> dict:
         cfg.data.train, global_batch_size=t.batch_size, seed=t.seed, layout=cfg.data.layout,
         length=cfg.data.length or None, pad_id=cfg.data.pad_id, packed_rows=cfg.data.packed_rows or None,
     )  # fmt: skip
+    check_vocab(cfg.data.train, reader.records, reader.metadata, _vocab_size(cfg))
     if loss is not None:
         config_lib.check_against_data(cfg, loss, reader.metadata)
     reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
@@ -250,7 +308,7 @@ def run(cfg) -> dict:
         donate_argnums=0,
     )
     mngr = _checkpoint_manager(workdir, t.keep_checkpoints)
-    state = _restore(mngr, state, reader)
+    state = _restore(mngr, state, reader, workdir)
     start = int(_host(state.step))
     writer = MetricsWriter(workdir, start)
     evaluate = _eval_fn(cfg, model, step_cfg, mesh)
@@ -285,10 +343,15 @@ def run(cfg) -> dict:
         skipped_run = skipped_run + 1 if values["skipped"] else 0
         if skipped_run >= t.max_nonfinite:
             mngr.wait_until_finished()
+            good = mngr.latest_step()
+            kept = (
+                f"The last good checkpoint, step {good} in {workdir / 'checkpoints'}, is intact."
+                if good is not None
+                else "No checkpoint was written before; nothing was exported."
+            )
             raise NonFiniteError(
                 f"step {done}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
-                f"and were skipped; stopping. The last good checkpoint in {workdir / 'checkpoints'} "
-                "is intact."
+                f"and were skipped; stopping. {kept}"
             )
 
     if evaluate is not None and t.eval_every and start == 0:
@@ -318,6 +381,11 @@ def run(cfg) -> dict:
     writer.close()
     if bar is not None:
         bar.close()
+    if status == "done" and step > start and skipped_run >= step - start:  # no update took effect
+        raise NonFiniteError(
+            f"every update of steps {start + 1}..{step} had a non-finite loss or gradient and was skipped; "
+            "the model did not change and was not exported"
+        )
     if status == "done" and t.export_hf:
         models.to_hf(model, state.params, workdir / "hf")
     return {"status": status, "step": step, "metrics": last, "state": state}
@@ -350,6 +418,7 @@ def _eval_fn(cfg, model, step_cfg, mesh):
             path, global_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=0,
             layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
         )  # fmt: skip
+        check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
         if n == 0:
             raise config_lib.ConfigError(

@@ -36,7 +36,6 @@ import importlib
 import json
 import pathlib
 import random
-import shutil
 
 import numpy as np
 
@@ -184,16 +183,13 @@ def extrapolate(new_hat, old_hat, alpha: float):
 
 
 def _write_policy(src_hat: pathlib.Path, old_hat: pathlib.Path, alpha: float, out: pathlib.Path, tokenizer):
-    from apo_jax import models
+    from apo_jax import models, outputs
 
     model, new = models.from_hf(src_hat)
     _, old = models.from_hf(old_hat)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.to_hf(model, extrapolate(new, old, alpha), tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with outputs.replacing(out, "apo_jax.train.online", overwrite=True) as tmp:  # a folder of its own round
+        models.to_hf(model, extrapolate(new, old, alpha), tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 # --- the loop ------------------------------------------------------------------------------------

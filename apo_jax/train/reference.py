@@ -23,6 +23,8 @@ from apo_jax.data import layouts
 from apo_jax.data.tfrecords import read_records, reference_fingerprint, rewrite_records
 from apo_jax.train import config as config_lib
 
+TOOL = "apo_jax.train.reference"
+
 
 def reference_id(cfg, metadata: dict) -> str:
     """The fingerprint tying reference log-probs to the reference weights and the data settings."""
@@ -42,12 +44,13 @@ def reference_id(cfg, metadata: dict) -> str:
 
 def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> pathlib.Path:
     """Writes `out_dir`: the records of `cfg.data.train` with reference log-probs added."""
-    from apo_jax import sharding
+    from apo_jax import outputs, sharding
     from apo_jax.sharding import to_global
     from apo_jax.train.state import build_model
     from apo_jax.train.step import StepConfig, sequence_sums
 
     out_dir = pathlib.Path(out_dir)
+    outputs.check_output(out_dir, TOOL, inputs=[cfg.data.train], flag="--precompute_reference")
     records, meta = read_records(cfg.data.train)
     if meta.get("kind") != "paired":
         raise config_lib.ConfigError(f"{cfg.data.train}: precomputed references are for paired records")
@@ -83,6 +86,14 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
         for r, c, j in zip(records, chosen, rejected, strict=True)
     ]
     reference = {"fingerprint": reference_id(cfg, meta), "granularity": "sequence", "source": cfg.data.train}
-    rewrite_records(new, meta, out_dir, {"reference": reference})
+    rewrite_records(
+        new,
+        meta,
+        out_dir,
+        {"reference": reference},
+        tool=TOOL,
+        inputs=[cfg.data.train],
+        flag="--precompute_reference",
+    )
     progress.unlink(missing_ok=True)
     return out_dir

@@ -128,7 +128,10 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         return add_weights(train_dir, out, method="mask", pairs=labeled, tokenizer=tok)
     records, meta = read_records(train_dir)
     swapped = [dict(r, chosen_ids=r["rejected_ids"], rejected_ids=r["chosen_ids"]) for r in records]
-    data = {"plus": train_dir, "minus": rewrite_records(swapped, meta, workdir / "records_reversed", {})}
+    data = {
+        "plus": train_dir,
+        "minus": rewrite_records(swapped, meta, workdir / "records_reversed", {}, tool="experiments.mini"),
+    }
     models = {}
     for side, path in data.items():
         cfg = config.copy_and_resolve_references()

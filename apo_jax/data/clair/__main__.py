@@ -2,13 +2,20 @@
 
 revise --input answers.jsonl --output pairs.jsonl --base-url URL --model NAME
        [--concurrency 8] [--max-tokens 4096] [--temperature 0.7] [--limit N]
-       (the API key comes from the environment variable named by --api-key-env, OPENAI_API_KEY)
+       [--max-consecutive-failures 3]
+       (the API key comes from the environment variable named by --api-key-env, OPENAI_API_KEY; without
+       it only a loopback endpoint is tried, with a placeholder key)
 stats  --input pairs.jsonl [--input other.jsonl ...] [--tokenizer DIR] [--json stats.json]
        [--model DIR [--as-chat]]    (adds CHES under that model: apo_jax.eval.ches)
 judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE   (on_policy_judge;
        answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`)
 stronger --answers answers.jsonl --stronger stronger.jsonl --output pairs.jsonl  (stronger_preferred)
 off-policy --input ultrafeedback.jsonl --output pairs.jsonl [--seed 0]           (off_policy_judge)
+
+Exit status: 0 done; 1 some rows failed (listed in <output>.failures.jsonl); 2 an error you can fix,
+in one line on stderr: bad input, no API key, or a job stopped by the client's circuit breaker (a
+dead endpoint, a wrong key: apo_jax.data.clair.client), whose answered rows are kept, so the same
+command resumes.
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import json
 import pathlib
 import sys
 
+from apo_jax import cli
 from apo_jax.data.clair import stats as stats_lib
-from apo_jax.data.clair.client import ClientConfig
+from apo_jax.data.clair.client import CircuitOpen, ClientConfig, resolve_api_key
 from apo_jax.data.clair.revise import revise
 from apo_jax.data.jsonl import read_jsonl
 
@@ -34,6 +42,27 @@ def _pairs(path):
                 yield row["chosen"], row["rejected"]
 
 
+def _client_args(parser) -> None:
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="the environment variable that holds the API key")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--max-consecutive-failures", type=int, default=3,
+        help="stop the job after this many consecutive requests find the endpoint unreachable (or "
+             "answering 404), or rows use up their retries; a rejected key (401/403) stops at once",
+    )  # fmt: skip
+
+
+def _config(args, **kw) -> ClientConfig:
+    for name in ("concurrency", "max_consecutive_failures"):
+        if getattr(args, name) < 1:
+            raise cli.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                        concurrency=args.concurrency, max_consecutive_failures=args.max_consecutive_failures,
+                        **kw)  # fmt: skip
+
+
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.data.clair")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,8 +73,7 @@ def main(argv=None) -> int:
         "--base-url", required=True, help="an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1"
     )
     r.add_argument("--model", required=True, help="the reviser, e.g. gpt-4-turbo (the paper's)")
-    r.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    r.add_argument("--concurrency", type=int, default=8)
+    _client_args(r)
     r.add_argument("--max-retries", type=int, default=6)
     r.add_argument("--timeout", type=float, default=120.0)
     r.add_argument("--max-tokens", type=int, default=4096)
@@ -56,8 +84,7 @@ def main(argv=None) -> int:
     j.add_argument("--output", required=True)
     j.add_argument("--base-url", required=True)
     j.add_argument("--model", required=True)
-    j.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    j.add_argument("--concurrency", type=int, default=8)
+    _client_args(j)
     st = sub.add_parser("stronger", help="stronger_preferred: the stronger model's answer is chosen")
     st.add_argument("--answers", required=True)
     st.add_argument("--stronger", required=True)
@@ -73,51 +100,47 @@ def main(argv=None) -> int:
     s.add_argument("--model", default=None, help="a Hugging Face Llama: also report CHES under it")
     s.add_argument("--as-chat", action="store_true", help="with --model: frame string pairs as chat turns")
     args = p.parse_args(argv)
-    try:
-        if args.command == "revise":
-            cfg = ClientConfig(
-                base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout,
-            )  # fmt: skip
+    if args.command == "revise":
+        if args.max_retries < 0:
+            raise cli.UserError(f"--max-retries must be at least 0, got {args.max_retries}")
+        cfg = _config(args, max_retries=args.max_retries, timeout=args.timeout)
+        try:
             summary = revise(args.input, args.output, cfg, max_tokens=args.max_tokens,
                              temperature=args.temperature, limit=args.limit)  # fmt: skip
-            print(json.dumps(summary))
-            return 0 if summary["failed"] == 0 else 1
-        if args.command in ("judge", "stronger", "off-policy"):
-            from apo_jax.data.clair import baselines
+        except CircuitOpen as e:
+            if e.summary is not None:
+                print(json.dumps(e.summary))
+            raise
+        print(json.dumps(summary))
+        return 0 if summary["failed"] == 0 else 1
+    if args.command in ("judge", "stronger", "off-policy"):
+        from apo_jax.data.clair import baselines
 
-            if args.command == "judge":
-                cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                                   concurrency=args.concurrency)  # fmt: skip
-                summary = baselines.on_policy_judge(args.input, args.output, cfg)
-            elif args.command == "stronger":
-                summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
-            else:
-                summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
-            print(json.dumps(summary))
-            return 0 if not summary.get("failed") else 1
-        tokenize = str.split
-        if args.tokenizer:
-            from apo_jax.models import load_tokenizer
+        if args.command == "judge":
+            cfg = _config(args)
+            resolve_api_key(cfg)  # no key for a remote endpoint: refused before reading the answers
+            summary = baselines.on_policy_judge(args.input, args.output, cfg)
+        elif args.command == "stronger":
+            summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
+        else:
+            summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
+        print(json.dumps(summary))
+        return 0 if not summary.get("failed") else 1
+    tokenize = str.split
+    if args.tokenizer:
+        from apo_jax.models import load_tokenizer
 
-            tok = load_tokenizer(args.tokenizer)
-            tokenize = tok.encode
-        results = {
-            pathlib.Path(path).stem: stats_lib.pair_stats(_pairs(path), tokenize) for path in args.input
-        }
-        if args.model:
-            for path in args.input:
-                rows = [(r["chosen"], r["rejected"], r.get("prompt")) for r in read_jsonl(path)]
-                results[pathlib.Path(path).stem] |= stats_lib.ches_stats(
-                    args.model, rows, as_chat=args.as_chat
-                )
-        print(stats_lib.table(results))
-        if args.json:
-            pathlib.Path(args.json).write_text(stats_lib.to_json(results) + "\n")
-        return 0
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        tok = load_tokenizer(args.tokenizer)
+        tokenize = tok.encode
+    results = {pathlib.Path(path).stem: stats_lib.pair_stats(_pairs(path), tokenize) for path in args.input}
+    if args.model:
+        for path in args.input:
+            rows = [(r["chosen"], r["rejected"], r.get("prompt")) for r in read_jsonl(path)]
+            results[pathlib.Path(path).stem] |= stats_lib.ches_stats(args.model, rows, as_chat=args.as_chat)
+    print(stats_lib.table(results))
+    if args.json:
+        pathlib.Path(args.json).write_text(stats_lib.to_json(results) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

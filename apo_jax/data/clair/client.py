@@ -6,25 +6,57 @@ permanent errors (400, 401, 403, 404, 422). Every received response is appended,
 `<output>.responses.jsonl` before anything else happens, and a row whose response is recorded is
 never requested again: a restart skips it. The `openai` client is used with its own retries off
 (it retries twice by default and sends no idempotency key), so the bookkeeping here is the only
-retry policy. A retry after a timeout or a dropped connection may still be billed by the provider
-(the first request may have completed): each such retry is logged as a possible double charge.
+retry policy.
+
+Double charges. A request lost to a timeout, or to a connection dropped once it was sent, may
+still be billed by the provider (it may have completed): the retry is logged, and each later
+attempt of the row that may be billed too (an answer, or another lost request) is counted as a
+possible double charge. A request that never reached a server (connection refused, a host name that
+does not resolve, a connect timeout, a failed TLS handshake) cannot have been billed: it is not
+counted, and it is retried only a few times after short waits.
+
+Failing fast. Until the endpoint has answered once (a 2xx, or a 4xx other than 401, 403 and 404),
+requests go one at a time, so a dead endpoint or a wrong key costs a few requests, not one per
+worker. A circuit breaker stops the whole job when the failures say every further row would fail
+the same way: the endpoint unreachable on `max_consecutive_failures` (N) consecutive requests; a
+401 or 403 (the key is wrong for every row: never retried, never sent again); a 404 on N
+consecutive requests (a wrong base URL or model); or N consecutive rows that used up their retries.
+Requests in flight when it trips may finish (their responses are kept); no new one starts.
+`run_requests` reports the stop in `Counters.stop` and lists the rows it left undone among its
+failures ("not done: ..."); `revise` raises it (`CircuitOpen`, a `cli.UserError`: one line, exit
+status 2) after writing what it has. The rows answered so far stay in the response log, so running
+the same command again resumes.
+
+The API key is read from the variable named by `api_key_env` (OPENAI_API_KEY). Without it, a
+loopback endpoint (127.0.0.1, localhost, ::1) is sent a placeholder key (a local server without
+auth); any other endpoint is refused before any request is made.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import email.utils
+import ipaddress
 import json
 import logging
 import os
 import pathlib
 import random
+import socket
 import threading
 import time
+import urllib.parse
+
+from apo_jax.cli import UserError
 
 log = logging.getLogger("apo_jax.clair")
 PERMANENT = {400, 401, 403, 404, 422}
+AUTH = {401, 403}
+PLACEHOLDER_KEY = "EMPTY"
+UNREACHABLE_RETRIES = 2  # retries of one row whose requests never reached a server ...
+UNREACHABLE_BACKOFF_MAX = 1.0  # ... after at most this many seconds each
 
 
 @dataclasses.dataclass
@@ -37,6 +69,8 @@ class ClientConfig:
     timeout: float = 120.0
     backoff_base: float = 1.0
     backoff_max: float = 60.0
+    max_consecutive_failures: int = 3  # the circuit breaker's N (a 401/403 stops at once)
+    connect_timeout: float = 10.0  # for the TCP and TLS connection alone (at most `timeout`)
 
 
 class RequestFailed(RuntimeError):
@@ -45,16 +79,58 @@ class RequestFailed(RuntimeError):
         self.reason, self.permanent = reason, permanent
 
 
+class CircuitOpen(UserError):
+    """The job stopped because every further request would fail the same way; the message names the
+    endpoint, the kind of failure, the progress kept and how to resume. `summary`: set by `revise`."""
+
+    summary: dict | None = None
+
+
+class _Stopped(Exception):
+    """Raised in a worker when the breaker has tripped: its row is not requested (again)."""
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(cfg: ClientConfig) -> str:
+    """The key to send: `$api_key_env`; without it a placeholder for a loopback endpoint, and for any
+    other endpoint a `UserError` (before any request: a keyless request to a paid API is never sent)."""
+    url = urllib.parse.urlsplit(cfg.base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UserError(f"base URL {cfg.base_url!r} is not an http(s) URL (e.g. https://api.openai.com/v1)")
+    key = os.environ.get(cfg.api_key_env)
+    if key:
+        return key
+    if is_loopback(url.hostname):
+        log.debug(
+            "%s is not set: sending a placeholder key to the loopback %s", cfg.api_key_env, cfg.base_url
+        )
+        return PLACEHOLDER_KEY
+    raise UserError(
+        f"{cfg.api_key_env} is not set: refusing to send requests to {cfg.base_url} without an API key "
+        f"(set {cfg.api_key_env}, or name the variable that holds the key with --api-key-env)"
+    )
+
+
 def make_client(cfg: ClientConfig):
     import openai
 
-    key = os.environ.get(cfg.api_key_env)
-    if key is None:
-        log.warning(
-            "%s is not set: sending the placeholder key 'EMPTY' (fine for a local server)", cfg.api_key_env
-        )
-        key = "EMPTY"
-    return openai.OpenAI(base_url=cfg.base_url, api_key=key, max_retries=0, timeout=cfg.timeout)
+    timeout = openai.Timeout(cfg.timeout, connect=min(cfg.connect_timeout, cfg.timeout))
+    return openai.OpenAI(base_url=cfg.base_url, api_key=resolve_api_key(cfg), max_retries=0, timeout=timeout)
 
 
 def _retry_after(err) -> float | None:
@@ -71,49 +147,191 @@ def _retry_after(err) -> float | None:
         return max(0.0, when.timestamp() - time.time())
 
 
+def never_sent(err: BaseException) -> str | None:
+    """Why `err` (an `openai.APIConnectionError` or `APITimeoutError`) shows the request never
+    reached a server, e.g. "connection refused"; None when it may have been sent (a read timeout, a
+    connection dropped mid-request): only the failure to connect proves nothing was billed."""
+    chain: list[BaseException] = []
+    e: BaseException | None = err
+    while e is not None and all(e is not c for c in chain) and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return f"host name not resolved: {_one_line(e, 120)}"
+    for e in chain:  # httpx (or httpx2) and httpcore raise these only while opening a connection
+        if type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2"):
+            if type(e).__name__ == "ConnectTimeout":
+                return "connect timeout"
+            if type(e).__name__ == "ConnectError":
+                return f"cannot connect: {_one_line(e, 120)}"
+    return None
+
+
 @dataclasses.dataclass
 class Counters:
-    requests: int = 0
+    requests: int = 0  # attempts, including those that never reached a server
     retries: int = 0
     possible_double_charges: int = 0
+    unreachable: int = 0  # attempts that never reached a server (not billed)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    stop: CircuitOpen | None = None  # set when the circuit breaker stopped the job
 
 
-def request_with_retries(client, cfg: ClientConfig, request: dict, counters: Counters, lock) -> dict:
-    """One chat completion as a plain dict, after the retries the module docstring describes."""
+class Breaker:
+    """The circuit breaker and the one-at-a-time gate of one job (see the module docstring)."""
+
+    def __init__(self, cfg: ClientConfig):
+        self.cfg, self.limit = cfg, max(1, cfg.max_consecutive_failures)
+        self.lock, self.gate = threading.Lock(), threading.Lock()
+        self.tripped, self.verified = threading.Event(), threading.Event()
+        self.kind, self.count, self.rows_failed = None, 0, 0
+        self.reason: str | None = None
+
+    def check(self) -> None:
+        if self.tripped.is_set():
+            raise _Stopped
+
+    @contextlib.contextmanager
+    def turn(self):
+        """One attempt; until the endpoint has answered once, attempts take turns, one at a time."""
+        held = False
+        while not self.verified.is_set():
+            if self.gate.acquire(timeout=0.05):
+                held = True
+                break
+            self.check()
+        try:
+            self.check()
+            yield
+        finally:
+            if held:
+                self.gate.release()
+
+    def _trip(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self.tripped.set()
+
+    def request(self, kind: str | None, detail: str = "", status: int | None = None) -> None:
+        """One attempt's outcome: None for an answer or a failure that shows the endpoint and key work,
+        "answered" for an HTTP response that does not (a 5xx), else the failure's kind."""
+        with self.lock:
+            if status is not None and status < 500 and status not in AUTH | {404}:
+                self.verified.set()  # the server took the request and the key: workers need not queue
+            if kind in (None, "answered", "lost"):
+                self.kind, self.count = None, 0
+                return
+            self.count = self.count + 1 if kind == self.kind else 1
+            self.kind = kind
+            url, n = self.cfg.base_url, self.count
+            if kind == "auth":
+                key = os.environ.get(self.cfg.api_key_env)
+                sent = (f"the key in {self.cfg.api_key_env}" if key
+                        else f"a placeholder key ({self.cfg.api_key_env} is not set)")  # fmt: skip
+                self._trip(f"{url} authentication failed with {sent} ({detail}); not retried, not sent again")
+            elif n >= self.limit and kind == "unreachable":
+                self._trip(f"{url} unreachable ({detail}) on {n} consecutive requests")
+            elif n >= self.limit and kind == "not found":
+                self._trip(f"{url} answered HTTP 404 on {n} consecutive requests (check the base URL and "
+                           f"the model name {self.cfg.model!r}): {detail}")  # fmt: skip
+
+    def row(self, failure: str | None) -> None:
+        """One row's end: answered (None), or its retries used up (`failure`, its last error)."""
+        with self.lock:
+            self.rows_failed = 0 if failure is None else self.rows_failed + 1
+            if self.rows_failed >= self.limit:
+                self._trip(f"{self.cfg.base_url} failing: {self.rows_failed} consecutive rows used up their "
+                           f"retries ({failure})")  # fmt: skip
+
+    def wait(self, seconds: float) -> None:
+        """Sleeps `seconds`, or less if the breaker trips meanwhile (then raises _Stopped)."""
+        if self.tripped.wait(max(0.0, seconds)):
+            raise _Stopped
+
+
+def request_with_retries(client, cfg: ClientConfig, request: dict, counters: Counters, lock,
+                         breaker: Breaker | None = None) -> dict:  # fmt: skip
+    """One chat completion as a plain dict, after the retries the module docstring describes. Raises
+    `RequestFailed`; with a `breaker` shared by a job, also `_Stopped` once it has tripped."""
+    if breaker is None:  # a lone request: the same retries, and a stop is a failure of this row
+        breaker = Breaker(cfg)
+        try:
+            return request_with_retries(client, cfg, request, counters, lock, breaker)
+        except _Stopped:
+            raise RequestFailed(f"stopped: {breaker.reason}", permanent=False) from None
     import openai
 
-    last = "no attempt"
-    for attempt in range(cfg.max_retries + 1):
-        if attempt:
-            with lock:
-                counters.retries += 1
-        with lock:
-            counters.requests += 1
-        wait = None
-        try:
-            response = client.chat.completions.create(**request)
-            return response.model_dump() if hasattr(response, "model_dump") else dict(response)
-        except openai.RateLimitError as e:
-            last, wait = f"429 rate limited: {e}", _retry_after(e)
-        except openai.APIStatusError as e:
-            if e.status_code in PERMANENT:
-                raise RequestFailed(f"HTTP {e.status_code}: {e}", permanent=True) from None
-            last, wait = f"HTTP {e.status_code}: {e}", _retry_after(e)
-        except (openai.APITimeoutError, openai.APIConnectionError) as e:
-            last = f"{type(e).__name__}: {e}"
+    # `lost`: an earlier attempt was lost after it was sent, so it may have been billed; every later
+    # attempt that may be billed too (an answer, or another lost one) is a possible double charge
+    last, lost, unreachable_retries = "no attempt", False, 0
+
+    def maybe_billed_again() -> None:
+        if lost:
             with lock:
                 counters.possible_double_charges += 1
-            log.warning(
-                "retrying after %s: the lost request may still be billed (possible double charge)", last
-            )
-        except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
-            last = f"malformed response: {type(e).__name__}: {e}"
+
+    for attempt in range(cfg.max_retries + 1):
+        breaker.check()
+        with breaker.turn():
+            with lock:
+                counters.requests += 1
+                if attempt:
+                    counters.retries += 1
+            if lost:
+                log.warning(
+                    "retrying after %s: the lost request may still be billed (possible double charge)", last
+                )
+            wait, unreachable = None, None
+            try:
+                response = client.chat.completions.create(**request)
+                result = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+                breaker.request(None, status=200)
+                maybe_billed_again()
+                return result
+            except openai.RateLimitError as e:
+                last, wait = f"429 rate limited: {_one_line(e)}", _retry_after(e)
+                breaker.request("answered", status=429)
+            except openai.APIStatusError as e:
+                detail = f"HTTP {e.status_code}: {_one_line(e)}"
+                kind = (
+                    "auth" if e.status_code in AUTH else "not found" if e.status_code == 404 else "answered"
+                )
+                breaker.request(kind, detail, status=e.status_code)
+                if e.status_code in PERMANENT:
+                    raise RequestFailed(detail, permanent=True) from None
+                last, wait = detail, _retry_after(e)
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                unreachable = never_sent(e)
+                if unreachable is not None:  # never sent: not billed, whatever came before
+                    last = f"{cfg.base_url} unreachable ({unreachable})"
+                    with lock:
+                        counters.unreachable += 1
+                    breaker.request("unreachable", unreachable)
+                else:  # sent, and maybe completed and billed
+                    maybe_billed_again()
+                    last, lost = f"{type(e).__name__}: {_one_line(e)}", True
+                    breaker.request("lost")
+            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
+                maybe_billed_again()  # an answer we cannot read may be billed all the same
+                last = f"malformed response: {type(e).__name__}: {_one_line(e)}"
+                breaker.request("answered", status=200)
+        if unreachable is not None:
+            if unreachable_retries >= min(UNREACHABLE_RETRIES, cfg.max_retries):
+                raise RequestFailed(
+                    f"gave up after {attempt + 1} attempts; last error: {last}", permanent=False
+                )
+            unreachable_retries += 1
+            log.info("retrying: %s", last)
+            breaker.wait(random.uniform(0, min(UNREACHABLE_BACKOFF_MAX, cfg.backoff_base * 2**attempt)))
+            continue
         if attempt == cfg.max_retries:
             break
         backoff = random.uniform(0, min(cfg.backoff_max, cfg.backoff_base * 2**attempt))
-        time.sleep(min(cfg.backoff_max, wait) if wait is not None else backoff)
+        breaker.wait(min(cfg.backoff_max, wait) if wait is not None else backoff)
     raise RequestFailed(f"gave up after {cfg.max_retries + 1} attempts; last error: {last}", permanent=False)
 
 
@@ -145,22 +363,31 @@ class ResponseLog:
 
 def run_requests(cfg: ClientConfig, requests: dict[str, dict], log_path: pathlib.Path, *, client=None,
                  progress: bool = True) -> tuple[ResponseLog, dict[str, str], Counters]:  # fmt: skip
-    """Sends the requests whose ids have no recorded response; returns (log, {id: failure}, counters)."""
+    """Sends the requests whose ids have no recorded response; returns (log, {id: failure}, counters).
+    If the circuit breaker stopped the job, `counters.stop` says why, and the rows it left undone are
+    failures ("not done: the job was stopped ...")."""
     client = client or make_client(cfg)
     responses = ResponseLog(log_path)
     todo = {k: v for k, v in requests.items() if k not in responses.done}
-    counters, lock, failures = Counters(), threading.Lock(), {}
+    counters, lock, failures, breaker = Counters(), threading.Lock(), {}, Breaker(cfg)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(
-            total=len(requests), initial=len(requests) - len(todo), desc="requests", dynamic_ncols=True
-        )
+        # disable=None: a bar only on a terminal (a log file or a pipe gets no lines of \r updates)
+        bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="requests",
+                   dynamic_ncols=True, disable=None)  # fmt: skip
 
     def work(row_id: str, request: dict):
-        response = request_with_retries(client, cfg, request, counters, lock)
+        breaker.check()
+        try:
+            response = request_with_retries(client, cfg, request, counters, lock, breaker)
+        except RequestFailed as e:
+            if not e.permanent:
+                breaker.row(e.reason)
+            raise
         responses.append({"id": row_id, "request": request, "response": response})
+        breaker.row(None)
         usage = response.get("usage") or {}
         with lock:
             counters.prompt_tokens += usage.get("prompt_tokens") or 0
@@ -168,12 +395,19 @@ def run_requests(cfg: ClientConfig, requests: dict[str, dict], log_path: pathlib
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         futures = {pool.submit(work, k, v): k for k, v in todo.items()}
+        cancelled = False
         for future in concurrent.futures.as_completed(futures):
+            if breaker.tripped.is_set() and not cancelled:
+                cancelled = True
+                for f in futures:
+                    f.cancel()  # those not started; those in flight may finish
             row_id = futures[future]
             try:
                 future.result()
             except RequestFailed as e:
                 failures[row_id] = e.reason
+            except (_Stopped, concurrent.futures.CancelledError):
+                continue
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
@@ -181,4 +415,13 @@ def run_requests(cfg: ClientConfig, requests: dict[str, dict], log_path: pathlib
                 )
     if bar is not None:
         bar.close()
+    if breaker.reason is not None:
+        for k in todo:  # as before the breaker: every row is answered or has a failure
+            if k not in responses.done and k not in failures:
+                failures[k] = f"not done: the job was stopped ({breaker.reason})"
+        done = sum(k in responses.done for k in requests)
+        counters.stop = CircuitOpen(
+            f"{breaker.reason}; stopped. {done} of {len(requests)} rows done, kept in {log_path}; "
+            "run the same command again to resume."
+        )
     return responses, failures, counters

@@ -5,7 +5,8 @@ revisions); other fields are carried along. Output rows (TRL's standard format):
 `chosen` (the revision), `rejected` (the original answer), `reviser_reasoning`, `reviser_model`,
 `usage`, and the carried fields. Rows that fail (a permanent error, retries exhausted, or a
 response with no parsable revision) go to `<output>.failures.jsonl` with the reason; they are never
-written as empty or unrevised pairs.
+written as empty or unrevised pairs. A job the client's circuit breaker stops (a dead endpoint, a
+wrong key: see `client`) writes what it has, then raises `client.CircuitOpen` with the summary.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import hashlib
 import json
 import pathlib
 
-from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.data.clair.client import ClientConfig, resolve_api_key, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
 from apo_jax.data.jsonl import write_jsonl
 
@@ -56,8 +57,12 @@ def _paths(output) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
 
 def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, temperature: float = 0.7,
            limit: int | None = None, client=None, progress: bool = True) -> dict:  # fmt: skip
-    """Runs (or resumes) the revision job and rewrites the pairs and failures files; returns a summary."""
+    """Runs (or resumes) the revision job and rewrites the pairs and failures files; returns a summary.
+    Raises `client.CircuitOpen` (its `summary` set) after writing them if the job was stopped, and
+    `cli.UserError` before reading anything if there is no API key for a remote endpoint."""
     out_path, log_path, fail_path = _paths(output)
+    if client is None:
+        resolve_api_key(cfg)
     rows = read_answers(input_path)[:limit]
     requests = {
         rid: {
@@ -96,13 +101,20 @@ def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, tem
     write_jsonl(out_path, pairs)
     write_jsonl(fail_path, failures)
     usage = [p["usage"] or {} for p in pairs]
-    return {
+    stop = counters.stop
+    summary = {
         "rows": len(rows),
         "revised": len(pairs),
         "failed": len(failures),
         "requests_sent": counters.requests,
         "retries": counters.retries,
+        "requests_unreachable": counters.unreachable,
         "possible_double_charges": counters.possible_double_charges,
         "prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
         "completion_tokens": sum(u.get("completion_tokens") or 0 for u in usage),
+        "stopped": str(stop) if stop else None,
     }
+    if stop:
+        stop.summary = summary
+        raise stop
+    return summary

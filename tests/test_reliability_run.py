@@ -1,0 +1,45 @@
+"""`python -m experiments.run` and `experiments.sweep` under bad flags and settings (issue 16): each is
+one line on stderr naming the flag, key or path, exit status 2, and refused before any work (the
+two-runs-on-one-workdir lock, the damaged checkpoints and the vocabulary check are in test_train.py)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _start(*args: str, cwd) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_bad_flags_and_settings_are_one_line_before_any_work(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    probes = {  # started together: each exits in the seconds its imports take
+        "typo": (["--config=clair_apo_zero:tiny", "--config.train.stepz=3"],
+                 "error: --config.train.stepz: no such config key (did you mean 'steps'?)"),
+        "no_file": (["--config=nowhere/x.py"], "error: --config=nowhere/x.py: no such config file"),
+        "negative_lr": (["--config=clair_apo_zero:tiny", "--config.optimizer.lr=-1e-3",
+                         f"--config.workdir={tmp_path / 'neg'}"],
+                        "config error: optimizer.lr=-0.001: must be > 0.0"),
+        "workdir_file": (["--config=clair_apo_zero:tiny", f"--config.workdir={tmp_path / 'a_file'}"],
+                         f"error: workdir {tmp_path / 'a_file'}: is a file, not a folder"),
+    }  # fmt: skip
+    procs = {name: _start(*args, cwd=tmp_path) for name, (args, _) in probes.items()}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, out, err)
+        assert err.strip().splitlines() == [probes[name][1]], (name, err)
+    # refused before the recipe's data work: nothing written beside the bad workdirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
