@@ -52,6 +52,8 @@ import numpy as np
 from apo_jax import cli
 from apo_jax.train.loop import flops_per_token, param_counts
 
+PARTS = ("step", "trl", "logprobs", "layouts", "data", "sampling")
+
 # Lengths (prompt, chosen, rejected) of the ten CLAIR pairs in tests/data, in tokens estimated as
 # characters / 4 (English BPE): the realistic length mix of the layout part.
 CLAIR_LENGTHS = (
@@ -740,7 +742,7 @@ def main(argv=None) -> int:
         "--attention", default=None, help="jax.nn.dot_product_attention implementation: xla, cudnn"
     )
     p.add_argument("--lr", type=float, default=1e-3, help="large enough that one update shows (agreement)")
-    p.add_argument("--parts", default="step,trl,logprobs,layouts,data,sampling")
+    p.add_argument("--parts", default=",".join(PARTS))
     p.add_argument(
         "--no-trl-checkpointing", action="store_true", help="skip TRL with gradient checkpointing on"
     )
@@ -750,6 +752,11 @@ def main(argv=None) -> int:
     if args.smoke:
         args.shape, args.length, args.batch, args.steps, args.warmup = "tiny", 64, 4, 2, 1
     parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        raise cli.UserError(f"--parts: unknown {sorted(parts - set(PARTS))}; use some of {','.join(PARTS)}")
+    for flag in ("length", "batch", "steps"):
+        if getattr(args, flag) <= 0:
+            raise cli.UserError(f"--{flag} {getattr(args, flag)}: must be positive")
     import jax
 
     from apo_jax import models

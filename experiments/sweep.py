@@ -149,7 +149,10 @@ def main(argv=None) -> int:
 
     root = pathlib.Path(args.workdir)
     compilation_cache(root / "cell")  # <workdir>/jax_cache
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise cli.UserError(f"--seeds {args.seeds!r}: integers separated by commas, e.g. 0,1,2") from None
     results: dict[str, list[dict]] = {}
     for data in args.data.split(","):
         for loss in args.losses.split(","):

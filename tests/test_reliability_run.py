@@ -43,3 +43,22 @@ def test_bad_flags_and_settings_are_one_line_before_any_work(tmp_path):
     # refused before the recipe's data work: nothing written beside the bad workdirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_sweep_bench_and_generate_refuse_bad_flags_in_one_line(tmp_path, capsys):
+    from apo_jax.data import generate
+    from experiments import bench, sweep
+
+    probes = [
+        (sweep.main, ["--seeds", "0,one", "--workdir", str(tmp_path / "s")], "--seeds '0,one': integers"),
+        (bench.main, ["--shape", "huge", "--out", str(tmp_path / "b.json")], "error: unknown shape 'huge'"),
+        (bench.main, ["--parts", "step,speed"], "error: --parts: unknown ['speed']"),
+        (bench.main, ["--steps", "0"], "error: --steps 0: must be positive"),
+        (generate.main, ["--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl"),
+                         "--model-dir", str(tmp_path)], f"{tmp_path / 'none.jsonl'}"),
+    ]  # fmt: skip
+    for main, argv, says in probes:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
