@@ -22,6 +22,23 @@ def test_ld_dpo_points_to_the_aggregation():
         losses.get("ld_dpo")
 
 
+def test_log_probs_may_be_passed_by_their_names():
+    """What the docstrings call them works as keywords: loss(policy_chosen_logps=..., ...). APO-zero
+    by hand: ρ = (1, −1) nats, β = 0.1 -> 1 − σ(0.1) + σ(−0.1) = 0.950041652..."""
+    pc, pr, rc, rr = jnp.array([-12.0]), jnp.array([-15.0]), jnp.array([-13.0]), jnp.array([-14.0])
+    apo = losses.get("apo_zero")
+    out = apo(
+        policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1
+    )
+    np.testing.assert_allclose(out.loss, [0.9500416527802576], rtol=1e-6)
+    mixed = apo(pc, pr, ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1)
+    np.testing.assert_array_equal(mixed.loss, out.loss)
+    kto = losses.get("kto")(policy_logps=pc, ref_logps=rc, beta=0.1, label=jnp.array([True]), kl=0.0)
+    np.testing.assert_allclose(kto.loss, [1 - 1 / (1 + np.exp(-0.1))], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\['ref_rejected_logps'\] missing"):
+        apo(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, beta=0.1)
+
+
 def test_declared_fields_and_reference_use():
     assert losses.get("todo").needs == ("is_tie",)
     assert losses.get("ns_dpo").needs == ("timestamps",)

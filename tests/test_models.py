@@ -374,7 +374,7 @@ def test_bad_checkpoints_get_clear_errors(tiny_checkpoints, tmp_path):
     with pytest.raises(models.CheckpointError, match="shape"):
         models.from_hf(bad)
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(models.CheckpointError, match="dtype='float8'"):
+    with pytest.raises(models.CheckpointError, match="dtype 'float8': use one of"):
         models.from_hf(bad, dtype="float8")
     # a sharded checkpoint whose index names a file that is not there
     index = {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
@@ -417,6 +417,22 @@ def test_a_frozen_copy_in_the_compute_dtype_gives_the_same_log_probs(tiny_checkp
     ids, mask = _padded_batch(5)
     a, b = (models.token_logps(model, p, ids, mask, mask, chunk_size=8)["token_logps"] for p in (params, ref))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_dtypes_are_taken_as_jax_users_write_them(tiny_checkpoints, tmp_path):
+    """from_hf(path, dtype=jnp.bfloat16) is from_hf(path, dtype="bfloat16"); to_hf and LlamaConfig
+    take np / jnp dtypes too; anything else is named."""
+    path = tiny_checkpoints["gqa"]
+    by_name = models.from_hf(path, dtype="bfloat16")
+    for dtype in (jnp.bfloat16, np.dtype(jnp.bfloat16)):
+        model, params = models.from_hf(path, dtype=dtype, param_dtype=np.float32)
+        assert model.config == by_name[0].config and model.config.dtype == "bfloat16"
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(by_name[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    models.to_hf(model, params, tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(models.CheckpointError, match="dtype <class 'jax.numpy.int32'>: use one of"):
+        models.from_hf(path, dtype=jnp.int32)
 
 
 def test_remat_policies_give_the_same_gradients(tiny_checkpoints):

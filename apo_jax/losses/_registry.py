@@ -129,7 +129,25 @@ class Loss:
         for key, value in hparams.items():
             check(self.name, key, value, self.checks.get(key))
 
+    @property
+    def logp_names(self) -> tuple[str, ...]:
+        """The log-prob arguments, in order (e.g. policy_chosen_logps, ..., ref_rejected_logps)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
     def __call__(self, *logps, **kwargs) -> LossOutput:
+        """`loss(policy_chosen_logps, ..., beta=0.1, ...)`: the log-probs positionally or by their
+        names (`logp_names`), batch fields and hyperparameters by keyword."""
+        named = {k: kwargs.pop(k) for k in self.logp_names if k in kwargs}
+        if named:
+            rest = self.logp_names[len(logps) :]
+            missing = [k for k in rest if k not in named]
+            if missing or len(named) != len(rest):
+                raise ValueError(
+                    f"loss {self.name!r} takes the log-probs {list(self.logp_names)}: {len(logps)} given "
+                    f"by position, {sorted(named)} by name, {missing} missing"
+                )
+            logps = (*logps, *(named[k] for k in rest))
         fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS or k == "loss_state"}
         hparams = {k: v for k, v in kwargs.items() if k not in fields}
         missing = [f for f in self.needs if fields.get(f) is None]

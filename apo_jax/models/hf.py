@@ -17,7 +17,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from apo_jax.models.llama import DTYPES, Llama, LlamaConfig, abstract_params
+from apo_jax.models.llama import DTYPES, Llama, LlamaConfig, abstract_params, dtype_name
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy
 # backend cannot slice bfloat16 tensors, which is what Llama 3 checkpoints hold).
@@ -282,14 +282,12 @@ def _set(d: dict, keys: tuple[str, ...], value):
     d[keys[-1]] = value
 
 
-def from_hf(
-    path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32", mesh=None, **policies
-):
+def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", mesh=None, **policies):
     """(Llama, params) from a Hugging Face Llama directory.
 
     Args:
       path: directory with config.json and model.safetensors (or shards plus their index).
-      dtype: compute dtype ("float32", "bfloat16").
+      dtype: compute dtype: "float32", "bfloat16", "float16" or the jnp/np dtype (jnp.bfloat16).
       param_dtype: parameter storage dtype.
       mesh: a `jax.sharding.Mesh` (see `apo_jax.sharding.make_mesh`); each tensor then goes
         straight to its sharding under the logical-axis rules. None: the default device.
@@ -298,8 +296,10 @@ def from_hf(
     from apo_jax.sharding import param_shardings
 
     path = pathlib.Path(path)
-    if param_dtype not in DTYPES or dtype not in DTYPES:
-        raise CheckpointError(f"dtype={dtype!r}, param_dtype={param_dtype!r}: use one of {sorted(DTYPES)}")
+    try:
+        dtype, param_dtype = dtype_name(dtype), dtype_name(param_dtype)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, **policies)
     model = Llama(config)
     tensors = _open_weights(path)
@@ -351,7 +351,7 @@ def to_hf(
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
-    store = np.dtype(DTYPES[dtype]) if dtype else None
+    store = np.dtype(DTYPES[dtype_name(dtype)]) if dtype else None
 
     def host(keys):
         x = _get(params, keys)

@@ -35,6 +35,17 @@ REMAT_POLICIES = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def dtype_name(dtype) -> str:
+    """ "bfloat16" for "bfloat16", jnp.bfloat16, np.dtype("bfloat16") alike: the key into DTYPES."""
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(DTYPES)} (a string or the jnp/np dtype)")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture (Hugging Face `LlamaConfig` field names) plus apo_jax's compute policies."""
@@ -67,10 +78,8 @@ class LlamaConfig:
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation= ("xla", "cudnn")
 
     def __post_init__(self):
-        if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
-            raise ValueError(
-                f"dtype={self.dtype!r}, param_dtype={self.param_dtype!r}: use one of {sorted(DTYPES)}"
-            )
+        for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
+            object.__setattr__(self, key, dtype_name(getattr(self, key)))
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
         if self.rope_type not in ("default", "llama3"):
