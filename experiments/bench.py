@@ -50,7 +50,7 @@ import time
 import numpy as np
 
 from apo_jax import cli
-from apo_jax.train.loop import flops_per_token, param_counts
+from apo_jax.models.flops import flops_per_token, param_counts
 
 PARTS = ("step", "trl", "logprobs", "layouts", "data", "sampling")
 
@@ -101,7 +101,7 @@ def shape_config(name: str, dtype: str, remat: str, attention: str | None = None
 def peak_flops() -> float:
     import jax
 
-    from apo_jax.train.loop import peak_flops as peak
+    from apo_jax.models.flops import peak_flops as peak
 
     return peak(jax.devices()[0].device_kind)
 

@@ -79,7 +79,7 @@ clair = nb([
              "else:\n"
              "    BASE_URL = 'https://api.openai.com/v1'\n"
              "print('reviser endpoint:', BASE_URL)"),
-    ("code", "from apo_jax.data.clair.client import ClientConfig\n"
+    ("code", "from apo_jax.client import ClientConfig\n"
              "from apo_jax.data.clair.revise import revise\n"
              "pairs_path = WORK / 'pairs.jsonl'\n"
              "summary = revise(answers, pairs_path, ClientConfig(base_url=BASE_URL, model='gpt-4-0125-preview'), progress=False)\n"

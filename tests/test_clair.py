@@ -13,8 +13,8 @@ import time
 
 import pytest
 
+from apo_jax.client import ClientConfig
 from apo_jax.data.clair import ParseError, jaccard, levenshtein, pair_stats, parse_revision, revision_messages
-from apo_jax.data.clair.client import ClientConfig
 from apo_jax.data.clair.revise import revise
 from apo_jax.testing import ChatServer, LoopbackServer
 

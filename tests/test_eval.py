@@ -11,8 +11,8 @@ def test_ches_equals_numpy_on_transformers_hidden_states(tiny_checkpoints, tiny_
     import transformers
 
     from apo_jax import data
+    from apo_jax.data.ches import ches_scores
     from apo_jax.data.formats import Pair
-    from apo_jax.eval.ches import ches_scores
 
     pairs = [Pair("Compute 7 + 5.", "7 + 5 = 12", "7 + 5 = 13"),
              Pair("Name a colour.", "Blue, the colour of the sky.", "A dog."),
@@ -53,9 +53,9 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
     import json
 
     from apo_jax import data
+    from apo_jax.data.ches import ches_scores
     from apo_jax.data.clair.__main__ import main
     from apo_jax.data.formats import as_chat, normalize_pair
-    from apo_jax.eval.ches import ches_scores
 
     rows = [{"prompt": "Compute 7 + 5.", "chosen": "7 + 5 = 12", "rejected": "7 + 5 = 13"},
             {"prompt": "Say hi.", "chosen": "hi", "rejected": "Hello there."},
@@ -80,8 +80,8 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
 def test_preprocess_leaves_out_the_highest_ches_pairs(tmp_path, tiny_checkpoints, tiny_tokenizer):
     from apo_jax import testing
     from apo_jax.data import preprocess
+    from apo_jax.data.ches import ches_scores
     from apo_jax.data.tfrecords import read_records
-    from apo_jax.eval.ches import ches_scores
 
     path = tiny_checkpoints["gqa"]
     full = testing.tiny_preference_records(tmp_path / "full", tiny_tokenizer, n=16, max_length=64)

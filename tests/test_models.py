@@ -453,7 +453,7 @@ def test_remat_policies_give_the_same_gradients(tiny_checkpoints):
 
 
 def test_profs_edit_equals_numpy_on_transformers_hidden_states(tmp_path, tiny_tokenizer):
-    """ProFS (apo_jax.models.edit): the projector from transformers' own layer outputs, written out in
+    """ProFS (apo_jax.train.edit): the projector from transformers' own layer outputs, written out in
     numpy; only the edited layer's MLP output projection changes, and it no longer writes along the
     removed directions."""
     import torch
@@ -461,7 +461,7 @@ def test_profs_edit_equals_numpy_on_transformers_hidden_states(tmp_path, tiny_to
 
     from apo_jax import testing
     from apo_jax.data.tfrecords import read_records
-    from apo_jax.models.edit import edit_checkpoint
+    from apo_jax.train.edit import edit_checkpoint
 
     src = testing.tiny_hf_llama(tmp_path / "m", num_hidden_layers=3, seed=5, tokenizer=tiny_tokenizer)
     data = testing.tiny_preference_records(tmp_path / "pairs", tiny_tokenizer, n=12, max_length=64)

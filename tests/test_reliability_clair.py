@@ -16,7 +16,7 @@ import pytest
 from test_clair import ROOT, ROWS, Server, _answers
 
 from apo_jax.cli import UserError
-from apo_jax.data.clair.client import CircuitOpen, ClientConfig, resolve_api_key
+from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
 from apo_jax.data.clair.revise import revise
 from apo_jax.testing import ChatServer, LoopbackServer
 

@@ -12,7 +12,7 @@ import pytest
 from apo_jax.data import formats, preprocess, token_weights
 from apo_jax.data.tfrecords import read_records
 from apo_jax.eval import judge
-from apo_jax.models import edit
+from apo_jax.train import edit
 
 ROWS = [
     {"prompt": f"question {i}?", "chosen": f" good answer {i}.", "rejected": f" bad {i}."} for i in range(6)
@@ -93,7 +93,7 @@ def test_output_never_deletes_what_the_tool_did_not_write(tmp_path, tokenizer_di
     assert token_weights.main(argv) == 2
     _one_line_error(capsys, "holds files apo_jax.data.token_weights did not write", "keep.txt")
     assert edit.main(["--model", str(tmp_path / "none"), "--pairs", str(out), "--output", str(foreign)]) == 2
-    _one_line_error(capsys, "holds files apo_jax.models.edit did not write", "keep.txt")
+    _one_line_error(capsys, "holds files apo_jax.train.edit did not write", "keep.txt")
     assert (foreign / "keep.txt").read_text() == "keep"
 
 

@@ -72,7 +72,7 @@ def _row(prompts, i, s, response, generator, row_id):
 def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, temperature=0.7, top_p=1.0,
                          client=None, progress=True) -> dict:  # fmt: skip
     """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping."""
-    from apo_jax.data.clair.client import run_requests
+    from apo_jax.client import run_requests
 
     output = pathlib.Path(output)
     requests = {
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         return 2
     prompts = read_prompts(args.input)[: args.limit]
     if args.base_url:
-        from apo_jax.data.clair.client import ClientConfig
+        from apo_jax.client import ClientConfig
 
         cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
                            concurrency=args.concurrency)  # fmt: skip

@@ -119,7 +119,7 @@ def preprocess(
 
     With `ches_model` (a Hugging Face Llama sharing the tokenizer) and `ches_drop` in (0, 1), the
     `ches_drop` fraction of pairs with the highest CHES under that model is left out (likelihood
-    displacement, apo_jax.eval.ches). An existing `out_dir` is replaced only when this tool wrote it,
+    displacement, apo_jax.data.ches). An existing `out_dir` is replaced only when this tool wrote it,
     or with `overwrite` (apo_jax.outputs)."""
     started = time.time()
     check_lengths(max_length, max_prompt_length, kl_block=kl_block, num_shards=num_shards)
@@ -140,7 +140,7 @@ def preprocess(
     if ches_model and ches_drop > 0:
         if unpaired or not 0 < ches_drop < 1:
             raise ValueError(f"ches_drop={ches_drop}: a fraction in (0, 1) of paired records")
-        from apo_jax.eval.ches import ches_scores
+        from apo_jax.data.ches import ches_scores
 
         scores = ches_scores(ches_model, records)
         drop = int(round(ches_drop * len(records)))

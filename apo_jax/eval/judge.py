@@ -24,24 +24,18 @@ import statistics
 import sys
 
 from apo_jax import cli
-from apo_jax.data.clair.baselines import JUDGE_TEMPLATE, first_by_prompt, judge_request, parse_verdict
-from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.client import ClientConfig, run_requests
+from apo_jax.data.clair.baselines import (
+    JUDGE_TEMPLATE,
+    SCORE_TEMPLATE,
+    first_by_prompt,
+    judge_request,
+    parse_score,
+    parse_verdict,
+)  # fmt: skip
 from apo_jax.data.jsonl import read_jsonl
 
-SCORE_TEMPLATE = (
-    "Grade the response to the user's instruction for helpfulness, correctness and clarity on a scale "
-    "from 1 (useless) to 10 (excellent). Explain briefly, then end with one line 'Score: N'.\n\n"
-    "[Instruction]\n{prompt}\n\n[Response]\n{answer}\n"
-)
-_SCORE = re.compile(r"score\s*:\s*\**\s*(10|[1-9])\b", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+")
-
-
-def parse_score(text: str | None) -> int:
-    found = _SCORE.findall(text or "")
-    if not found:
-        raise ValueError("no 'Score: N' line")
-    return int(found[-1])
 
 
 def exact_match(prompts, answers) -> dict:

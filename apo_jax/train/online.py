@@ -122,16 +122,15 @@ def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, score
 
 
 def _client(o):
-    from apo_jax.data.clair.client import ClientConfig
+    from apo_jax.client import ClientConfig
 
     return ClientConfig(base_url=o.base_url, model=o.api_model, api_key_env=o.api_key_env,
                         concurrency=o.concurrency)  # fmt: skip
 
 
 def _judge_pairs(o, prompts, samples, workdir):
-    from apo_jax.data.clair.baselines import judge_request
-    from apo_jax.data.clair.client import run_requests
-    from apo_jax.eval.judge import SCORE_TEMPLATE, parse_score
+    from apo_jax.client import run_requests
+    from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
 
     requests = {
         f"{i}:{j}": judge_request(o.api_model, SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s))

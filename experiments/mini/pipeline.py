@@ -259,7 +259,7 @@ def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
                                                prompts, tok))  # fmt: skip
     config.data.probes = _probes(cache, workdir, kind, prompts, paths[kind], tok, mini.seed)
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
-        from apo_jax.models.edit import edit_checkpoint
+        from apo_jax.train.edit import edit_checkpoint
 
         say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
         edit_checkpoint(m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers,

@@ -6,7 +6,7 @@ revise --input answers.jsonl --output pairs.jsonl --base-url URL --model NAME
        (the API key comes from the environment variable named by --api-key-env, OPENAI_API_KEY; without
        it only a loopback endpoint is tried, with a placeholder key)
 stats  --input pairs.jsonl [--input other.jsonl ...] [--tokenizer DIR] [--json stats.json]
-       [--model DIR [--as-chat]]    (adds CHES under that model: apo_jax.eval.ches)
+       [--model DIR [--as-chat]]    (adds CHES under that model: apo_jax.data.ches)
 judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE   (on_policy_judge;
        answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`)
 stronger --answers answers.jsonl --stronger stronger.jsonl --output pairs.jsonl  (stronger_preferred)
@@ -14,7 +14,7 @@ off-policy --input ultrafeedback.jsonl --output pairs.jsonl [--seed 0]          
 
 Exit status: 0 done; 1 some rows failed (listed in <output>.failures.jsonl); 2 an error you can fix,
 in one line on stderr: bad input, no API key, or a job stopped by the client's circuit breaker (a
-dead endpoint, a wrong key: apo_jax.data.clair.client), whose answered rows are kept, so the same
+dead endpoint, a wrong key: apo_jax.client), whose answered rows are kept, so the same
 command resumes.
 """
 
@@ -26,8 +26,8 @@ import pathlib
 import sys
 
 from apo_jax import cli
+from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
 from apo_jax.data.clair import stats as stats_lib
-from apo_jax.data.clair.client import CircuitOpen, ClientConfig, resolve_api_key
 from apo_jax.data.clair.revise import revise
 from apo_jax.data.jsonl import read_jsonl
 

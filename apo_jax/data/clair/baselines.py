@@ -14,7 +14,7 @@ import pathlib
 import random
 import re
 
-from apo_jax.data.clair.client import ClientConfig, run_requests
+from apo_jax.client import ClientConfig, run_requests
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
 
 JUDGE_TEMPLATE = (
@@ -42,6 +42,22 @@ def parse_verdict(text: str | None) -> str:
         raise ValueError("no 'Verdict: A|B|tie' line")
     v = found[-1]
     return "tie" if v.lower() == "tie" else v.upper()
+
+
+SCORE_TEMPLATE = (
+    "Grade the response to the user's instruction for helpfulness, correctness and clarity on a scale "
+    "from 1 (useless) to 10 (excellent). Explain briefly, then end with one line 'Score: N'.\n\n"
+    "[Instruction]\n{prompt}\n\n[Response]\n{answer}\n"
+)
+_SCORE = re.compile(r"score\s*:\s*\**\s*(10|[1-9])\b", re.IGNORECASE)
+
+
+def parse_score(text: str | None) -> int:
+    """1..10 from the judge's last 'Score: N' line; ValueError if there is none."""
+    found = _SCORE.findall(text or "")
+    if not found:
+        raise ValueError("no 'Score: N' line")
+    return int(found[-1])
 
 
 def first_by_prompt(rows) -> dict[str, dict]:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import pathlib
 
-from apo_jax.data.clair.client import ClientConfig, resolve_api_key, run_requests
+from apo_jax.client import ClientConfig, resolve_api_key, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
 from apo_jax.data.jsonl import write_jsonl
 

@@ -1,5 +1,5 @@
 """How contrastive a preference dataset is (APO paper, Table 1): Jaccard and Levenshtein, and, with a
-model, CHES (apo_jax.eval.ches: how alike the model finds the two answers; high predicts likelihood
+model, CHES (apo_jax.data.ches: how alike the model finds the two answers; high predicts likelihood
 displacement).
 
 Jaccard similarity of the token sets of chosen and rejected (higher: more contrastive, the pair
@@ -56,11 +56,11 @@ def pair_stats(pairs, tokenize=str.split) -> dict:
 
 
 def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
-    """Median CHES (apo_jax.eval.ches) of the pairs under a model, summed and length-normalized."""
+    """Median CHES (apo_jax.data.ches) of the pairs under a model, summed and length-normalized."""
     import numpy as np
 
     from apo_jax.data import formats, tokenize
-    from apo_jax.eval.ches import ches_all
+    from apo_jax.data.ches import ches_all
     from apo_jax.models import load_tokenizer
 
     tok = load_tokenizer(model_dir)

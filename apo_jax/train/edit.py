@@ -9,7 +9,7 @@ Uppaal/detox-edit `detox.py`). For each layer l, with E+_l and E-_l the [N, D] m
     Q_l = V_k^T V_k                     V_k: the top-k right singular vectors of P_l
     W_down,l <- W_down,l (I - Q_l)      for l in [lowest, highest): the MLP's output projection
 
-    python -m apo_jax.models.edit --model DIR --pairs data/records --output edited/ --layers 10:24 --rank 2
+    python -m apo_jax.train.edit --model DIR --pairs data/records --output edited/ --layers 10:24 --rank 2
 
 `--pairs` is a record directory written by `python -m apo_jax.data.preprocess`; the first
 `--max-pairs` pairs (default 500, the paper's) are embedded. The edited model is written as a
@@ -28,7 +28,7 @@ import numpy as np
 
 from apo_jax import cli
 
-TOOL = "apo_jax.models.edit"
+TOOL = "apo_jax.train.edit"
 
 
 def mean_embeddings(model, params, batch) -> dict[str, jax.Array]:
@@ -119,7 +119,7 @@ def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None
 
 @cli.command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m apo_jax.models.edit", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m apo_jax.train.edit", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="a Hugging Face Llama directory")
     p.add_argument("--pairs", required=True, help="records written by apo_jax.data.preprocess")
     p.add_argument("--output", required=True, help="where the edited Hugging Face model goes")
