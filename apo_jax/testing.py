@@ -66,12 +66,12 @@ def tiny_tokenizer(vocab_size: int = 320, corpus=CORPUS):
 def tiny_hf_llama(
     path: str | os.PathLike,
     *,
-    vocab_size: int = 384,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
+    vocab_size: int | None = None,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
     head_dim: int | None = None,
     tie_word_embeddings: bool = False,
     rope_scaling: dict | None = None,
@@ -84,21 +84,23 @@ def tiny_hf_llama(
 ) -> pathlib.Path:
     """Writes a random Hugging Face Llama (safetensors, float32) to `path` and returns it.
 
-    The default is GQA (4 query heads over 2 kv heads). A larger `initializer_range` than
+    Sizes left out are the `tiny` preset's (models.LlamaConfig.tiny: GQA, 4 query heads over 2 kv
+    heads), token ids too. A larger `initializer_range` than
     Llama's 0.02 keeps the random model's predictions far from uniform, so parity tests mean
     something. A tokenizer, if given, is saved beside it.
     """
     import torch
     import transformers
 
+    from apo_jax.models import LlamaConfig
+
+    tiny = LlamaConfig.tiny()
+    sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+             "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
+             "num_key_value_heads": num_key_value_heads}  # fmt: skip
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
+        **{k: getattr(tiny, k) if v is None else v for k, v in sizes.items()},
         head_dim=head_dim,
         tie_word_embeddings=tie_word_embeddings,
         rope_scaling=rope_scaling,
@@ -107,9 +109,9 @@ def tiny_hf_llama(
         mlp_bias=mlp_bias,
         initializer_range=initializer_range,
         max_position_embeddings=256,
-        bos_token_id=0,
-        eos_token_id=[1, 4],
-        pad_token_id=5,
+        bos_token_id=tiny.bos_token_id,
+        eos_token_id=list(tiny.eos_token_id),
+        pad_token_id=tiny.pad_token_id,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms at 1 would hide a wrong norm mapping: make them random too

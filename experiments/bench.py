@@ -71,30 +71,12 @@ CLAIR_LENGTHS = (
 
 
 def shape_config(name: str, dtype: str, remat: str, attention: str | None = None):
+    """The benchmarked shape: a model preset (apo_jax.models.PRESETS) with the run's policies."""
     from apo_jax import models
-    from apo_jax.train.state import tiny_llama_config
 
     policies = {"dtype": dtype, "param_dtype": "float32", "remat_policy": remat, "attention_impl": attention}
-    if name == "tiny":
-        return tiny_llama_config(384, **policies)
-    if name == "125m":  # GPT-3 Small's width and depth as a Llama (134M with untied embeddings)
-        return models.LlamaConfig(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            max_position_embeddings=4096,
-            bos_token_id=1,
-            eos_token_id=(2,),
-            pad_token_id=0,
-            **policies,
-        )
-    if name == "1b":
-        return models.LlamaConfig.llama3_2_1b(**policies)
-    if name == "8b":
-        return models.LlamaConfig.llama3_8b(**policies)
+    if name in ("tiny", "125m", "1b", "8b"):
+        return models.preset(name, **policies)
     raise cli.UserError(f"unknown shape {name!r}: use tiny, 125m, 1b or 8b")
 
 

@@ -9,6 +9,7 @@ models.to_hf(model, params, "exported/", tokenizer=models.load_tokenizer("Meta-L
 
 from apo_jax.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, to_hf
 from apo_jax.models.llama import (
+    PRESETS,
     Llama,
     LlamaConfig,
     abstract_params,
@@ -17,11 +18,13 @@ from apo_jax.models.llama import (
     init_params,
     logits,
     output_weight,
+    preset,
     token_logps,
 )
 from apo_jax.models.sample import generate
 
 __all__ = [
+    "PRESETS",
     "CheckpointError",
     "Llama",
     "LlamaConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "load_tokenizer",
     "logits",
     "output_weight",
+    "preset",
     "read_config",
     "to_hf",
     "token_logps",

@@ -97,7 +97,28 @@ class LlamaConfig:
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
-    # Presets (shapes from the published config.json files; weights come from `from_hf`).
+    # Presets (shapes from the published config.json files; weights come from `from_hf`). Keyword
+    # arguments override fields. `preset(name)` reaches them by the names configs and bench use.
+    @classmethod
+    def tiny(cls, **kw):
+        """The tests' and the miniature's Llama: 2 layers of width 64, GQA (4 heads over 2)."""
+        fields = dict(
+            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=(1, 4),
+            pad_token_id=5,
+        )  # fmt: skip
+        return cls(**(fields | kw))
+
+    @classmethod
+    def gpt3_small(cls, **kw):
+        """GPT-3 Small's width and depth as a Llama (134M parameters with untied embeddings)."""
+        fields = dict(
+            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+            num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096, bos_token_id=1,
+            eos_token_id=(2,), pad_token_id=0,
+        )  # fmt: skip
+        return cls(**(fields | kw))
+
     @classmethod
     def llama2_7b(cls, **kw):
         return cls(max_position_embeddings=4096, **kw)
@@ -121,6 +142,19 @@ class LlamaConfig:
             rope_type="llama3", rope_factor=32.0, max_position_embeddings=131072, tie_word_embeddings=True,
             bos_token_id=128000, eos_token_id=(128001, 128008, 128009), **kw,
         )  # fmt: skip
+
+
+PRESETS = {
+    "tiny": LlamaConfig.tiny, "125m": LlamaConfig.gpt3_small, "1b": LlamaConfig.llama3_2_1b,
+    "8b": LlamaConfig.llama3_8b, "llama3_1_8b": LlamaConfig.llama3_1_8b, "llama2_7b": LlamaConfig.llama2_7b,
+}  # fmt: skip
+
+
+def preset(name: str, **kw) -> LlamaConfig:
+    """The LlamaConfig of a named shape (PRESETS), fields overridden by `kw`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}: use one of {sorted(PRESETS)}")
+    return PRESETS[name](**kw)
 
 
 # --- the math, as functions of parameter dicts --------------------------------------------

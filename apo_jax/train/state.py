@@ -13,24 +13,13 @@ import optax
 from apo_jax import models
 
 
-def tiny_llama_config(vocab_size: int = 384, **overrides) -> models.LlamaConfig:
-    """The `model.preset = "tiny"` architecture (also apo_jax.testing's default tiny Llama); keyword
-    arguments override its fields (sizes, dtypes, remat policy)."""
-    fields = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
-        eos_token_id=(1, 4), pad_token_id=5,
-    )  # fmt: skip
-    return models.LlamaConfig(**(fields | overrides))
-
-
 def build_model(cfg, mesh):
     """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random."""
     m = cfg.model
     policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
     if m.path:
         return models.from_hf(m.path, mesh=mesh, **policies)
-    model = models.Llama(tiny_llama_config(m.vocab_size, **policies))
+    model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
     return model, models.init_params(model, m.seed, mesh)
 
 

@@ -87,15 +87,18 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     the teacher's answers (it knows the arithmetic and slips at carries in `mini.careless` of its
     answers), so M's errors are a learned habit."""
     from apo_jax import models
-    from apo_jax.train.state import tiny_llama_config
 
     out = cache / "m" / "hf"
     if (out / "config.json").exists():
         return out
     say(f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
         f"for {mini.sft_steps} steps")  # fmt: skip
-    config = tiny_llama_config(len(tok), hidden_size=mini.hidden_size, intermediate_size=4 * mini.hidden_size,
-                               num_hidden_layers=mini.layers)  # fmt: skip
+    config = models.LlamaConfig.tiny(
+        vocab_size=len(tok),
+        hidden_size=mini.hidden_size,
+        intermediate_size=4 * mini.hidden_size,
+        num_hidden_layers=mini.layers,
+    )
     model = models.Llama(config)
     start = models.to_hf(model, models.init_params(model, mini.seed), cache / "m" / "init", tokenizer=tok)
     rng = random.Random(mini.seed + 5)
