@@ -57,24 +57,11 @@ def compilation_cache(workdir) -> str:
     return path
 
 
-_LOSS_KEYS_IN_FILE = ("name", "weights", "beta")  # loss keys every config has; the others are the loss's own
-
-
-def _rewrite_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """`--config=NAME` -> the config file; `--config.loss.<hyperparameter>=v` taken out (config files
-    hold only the loss keys they set, so ml_collections would refuse the others) and returned, to be
-    set once the loss is known (apo_jax.train.config.set_loss_hparams)."""
-    out, loss_flags, i = [], {}, 0
+def _rewrite_argv(argv: list[str]) -> list[str]:
+    """`--config=NAME` (or `--config NAME`) -> the config file ml_collections loads."""
+    out, i = [], 0
     while i < len(argv):
         arg = argv[i]
-        key = arg[len("--config.loss.") :].split("=", 1)[0] if arg.startswith("--config.loss.") else None
-        if key and key not in _LOSS_KEYS_IN_FILE:
-            if "=" in arg:
-                loss_flags[key] = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                loss_flags[key], i = argv[i + 1], i + 1
-            i += 1
-            continue
         if arg.startswith("--config="):
             arg = "--config=" + resolve(arg.split("=", 1)[1])
         elif arg == "--config" and i + 1 < len(argv):
@@ -82,10 +69,7 @@ def _rewrite_argv(argv: list[str]) -> tuple[list[str], dict[str, str]]:
             arg, i = resolve(argv[i + 1]), i + 1
         out.append(arg)
         i += 1
-    return out, loss_flags
-
-
-_LOSS_FLAGS: dict[str, str] = {}
+    return out
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=False)
@@ -100,9 +84,7 @@ _PRECOMPUTE = flags.DEFINE_string(
 def _run(config) -> dict | None:
     """The run `config` describes; the trainer's result, or None for the kinds that print their own."""
     from apo_jax.train import run
-    from apo_jax.train.config import set_loss_hparams
 
-    set_loss_hparams(config, _LOSS_FLAGS)
     if _PRECOMPUTE.value:
         from apo_jax.train.reference import precompute
 
@@ -191,7 +173,7 @@ def main(argv):
 
 if __name__ == "__main__":
     try:
-        argv, _LOSS_FLAGS = _rewrite_argv(sys.argv)
+        argv = _rewrite_argv(sys.argv)
         sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv itself
         rest = flags.FLAGS(argv)  # parsed here, so that a bad flag or config key is one line
     except (AttributeError, KeyError) as e:

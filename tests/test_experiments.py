@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import re
+import sys
 
 import jax
 import numpy as np
@@ -39,32 +40,44 @@ def test_token_level_cells_validate_at_paper_scale_with_a_frozen_reference(loss)
     train.validate(config)
 
 
-def test_loss_hyperparameters_from_the_command_line():
-    """`--config.loss.<key>=v` for keys the config file does not hold: taken out of argv, then typed by
-    the configured loss's defaults; unknown keys and bad values are named."""
-    from apo_jax import train
-    from apo_jax.train.config import ConfigError, loss_hparams, set_loss_hparams
+def _parse(*args):
+    """The config experiments.run would get from these flags (absl + ml_collections, as it parses)."""
+    from absl import flags
+    from ml_collections import config_flags
+
     from experiments.run import _rewrite_argv
 
-    cli = ["run", "--config=clair_tdpo:tiny", "--config.loss.alpha=0.3", "--config.loss.tdpo2", "false",
-           "--config.loss.beta=0.2", "--config.train.steps=3"]  # fmt: skip
-    argv, flags = _rewrite_argv(cli)
-    assert argv == ["run", f"--config={resolve('clair_tdpo:tiny')}", "--config.loss.beta=0.2",
-                    "--config.train.steps=3"]  # fmt: skip
-    assert flags == {"alpha": "0.3", "tdpo2": "false"}
-    config = grid.get_config("clair_tdpo:tiny")
-    set_loss_hparams(config, flags)
+    argv, saved = _rewrite_argv(["run", *args]), sys.argv
+    sys.argv = argv  # ml_collections finds the --config.* overrides in sys.argv, as in experiments.run
+    try:
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=False)
+        values(argv)
+        return values.config
+    finally:
+        sys.argv = saved
+
+
+def test_loss_hyperparameters_are_config_keys():
+    """`--config.loss.<key>=v` for any hyperparameter of the configured loss: config.loss holds them all
+    at the registry's defaults, so ml_collections types the override; unknown keys and bad values are
+    refused by it."""
+    from apo_jax import losses, train
+    from apo_jax.train.config import loss_hparams
+
+    config = _parse("--config=clair_tdpo:tiny", "--config.loss.alpha=0.3", "--config.loss.tdpo2=false",
+                    "--config.loss.beta=0.2")  # fmt: skip
     config.data.train = "data/clair"  # the miniature's pipeline fills it in; validation does not open it
     train.validate(config)
-    assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 0.1}
-    ns = grid.get_config("clair_ns_dpo:tiny")
-    set_loss_hparams(ns, {"current_time": "120", "normalize": "TRUE", "ld_alpha": "0.5"})
+    assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 0.2}
+    assert set(loss_hparams(config)) == set(losses.get("tdpo").hparams)
+    ns = _parse("--config=clair_ns_dpo:tiny", "--config.loss.current_time=120",
+                "--config.loss.normalize=True", "--config.loss.ld_alpha=0.5")  # fmt: skip
     assert (ns.loss.current_time, ns.loss.normalize, ns.loss.ld_alpha) == (120, True, 0.5)
-    for bad, message in (({"gamma": "1"}, r"'tdpo' has no hyperparameter 'gamma'; it takes \['alpha', "),
-                         ({"tdpo2": "maybe"}, r"tdpo2='maybe' is not a bool"),
-                         ({"alpha": "x"}, r"alpha='x' is not a float")):  # fmt: skip
-        with pytest.raises(ConfigError, match=message):
-            set_loss_hparams(grid.get_config("clair_tdpo:tiny"), bad)
+    assert _parse("--config=clair_dpo:tiny").loss.ld_alpha is None  # off unless set; a float when set
+    for flag in ("--config.loss.gamma=1", "--config.loss.alpha=x"):
+        with pytest.raises(Exception, match="gamma|alpha"):
+            _parse("--config=clair_tdpo:tiny", flag)
 
 
 def test_names_paths_and_unknown_names():

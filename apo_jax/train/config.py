@@ -197,38 +197,23 @@ def loss_hparams(config) -> dict:
     return out
 
 
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def set_loss_hparams(config, raw: dict[str, str]) -> None:
-    """Sets loss hyperparameters given as text (`--config.loss.<key>=<value>`), typed by the
-    configured loss's defaults: `config.loss` holds only the keys a config file set, and a key the
-    command line names must exist in the loss (or be `ld_alpha` / `use_weighting`)."""
-    if not raw:
-        return
-    hparams = {**build_loss(config).hparams, "ld_alpha": 0.0, "use_weighting": False}
-    for key, text in raw.items():
-        if key not in hparams:
-            raise ConfigError(
-                f"--config.loss.{key}: loss {config.loss.name!r} has no hyperparameter {key!r}; it takes "
-                f"{sorted(k for k in hparams if k != 'beta')}"
-            )
-        default = hparams[key]
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in _TRUE + _FALSE:
-                    raise ValueError
-                value = text.lower() in _TRUE
-            elif isinstance(default, int):
-                value = int(text)
-            elif isinstance(default, str):
-                value = text
-            else:  # float, or None (a float left unset)
-                value = float(text)
-        except ValueError:
-            kind = type(default).__name__ if default is not None else "float"
-            raise ConfigError(f"--config.loss.{key}={text!r} is not a {kind}") from None
-        config.loss[key] = value
+def fill_loss(config) -> ml_collections.ConfigDict:
+    """Makes `config.loss` hold exactly the configured loss's hyperparameters (values the config set,
+    the registry's defaults for the rest) and the step options, so that `--config.loss.alpha=0.3` is
+    a plain ml_collections override, typed by its default. Config files call it last, after naming
+    their loss; it drops keys of another loss (a config that switched losses)."""
+    loss = build_loss(config)
+    old = config.loss
+    group = {"name": old.name, "weights": old.weights, "beta": old.beta}
+    group |= {"ld_alpha": old.get("ld_alpha", None), "use_weighting": old.get("use_weighting", False)}
+    for key, default in loss.hparams.items():
+        if key != "beta":
+            group[key] = old.get(key, default)
+    filled = ml_collections.ConfigDict()
+    for key, value in group.items():  # a None default (an optional float) stays overridable as a float
+        filled[key] = ml_collections.config_dict.placeholder(float) if value is None else value
+    config.loss = filled
+    return config
 
 
 def save_config(config, workdir) -> pathlib.Path:
@@ -312,7 +297,10 @@ def validate(config) -> None:
     try:
         loss.validate(**hp)
     except ValueError as e:
-        raise ConfigError(f"config.loss: {e}") from None
+        raise ConfigError(
+            f"config.loss: {e} (config.loss holds the hyperparameters of the loss its config file named: "
+            "to change the loss, choose a config that names it, e.g. --config=<data>_<loss>)"
+        ) from None
     ld_alpha = config.loss.get("ld_alpha", None)
     if ld_alpha is not None and not 0 <= ld_alpha <= 1:
         raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")

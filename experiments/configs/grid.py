@@ -12,7 +12,7 @@ Variants after a colon: the default (alias `mini`) is the CPU miniature of the w
 from __future__ import annotations
 
 from apo_jax import losses
-from apo_jax.train.config import default_config
+from apo_jax.train.config import default_config, fill_loss
 
 DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
 # Beyond the paper, miniature only: Step-DPO pairs (apo_jax.data.steps) from the same CLAIR revisions,
@@ -82,7 +82,7 @@ def get_config(arg: str):
     if variant == "paper":
         if data not in PAPER_DATASETS:
             raise ValueError(f"{name}: {data!r} pairs exist in the miniature only (no paper dataset)")
-        return _paper(config)
+        return fill_loss(_paper(config))
 
     # Model: the miniature's M is trained by the pipeline (experiments/mini) and put in model.path
     config.model.preset = "tiny"
@@ -111,7 +111,7 @@ def get_config(arg: str):
     config.mesh.data = 1
 
     # Evaluation: held-out pairs of the same kind (Figure 4) and exact-match accuracy (results.md)
-    return config
+    return fill_loss(config)
 
 
 def _paper(config):

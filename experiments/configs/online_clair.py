@@ -5,6 +5,7 @@ and (revision, answer) is the pair; APO-zero, the paper's objective for CLAIR da
     python -m experiments.run --config=online_clair
 """
 
+from apo_jax.train.config import fill_loss
 from experiments.configs import online_dpo
 
 
@@ -12,4 +13,4 @@ def get_config(arg: str = ""):
     config = online_dpo.get_config(arg, name="online_clair")
     config.online.labeler = "clair"
     config.loss.name = "apo_zero"
-    return config
+    return fill_loss(config)

@@ -8,7 +8,7 @@ Hardware: any CPU. Expected: loss falls from 1.0 (APO-zero at policy = reference
 log-likelihood rises and the rejected falls; metrics.jsonl, checkpoints/ and hf/ in the workdir.
 """
 
-from apo_jax.train.config import default_config
+from apo_jax.train.config import default_config, fill_loss
 
 
 def get_config(arg=None):
@@ -29,4 +29,4 @@ def get_config(arg=None):
     config.train.batch_size = 8
     config.train.checkpoint_every = 25
     config.workdir = "/tmp/apo/run"
-    return config
+    return fill_loss(config)

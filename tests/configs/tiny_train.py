@@ -5,7 +5,7 @@ The argument is a JSON file of dotted overrides ({"workdir": ..., "data.train": 
 
 import json
 
-from apo_jax.train.config import default_config
+from apo_jax.train.config import default_config, fill_loss
 
 
 def get_config(arg=None):
@@ -19,4 +19,4 @@ def get_config(arg=None):
                 group, _, name = key.rpartition(".")
                 target = config[group] if group else config
                 target[name] = value
-    return config
+    return fill_loss(config)
