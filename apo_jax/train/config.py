@@ -8,6 +8,8 @@ its TRL config field name (checked against what the losses take).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import pathlib
 
@@ -15,6 +17,7 @@ import ml_collections
 
 from apo_jax import losses
 from apo_jax.cli import UserError
+from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 
@@ -322,6 +325,66 @@ def validate(config) -> None:
         )
     if not loss.uses_reference and r.mode not in ("none", "frozen"):
         raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
+
+
+def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_size: int) -> None:
+    """What can be checked once the mesh, the records and the model's vocabulary are known, before
+    anything compiles: the batch over the mesh, token ids, the loss's batch fields, and precomputed
+    reference log-probs made for this reference."""
+    t = config.train
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (t.batch_size // t.grad_accum) % shards:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {t.batch_size // t.grad_accum} is not divisible by "
+            f"mesh.data × mesh.fsdp = {shards}"
+        )
+    check_vocab(config.data.train, records, metadata, vocab_size)
+    if loss is None:
+        return
+    check_against_data(config, loss, metadata)
+    if loss.uses_reference and config.reference.mode == "precomputed":
+        saved = metadata.get("reference", {}).get("fingerprint")
+        if saved is None:
+            raise ConfigError(
+                f"reference.mode='precomputed' but {config.data.train} has no reference log-probs: "
+                "run apo_jax.train.reference.precompute first"
+            )
+        if saved != reference_id(config, metadata):
+            raise ConfigError(
+                f"data.train={config.data.train}: its reference log-probs were computed for another "
+                "reference model or other settings (fingerprint mismatch); precompute them again"
+            )
+
+
+def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:
+    """Token ids of the records must index the model's embedding: a larger id reads out of bounds
+    (NaN, or silently another token's row) instead of failing."""
+    top = max_token_id(records)  # the records themselves: metadata may predate an edit
+    if top >= vocab_size:
+        tok = metadata.get("tokenizer", {})
+        raise ConfigError(
+            f"{path}: token id {top} is beyond the model's vocabulary of {vocab_size}; the records were "
+            f"tokenized with {tok.get('name_or_path')!r} (vocabulary {tok.get('vocab_size', '?')}), another "
+            "tokenizer than the model's: preprocess them with the model's tokenizer"
+        )
+
+
+
+def reference_id(cfg, metadata: dict) -> str:
+    """The fingerprint tying reference log-probs to the reference weights and the data settings."""
+    settings = {
+        "tokenizer_fingerprint": metadata.get("tokenizer", {}).get("fingerprint", ""),
+        "data_fingerprint": metadata.get("source", {}).get("fingerprint", ""),
+        "max_length": metadata.get("max_length"),
+        "ld_alpha": cfg.loss.get("ld_alpha", None),
+        "dtype": cfg.model.dtype,
+        "granularity": "sequence",
+    }
+    if cfg.model.path:
+        return reference_fingerprint(cfg.model.path, **settings)
+    preset = {"preset": cfg.model.preset, "seed": cfg.model.seed, "vocab": cfg.model.vocab_size, **settings}
+    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
+
 
 
 def check_against_data(config, loss, metadata: dict) -> None:

@@ -24,11 +24,10 @@ import numpy as np
 
 from apo_jax import models, outputs, sharding
 from apo_jax.data.reader import PreferenceReader
-from apo_jax.data.tfrecords import max_token_id
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
-from apo_jax.train.state import build_model, create_state, make_optimizer
+from apo_jax.train.state import build_model, create_state, make_optimizer, model_vocab_size
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
 
 
@@ -187,60 +186,18 @@ def run(cfg) -> dict:
         return _run(cfg, workdir)
 
 
-def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:
-    """Token ids of the records must index the model's embedding: a larger id reads out of bounds
-    (NaN, or silently another token's row) instead of failing."""
-    top = max_token_id(records)  # the records themselves: metadata may predate an edit
-    if top >= vocab_size:
-        tok = metadata.get("tokenizer", {})
-        raise config_lib.ConfigError(
-            f"{path}: token id {top} is beyond the model's vocabulary of {vocab_size}; the records were "
-            f"tokenized with {tok.get('name_or_path')!r} (vocabulary {tok.get('vocab_size', '?')}), another "
-            "tokenizer than the model's: preprocess them with the model's tokenizer"
-        )
-
-
-def _vocab_size(cfg) -> int:
-    return models.read_config(cfg.model.path).vocab_size if cfg.model.path else cfg.model.vocab_size
-
-
-def _run(cfg, workdir: pathlib.Path) -> dict:
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, workdir)
-    t = cfg.train
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if (t.batch_size // t.grad_accum) % shards:
-        raise config_lib.ConfigError(
-            f"train.batch_size / train.grad_accum = {t.batch_size // t.grad_accum} is not divisible by "
-            f"mesh.data × mesh.fsdp = {shards}"
-        )
-    loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
-    reader = PreferenceReader(
-        cfg.data.train, global_batch_size=t.batch_size, seed=t.seed, layout=cfg.data.layout,
-        length=cfg.data.length or None, pad_id=cfg.data.pad_id, packed_rows=cfg.data.packed_rows or None,
+def _reader(path, cfg, batch_size: int, seed: int) -> PreferenceReader:
+    """The records at `path` batched as the config's data group says (train, eval and probe sets)."""
+    d = cfg.data
+    return PreferenceReader(
+        path, global_batch_size=batch_size, seed=seed, layout=d.layout, length=d.length or None,
+        pad_id=d.pad_id, packed_rows=d.packed_rows or None,
     )  # fmt: skip
-    check_vocab(cfg.data.train, reader.records, reader.metadata, _vocab_size(cfg))
-    if loss is not None:
-        config_lib.check_against_data(cfg, loss, reader.metadata)
-    reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
-    if reference == "precomputed":
-        from apo_jax.train.reference import reference_id
 
-        saved = reader.metadata.get("reference", {}).get("fingerprint")
-        if saved is None:
-            raise config_lib.ConfigError(
-                f"reference.mode='precomputed' but {cfg.data.train} has no reference log-probs: "
-                "run apo_jax.train.reference.precompute first"
-            )
-        if saved != reference_id(cfg, reader.metadata):
-            raise config_lib.ConfigError(
-                f"data.train={cfg.data.train}: its reference log-probs were computed for another reference "
-                "model or other settings (fingerprint mismatch); precompute them again"
-            )
-    model, params = build_model(cfg, mesh)
-    tx, lr = make_optimizer(cfg.optimizer, t.steps)
-    loss_state = loss.init_state() if loss is not None and loss.stateful else None
+
+def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
+    """The train state: the policy, the optimizer, the loss's state and the reference (a frozen copy
+    in the compute dtype, the policy itself for TR-DPO's sync, or a model of its own: reference.path)."""
     ref_loaded = None
     if reference in ("frozen", "sync") and cfg.reference.path:  # a reference other than the start
         ref_cfg = cfg.copy_and_resolve_references()
@@ -250,6 +207,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             raise config_lib.ConfigError(
                 f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
             )
+    loss_state = loss.init_state() if loss is not None and loss.stateful else None
 
     def init(params, ref_loaded):
         ref = ref_loaded  # a reference loaded apart, or a copy of the starting policy
@@ -257,22 +215,94 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             ref = models.frozen_copy(model.config, params if ref is None else ref)
         elif reference == "sync" and ref is None:  # mixed with the policy: keeps the policy's precision
             ref = jax.tree.map(jnp.copy, params)
-        return create_state(params, tx, seed=t.seed, ref_params=ref, loss_state=loss_state)
+        return create_state(params, tx, seed=cfg.train.seed, ref_params=ref, loss_state=loss_state)
 
-    state = jax.jit(init)(params, ref_loaded)
-    del params, ref_loaded
-    hp = (
-        tuple(sorted(config_lib.loss_hparams(cfg).items()))
-        if loss is not None
-        else (("beta", cfg.loss.beta),)
-    )
-    step_cfg = StepConfig(
+    return jax.jit(init)(params, ref_loaded)
+
+
+def _step_config(cfg, loss, reference: str) -> StepConfig:
+    t = cfg.train
+    hp = (("beta", cfg.loss.beta),) if loss is None else tuple(sorted(config_lib.loss_hparams(cfg).items()))
+    return StepConfig(
         mode=t.mode, layout=cfg.data.layout, grad_accum=t.grad_accum, reference=reference,
         sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
         ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
         hparams=hp, token_level=loss is not None and loss.granularity == "token",
         kl=None if loss is None else loss.kl,
     )  # fmt: skip
+
+
+class _StepLog:
+    """Reads each step's metrics to the host one step late (the device never waits for the host),
+    writes them every `train.log_every` steps with throughput and MFU, and stops the run after
+    `train.max_nonfinite` consecutive skipped updates."""
+
+    def __init__(self, t, writer, mngr, workdir, start: int, skipped_run: int, per_token: float, peak: float):
+        self.t, self.writer, self.mngr, self.workdir = t, writer, mngr, workdir
+        self.per_token, self.peak = per_token, peak
+        self.bar = _progress(t, start)
+        self.pending = None  # the last dispatched step's (step, metrics)
+        self.last: dict = {}
+        self.clock = time.perf_counter()
+        self.skipped_run = skipped_run  # consecutive skipped updates, counted on the host
+
+    def dispatched(self, step: int, metrics) -> None:
+        """Called after step `step` is dispatched: reads the previous step's metrics meanwhile."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Reads the pending step's metrics; `step_time` is the time between completions."""
+        if self.pending is None:
+            return
+        (done, metrics), self.pending = self.pending, None
+        t = self.t
+        values = {k: float(_host(v)) for k, v in metrics.items()}
+        now = time.perf_counter()
+        seconds, self.clock = now - self.clock, now
+        if done % t.log_every == 0 or done == t.steps:
+            last = values | {"step_time": seconds, "tokens_per_second": values["tokens"] / seconds}
+            if self.peak:
+                last["mfu"] = last["tokens"] * self.per_token / seconds / (self.peak * jax.device_count())
+            self.last = last
+            self.writer.write(done, last)
+            if self.bar is not None:
+                self.bar.update(done - self.bar.n)
+                self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
+        self.skipped_run = self.skipped_run + 1 if values["skipped"] else 0
+        if self.skipped_run >= t.max_nonfinite:
+            self.mngr.wait_until_finished()
+            good = self.mngr.latest_step()
+            kept = (
+                f"The last good checkpoint, step {good} in {self.workdir / 'checkpoints'}, is intact."
+                if good is not None
+                else "No checkpoint was written before; nothing was exported."
+            )
+            raise NonFiniteError(
+                f"step {done}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
+                f"and were skipped; stopping. {kept}"
+            )
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run(cfg, workdir: pathlib.Path) -> dict:
+    if jax.process_index() == 0:
+        config_lib.save_config(cfg, workdir)
+    t = cfg.train
+    mesh = sharding.make_mesh(**dict(cfg.mesh))
+    loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
+    reader = _reader(cfg.data.train, cfg, t.batch_size, t.seed)
+    config_lib.check_run(cfg, loss, mesh, reader.records, reader.metadata, model_vocab_size(cfg.model))
+    reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
+    model, params = build_model(cfg, mesh)
+    tx, lr = make_optimizer(cfg.optimizer, t.steps)
+    state = _init_state(cfg, mesh, model, params, loss, reference, tx)
+    del params
+    step_cfg = _step_config(cfg, loss, reference)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
         make_train_step(model, loss, tx, lr, step_cfg),
@@ -286,46 +316,9 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     evaluate = _eval_fn(cfg, model, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
     peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)
-    bar = _progress(t, start)
-    status, last = "done", {}
+    log = _StepLog(t, writer, mngr, workdir, start, int(_host(state.nonfinite_run)), per_token, peak)
+    status = "done"
     batches = prefetch_to_mesh(reader.batches_from(start), mesh)
-    pending = None  # the last dispatched step's (step, metrics), read one step late
-    clock = time.perf_counter()
-    skipped_run = int(_host(state.nonfinite_run))  # consecutive skipped updates, counted on the host
-
-    def flush():
-        """Reads the pending step's metrics to the host. Called after the next step is dispatched,
-        so the device never waits for the host; `step_time` is the time between completions."""
-        nonlocal pending, last, clock, skipped_run
-        if pending is None:
-            return
-        done, metrics = pending
-        pending = None
-        values = {k: float(_host(v)) for k, v in metrics.items()}
-        now = time.perf_counter()
-        seconds, clock = now - clock, now
-        if done % t.log_every == 0 or done == t.steps:
-            last = values | {"step_time": seconds, "tokens_per_second": values["tokens"] / seconds}
-            if peak:
-                last["mfu"] = last["tokens"] * per_token / seconds / (peak * jax.device_count())
-            writer.write(done, last)
-            if bar is not None:
-                bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
-        skipped_run = skipped_run + 1 if values["skipped"] else 0
-        if skipped_run >= t.max_nonfinite:
-            mngr.wait_until_finished()
-            good = mngr.latest_step()
-            kept = (
-                f"The last good checkpoint, step {good} in {workdir / 'checkpoints'}, is intact."
-                if good is not None
-                else "No checkpoint was written before; nothing was exported."
-            )
-            raise NonFiniteError(
-                f"step {done}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
-                f"and were skipped; stopping. {kept}"
-            )
-
     if evaluate is not None and t.eval_every and start == 0:
         writer.write(0, evaluate(state))  # the start of Figure 4: policy = reference, rewards 0
     with _Preemption() as preempt:
@@ -333,12 +326,11 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
         while step < t.steps:
             state, metrics = train_step(state, next(batches))
             step += 1
-            flush()  # the previous step's metrics, while this one runs
-            pending = (step, metrics)
+            log.dispatched(step, metrics)  # the previous step's metrics, while this one runs
             evaluating = evaluate is not None and t.eval_every and step % t.eval_every == 0
             saving = t.checkpoint_every and step % t.checkpoint_every == 0
             if evaluating or saving or preempt.requested:
-                flush()
+                log.flush()
             if evaluating:
                 writer.write(step, evaluate(state))
             if saving:
@@ -346,21 +338,19 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             if preempt.requested:
                 status = "preempted"
                 break
-        flush()
+        log.flush()
     if mngr.latest_step() != step:
         _save(mngr, step, state, reader)
     mngr.wait_until_finished()
-    writer.close()
-    if bar is not None:
-        bar.close()
-    if status == "done" and step > start and skipped_run >= step - start:  # no update took effect
+    log.close()
+    if status == "done" and step > start and log.skipped_run >= step - start:  # no update took effect
         raise NonFiniteError(
             f"every update of steps {start + 1}..{step} had a non-finite loss or gradient and was skipped; "
             "the model did not change and was not exported"
         )
     if status == "done" and t.export_hf:
         models.to_hf(model, state.params, workdir / "hf")
-    return {"status": status, "step": step, "metrics": last, "state": state}
+    return {"status": status, "step": step, "metrics": log.last, "state": state}
 
 
 def _progress(t, start):
@@ -386,11 +376,8 @@ def _eval_fn(cfg, model, step_cfg, mesh):
     step = jax.jit(make_eval_step(model, step_cfg, cfg.loss.beta))
     loaded = []
     for prefix, path, limit in sets:
-        reader = PreferenceReader(
-            path, global_batch_size=cfg.train.batch_size // cfg.train.grad_accum, seed=0,
-            layout=cfg.data.layout, length=cfg.data.length or None, pad_id=cfg.data.pad_id,
-        )  # fmt: skip
-        check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
+        reader = _reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)
+        config_lib.check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
         if n == 0:
             raise config_lib.ConfigError(

@@ -12,34 +12,17 @@ copy of the record directory with `ref_chosen_logps` / `ref_rejected_logps` (per
 
 from __future__ import annotations
 
-import hashlib
-import json
 import pathlib
 
 import jax
 import numpy as np
 
 from apo_jax.data import layouts
-from apo_jax.data.tfrecords import read_records, reference_fingerprint, rewrite_records
+from apo_jax.data.tfrecords import read_records, rewrite_records
 from apo_jax.train import config as config_lib
+from apo_jax.train.config import reference_id
 
 TOOL = "apo_jax.train.reference"
-
-
-def reference_id(cfg, metadata: dict) -> str:
-    """The fingerprint tying reference log-probs to the reference weights and the data settings."""
-    settings = {
-        "tokenizer_fingerprint": metadata.get("tokenizer", {}).get("fingerprint", ""),
-        "data_fingerprint": metadata.get("source", {}).get("fingerprint", ""),
-        "max_length": metadata.get("max_length"),
-        "ld_alpha": cfg.loss.get("ld_alpha", None),
-        "dtype": cfg.model.dtype,
-        "granularity": "sequence",
-    }
-    if cfg.model.path:
-        return reference_fingerprint(cfg.model.path, **settings)
-    preset = {"preset": cfg.model.preset, "seed": cfg.model.seed, "vocab": cfg.model.vocab_size, **settings}
-    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
 
 
 def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> pathlib.Path:

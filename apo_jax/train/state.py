@@ -13,6 +13,13 @@ import optax
 from apo_jax import models
 
 
+def model_vocab_size(m) -> int:
+    """The vocabulary of the model `cfg.model` describes, read before any weight is."""
+    if m.path:
+        return models.read_config(m.path).vocab_size
+    return models.preset(m.preset, vocab_size=m.vocab_size).vocab_size
+
+
 def build_model(cfg, mesh):
     """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random."""
     m = cfg.model
