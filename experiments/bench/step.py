@@ -1,0 +1,166 @@
+"""The apo_jax preference step, timed: compile, step time, tokens/s, memory, FLOP/s and MFU."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from apo_jax.models.flops import flops_per_token
+from experiments.bench.common import block_until_ready, compiled_memory, device_peak_bytes, peak_flops, timed
+
+
+class JaxStep:
+    """One compiled preference step over fixed batches; keeps the state between calls."""
+
+    def __init__(
+        self,
+        config,
+        params,
+        *,
+        reference: str,
+        layout: str = "padded",
+        loss: str = "apo_zero",
+        lr: float = 1e-5,
+        beta: float = 0.1,
+        steps: int = 10,
+    ):
+        import jax
+        import ml_collections
+
+        from apo_jax import losses, models
+        from apo_jax.train.state import create_state, make_optimizer
+        from apo_jax.train.step import StepConfig, make_train_step
+
+        self.model = models.Llama(config)
+        opt = ml_collections.ConfigDict(
+            {
+                "lr": lr,
+                "warmup_steps": 0,
+                "schedule": "linear",
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "b1": 0.9,
+                "b2": 0.999,
+                "eps": 1e-8,
+            }
+        )
+        tx, sched = make_optimizer(opt, steps)
+        ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
+        self.state = create_state(params, tx, seed=0, ref_params=ref)
+        cfg = StepConfig(layout=layout, reference=reference, hparams=(("beta", beta),), with_entropy=False)
+        self.step = jax.jit(make_train_step(self.model, losses.get(loss), tx, sched, cfg), donate_argnums=0)
+        self.reference, self.layout = reference, layout
+
+    def compile(self, batch) -> tuple[float, int | None]:
+        t0 = time.perf_counter()
+        compiled = self.step.lower(self.state, batch).compile()
+        return time.perf_counter() - t0, compiled_memory(compiled)
+
+    def __call__(self, batch):
+        self.state, metrics = self.step(self.state, batch)
+        return metrics
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def reference_logps(config, params, records, length: int) -> np.ndarray:
+    """Per-pair (chosen, rejected) reference log-probs, as apo_jax.train.reference precomputes them."""
+    import jax
+
+    from apo_jax import models
+    from apo_jax.data import layouts
+    from apo_jax.train.step import StepConfig, sequence_sums
+
+    key = (id(params), id(records), length)
+    if key not in _REFERENCE_CACHE:
+        model = models.Llama(config)
+        out = jax.jit(lambda p, b: sequence_sums(model, p, b, StepConfig(layout="padded")))(
+            params, layouts.padded(records, length)
+        )
+        _REFERENCE_CACHE[key] = np.stack([np.asarray(out["chosen"]), np.asarray(out["rejected"])], 1)
+    return _REFERENCE_CACHE[key]
+
+
+def packed_rows(records, length: int) -> int:
+    """The fewest rows of `length` that apo_jax.data.layouts.packed's first-fit fills."""
+    sizes = [len(r["prompt_ids"]) + len(r[f"{s}_ids"]) for r in records for s in ("chosen", "rejected")]
+    rows = -(-sum(sizes) // length)
+    while True:
+        used = [0] * rows
+        for n in sizes:
+            i = next((i for i, u in enumerate(used) if u + n <= length), None)
+            if i is None:
+                break
+            used[i] += n
+        else:
+            return rows
+        rows += 1
+
+
+def with_reference(records, ref):
+    return [
+        r | {"ref_chosen_logps": float(a), "ref_rejected_logps": float(b)}
+        for r, (a, b) in zip(records, ref, strict=True)
+    ]
+
+
+def real_tokens(records) -> int:
+    return sum(2 * len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in records)
+
+
+def bench_step(
+    args, config, params, records, *, reference: str, layout: str = "padded", length=None, rows=None
+) -> dict:
+    """Times the apo_jax step on one fixed batch (the same batch every step, as TRL's side does)."""
+    from apo_jax.data import layouts
+
+    length = length or args.length
+    if reference == "precomputed":
+        records = with_reference(records, reference_logps(config, params, records, args.length))
+    batch = layouts.build(layout, records, length, rows=rows)
+    step = JaxStep(
+        config,
+        copy_params(params),
+        reference=reference,
+        layout=layout,
+        lr=args.lr,
+        steps=args.steps + args.warmup + 1,
+    )
+    compile_s, memory = step.compile(batch)
+    first = {k: float(v) for k, v in step(batch).items()}
+    second = {k: float(v) for k, v in step(batch).items()}
+    timing = timed(lambda: step(batch)["loss"], args.steps, max(0, args.warmup - 2), block_until_ready)
+    tokens = real_tokens(records)
+    flops = tokens * flops_per_token(config, args.length) * (3 + (reference == "frozen"))
+    row = {
+        "part": "step",
+        "impl": "apo_jax",
+        "reference": reference,
+        "layout": layout,
+        "row_length": length,
+        "rows": int(batch["input_ids"].shape[0]) if "input_ids" in batch else 2 * len(records),
+        "compile_s": compile_s,
+        **timing,
+        "real_tokens": tokens,
+        "tokens_per_s": tokens / timing["median_s"],
+        "flops_per_s": flops / timing["median_s"],
+        "memory_bytes": device_peak_bytes() or memory,
+        "step0_logps_chosen": first["logps/chosen"],
+        "step0_logps_rejected": first["logps/rejected"],
+        "step0_loss": first["loss"],
+        "step1_loss": second["loss"],
+    }
+    peak = peak_flops()
+    if peak:
+        import jax
+
+        row["mfu"] = row["flops_per_s"] / (peak * jax.device_count())
+    return row
+
+
+def copy_params(params):
+    import jax
+
+    return jax.tree.map(lambda x: x.copy(), params)
