@@ -94,3 +94,13 @@ def compiled_memory(compiled) -> int | None:
         return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)
     except Exception:  # some backends have no analysis
         return None
+
+
+def bench_optimizer(lr: float):
+    """The trainer's default AdamW (apo_jax.train.config.default_config) at `lr`, linear decay, no
+    warm-up: the apo_jax step and TRL's DPOConfig both read it."""
+    from apo_jax.train.config import default_config
+
+    opt = default_config().optimizer
+    opt.lr, opt.warmup_steps, opt.schedule = lr, 0, "linear"
+    return opt

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -18,8 +17,7 @@ from experiments.bench.step import bench_step, packed_rows
 from experiments.bench.trl import bench_trl, export_model
 
 
-@cli.command
-def main(argv=None) -> int:
+def _args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="tiny", help="tiny, 125m, 1b (Llama-3.2-1B) or 8b (Llama-3-8B)")
     p.add_argument("--length", type=int, default=256, help="row length T (TRL's max_length)")
@@ -41,12 +39,83 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.shape, args.length, args.batch, args.steps, args.warmup = "tiny", 64, 4, 2, 1
-    parts = set(args.parts.split(","))
-    if parts - set(PARTS):
-        raise cli.UserError(f"--parts: unknown {sorted(parts - set(PARTS))}; use some of {','.join(PARTS)}")
+    args.part_set = set(args.parts.split(","))
+    if args.part_set - set(PARTS):
+        raise cli.UserError(
+            f"--parts: unknown {sorted(args.part_set - set(PARTS))}; use some of {','.join(PARTS)}"
+        )
     for flag in ("length", "batch", "steps"):
         if getattr(args, flag) <= 0:
             raise cli.UserError(f"--{flag} {getattr(args, flag)}: must be positive")
+    return args
+
+
+class _Report:
+    """The results so far, written to `--out` after every part: a stopped run keeps what it measured."""
+
+    def __init__(self, args):
+        self.args, self.results, self.about = args, [], machine()
+        self.started = time.perf_counter()
+
+    def save(self) -> dict:
+        rtol = 2e-3 if self.args.dtype == "bfloat16" else 1e-4
+        args = {k: v for k, v in vars(self.args).items() if k != "part_set"}
+        report = {"machine": self.about, "args": args, "results": self.results}
+        report |= {"ratios": ratios(self.results), "agreement_problems": agreement(self.results, rtol)}
+        pathlib.Path(self.args.out).write_text(json.dumps(report, indent=2, default=str))
+        return report
+
+    def say(self, msg: str) -> None:
+        self.save()
+        print(f"[bench {time.perf_counter() - self.started:6.1f}s] {msg}", flush=True)
+
+
+def _trl(args, config, params, records, report: _Report) -> None:
+    """TRL's step on the same weights: online reference (and precomputed, gradient checkpointing on
+    and off, outside the smoke run)."""
+    if missing := missing_modules("torch", "trl"):
+        report.say(
+            f"TRL step skipped: {missing} not installed (pip install -e '.[test]' brings TRL and PyTorch)"
+        )
+        report.results.append({"part": "trl", "skipped": f"{missing} not installed"})
+        return
+    with tempfile.TemporaryDirectory() as d:
+        model_dir, tok_dir = export_model(config, params, pathlib.Path(d) / "hf", config.vocab_size)
+        for precompute in (False,) if args.smoke else (False, True):
+            for gc in (False,) if args.no_trl_checkpointing or args.smoke else (False, True):
+                which = "precomputed" if precompute else "online"
+                report.say(f"TRL step, {which} reference, gradient checkpointing {gc}")
+                row = bench_trl(args, model_dir, tok_dir, records, gradient_checkpointing=gc,
+                                precompute=precompute, bf16=args.dtype == "bfloat16")  # fmt: skip
+                report.results.append(row)
+
+
+def _layouts(args, config, params, records, report: _Report) -> None:
+    """The same pairs (the CLAIR length mix) in the three layouts."""
+    shared = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1 for r in records)
+    unit = min(128, args.length)
+    rows = packed_rows(records, args.length)
+    for layout, length, n_rows in (
+        ("padded", args.length, None),
+        ("packed", args.length, rows),
+        ("prompt_shared", -(-shared // unit) * unit, None),
+    ):
+        key = ("apo_jax", "precomputed", layout)
+        if any((r.get("impl"), r.get("reference"), r.get("layout")) == key for r in report.results):
+            continue
+        report.say(f"apo_jax step, {layout} layout (CLAIR length mix)")
+        try:
+            row = bench_step(args, config, params, records, reference="precomputed", layout=layout,
+                             length=length, rows=n_rows)  # fmt: skip
+        except ValueError as e:  # a pair does not fit this layout's rows
+            row = {"part": "step", "impl": "apo_jax", "reference": "precomputed", "layout": layout,
+                   "error": str(e)}  # fmt: skip
+        report.results.append(row)
+
+
+@cli.command
+def main(argv=None) -> int:
+    args = _args(argv)
     import jax
 
     from apo_jax import models
@@ -55,98 +124,31 @@ def main(argv=None) -> int:
     model = models.Llama(config)
     params = models.init_params(model, 0)
     records = synthetic_pairs(args.batch, args.length, config.vocab_size, seed=0)
-    results: list[dict] = []
-
-    started = time.perf_counter()
-
-    about = machine()
-
-    def save() -> dict:  # after every part: a stopped run keeps what it measured
-        rtol = 2e-3 if args.dtype == "bfloat16" else 1e-4
-        report = {"machine": about, "args": vars(args), "results": results, "ratios": ratios(results),
-                  "agreement_problems": agreement(results, rtol)}  # fmt: skip
-        pathlib.Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-        return report
-
-    def say(msg):
-        save()
-        print(f"[bench {time.perf_counter() - started:6.1f}s] {msg}", flush=True)
-
-    say(
-        f"{args.shape} ({sum(param_counts(config).values()) / 1e6:.1f}M parameters), "
-        f"T={args.length}, "
-        f"{args.batch} pairs, {args.dtype}, on {jax.devices()[0].device_kind}"
-    )
+    report, parts = _Report(args), args.part_set
+    report.say(f"{args.shape} ({sum(param_counts(config).values()) / 1e6:.1f}M parameters), T={args.length}, "
+               f"{args.batch} pairs, {args.dtype}, on {jax.devices()[0].device_kind}")  # fmt: skip
     if "step" in parts:
         for reference in ("frozen", "precomputed"):
-            say(f"apo_jax step, {reference} reference")
-            results.append(bench_step(args, config, params, records, reference=reference))
-    if "trl" in parts and (missing := missing_modules("torch", "trl")):
-        say(f"TRL step skipped: {missing} not installed (pip install -e '.[test]' brings TRL and PyTorch)")
-        results.append({"part": "trl", "skipped": f"{missing} not installed"})
-    elif "trl" in parts:
-        with tempfile.TemporaryDirectory() as d:
-            model_dir, tok_dir = export_model(config, params, pathlib.Path(d) / "hf", config.vocab_size)
-            for precompute in (False,) if args.smoke else (False, True):
-                for gc in (False,) if args.no_trl_checkpointing or args.smoke else (False, True):
-                    which = "precomputed" if precompute else "online"
-                    say(f"TRL step, {which} reference, gradient checkpointing {gc}")
-                    results.append(
-                        bench_trl(
-                            args,
-                            model_dir,
-                            tok_dir,
-                            records,
-                            gradient_checkpointing=gc,
-                            precompute=precompute,
-                            bf16=args.dtype == "bfloat16",
-                        )
-                    )
-    if "layouts" in parts:  # the same pairs (the CLAIR length mix) in the three layouts
-        shared = max(
-            len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1 for r in records
-        )
-        unit = min(128, args.length)
-        rows = packed_rows(records, args.length)
-        for layout, length, n_rows in (
-            ("padded", args.length, None),
-            ("packed", args.length, rows),
-            ("prompt_shared", -(-shared // unit) * unit, None),
-        ):
-            done = [r for r in results if r.get("impl") == "apo_jax" and r.get("reference") == "precomputed"
-                    and r.get("layout") == layout]  # fmt: skip
-            if done:
-                continue
-            say(f"apo_jax step, {layout} layout (CLAIR length mix)")
-            try:
-                row = bench_step(args, config, params, records, reference="precomputed", layout=layout,
-                                 length=length, rows=n_rows)  # fmt: skip
-            except ValueError as e:  # a pair does not fit this layout's rows
-                row = {"part": "step", "impl": "apo_jax", "reference": "precomputed", "layout": layout,
-                       "error": str(e)}  # fmt: skip
-            results.append(row)
-    if "logprobs" in parts:
-        say("log-probs: chunked vs full logits")
-        results += bench_logprobs(args, config)
-    if "data" in parts:
-        say("data: preprocess and reader")
-        results += bench_data(args)
-    if "sampling" in parts:
-        say("sampling with the KV cache")
-        results += bench_sampling(args, config, params)
-    report = save()
-    print(table(results))
-    for k, v in report["ratios"].items():
+            report.say(f"apo_jax step, {reference} reference")
+            report.results.append(bench_step(args, config, params, records, reference=reference))
+    if "trl" in parts:
+        _trl(args, config, params, records, report)
+    if "layouts" in parts:
+        _layouts(args, config, params, records, report)
+    for part, what, run in (
+        ("logprobs", "log-probs: chunked vs full logits", lambda: bench_logprobs(args, config)),
+        ("data", "data: preprocess and reader", lambda: bench_data(args)),
+        ("sampling", "sampling with the KV cache", lambda: bench_sampling(args, config, params)),
+    ):
+        if part in parts:
+            report.say(what)
+            report.results += run()
+    saved = report.save()
+    print(table(report.results))
+    for k, v in saved["ratios"].items():
         print(f"{k}: {v:.3f}")
-    ran_trl = any(r.get("impl") == "trl" for r in results)
-    print(
-        "agreement with TRL:",
-        "; ".join(report["agreement_problems"])
-        or ("step-0 log-probs and step-1 loss match" if ran_trl else "not checked (TRL did not run)"),
-    )
+    ran_trl = any(r.get("impl") == "trl" for r in report.results)
+    checked = "step-0 log-probs and step-1 loss match" if ran_trl else "not checked (TRL did not run)"
+    print("agreement with TRL:", "; ".join(saved["agreement_problems"]) or checked)
     print(f"wrote {args.out}")
-    return 1 if report["agreement_problems"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return 1 if saved["agreement_problems"] else 0

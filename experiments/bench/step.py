@@ -7,7 +7,14 @@ import time
 import numpy as np
 
 from apo_jax.models.flops import flops_per_token
-from experiments.bench.common import block_until_ready, compiled_memory, device_peak_bytes, peak_flops, timed
+from experiments.bench.common import (
+    bench_optimizer,
+    block_until_ready,
+    compiled_memory,
+    device_peak_bytes,
+    peak_flops,
+    timed,
+)
 
 
 class JaxStep:
@@ -26,25 +33,13 @@ class JaxStep:
         steps: int = 10,
     ):
         import jax
-        import ml_collections
 
         from apo_jax import losses, models
         from apo_jax.train.state import create_state, make_optimizer
         from apo_jax.train.step import StepConfig, make_train_step
 
         self.model = models.Llama(config)
-        opt = ml_collections.ConfigDict(
-            {
-                "lr": lr,
-                "warmup_steps": 0,
-                "schedule": "linear",
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "b1": 0.9,
-                "b2": 0.999,
-                "eps": 1e-8,
-            }
-        )
+        opt = bench_optimizer(lr)
         tx, sched = make_optimizer(opt, steps)
         ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
         self.state = create_state(params, tx, seed=0, ref_params=ref)
