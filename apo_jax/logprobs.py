@@ -15,6 +15,17 @@ import jax
 import jax.numpy as jnp
 
 
+def _kl_stats(logp, ref_logits, targets, kl: str) -> dict:
+    """One chunk's reference token log-probs and per-position KL (see `token_logps`'s `kl`)."""
+    logr = jax.nn.log_softmax(ref_logits)
+    out = {"ref_token_logps": jnp.take_along_axis(logr, targets[..., None], axis=-1)[..., 0]}
+    if kl == "ref_policy":
+        out["kl"] = jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1)
+    else:
+        out["kl"] = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)
+    return out
+
+
 def token_logps(
     hidden,
     weight,
@@ -58,16 +69,15 @@ def token_logps(
     n = T - 1
     c = max(1, min(chunk_size, n))
     pad = (-n) % c
-    h = jnp.pad(hidden[:, :-1].astype(weight.dtype), ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad)))
-    h = h.reshape(B, -1, c, D).swapaxes(0, 1)  # [C, B, c, D]
-    targets = targets.reshape(B, -1, c).swapaxes(0, 1)  # [C, B, c]
-    xs = (h, targets)
+
+    def chunks(x):  # [B, T, ...] -> [C, B, c, ...]: positions 0..T-2 predict tokens 1..T-1
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(B, -1, c, *x.shape[2:]).swapaxes(0, 1)
+
+    xs = (chunks(hidden[:, :-1].astype(weight.dtype)), chunks(input_ids[:, 1:]))
     if kl is not None:
         ref_weight = jax.lax.stop_gradient(ref_weight)
-        hr = jax.lax.stop_gradient(ref_hidden)[:, :-1].astype(ref_weight.dtype)
-        hr = jnp.pad(hr, ((0, 0), (0, pad), (0, 0)))
-        xs = (h, targets, hr.reshape(B, -1, c, D).swapaxes(0, 1))
+        xs += (chunks(jax.lax.stop_gradient(ref_hidden)[:, :-1].astype(ref_weight.dtype)),)
 
     @jax.checkpoint
     def chunk(w, wr, hc, tc, hrc=None):
@@ -80,13 +90,8 @@ def token_logps(
         if with_sum_sq:
             out["log_sum_sq_probs"] = jax.lax.stop_gradient(jax.nn.logsumexp(2 * z, axis=-1) - 2 * lse)
         if kl is not None:
-            logp = z - lse[..., None]
-            logr = jax.nn.log_softmax(jnp.einsum("BcD,DV->BcV", hrc, wr, preferred_element_type=jnp.float32))
-            out["ref_token_logps"] = jnp.take_along_axis(logr, tc[..., None], axis=-1)[..., 0]
-            if kl == "ref_policy":
-                out["kl"] = jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1)
-            else:
-                out["kl"] = jnp.sum(jnp.exp(logp) * (logp - logr), axis=-1)
+            zr = jnp.einsum("BcD,DV->BcV", hrc, wr, preferred_element_type=jnp.float32)
+            out |= _kl_stats(z - lse[..., None], zr, tc, kl)
         return out
 
     _, outs = jax.lax.scan(lambda carry, x: (carry, chunk(weight, ref_weight, *x)), None, xs)

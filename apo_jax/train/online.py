@@ -207,12 +207,55 @@ def _round_prompts(prompts, o, t):
     return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
 
 
+def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
+    """`online.samples` answers of the policy to each prompt of the round (resumable: generate skips
+    the rows it wrote), mixed with the reference's logits for the `mixed` sampler."""
+    from apo_jax import models
+    from apo_jax.data.generate import generate_with_model
+    from apo_jax.data.jsonl import read_jsonl
+
+    o, mixing = cfg.online, {}
+    if o.sampler == "mixed":
+        _, ref_params = models.from_hf(ref)
+        mixing = {"ref_params": ref_params, "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)]}
+    rows = [dict(p, index=i) for i, p in enumerate(batch)]
+    generate_with_model(rows, out, policy, samples=o.samples, max_tokens=o.max_tokens,
+                        temperature=o.temperature, seed=cfg.train.seed + t, progress=cfg.train.progress,
+                        batch_size=o.sample_batch_size, **mixing)  # fmt: skip
+    by: dict = {}
+    for s in read_jsonl(out):
+        by.setdefault(s["index"], {})[s["sample"]] = s["response"]
+    return [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
+
+
+def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
+    """(generated, replayed) pair rows of round `t`, labeled and tokenized into `rd/records`; a round
+    labeled before a restart keeps its pairs (a judge may not answer the same twice)."""
+    from apo_jax.data.jsonl import read_jsonl, write_jsonl
+    from apo_jax.data.preprocess import preprocess
+
+    o = cfg.online
+    if (rd / "records" / "metadata.json").exists():
+        held = read_jsonl(rd / "pairs.jsonl")
+        generated = [r for r in held if r["source"] == f"round_{t}"]
+        return generated, [r for r in held if r["source"] != f"round_{t}"]
+    pairs = label(o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer)
+    generated = [dict(p, source=f"round_{t}") for p in pairs]
+    replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
+    if not generated + replayed:
+        raise ValueError(
+            f"round {t}: the {o.labeler} labeler found no pair among {len(batch)} prompts' samples"
+        )
+    write_jsonl(rd / "pairs.jsonl", generated + replayed)
+    preprocess(str(rd / "pairs.jsonl"), rd / "records", tok, max_length=o.max_length, as_chat=True)
+    return generated, replayed
+
+
 def run_online(cfg, *, scorer=None) -> dict:
     """Runs (or resumes) `cfg.online.rounds` rounds; returns {"rounds": [per-round summary], "policy"}."""
     from apo_jax import models
-    from apo_jax.data.generate import generate_with_model, read_prompts
-    from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
-    from apo_jax.data.preprocess import preprocess
+    from apo_jax.data.generate import read_prompts
+    from apo_jax.data.jsonl import read_jsonl, write_atomic
     from apo_jax.train.loop import run as train_run
 
     o = cfg.online
@@ -235,37 +278,8 @@ def run_online(cfg, *, scorer=None) -> dict:
         if cfg.reference.path:  # a fixed reference other than the start (DICE: the DPO model's own)
             ref = pathlib.Path(cfg.reference.path).absolute()
         batch = _round_prompts(prompts, o, t)
-        mixing = {}
-        if o.sampler == "mixed":
-            _, ref_params = models.from_hf(ref)
-            mixing = {
-                "ref_params": ref_params,
-                "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)],
-            }
-        rows = [dict(p, index=i) for i, p in enumerate(batch)]
-        generate_with_model(rows, rd / "samples.jsonl", policy, samples=o.samples, max_tokens=o.max_tokens,
-                            temperature=o.temperature, seed=cfg.train.seed + t, progress=cfg.train.progress,
-                            batch_size=o.sample_batch_size, **mixing)  # fmt: skip
-        by = {}
-        for s in read_jsonl(rd / "samples.jsonl"):
-            by.setdefault(s["index"], {})[s["sample"]] = s["response"]
-        samples = [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
-        if (rd / "records" / "metadata.json").exists():  # labeled and tokenized before a restart: keep
-            held = read_jsonl(rd / "pairs.jsonl")  # the pairs the records hold (a judge may not repeat)
-            generated = [r for r in held if r["source"] == f"round_{t}"]
-            replayed = [r for r in held if r["source"] != f"round_{t}"]
-        else:
-            pairs = label(
-                o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
-            )
-            generated = [dict(p, source=f"round_{t}") for p in pairs]
-            replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
-            if not generated + replayed:
-                raise ValueError(
-                    f"round {t}: the {o.labeler} labeler found no pair among {len(batch)} prompts' samples"
-                )
-            write_jsonl(rd / "pairs.jsonl", generated + replayed)
-            preprocess(str(rd / "pairs.jsonl"), rd / "records", tok, max_length=o.max_length, as_chat=True)
+        samples = _sample(cfg, batch, policy, ref, rd / "samples.jsonl", t)
+        generated, replayed = _pairs(cfg, t, batch, samples, policy, ref, tok, rd, offline, scorer)
         rc = cfg.copy_and_resolve_references()
         rc.workdir, rc.model.path, rc.model.preset = str(rd / "train"), str(policy), ""
         rc.data.train, rc.train.export_hf = str(rd / "records"), True
