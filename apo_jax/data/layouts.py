@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 LAYOUTS = ("padded", "packed", "prompt_shared")
+# records column -> batch key (DESIGN.md, "Field names across stages"); the step and the config read it
 EXTRA_KEYS = {"is_tie": "is_tie", "timestamp": "timestamps", "score": "scores", "label": "label"}
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 

@@ -17,6 +17,7 @@ import ml_collections
 
 from apo_jax import losses
 from apo_jax.cli import UserError
+from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
@@ -390,7 +391,7 @@ def reference_id(cfg, metadata: dict) -> str:
 def check_against_data(config, loss, metadata: dict) -> None:
     """Batch fields the loss needs must be in the records (checked once the data is opened)."""
     fields = set(metadata.get("fields", ()))
-    rename = {"is_tie": "is_tie", "timestamps": "timestamp", "scores": "score", "label": "label"}
+    rename = {batch_key: column for column, batch_key in EXTRA_KEYS.items()}  # batch key -> records column
     for need in loss.needs:
         if need in rename and rename[need] not in fields:
             raise ConfigError(

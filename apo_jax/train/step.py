@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from apo_jax import losses as losses_lib
-from apo_jax.data.layouts import sequence_logps
+from apo_jax.data.layouts import EXTRA_KEYS, sequence_logps
 from apo_jax.models import token_logps
 from apo_jax.train.state import TrainState
 
@@ -129,7 +129,7 @@ def sequence_sums(model, params, batch, cfg: StepConfig, *, with_entropy=False):
     return _sides_rows(model, params, batch, cfg, with_entropy=with_entropy)
 
 
-_FIELDS = {"is_tie": "is_tie", "timestamps": "timestamps", "scores": "scores", "label": "label"}
+_FIELDS = tuple(EXTRA_KEYS.values())  # the batch keys of the records' extra columns
 _TOKEN_FIELDS = ("chosen_loss_mask", "rejected_loss_mask", "chosen_weights", "rejected_weights")
 
 
@@ -148,7 +148,7 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
             ref = jax.lax.stop_gradient(sequence_sums(model, ref_params, batch, cfg))
         else:
             ref = None
-    fields = {k: batch[v] for k, v in _FIELDS.items() if v in batch and k in loss.needs + loss.accepts}
+    fields = {k: batch[k] for k in _FIELDS if k in batch and k in loss.needs + loss.accepts}
     mix = loss if isinstance(loss, losses_lib.Mixture) else losses_lib.Mixture((loss,), (1.0,))
     state_in = loss_state or None
     if loss.kind == "unpaired":
