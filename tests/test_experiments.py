@@ -58,6 +58,8 @@ def _parse(*args):
         sys.argv = saved
 
 
+# ml_collections loads config files with importlib's deprecated load_module
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 def test_loss_hyperparameters_are_config_keys():
     """`--config.loss.<key>=v` for any hyperparameter of the configured loss: config.loss holds them all
     at the registry's defaults, so ml_collections types the override; unknown keys and bad values are
