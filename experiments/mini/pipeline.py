@@ -44,41 +44,64 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
     return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
 
 
+def _clair(p, m0, m1, rng, keep_ties) -> list[dict]:
+    """CLAIR: the minimal revision of M's first answer over that answer (none when nothing is wrong)."""
+    revised = task.revise(p, m0)
+    return [{"prompt": p["prompt"], "chosen": revised, "rejected": m0}] if revised != m0 else []
+
+
+def _clair_steps(p, m0, m1, rng, keep_ties) -> list[dict]:
+    """Step-DPO: the first wrong step of M's answer vs its revision, after the right ones."""
+    revised = task.revise(p, m0)
+    pair = step_pair(p["prompt"], m0, revised) if revised != m0 else None
+    return [pair] if pair is not None else []
+
+
+def _anchor(p, m0, m1, rng, keep_ties) -> list[dict]:
+    """apo_jax.data.anchor over M's two judged samples, the gold solution as anchor."""
+    pair = anchor_pair(p["prompt"], [m0, m1], [task.is_correct(p, m0), task.is_correct(p, m1)],
+                       anchor=task.gold_answer(p))  # fmt: skip
+    return [pair] if pair is not None else []
+
+
+def _stronger_preferred(p, m0, m1, rng, keep_ties) -> list[dict]:
+    return [{"prompt": p["prompt"], "chosen": task.stronger_answer(p), "rejected": m0}]
+
+
+def _judged(a, b, p, keep_ties) -> list[dict]:
+    """The task's checker as the judge: the correct answer over the wrong one; a tie kept if asked."""
+    ca, cb = task.is_correct(p, a), task.is_correct(p, b)
+    if ca != cb:
+        chosen, rejected = (a, b) if ca else (b, a)
+        return [{"prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "is_tie": False}]
+    return [{"prompt": p["prompt"], "chosen": a, "rejected": b, "is_tie": True}] if keep_ties else []
+
+
+def _on_policy_judge(p, m0, m1, rng, keep_ties) -> list[dict]:
+    return _judged(m0, m1, p, keep_ties)
+
+
+def _off_policy_judge(p, m0, m1, rng, keep_ties) -> list[dict]:
+    a = task.other_model_answer(p, rng)
+    return _judged(a, task.other_model_answer(p, rng), p, keep_ties)
+
+
+# data kind -> pairs of one prompt from M's two samples (m0, m1) and the stand-in models
+PAIR_BUILDERS = {
+    "clair": _clair, "clair_steps": _clair_steps, "anchor": _anchor,
+    "stronger_preferred": _stronger_preferred, "on_policy_judge": _on_policy_judge,
+    "off_policy_judge": _off_policy_judge,
+}  # fmt: skip
+
+
 def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:
     """Pairs of one kind from M's answers (two samples per prompt) and the stand-in models."""
-    rng = random.Random(seed)
+    rng, build = random.Random(seed), PAIR_BUILDERS[kind]
     by = {}
     for a in answers:
         by.setdefault(a["index"], {})[a["sample"]] = a["response"]
-    pairs = []
-    for i, p in enumerate(prompts):
-        m0, m1 = by[i][0], by[i].get(1, by[i][0])
-        if kind in ("clair", "clair_steps"):
-            revised = task.revise(p, m0)
-            if revised != m0 and kind == "clair":
-                pairs.append({"prompt": p["prompt"], "chosen": revised, "rejected": m0})
-            elif revised != m0 and (pair := step_pair(p["prompt"], m0, revised)) is not None:
-                pairs.append(pair)  # Step-DPO: the first wrong step vs its revision, after the right ones
-        elif kind == "anchor":  # apo_jax.data.anchor over M's two judged samples, the gold solution as anchor
-            pair = anchor_pair(p["prompt"], [m0, m1], [task.is_correct(p, m0), task.is_correct(p, m1)],
-                               anchor=task.gold_answer(p))  # fmt: skip
-            if pair is not None:
-                pairs.append(pair)
-        elif kind == "stronger_preferred":
-            pairs.append({"prompt": p["prompt"], "chosen": task.stronger_answer(p), "rejected": m0})
-        else:
-            a, b = (
-                (m0, m1)
-                if kind == "on_policy_judge"
-                else (task.other_model_answer(p, rng), task.other_model_answer(p, rng))
-            )
-            ca, cb = task.is_correct(p, a), task.is_correct(p, b)
-            if ca != cb:
-                pairs.append({"prompt": p["prompt"], "chosen": a if ca else b, "rejected": b if ca else a,
-                              "is_tie": False})  # fmt: skip
-            elif keep_ties:
-                pairs.append({"prompt": p["prompt"], "chosen": a, "rejected": b, "is_tie": True})
-    return pairs
+    return [pair for i, p in enumerate(prompts)
+            for pair in build(p, by[i][0], by[i].get(1, by[i][0]), rng, keep_ties)]  # fmt: skip
 
 
 def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
