@@ -17,10 +17,11 @@ read raises `RowError` naming its index and field; `read_pairs` counts and skips
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Iterator
 from typing import Any
+
+from apo_jax.data.jsonl import parse_lines
 
 EXTRAS = {"is_tie": bool, "timestamp": int, "score": float}
 
@@ -233,21 +234,8 @@ def iter_rows(source: str | pathlib.Path, split: str = "train") -> Iterator[dict
     (a `save_to_disk` directory, a local dataset directory, or a cached hub name, offline)."""
     path = pathlib.Path(source)
     if path.is_file() and path.suffix in (".jsonl", ".json"):
-        with open(path, "rb") as f:  # bytes: a bad byte costs its line, not the file
-            for line_no, raw in enumerate(f):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield _BadLine(
-                        f"{path}:{line_no + 1}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                    )
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield _BadLine(f"{path}:{line_no + 1}: not valid JSON ({e.msg})")
+        for row, problem in parse_lines(path):
+            yield row if problem is None else _BadLine(problem)
         return
     if path.is_file() and path.suffix == ".parquet":
         import pyarrow.parquet as pq

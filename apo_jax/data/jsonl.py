@@ -1,26 +1,42 @@
-"""JSON Lines files: read all rows, write all rows atomically (a crash leaves the old file or the new);
-`write_atomic` does the same for any text file."""
+"""JSON Lines files: read all rows (`parse_lines` names each bad line, for readers that skip it),
+write all rows atomically (a crash leaves the old file or the new); `write_atomic` does the same for
+any text file."""
 
 from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+
+def parse_lines(path) -> Iterator[tuple[Any, str | None]]:
+    """(row, None) for every non-empty line of `path` that is UTF-8 JSON, (None, problem) for one that
+    is not: the problem names the file and line, and the caller skips or raises it. Read as bytes, so
+    a bad byte costs its line, not the file."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield None, f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield None, f"{path}:{number}: not valid JSON ({e.msg})"
 
 
 def read_jsonl(path) -> list[dict]:
     """Every non-empty line of `path`, parsed; a line that is not UTF-8 JSON is a ValueError naming
     the file and line."""
     rows = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if line.strip():
-                    rows.append(json.loads(line))
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[e.start]:#04x})") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    for row, problem in parse_lines(path):
+        if problem is not None:
+            raise ValueError(problem)
+        rows.append(row)
     return rows
 
 
