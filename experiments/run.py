@@ -180,6 +180,8 @@ if __name__ == "__main__":
         print(f"error: {_unknown_key(e, sys.argv) or e}", file=sys.stderr)
         sys.exit(2)
     except (ValueError, OSError, flags.Error) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        from apo_jax.cli import one_line
+
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     app.run(main, argv=argv, flags_parser=lambda _: rest)

@@ -191,7 +191,7 @@ def _metadata(records, shards, report, counts, truncated, histogram, tokenizer, 
         "max_length": max_length,
         "max_prompt_length": max_prompt_length,
         "kl_block": kl_block if unpaired else None,
-        "max_token_id": max_token_id(records),  # the trainer checks it against the model's vocabulary
+        "max_token_id": max_token_id(records),  # for reading; the trainer checks the records themselves
         "tokenizer": {
             "name_or_path": getattr(tokenizer, "name_or_path", None),
             "fingerprint": tokenizer_fingerprint(tokenizer),

@@ -101,7 +101,6 @@ def rewrite_records(records: list[dict], meta: dict, out_dir, extra_meta: dict, 
         meta["shards"] = write_shards(records, tmp, len(meta["shards"]))
         meta["fields"] = sorted(set(meta["fields"]) | set(records[0] if records else ()))
         meta |= extra_meta | {"written_by": tool, "max_token_id": max_token_id(records)}
-        meta.pop("files", None)
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return pathlib.Path(out_dir)
 

@@ -370,7 +370,6 @@ def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> N
         )
 
 
-
 def reference_id(cfg, metadata: dict) -> str:
     """The fingerprint tying reference log-probs to the reference weights and the data settings."""
     settings = {
@@ -385,7 +384,6 @@ def reference_id(cfg, metadata: dict) -> str:
         return reference_fingerprint(cfg.model.path, **settings)
     preset = {"preset": cfg.model.preset, "seed": cfg.model.seed, "vocab": cfg.model.vocab_size, **settings}
     return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
-
 
 
 def check_against_data(config, loss, metadata: dict) -> None:

@@ -13,7 +13,8 @@ Uppaal/detox-edit `detox.py`). For each layer l, with E+_l and E-_l the [N, D] m
 
 `--pairs` is a record directory written by `python -m apo_jax.data.preprocess`; the first
 `--max-pairs` pairs (default 500, the paper's) are embedded. The edited model is written as a
-Hugging Face directory. Parameter names live here, in `models/`, like everything else that knows them.
+Hugging Face directory. It edits one parameter by name (`layers/mlp/down_proj`), the one place outside
+`models/` that does: ProFS needs preference records, so it sits above `data/`, in `train/`.
 """
 
 from __future__ import annotations

@@ -15,9 +15,7 @@ from apo_jax import models
 
 def model_vocab_size(m) -> int:
     """The vocabulary of the model `cfg.model` describes, read before any weight is."""
-    if m.path:
-        return models.read_config(m.path).vocab_size
-    return models.preset(m.preset, vocab_size=m.vocab_size).vocab_size
+    return models.read_config(m.path).vocab_size if m.path else m.vocab_size  # a preset takes vocab_size
 
 
 def build_model(cfg, mesh):
