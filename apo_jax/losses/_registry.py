@@ -84,6 +84,7 @@ class Loss:
       aliases: other registry names of the same loss.
       kl: for losses that take `chosen_kl`/`rejected_kl`, which per-position KL the trainer
         computes: "ref_policy" = KL(π_ref ‖ π) or "policy_ref" = KL(π ‖ π_ref); else None.
+      logp_names: the log-prob arguments in order, which may also be passed by these names.
     """
 
     name: str
@@ -102,6 +103,7 @@ class Loss:
     state_init: Callable[[], Any] | None = None
     aliases: tuple[str, ...] = ()
     kl: str | None = None
+    logp_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "__doc__", self.fn.__doc__)  # the formula, for help()
@@ -128,12 +130,6 @@ class Loss:
             )
         for key, value in hparams.items():
             check(self.name, key, value, self.checks.get(key))
-
-    @property
-    def logp_names(self) -> tuple[str, ...]:
-        """The log-prob arguments, in order (e.g. policy_chosen_logps, ..., ref_rejected_logps)."""
-        params = inspect.signature(self.fn).parameters.values()
-        return tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
     def __call__(self, *logps, **kwargs) -> LossOutput:
         """`loss(policy_chosen_logps, ..., beta=0.1, ...)`: the log-probs positionally or by their
@@ -211,6 +207,7 @@ def register(
     def wrap(fn: Callable[..., LossOutput]) -> Loss:
         params = inspect.signature(fn).parameters.values()
         keyword = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        positional = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
         needs = tuple(p.name for p in keyword if p.name in BATCH_FIELDS and p.default is p.empty)
         accepts = tuple(p.name for p in keyword if p.name in BATCH_FIELDS and p.default is not p.empty)
         hparams = {
@@ -244,6 +241,7 @@ def register(
             state_init=state_init,
             aliases=aliases,
             kl=kl,
+            logp_names=positional,
         )
         for key in (name, *aliases):
             if key in _REGISTRY:
