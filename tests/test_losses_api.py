@@ -157,6 +157,39 @@ def test_mixture_shares_hyperparameters_and_carries_state():
         mix(b["pc"], b["pr"], b["rc"], b["rr"], beta=0.2, simpo_gamma=1.0, **kw)
 
 
+def test_hyperparameters_bound_at_build_are_checked_once_and_overridable():
+    """`build(name, **hparams)` is what the trainer calls: the bound loss equals the formula at those
+    values, a bad value fails at build (not in the step), and a keyword at call time wins."""
+    b = make_batch(5)
+    kw = {"chosen_lengths": b["chosen_lengths"], "rejected_lengths": b["rejected_lengths"]}
+    simpo = losses.build("simpo", beta=2.0, simpo_gamma=0.7)
+    np.testing.assert_allclose(
+        simpo(b["pc"], b["pr"], None, None, **kw).loss,
+        ref.simpo(f64(b), {"beta": 2.0, "simpo_gamma": 0.7, "label_smoothing": 0.0}),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    np.testing.assert_allclose(
+        simpo(b["pc"], b["pr"], None, None, beta=1.0, **kw).loss,
+        ref.simpo(f64(b), {"beta": 1.0, "simpo_gamma": 0.7, "label_smoothing": 0.0}),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    assert losses.get("simpo").bound == {}  # the registry's loss is untouched
+    with pytest.raises(ValueError, match="beta=-1"):
+        losses.build("apo_zero", beta=-1)
+    with pytest.raises(ValueError, match="unknown hyperparameter.*simpo_gamma"):
+        losses.build(["sigmoid", "sft"], [1.0, 0.3], beta=0.1, simpo_gamma=1.0)
+    rpo = losses.build(["sigmoid", "sft"], [1.0, 0.3], beta=0.1)
+    hp = {"beta": 0.1}
+    np.testing.assert_allclose(
+        rpo(b["pc"], b["pr"], b["rc"], b["rr"], **kw).loss,
+        ref.sigmoid(f64(b), hp) + 0.3 * ref.sft(f64(b), hp),
+        rtol=RTOL,
+        atol=ATOL,
+    )
+
+
 def test_mixture_rejects_incompatible_parts():
     with pytest.raises(ValueError, match="kinds"):
         losses.build(["sigmoid", "kto"])

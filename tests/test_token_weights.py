@@ -185,9 +185,8 @@ def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_mo
 
     (pol_dir, ref_dir), _ = pair_models
     batch, model, params, ref_params = _weighted_batch(pair_models, seed=0)
-    loss = losses.get("tis_dpo")
-    cfg = StepConfig(hparams=(("beta", 0.3),), token_level=True)
-    value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
+    loss = losses.build("tis_dpo", beta=0.3)
+    value, (metrics, _) = preference_loss(model, loss, StepConfig(), params, ref_params, None, batch)
     rho = {}
     for side in ("chosen", "rejected"):
         w = batch[f"{side}_weights"] * batch[f"{side}_loss_mask"]
@@ -211,8 +210,8 @@ def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models,
 
     (pol_dir, ref_dir), _ = pair_models
     batch, model, params, ref_params = _weighted_batch(pair_models, seed=3)
-    loss, beta, alpha = losses.get(name), 0.3, 0.7
-    cfg = StepConfig(hparams=(("alpha", alpha), ("beta", beta)), token_level=True, kl=loss.kl, chunk_size=16)
+    beta, alpha = 0.3, 0.7
+    loss, cfg = losses.build(name, alpha=alpha, beta=beta), StepConfig(chunk_size=16)
     value, (metrics, _) = preference_loss(model, loss, cfg, params, ref_params, None, batch)
     rho, kl, plain_kl = {}, {}, {}
     for side in ("chosen", "rejected"):
@@ -238,9 +237,12 @@ def test_kl_losses_in_the_step_equal_their_formulas_on_torch_logits(pair_models,
     assert np.all(kl["chosen"] > 0) and abs(np.mean(kl["chosen"] - kl["rejected"])) > 1e-3  # the term acts
     # held out: each side's summed KL (unweighted), from the eval step's joint pass
     state = create_state(params, optax.identity(), seed=0, ref_params=ref_params)
-    ev = make_eval_step(model, cfg, beta)(state, batch)
+    ev = make_eval_step(model, loss, cfg)(state, batch)
     for side in ("chosen", "rejected"):
         assert float(ev[f"eval/kl/{side}"]) == pytest.approx(np.mean(plain_kl[side]), rel=1e-4)
+        # held-out rewards as the loss defines them (TDPO's include the KL), not a generic β·(π − π_ref)
+        assert float(ev[f"eval/rewards/{side}"]) == pytest.approx(np.mean(reward[side]), rel=1e-4, abs=1e-6)
+    assert float(ev["eval/loss"]) == pytest.approx(np.mean(np.logaddexp(0.0, -beta * z)), rel=1e-4)
 
 
 def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):

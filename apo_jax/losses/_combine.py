@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -24,6 +25,7 @@ class Mixture:
 
     parts: tuple[Loss, ...]
     weights: tuple[float, ...]
+    bound: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see `Loss.bind`
 
     def __post_init__(self):
         kinds = {p.kind for p in self.parts}
@@ -70,6 +72,11 @@ class Mixture:
         states = {p.name: p.init_state() for p in self.parts if p.stateful}
         return states or None
 
+    def bind(self, **hparams) -> Mixture:
+        """The mixture with `hparams` fixed (shared by name among the parts), checked once here."""
+        self.validate(**hparams)
+        return dataclasses.replace(self, bound={**self.bound, **hparams})
+
     def validate(self, **hparams) -> None:
         """Raises ValueError naming any hyperparameter no part takes, or an invalid value."""
         unknown = sorted(set(hparams) - set(self.hparams) - {"f_divergence_type", "f_alpha_divergence_coef"})
@@ -81,9 +88,10 @@ class Mixture:
             p.validate(**{k: v for k, v in hparams.items() if k in p.hparams or k.startswith("f_")})
 
     def __call__(self, *logps, example_weights=None, loss_state=None, **kwargs) -> LossOutput:
-        hparams = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
+        given = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
         fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS}
-        self.validate(**{k: v for k, v in hparams.items() if k != "beta"})
+        self.validate(**{k: v for k, v in given.items() if k != "beta"})
+        hparams = {**self.bound, **given}
         if example_weights is not None and any(p.name in _SORTING for p in self.parts):
             raise ValueError(
                 "WPO weighting (use_weighting) cannot be combined with 'aot' or 'aot_unpaired': "
@@ -115,15 +123,19 @@ class Mixture:
         )
 
 
-def build(name: str | Sequence[str], weights: Sequence[float] | None = None) -> Loss | Mixture:
-    """The loss for a config's `loss.name` and `loss.weights` (TRL's `loss_type`, `loss_weights`).
+def build(name: str | Sequence[str], weights: Sequence[float] | None = None, **hparams) -> Loss | Mixture:
+    """The loss for a config's `loss.name` and `loss.weights` (TRL's `loss_type`, `loss_weights`),
+    with `hparams` (beta included) bound: `build("apo_zero", beta=0.1)(pc, pr, rc, rr)`.
 
-    A single name with no weights is `get(name)` itself; a list (or weights) gives a `Mixture`.
+    A single name with no weights is `get(name)` (bound when hparams are given); a list (or
+    weights) gives a `Mixture`.
     """
     names = [name] if isinstance(name, str) else list(name)
     if not names:
         raise ValueError("loss.name is empty; give a loss name or a list of them")
     if isinstance(name, str) and weights is None:
-        return get(name)
-    weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
-    return Mixture(tuple(get(n) for n in names), tuple(weights))
+        loss = get(name)
+    else:
+        weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+        loss = Mixture(tuple(get(n) for n in names), tuple(weights))
+    return loss.bind(**hparams) if hparams else loss

@@ -85,6 +85,7 @@ class Loss:
       kl: for losses that take `chosen_kl`/`rejected_kl`, which per-position KL the trainer
         computes: "ref_policy" = KL(π_ref ‖ π) or "policy_ref" = KL(π ‖ π_ref); else None.
       logp_names: the log-prob arguments in order, which may also be passed by these names.
+      bound: hyperparameters fixed by `bind` (validated then); keywords at call time override them.
     """
 
     name: str
@@ -104,6 +105,7 @@ class Loss:
     aliases: tuple[str, ...] = ()
     kl: str | None = None
     logp_names: tuple[str, ...] = ()
+    bound: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "__doc__", self.fn.__doc__)  # the formula, for help()
@@ -111,6 +113,12 @@ class Loss:
     def init_state(self):
         """The initial `loss_state` of a stateful loss (None for the others)."""
         return None if self.state_init is None else self.state_init()
+
+    def bind(self, **hparams) -> Loss:
+        """This loss with `hparams` fixed, checked once here: what a trainer builds from its config
+        and then calls with log-probs and batch fields only."""
+        self.validate(**hparams)
+        return dataclasses.replace(self, bound={**self.bound, **hparams})
 
     def validate(self, **hparams) -> None:
         """Raises ValueError naming any unknown or out-of-range hyperparameter."""
@@ -145,7 +153,7 @@ class Loss:
                 )
             logps = (*logps, *(named[k] for k in rest))
         fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS or k == "loss_state"}
-        hparams = {k: v for k, v in kwargs.items() if k not in fields}
+        given = {k: v for k, v in kwargs.items() if k not in fields}
         missing = [f for f in self.needs if fields.get(f) is None]
         if missing:
             raise ValueError(f"loss {self.name!r} needs batch field(s) {missing}")
@@ -155,9 +163,10 @@ class Loss:
                 f"loss {self.name!r} does not take batch field(s) {extra}; "
                 f"it takes {sorted(self.needs + self.accepts)}"
             )
+        self.validate(**given)  # the bound ones were checked by `bind`
+        hparams = {**self.bound, **given}
         if "beta" not in hparams:
             raise ValueError(f"loss {self.name!r} needs the keyword argument 'beta'")
-        self.validate(**hparams)
         if not self.f_divergence:
             hparams.pop("f_divergence_type", None)
             hparams.pop("f_alpha_divergence_coef", None)

@@ -206,7 +206,7 @@ def fill_loss(config) -> ml_collections.ConfigDict:
     the registry's defaults for the rest) and the step options, so that `--config.loss.alpha=0.3` is
     a plain ml_collections override, typed by its default. Config files call it last, after naming
     their loss; it drops keys of another loss (a config that switched losses)."""
-    loss = build_loss(config)
+    loss = build_loss(config, bind=False)
     old = config.loss
     group = {"name": old.name, "weights": old.weights, "beta": old.beta}
     group |= {"ld_alpha": old.get("ld_alpha", None), "use_weighting": old.get("use_weighting", False)}
@@ -228,12 +228,23 @@ def save_config(config, workdir) -> pathlib.Path:
     return write_atomic(pathlib.Path(workdir) / "config.json", text)
 
 
-def build_loss(config):
+def build_loss(config, *, bind: bool = True):
+    """The configured loss with config.loss's hyperparameters bound (`bind=False`: the bare loss,
+    to read its defaults)."""
     weights = tuple(config.loss.weights) or None
     try:
-        return losses.build(config.loss.name, weights)
+        loss = losses.build(config.loss.name, weights)
     except ValueError as e:
         raise ConfigError(f"loss.name / loss.weights: {e}") from None
+    if not bind:
+        return loss
+    try:
+        return loss.bind(**loss_hparams(config))
+    except ValueError as e:
+        raise ConfigError(
+            f"config.loss: {e} (config.loss holds the hyperparameters of the loss its config file named: "
+            "to change the loss, choose a config that names it, e.g. --config=<data>_<loss>)"
+        ) from None
 
 
 def probe_sets(spec: str) -> dict[str, str]:
@@ -297,14 +308,6 @@ def validate(config) -> None:
     if t.mode == "sft":
         return
     loss = build_loss(config)
-    hp = loss_hparams(config)
-    try:
-        loss.validate(**hp)
-    except ValueError as e:
-        raise ConfigError(
-            f"config.loss: {e} (config.loss holds the hyperparameters of the loss its config file named: "
-            "to change the loss, choose a config that names it, e.g. --config=<data>_<loss>)"
-        ) from None
     ld_alpha = config.loss.get("ld_alpha", None)
     if ld_alpha is not None and not 0 <= ld_alpha <= 1:
         raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")
@@ -386,19 +389,20 @@ def reference_id(cfg, metadata: dict) -> str:
     return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
 
 
-def check_against_data(config, loss, metadata: dict) -> None:
-    """Batch fields the loss needs must be in the records (checked once the data is opened)."""
+def check_against_data(config, loss, metadata: dict, path=None) -> None:
+    """Batch fields the loss needs must be in the records at `path` (data.train by default),
+    checked once the data is opened."""
+    path = path or config.data.train
     fields = set(metadata.get("fields", ()))
     rename = {batch_key: column for column, batch_key in EXTRA_KEYS.items()}  # batch key -> records column
     for need in loss.needs:
         if need in rename and rename[need] not in fields:
             raise ConfigError(
-                f"loss {loss.name!r} needs the batch field {need!r}, but the records in {config.data.train} "
+                f"loss {loss.name!r} needs the batch field {need!r}, but the records in {path} "
                 f"have no {rename[need]!r} column"
             )
     unpaired = metadata.get("kind") == "unpaired"
     if config.train.mode == "preference" and unpaired != (loss.kind == "unpaired"):
         raise ConfigError(
-            f"loss {loss.name!r} is {loss.kind} but the records in {config.data.train} are "
-            f"{metadata.get('kind')}"
+            f"loss {loss.name!r} is {loss.kind} but the records in {path} are {metadata.get('kind')}"
         )

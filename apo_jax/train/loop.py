@@ -220,15 +220,12 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
     return jax.jit(init)(params, ref_loaded)
 
 
-def _step_config(cfg, loss, reference: str) -> StepConfig:
+def _step_config(cfg, reference: str) -> StepConfig:
     t = cfg.train
-    hp = (("beta", cfg.loss.beta),) if loss is None else tuple(sorted(config_lib.loss_hparams(cfg).items()))
     return StepConfig(
         mode=t.mode, layout=cfg.data.layout, grad_accum=t.grad_accum, reference=reference,
         sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
         ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
-        hparams=hp, token_level=loss is not None and loss.granularity == "token",
-        kl=None if loss is None else loss.kl,
     )  # fmt: skip
 
 
@@ -302,7 +299,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     tx, lr = make_optimizer(cfg.optimizer, t.steps)
     state = _init_state(cfg, mesh, model, params, loss, reference, tx)
     del params
-    step_cfg = _step_config(cfg, loss, reference)
+    step_cfg = _step_config(cfg, reference)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
         make_train_step(model, loss, tx, lr, step_cfg),
@@ -313,7 +310,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     state = _restore(mngr, state, reader, workdir)
     start = int(_host(state.step))
     writer = MetricsWriter(workdir, start)
-    evaluate = _eval_fn(cfg, model, step_cfg, mesh)
+    evaluate = _eval_fn(cfg, model, loss, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
     peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)
     log = _StepLog(t, writer, mngr, workdir, start, int(_host(state.nonfinite_run)), per_token, peak)
@@ -361,7 +358,7 @@ def _progress(t, start):
     return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
 
 
-def _eval_fn(cfg, model, step_cfg, mesh):
+def _eval_fn(cfg, model, loss, step_cfg, mesh):
     """Held-out metrics (`eval/...`, the first `train.eval_batches` batches of data.eval) and the
     learning-dynamics probes (`probe/<name>/...`: every full batch of each data.probes set, the log-probs
     of fixed responses over training, "Learning Dynamics of LLM Finetuning")."""
@@ -373,11 +370,12 @@ def _eval_fn(cfg, model, step_cfg, mesh):
     ]
     if not sets:
         return None
-    step = jax.jit(make_eval_step(model, step_cfg, cfg.loss.beta))
+    step = jax.jit(make_eval_step(model, loss, step_cfg))
     loaded = []
     for prefix, path, limit in sets:
         reader = _reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)
         config_lib.check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
+        config_lib.check_against_data(cfg, loss, reader.metadata, path)
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
         if n == 0:
             raise config_lib.ConfigError(

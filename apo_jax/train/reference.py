@@ -58,8 +58,8 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
     for batch, n in layouts.padded_batches(records[done:], bs, length, pad_id=cfg.data.pad_id):
         batch = {k: v for k, v in batch.items() if k.endswith(("input_ids", "attention_mask", "loss_mask"))}
         out = score(params, to_global(batch, mesh))
-        chosen[done : done + n] = np.asarray(out["chosen"])[:n]
-        rejected[done : done + n] = np.asarray(out["rejected"])[:n]
+        chosen[done : done + n] = np.asarray(out.policy.chosen)[:n]
+        rejected[done : done + n] = np.asarray(out.policy.rejected)[:n]
         done += n
         n_batches += 1
         if n_batches % save_every == 0 and jax.process_index() == 0:

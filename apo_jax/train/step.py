@@ -1,10 +1,12 @@
 """The train step: `step(state, batch) -> (state, metrics)`, built from parts and jitted once.
 
-Policy token log-probs of the batch in its layout -> per-completion sums (optionally LD-DPO's
-`ld_alpha` aggregation) and lengths -> reference log-probs (frozen/synced parameters, or
-precomputed in the batch, or none) -> the configured loss (`apo_jax.losses`, one or a weighted
-mix, WPO weights optional) -> gradients, accumulated over micro-batches -> optax update, skipped
-when the loss or gradients are not finite. Metrics carry TRL's names.
+`forward` runs the policy (and the reference: frozen/synced parameters, precomputed in the batch,
+or none) over the batch in its layout and returns a `Forward` of per-completion sums (optionally
+LD-DPO's `ld_alpha` aggregation), lengths, and what the loss asks for (token log-probs, the
+per-position KL, WPO weights). `apply_loss` feeds it to the configured loss (`apo_jax.losses`,
+one or a weighted mix, built with its hyperparameters bound), `trl_metrics` names the results as
+TRL does, and the train step accumulates gradients over micro-batches and applies the optax
+update, skipped when the loss or gradients are not finite. The eval step shares all three.
 
 Micro-batch k of a global batch of G rows with A accumulation steps is rows k, k + A, k + 2A, ...
 so that each micro-batch draws evenly from every device's shard (no data movement). Batch-coupled
@@ -16,7 +18,7 @@ differs from apo_jax on more than one device.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from apo_jax.train.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """What the step needs to know, all static."""
+    """How the step runs, all static; what the loss needs it asks the loss."""
 
     mode: str = "preference"  # preference | sft
     layout: str = "padded"
@@ -38,56 +40,81 @@ class StepConfig:
     reference: str = "frozen"  # frozen | precomputed | sync | none
     sync_steps: int = 512
     mixup_alpha: float = 0.6
-    ld_alpha: float | None = None
-    use_weighting: bool = False
-    hparams: tuple = ()  # sorted (name, value) pairs of the loss hyperparameters, beta included
-    token_level: bool = False  # the loss takes [B, T] token log-probs (padded layout only)
-    kl: str | None = None  # the per-position KL a token-level loss takes (`Loss.kl`), from one joint pass
+    ld_alpha: float | None = None  # LD-DPO's aggregation of the per-completion log-probs
+    use_weighting: bool = False  # WPO's per-pair weights
     chunk_size: int = 256
     with_entropy: bool = True
 
 
-def _sides_padded(model, params, batch, cfg: StepConfig, *, with_entropy, ref_params=None):
-    """Per-completion sums for chosen and rejected from the padded layout (one forward of [2b, T]).
+class Logps(NamedTuple):
+    """One model's log-probs of a paired batch's completions."""
 
-    With `ref_params` (losses with a `kl`), the same pass over the output projection also gives
-    the reference's sums and token log-probs (under "ref") and the per-position KL (`*_kl`)."""
+    chosen: jax.Array  # [B] summed over the completion (LD-DPO's aggregate with ld_alpha)
+    rejected: jax.Array  # [B]
+    chosen_tokens: jax.Array | None = None  # [B, T] per token, for token-level losses
+    rejected_tokens: jax.Array | None = None
+
+
+class Unpaired(NamedTuple):
+    """One model's log-probs of an unpaired (KTO) batch."""
+
+    completion: jax.Array  # [B] summed over each completion
+    mismatched: jax.Array  # [B] over the mismatched completions of KTO's reference point
+
+
+class Forward(NamedTuple):
+    """The policy's (and reference's) results on one batch: all a loss and its metrics read."""
+
+    policy: Logps | Unpaired
+    reference: Logps | Unpaired | None
+    tokens: jax.Array  # [] attended tokens of the batch
+    loss_tokens: jax.Array  # [] completion tokens
+    entropy_sum: jax.Array | float = 0.0  # [] the policy's entropy summed over completion tokens
+    chosen_lengths: jax.Array | None = None  # [B] completion token counts (paired)
+    rejected_lengths: jax.Array | None = None
+    chosen_kl: jax.Array | None = None  # [B, T] per-position KL (`Loss.kl`), from the joint pass
+    rejected_kl: jax.Array | None = None
+    wpo: jax.Array | None = None  # [B] WPO weights (use_weighting)
+
+
+def _paired_padded(model, params, batch, cfg: StepConfig, *, tokens, with_entropy, weights,
+                   ref_params=None, kl=None) -> Forward:  # fmt: skip
+    """Chosen and rejected from the padded layout in one forward of [2b, T]. With `ref_params` and
+    `kl`, the same pass over the output projection also gives the reference and the KL."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    kl = cfg.kl if ref_params is not None else None
     out = token_logps(
         model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, with_entropy=with_entropy,
-        with_sum_sq=cfg.use_weighting, ref_params=ref_params, kl=kl,
+        with_sum_sq=weights, ref_params=ref_params, kl=kl,
     )  # fmt: skip
     b = batch["chosen_input_ids"].shape[0]
-    res = {"tokens": jnp.sum(attn), "loss_tokens": jnp.sum(loss_mask)}
-    c_tok, r_tok = out["token_logps"][:b], out["token_logps"][b:]
-    if kl is not None:
-        res["chosen_kl"], res["rejected_kl"] = out["kl"][:b], out["kl"][b:]
-        ref_tok = out["ref_token_logps"]
-        res["ref"] = {"chosen": out["ref_logps"][:b], "rejected": out["ref_logps"][b:],
-                      "chosen_tok": ref_tok[:b], "rejected_tok": ref_tok[b:]}  # fmt: skip
+    c_mask, r_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
+    tok = out["token_logps"]
     if cfg.ld_alpha is not None:
-        res["chosen"], res["rejected"] = losses_lib.ld_aggregate(
-            c_tok, batch["chosen_loss_mask"], r_tok, batch["rejected_loss_mask"], cfg.ld_alpha
-        )
+        sums = losses_lib.ld_aggregate(tok[:b], c_mask, tok[b:], r_mask, cfg.ld_alpha)
     else:
-        res["chosen"], res["rejected"] = out["logps"][:b], out["logps"][b:]
-    res["chosen_lengths"], res["rejected_lengths"] = out["lengths"][:b], out["lengths"][b:]
-    if cfg.token_level:
-        res["chosen_tok"], res["rejected_tok"] = c_tok, r_tok
+        sums = out["logps"][:b], out["logps"][b:]
+    policy = Logps(*sums, *((tok[:b], tok[b:]) if tokens else ()))
+    fwd = Forward(
+        policy, None, tokens=jnp.sum(attn), loss_tokens=jnp.sum(loss_mask),
+        chosen_lengths=out["lengths"][:b], rejected_lengths=out["lengths"][b:],
+    )  # fmt: skip
     if with_entropy:
-        res["entropy_sum"] = jnp.sum(out["entropy"] * loss_mask)
-    if cfg.use_weighting:
+        fwd = fwd._replace(entropy_sum=jnp.sum(out["entropy"] * loss_mask))
+    if weights:
         lss = out["log_sum_sq_probs"]
-        res["wpo"] = losses_lib.wpo_weights(
-            c_tok, lss[:b], batch["chosen_loss_mask"], r_tok, lss[b:], batch["rejected_loss_mask"]
-        )
-    return res
+        fwd = fwd._replace(wpo=losses_lib.wpo_weights(tok[:b], lss[:b], c_mask, tok[b:], lss[b:], r_mask))
+    if kl is not None:
+        ref, ref_tok = out["ref_logps"], out["ref_token_logps"]
+        fwd = fwd._replace(
+            reference=Logps(ref[:b], ref[b:], ref_tok[:b], ref_tok[b:]),
+            chosen_kl=out["kl"][:b], rejected_kl=out["kl"][b:],
+        )  # fmt: skip
+    return fwd
 
 
-def _sides_rows(model, params, batch, cfg: StepConfig, *, with_entropy):
+def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward:
     """The same from packed or prompt-shared rows, summed per sequence by (row, segment)."""
     shared = 1 if cfg.layout == "prompt_shared" else None
     out = token_logps(
@@ -95,17 +122,20 @@ def _sides_rows(model, params, batch, cfg: StepConfig, *, with_entropy):
         batch["positions"], chunk_size=cfg.chunk_size, with_entropy=with_entropy, shared_segment=shared,
     )  # fmt: skip
     seg, mask = batch["segment_ids"], batch["loss_mask"]
-    res = {"tokens": jnp.sum(batch["attention_mask"]), "loss_tokens": jnp.sum(mask)}
+    sums, lengths = {}, {}
     for side in ("chosen", "rejected"):
         index = batch[f"{side}_index"]
-        res[side] = sequence_logps(out["token_logps"], mask, seg, index)
-        res[f"{side}_lengths"] = sequence_logps(jnp.ones_like(mask), mask, seg, index)
-    if with_entropy:
-        res["entropy_sum"] = jnp.sum(out["entropy"] * mask)
-    return res
+        sums[side] = sequence_logps(out["token_logps"], mask, seg, index)
+        lengths[side] = sequence_logps(jnp.ones_like(mask), mask, seg, index)
+    return Forward(
+        Logps(sums["chosen"], sums["rejected"]), None,
+        tokens=jnp.sum(batch["attention_mask"]), loss_tokens=jnp.sum(mask),
+        entropy_sum=jnp.sum(out["entropy"] * mask) if with_entropy else 0.0,
+        chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
+    )  # fmt: skip
 
 
-def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy):
+def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward:
     ids = jnp.concatenate([batch["input_ids"], batch["kl_input_ids"]])
     attn = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]])
     loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
@@ -113,104 +143,111 @@ def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy):
         model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, with_entropy=with_entropy
     )
     b = batch["input_ids"].shape[0]
-    res = {"main": out["logps"][:b], "kl": out["logps"][b:], "tokens": jnp.sum(attn[:b]),
-           "loss_tokens": jnp.sum(batch["loss_mask"])}  # fmt: skip
-    if with_entropy:
-        res["entropy_sum"] = jnp.sum(out["entropy"][:b] * batch["loss_mask"])
-    return res
+    return Forward(
+        Unpaired(out["logps"][:b], out["logps"][b:]), None,
+        tokens=jnp.sum(attn[:b]), loss_tokens=jnp.sum(batch["loss_mask"]),
+        entropy_sum=jnp.sum(out["entropy"][:b] * batch["loss_mask"]) if with_entropy else 0.0,
+    )  # fmt: skip
 
 
-def sequence_sums(model, params, batch, cfg: StepConfig, *, with_entropy=False):
-    """Per-sequence log-prob sums (and lengths, token counts) for the batch's layout."""
+def sequence_sums(model, params, batch, cfg: StepConfig, *, tokens=False, with_entropy=False,
+                  weights=False) -> Forward:  # fmt: skip
+    """One model's per-sequence log-prob sums (and lengths, token counts) for the batch's layout;
+    `tokens` adds the [B, T] token log-probs (padded layout), `weights` WPO's weights."""
     if "kl_input_ids" in batch:
         return _unpaired(model, params, batch, cfg, with_entropy=with_entropy)
     if cfg.layout == "padded":
-        return _sides_padded(model, params, batch, cfg, with_entropy=with_entropy)
-    return _sides_rows(model, params, batch, cfg, with_entropy=with_entropy)
+        return _paired_padded(
+            model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=weights
+        )
+    return _paired_rows(model, params, batch, cfg, with_entropy=with_entropy)
+
+
+def forward(model, loss, cfg: StepConfig, params, ref_params, batch, *, with_entropy=False) -> Forward:
+    """The policy and, when the loss uses one, the reference on `batch`: what `loss` asks for
+    (token log-probs, the per-position KL, lengths), shared by the train and eval steps."""
+    tokens = loss.granularity == "token"
+    if loss.kl is not None and ref_params:  # policy, reference and their KL in one pass
+        return _paired_padded(
+            model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy,
+            weights=cfg.use_weighting, ref_params=ref_params, kl=loss.kl,
+        )  # fmt: skip
+    fwd = sequence_sums(
+        model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=cfg.use_weighting
+    )
+    if not loss.uses_reference or cfg.reference == "none":
+        return fwd
+    if cfg.reference == "precomputed":
+        return fwd._replace(reference=Logps(batch["ref_chosen_logps"], batch["ref_rejected_logps"]))
+    ref = sequence_sums(model, ref_params, batch, cfg, tokens=tokens).policy
+    return fwd._replace(reference=jax.lax.stop_gradient(ref))
 
 
 _FIELDS = tuple(EXTRA_KEYS.values())  # the batch keys of the records' extra columns
 _TOKEN_FIELDS = ("chosen_loss_mask", "rejected_loss_mask", "chosen_weights", "rejected_weights")
 
 
-def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
-    """(scalar loss, (metrics, new loss_state)) of one micro-batch."""
-    hp = dict(cfg.hparams)
-    use_ref = loss.uses_reference and cfg.reference != "none"
-    if cfg.kl is not None:  # policy, reference and their KL in one pass over the output projection
-        pol = _sides_padded(model, params, batch, cfg, with_entropy=cfg.with_entropy, ref_params=ref_params)
-        ref = pol.pop("ref")
-    else:
-        pol = sequence_sums(model, params, batch, cfg, with_entropy=cfg.with_entropy)
-        if use_ref and cfg.reference == "precomputed":
-            ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
-        elif use_ref:
-            ref = jax.lax.stop_gradient(sequence_sums(model, ref_params, batch, cfg))
-        else:
-            ref = None
-    fields = {k: batch[k] for k in _FIELDS if k in batch and k in loss.needs + loss.accepts}
+def apply_loss(loss, fwd: Forward, batch, loss_state=None) -> losses_lib.LossOutput:
+    """The loss (hyperparameters bound) on a `Forward`, with the batch fields it takes."""
+    taken = loss.needs + loss.accepts
+    fields = {k: batch[k] for k in _FIELDS if k in batch and k in taken}
     mix = loss if isinstance(loss, losses_lib.Mixture) else losses_lib.Mixture((loss,), (1.0,))
-    state_in = loss_state or None
+    pol, ref = fwd.policy, fwd.reference
     if loss.kind == "unpaired":
-        kl = losses_lib.kto_kl(pol["kl"], ref["kl"]) if "kl" in loss.needs else None
-        if kl is not None:
-            fields["kl"] = kl
-        out = mix(pol["main"], ref["main"], **hp, **fields, loss_state=state_in)
-        rho = pol["main"] - ref["main"]
+        if "kl" in loss.needs:
+            fields["kl"] = losses_lib.kto_kl(pol.mismatched, ref.mismatched)
+        return mix(pol.completion, ref.completion, **fields, loss_state=loss_state or None)
+    fields |= {k: getattr(fwd, k) for k in ("chosen_lengths", "rejected_lengths") if k in taken}
+    if loss.granularity == "token":  # [B, T] log-probs with their masks and weights
+        fields |= {k: batch[k] for k in _TOKEN_FIELDS if k in batch}
+        pol, ref = (pol.chosen_tokens, pol.rejected_tokens), ref and (ref.chosen_tokens, ref.rejected_tokens)
+    if loss.kl is not None:
+        fields |= {"chosen_kl": fwd.chosen_kl, "rejected_kl": fwd.rejected_kl}
+    rc, rr = (None, None) if ref is None else ref[:2]
+    return mix(*pol[:2], rc, rr, **fields, loss_state=loss_state or None, example_weights=fwd.wpo)
+
+
+def trl_metrics(loss, fwd: Forward, out: losses_lib.LossOutput, batch) -> dict[str, jax.Array]:
+    """TRL's `rewards/*` and `logps/*` of one batch, the loss's own metrics (`nll_loss`, `kl`, ...)."""
+    pol, ref = fwd.policy, fwd.reference
+    if loss.kind == "unpaired":
+        rho = pol.completion - ref.completion
         label = batch["label"].astype(bool)
         n_pos, n_neg = jnp.maximum(jnp.sum(label), 1), jnp.maximum(jnp.sum(~label), 1)
         metrics = {
             "rewards/chosen": jnp.sum(jnp.where(label, out.rewards, 0.0)) / n_pos,
             "rewards/rejected": jnp.sum(jnp.where(label, 0.0, out.rewards)) / n_neg,
-            "logps/chosen": jnp.sum(jnp.where(label, pol["main"], 0.0)) / n_pos,
-            "logps/rejected": jnp.sum(jnp.where(label, 0.0, pol["main"])) / n_neg,
+            "logps/chosen": jnp.sum(jnp.where(label, pol.completion, 0.0)) / n_pos,
+            "logps/rejected": jnp.sum(jnp.where(label, 0.0, pol.completion)) / n_neg,
             "rewards/chosen_positive": jnp.sum(jnp.where(label, rho > 0, False)) / n_pos,
             "rewards/rejected_negative": jnp.sum(jnp.where(label, False, rho < 0)) / n_neg,
         }
-        if kl is not None:
-            metrics["kl"] = kl
-    else:
-        for key in ("chosen_lengths", "rejected_lengths"):
-            if key in loss.needs + loss.accepts:
-                fields[key] = pol[key]
-        side = "_tok" if cfg.token_level else ""  # token-level losses take [B, T] and the masks
-        if cfg.token_level:
-            fields |= {k: batch[k] for k in _TOKEN_FIELDS if k in batch}
-        if cfg.kl is not None:
-            fields |= {"chosen_kl": pol["chosen_kl"], "rejected_kl": pol["rejected_kl"]}
-        rc, rr = (ref["chosen" + side], ref["rejected" + side]) if ref is not None else (None, None)
-        weights = pol.get("wpo")
-        out = mix(
-            pol["chosen" + side],
-            pol["rejected" + side],
-            rc,
-            rr,
-            **hp,
-            **fields,
-            loss_state=state_in,
-            example_weights=weights,
-        )
-        cr, rj = out.chosen_rewards, out.rejected_rewards
-        metrics = {
-            "rewards/chosen": jnp.mean(cr),
-            "rewards/rejected": jnp.mean(rj),
-            "rewards/accuracies": jnp.mean((cr > rj).astype(jnp.float32)),
-            "rewards/margins": jnp.mean(cr - rj),
-            "logps/chosen": jnp.mean(pol["chosen"]),
-            "logps/rejected": jnp.mean(pol["rejected"]),
-        }
-        if ref is not None:
-            c_pos, r_neg = pol["chosen"] - ref["chosen"] > 0, pol["rejected"] - ref["rejected"] < 0
-            metrics["rewards/chosen_positive"] = jnp.mean(c_pos.astype(jnp.float32))
-            metrics["rewards/rejected_negative"] = jnp.mean(r_neg.astype(jnp.float32))
-    metrics |= out.metrics or {}
-    metrics |= {
-        "tokens": pol["tokens"],
-        "entropy_sum": pol.get("entropy_sum", 0.0),
-        "loss_tokens": pol["loss_tokens"],
+        if "kl" in loss.needs:
+            metrics["kl"] = losses_lib.kto_kl(pol.mismatched, ref.mismatched)
+        return metrics | (out.metrics or {})
+    cr, rj = out.chosen_rewards, out.rejected_rewards
+    metrics = {
+        "rewards/chosen": jnp.mean(cr),
+        "rewards/rejected": jnp.mean(rj),
+        "rewards/accuracies": jnp.mean((cr > rj).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(cr - rj),
+        "logps/chosen": jnp.mean(pol.chosen),
+        "logps/rejected": jnp.mean(pol.rejected),
     }
-    loss_value = jnp.mean(out.loss)
-    return loss_value, (metrics, out.loss_state or {})
+    if ref is not None:
+        c_pos, r_neg = pol.chosen - ref.chosen > 0, pol.rejected - ref.rejected < 0
+        metrics["rewards/chosen_positive"] = jnp.mean(c_pos.astype(jnp.float32))
+        metrics["rewards/rejected_negative"] = jnp.mean(r_neg.astype(jnp.float32))
+    return metrics | (out.metrics or {})
+
+
+def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
+    """(scalar loss, (metrics, new loss_state)) of one micro-batch."""
+    fwd = forward(model, loss, cfg, params, ref_params, batch, with_entropy=cfg.with_entropy)
+    out = apply_loss(loss, fwd, batch, loss_state)
+    metrics = trl_metrics(loss, fwd, out, batch)
+    metrics |= {"tokens": fwd.tokens, "entropy_sum": fwd.entropy_sum, "loss_tokens": fwd.loss_tokens}
+    return jnp.mean(out.loss), (metrics, out.loss_state or {})
 
 
 def sft_loss(model, cfg: StepConfig, params, batch):
@@ -302,35 +339,20 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
     return step
 
 
-def make_eval_step(model, cfg: StepConfig, beta: float):
-    """Held-out log-likelihoods and rewards (APO paper, Figure 4): `eval(state, batch) -> metrics`.
-    For losses with a `kl` (TDPO, TIS-DPO's token-level variant), also each side's summed
-    per-position KL, `eval/kl/chosen` and `eval/kl/rejected` (TDPO's sequential KL curves)."""
+def make_eval_step(model, loss, cfg: StepConfig):
+    """Held-out loss, rewards and log-likelihoods (APO paper, Figure 4), as the train step defines
+    them for `loss`: `eval(state, batch) -> {"eval/loss", "eval/rewards/...", "eval/logps/...", ...}`.
+    For losses with a `kl` (TDPO, TIS-DPO's token-level variant), `eval/kl/chosen` and
+    `eval/kl/rejected` are each side's summed per-position KL, unweighted (TDPO's sequential KL)."""
 
-    def evaluate(state: TrainState, batch, ref=None):
-        kl = cfg.kl is not None and bool(state.ref_params) and cfg.layout == "padded"
-        if kl:  # the policy, the reference and their KL in one pass
-            ref_params = state.ref_params
-            pol = _sides_padded(model, state.params, batch, cfg, with_entropy=False, ref_params=ref_params)
-            ref = pol.pop("ref")
-        else:
-            pol = sequence_sums(model, state.params, batch, cfg)
-            if cfg.reference == "precomputed":
-                ref = {"chosen": batch["ref_chosen_logps"], "rejected": batch["ref_rejected_logps"]}
-            elif state.ref_params:
-                ref = sequence_sums(model, state.ref_params, batch, cfg)
-        out = {"eval/logps/chosen": jnp.mean(pol["chosen"]), "eval/logps/rejected": jnp.mean(pol["rejected"])}
-        if kl:
+    def evaluate(state: TrainState, batch):
+        fwd = forward(model, loss, cfg, state.params, state.ref_params, batch)
+        out = apply_loss(loss, fwd, batch, state.loss_state)
+        metrics = {"loss": jnp.mean(out.loss)} | trl_metrics(loss, fwd, out, batch)
+        if fwd.chosen_kl is not None:
             for side in ("chosen", "rejected"):
-                out[f"eval/kl/{side}"] = jnp.mean(jnp.sum(pol[f"{side}_kl"] * batch[f"{side}_loss_mask"], -1))
-        if ref is not None:
-            cr, rj = beta * (pol["chosen"] - ref["chosen"]), beta * (pol["rejected"] - ref["rejected"])
-            out |= {
-                "eval/rewards/chosen": jnp.mean(cr),
-                "eval/rewards/rejected": jnp.mean(rj),
-                "eval/rewards/accuracies": jnp.mean((cr > rj).astype(jnp.float32)),
-                "eval/rewards/margins": jnp.mean(cr - rj),
-            }
-        return out
+                kl = getattr(fwd, f"{side}_kl") * batch[f"{side}_loss_mask"]
+                metrics[f"kl/{side}"] = jnp.mean(jnp.sum(kl, -1))
+        return {"eval/" + k: v for k, v in metrics.items()}
 
     return evaluate

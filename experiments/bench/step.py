@@ -43,8 +43,9 @@ class JaxStep:
         tx, sched = make_optimizer(opt, steps)
         ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
         self.state = create_state(params, tx, seed=0, ref_params=ref)
-        cfg = StepConfig(layout=layout, reference=reference, hparams=(("beta", beta),), with_entropy=False)
-        self.step = jax.jit(make_train_step(self.model, losses.get(loss), tx, sched, cfg), donate_argnums=0)
+        cfg = StepConfig(layout=layout, reference=reference, with_entropy=False)
+        self.step = jax.jit(make_train_step(self.model, losses.build(loss, beta=beta), tx, sched, cfg),
+                            donate_argnums=0)  # fmt: skip
         self.reference, self.layout = reference, layout
 
     def compile(self, batch) -> tuple[float, int | None]:
@@ -74,7 +75,7 @@ def reference_logps(config, params, records, length: int) -> np.ndarray:
         out = jax.jit(lambda p, b: sequence_sums(model, p, b, StepConfig(layout="padded")))(
             params, layouts.padded(records, length)
         )
-        _REFERENCE_CACHE[key] = np.stack([np.asarray(out["chosen"]), np.asarray(out["rejected"])], 1)
+        _REFERENCE_CACHE[key] = np.stack([np.asarray(out.policy.chosen), np.asarray(out.policy.rejected)], 1)
     return _REFERENCE_CACHE[key]
 
 
