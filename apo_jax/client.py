@@ -230,22 +230,29 @@ class Breaker:
             url, n = self.cfg.base_url, self.count
             if kind == "auth":
                 key = os.environ.get(self.cfg.api_key_env)
-                sent = (f"the key in {self.cfg.api_key_env}" if key
-                        else f"a placeholder key ({self.cfg.api_key_env} is not set)")  # fmt: skip
+                sent = (
+                    f"the key in {self.cfg.api_key_env}"
+                    if key
+                    else f"a placeholder key ({self.cfg.api_key_env} is not set)"
+                )
                 self._trip(f"{url} authentication failed with {sent} ({detail}); not retried, not sent again")
             elif n >= self.limit and kind == "unreachable":
                 self._trip(f"{url} unreachable ({detail}) on {n} consecutive requests")
             elif n >= self.limit and kind == "not found":
-                self._trip(f"{url} answered HTTP 404 on {n} consecutive requests (check the base URL and "
-                           f"the model name {self.cfg.model!r}): {detail}")  # fmt: skip
+                self._trip(
+                    f"{url} answered HTTP 404 on {n} consecutive requests (check the base URL and "
+                    f"the model name {self.cfg.model!r}): {detail}"
+                )
 
     def row(self, failure: str | None) -> None:
         """One row's end: answered (None), or its retries used up (`failure`, its last error)."""
         with self.lock:
             self.rows_failed = 0 if failure is None else self.rows_failed + 1
             if self.rows_failed >= self.limit:
-                self._trip(f"{self.cfg.base_url} failing: {self.rows_failed} consecutive rows used up their "
-                           f"retries ({failure})")  # fmt: skip
+                self._trip(
+                    f"{self.cfg.base_url} failing: {self.rows_failed} consecutive rows used up their "
+                    f"retries ({failure})"
+                )
 
     def wait(self, seconds: float) -> None:
         """Sleeps `seconds`, or less if the breaker trips meanwhile (then raises _Stopped)."""
@@ -253,8 +260,9 @@ class Breaker:
             raise _Stopped
 
 
-def request_with_retries(client, cfg: ClientConfig, request: dict, counters: Counters, lock,
-                         breaker: Breaker | None = None) -> dict:  # fmt: skip
+def request_with_retries(
+    client, cfg: ClientConfig, request: dict, counters: Counters, lock, breaker: Breaker | None = None
+) -> dict:
     """One chat completion as a plain dict, after the retries the module docstring describes. Raises
     `RequestFailed`; with a `breaker` shared by a job, also `_Stopped` once it has tripped."""
     if breaker is None:  # a lone request: the same retries, and a stop is a failure of this row
@@ -361,8 +369,14 @@ class ResponseLog:
             self.done[row["id"]] = row
 
 
-def run_requests(cfg: ClientConfig, requests: dict[str, dict], log_path: pathlib.Path, *, client=None,
-                 progress: bool = True) -> tuple[ResponseLog, dict[str, str], Counters]:  # fmt: skip
+def run_requests(
+    cfg: ClientConfig,
+    requests: dict[str, dict],
+    log_path: pathlib.Path,
+    *,
+    client=None,
+    progress: bool = True,
+) -> tuple[ResponseLog, dict[str, str], Counters]:
     """Sends the requests whose ids have no recorded response; returns (log, {id: failure}, counters).
     If the circuit breaker stopped the job, `counters.stop` says why, and the rows it left undone are
     failures ("not done: the job was stopped ...")."""
@@ -375,8 +389,13 @@ def run_requests(cfg: ClientConfig, requests: dict[str, dict], log_path: pathlib
         from tqdm import tqdm
 
         # disable=None: a bar only on a terminal (a log file or a pipe gets no lines of \r updates)
-        bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc="requests",
-                   dynamic_ncols=True, disable=None)  # fmt: skip
+        bar = tqdm(
+            total=len(requests),
+            initial=len(requests) - len(todo),
+            desc="requests",
+            dynamic_ncols=True,
+            disable=None,
+        )
 
     def work(row_id: str, request: dict):
         breaker.check()

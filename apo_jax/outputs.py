@@ -51,8 +51,15 @@ def previous_output(out: pathlib.Path, tool: str, name: str = MANIFEST) -> bool:
     return (writer == tool or legacy_records) and present == _listed(meta, name)
 
 
-def check_output(out_dir, tool: str, *, overwrite: bool = False, inputs=(), manifest_name: str = MANIFEST,
-                 flag: str = "--output") -> pathlib.Path:  # fmt: skip
+def check_output(
+    out_dir,
+    tool: str,
+    *,
+    overwrite: bool = False,
+    inputs=(),
+    manifest_name: str = MANIFEST,
+    flag: str = "--output",
+) -> pathlib.Path:
     """Raises UserError if writing `out_dir` could destroy anything but `tool`'s own earlier output."""
     out = pathlib.Path(out_dir).absolute()
     real = out.resolve()
@@ -104,13 +111,21 @@ def _remove_dead_partials(out: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def replacing(out_dir, tool: str, *, overwrite: bool = False, inputs=(), manifest_name: str = MANIFEST,
-              flag: str = "--output"):  # fmt: skip
+def replacing(
+    out_dir,
+    tool: str,
+    *,
+    overwrite: bool = False,
+    inputs=(),
+    manifest_name: str = MANIFEST,
+    flag: str = "--output",
+):
     """Yields a fresh temporary folder beside `out_dir`; when the block ends without an error it
     replaces `out_dir` (checked first by `check_output`), otherwise it is removed. A killed job leaves
     only a hidden `.NAME.partial-HOST-PID-…` folder, removed by the next run on this host."""
-    out = check_output(out_dir, tool, overwrite=overwrite, inputs=inputs, manifest_name=manifest_name,
-                       flag=flag)  # fmt: skip
+    out = check_output(
+        out_dir, tool, overwrite=overwrite, inputs=inputs, manifest_name=manifest_name, flag=flag
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
     tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{_partial_prefix(out)}{os.getpid()}-"))
@@ -155,8 +170,12 @@ class WorkdirLock:
         if self.workdir.exists() and not self.workdir.is_dir():
             raise UserError(f"workdir {self.workdir}: is a file, not a folder")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}  # fmt: skip
+        me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

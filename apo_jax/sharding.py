@@ -7,6 +7,8 @@ whole table: pass another one to `rules=` rather than patching a rule.
 
 from __future__ import annotations
 
+import collections
+import itertools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -122,9 +124,6 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
 
 def prefetch_to_mesh(batches, mesh: Mesh, size: int = 2):
     """Yields global arrays `size` batches ahead of use: host-to-device copies overlap the step."""
-    import collections
-    import itertools
-
     queue = collections.deque()
     for host_batch in itertools.islice(batches, size):
         queue.append(to_global(host_batch, mesh))

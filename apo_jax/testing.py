@@ -13,7 +13,11 @@ import http.server
 import json
 import os
 import pathlib
+import random
 import threading
+
+from apo_jax.data.preprocess import preprocess
+from apo_jax.models import LlamaConfig
 
 SPECIAL_TOKENS = (
     "<|begin_of_text|>",
@@ -92,12 +96,15 @@ def tiny_hf_llama(
     import torch
     import transformers
 
-    from apo_jax.models import LlamaConfig
-
     tiny = LlamaConfig.tiny()
-    sizes = {"vocab_size": vocab_size, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
-             "num_hidden_layers": num_hidden_layers, "num_attention_heads": num_attention_heads,
-             "num_key_value_heads": num_key_value_heads}  # fmt: skip
+    sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+    }
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         **{k: getattr(tiny, k) if v is None else v for k, v in sizes.items()},
@@ -137,8 +144,6 @@ WORDS = (
 
 def tiny_preference_rows(n: int = 64, seed: int = 0, *, unpaired: bool = False) -> list[dict]:
     """Short synthetic conversational pairs (or unpaired rows): prompt, a longer chosen answer."""
-    import random
-
     rng = random.Random(seed)
 
     def text(k):
@@ -152,18 +157,27 @@ def tiny_preference_rows(n: int = 64, seed: int = 0, *, unpaired: bool = False) 
             answer = [{"role": "assistant", "content": chosen if i % 2 else rejected}]
             rows.append({"prompt": prompt, "completion": answer, "label": bool(i % 2)})
         else:
-            rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                         "rejected": [{"role": "assistant", "content": rejected}]})  # fmt: skip
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
     return rows
 
 
-def tiny_preference_records(out_dir, tokenizer, n: int = 64, seed: int = 0, max_length: int = 96, *,
-                            unpaired: bool = False, extra=None) -> pathlib.Path:  # fmt: skip
+def tiny_preference_records(
+    out_dir,
+    tokenizer,
+    n: int = 64,
+    seed: int = 0,
+    max_length: int = 96,
+    *,
+    unpaired: bool = False,
+    extra=None,
+) -> pathlib.Path:
     """Writes tiny pairs as JSONL and preprocesses them into `out_dir` (TFRecords + metadata.json)."""
-    import json
-
-    from apo_jax.data.preprocess import preprocess
-
     out_dir = pathlib.Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     rows = tiny_preference_rows(n, seed, unpaired=unpaired)
@@ -240,10 +254,19 @@ class ChatServer(LoopbackServer):
         content = self.respond(body)
         prompt, completion = self.usage
         message = {"role": "assistant", "content": content}
-        self.send(h, 200, {
-            "id": "loopback", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
-        })  # fmt: skip
-
+        self.send(
+            h,
+            200,
+            {
+                "id": "loopback",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                },
+            },
+        )

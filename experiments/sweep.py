@@ -21,8 +21,13 @@ import pathlib
 import statistics
 import sys
 
+import numpy as np
+
 from apo_jax import cli
+from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
+from experiments.mini.pipeline import run as run_mini
+from experiments.run import compilation_cache
 
 
 def run_dir(root: pathlib.Path, name: str, seed: int) -> pathlib.Path:
@@ -47,8 +52,12 @@ def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
         row |= {"pairs": c["pairs"], "jaccard": c["jaccard_mean"], "levenshtein": c["levenshtein_mean"]}
         for m in ("greedy", "sampled"):
             row[m] = mean_se([r["accuracy"]["after"][m] for r in runs])
-        for key in ("eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-                    "eval/rewards/accuracies"):  # fmt: skip
+        for key in (
+            "eval/rewards/chosen",
+            "eval/rewards/rejected",
+            "eval/rewards/margins",
+            "eval/rewards/accuracies",
+        ):
             row[key] = mean_se([r["final_eval"][key] for r in runs if key in r["final_eval"]])
         out[name] = row
     return out
@@ -143,10 +152,6 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=",".join(grid.DATA), help="ways of building pairs (default: all four)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the preference stage (train.seed)")
     args = p.parse_args(argv)
-    from apo_jax.outputs import WorkdirLock
-    from experiments.mini.pipeline import run as run_mini
-    from experiments.run import compilation_cache
-
     root = pathlib.Path(args.workdir)
     compilation_cache(root / "cell")  # <workdir>/jax_cache
     try:
@@ -194,8 +199,6 @@ def main(argv=None) -> int:
 
 def _curves(runs: list[dict], root: pathlib.Path, name: str, key: str):
     """(steps, mean, standard error) of one eval metric over the seeds of a cell."""
-    import numpy as np
-
     series = []
     for r in runs:
         path = run_dir(root, name, r["seed"]) / "metrics.jsonl"
@@ -241,14 +244,18 @@ def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], reference: dict) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names = list(cells)
     x = np.arange(len(names))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(names) + 4), 4), sharey=True)
     for ax, m in zip(axes, ("greedy", "sampled"), strict=True):
-        ax.bar(x, [cells[n][m][0] for n in names], yerr=[cells[n][m][1] for n in names], capsize=3,
-               color=["tab:green" if n.startswith("clair_") else "tab:gray" for n in names])  # fmt: skip
+        ax.bar(
+            x,
+            [cells[n][m][0] for n in names],
+            yerr=[cells[n][m][1] for n in names],
+            capsize=3,
+            color=["tab:green" if n.startswith("clair_") else "tab:gray" for n in names],
+        )
         for key, style, label in (("before", "--", "M"), ("control", ":", "positive control")):
             ax.axhline(reference[key][m], color="black", linestyle=style, label=label)
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)

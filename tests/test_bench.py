@@ -28,10 +28,12 @@ def test_smoke_run_is_complete_and_agrees_with_trl(tmp_path):
     assert {r["part"] for r in results} == {"step", "logprobs", "data", "sampling"}
     steps = {(r["impl"], r["reference"], r["layout"]) for r in results if r["part"] == "step"}
     assert steps == {
-        ("apo_jax", "frozen", "padded"), ("apo_jax", "precomputed", "padded"),
-        ("apo_jax", "precomputed", "packed"), ("apo_jax", "precomputed", "prompt_shared"),
+        ("apo_jax", "frozen", "padded"),
+        ("apo_jax", "precomputed", "padded"),
+        ("apo_jax", "precomputed", "packed"),
+        ("apo_jax", "precomputed", "prompt_shared"),
         ("trl", "frozen", "padded (to the longest)"),  # the smoke run skips TRL's precomputed mode
-    }  # fmt: skip
+    }
     for r in results:
         assert "error" not in r and "skipped" not in r, r
         if "tokens_per_s" in r:
@@ -47,8 +49,16 @@ def test_compare_flags_a_device_whose_step_numbers_differ(tmp_path):
     """experiments.gpu.compare (GPU vs CPU smoke runs): equal within rtol passes, a changed loss fails."""
     from experiments.gpu import compare
 
-    row = {"part": "step", "impl": "apo_jax", "reference": "frozen", "layout": "padded", "step0_loss": 1.0,
-           "step0_logps_chosen": -231.6, "step0_logps_rejected": -185.8, "step1_loss": 0.765}  # fmt: skip
+    row = {
+        "part": "step",
+        "impl": "apo_jax",
+        "reference": "frozen",
+        "layout": "padded",
+        "step0_loss": 1.0,
+        "step0_logps_chosen": -231.6,
+        "step0_logps_rejected": -185.8,
+        "step1_loss": 0.765,
+    }
     files = {}
     for name, step1 in (("cpu", 0.765), ("gpu_close", 0.765 * (1 + 2e-4)), ("gpu_off", 0.70)):
         files[name] = tmp_path / f"{name}.json"

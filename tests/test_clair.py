@@ -155,8 +155,12 @@ class Server(LoopbackServer):
 
 def _answers(tmp_path):
     path = tmp_path / "answers.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r["prompt"], "rejected": r["rejected"], "source": i}) + "\n"
-                            for i, r in enumerate(ROWS)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "rejected": r["rejected"], "source": i}) + "\n"
+            for i, r in enumerate(ROWS)
+        )
+    )
     return path
 
 
@@ -172,13 +176,21 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
     }
     server = Server(script)
     try:
-        cfg = ClientConfig(base_url=server.url, model="gpt-4-0125-preview", concurrency=4, max_retries=2,
-                           timeout=0.5, backoff_base=0.01)  # fmt: skip
+        cfg = ClientConfig(
+            base_url=server.url,
+            model="gpt-4-0125-preview",
+            concurrency=4,
+            max_retries=2,
+            timeout=0.5,
+            backoff_base=0.01,
+        )
         out = tmp_path / "pairs.jsonl"
         summary = revise(_answers(tmp_path), out, cfg, progress=False)
         pairs = [json.loads(x) for x in out.read_text().splitlines()]
-        failures = {json.loads(x)["id"].split(":")[0]: json.loads(x)["reason"] for x in
-                    (tmp_path / "pairs.jsonl.failures.jsonl").read_text().splitlines()}  # fmt: skip
+        failures = {
+            json.loads(x)["id"].split(":")[0]: json.loads(x)["reason"]
+            for x in (tmp_path / "pairs.jsonl.failures.jsonl").read_text().splitlines()
+        }
         assert sorted(p["source"] for p in pairs) == [0, 1, 2, 3, 7, 8, 9]
         for p in pairs:
             content = ROWS[p["source"]]["reviser_response"]["choices"][0]["message"]["content"]
@@ -209,9 +221,22 @@ def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
     server = Server(delay=0.3)
     try:
         answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
-        cmd = [sys.executable, "-m", "apo_jax.data.clair", "revise", "--input", str(answers),
-               "--output", str(out), "--base-url", server.url, "--model", "gpt-4-0125-preview",
-               "--concurrency", "1"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "apo_jax.data.clair",
+            "revise",
+            "--input",
+            str(answers),
+            "--output",
+            str(out),
+            "--base-url",
+            server.url,
+            "--model",
+            "gpt-4-0125-preview",
+            "--concurrency",
+            "1",
+        ]
         env = {**os.environ, "OPENAI_API_KEY": "test-key"}
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -254,8 +279,9 @@ def test_generate_through_a_server_sends_sampling_parameters_explicitly(tmp_path
         cfg = ClientConfig(base_url=server.url, model="m", max_retries=0)
         prompts = generate.read_prompts(_prompts(tmp_path))
         out = tmp_path / "answers.jsonl"
-        summary = generate.generate_with_server(prompts, out, cfg, samples=2, max_tokens=64, temperature=0.9,
-                                                top_p=0.95, progress=False)  # fmt: skip
+        summary = generate.generate_with_server(
+            prompts, out, cfg, samples=2, max_tokens=64, temperature=0.9, top_p=0.95, progress=False
+        )
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert summary["written"] == 6 and [(r["topic"], r["sample"]) for r in rows] == [
             (i, s) for i in range(3) for s in (0, 1)
@@ -296,18 +322,28 @@ def test_generate_with_the_own_sampler_is_resumable_and_greedy_exact(
 def test_on_policy_judge_keeps_ties_and_records_unreadable_verdicts(tmp_path):
     from apo_jax.data.clair import baselines
 
-    verdicts = {"q0": "A is more correct.\nVerdict: A", "q1": "Verdict: **B**",
-                "q2": "Both fine. Verdict: tie", "q3": "I cannot decide."}  # fmt: skip
+    verdicts = {
+        "q0": "A is more correct.\nVerdict: A",
+        "q1": "Verdict: **B**",
+        "q2": "Both fine. Verdict: tie",
+        "q3": "I cannot decide.",
+    }
     server = ChatServer(
         lambda body: next(v for k, v in verdicts.items() if f"\n{k}\n" in body["messages"][0]["content"])
     )
     try:
         answers = tmp_path / "answers.jsonl"
-        answers.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"{i}-{s}", "sample": s}) + "\n"
-                                   for i in range(4) for s in (0, 1)))  # fmt: skip
+        answers.write_text(
+            "".join(
+                json.dumps({"prompt": f"q{i}", "response": f"{i}-{s}", "sample": s}) + "\n"
+                for i in range(4)
+                for s in (0, 1)
+            )
+        )
         out = tmp_path / "pairs.jsonl"
-        summary = baselines.on_policy_judge(answers, out, ClientConfig(base_url=server.url, model="judge"),
-                                            progress=False)  # fmt: skip
+        summary = baselines.on_policy_judge(
+            answers, out, ClientConfig(base_url=server.url, model="judge"), progress=False
+        )
         pairs = {p["prompt"]: p for p in map(json.loads, out.read_text().splitlines())}
         assert summary == {"prompts": 4, "pairs": 3, "ties": 1, "failed": 1}
         assert (pairs["q0"]["chosen"], pairs["q0"]["rejected"]) == ("0-0", "0-1")
@@ -332,12 +368,19 @@ def test_stronger_preferred_and_off_policy_judge(tmp_path):
     pair = json.loads((tmp_path / "sp.jsonl").read_text())
     assert (pair["chosen"], pair["rejected"], pair["chosen_model"]) == ("strong", "weak", "S")
     uf = [
-        {"instruction": "i0", "completions": [{"response": "a", "overall_score": 7.0, "model": "x"},
-                                              {"response": "b", "overall_score": 9.0, "model": "y"},
-                                              {"response": "c", "overall_score": 7.0, "model": "z"}]},
-        {"instruction": "i1", "completions": [{"response": "a", "overall_score": 5.0},
-                                              {"response": "b", "overall_score": 5.0}]},
-    ]  # fmt: skip
+        {
+            "instruction": "i0",
+            "completions": [
+                {"response": "a", "overall_score": 7.0, "model": "x"},
+                {"response": "b", "overall_score": 9.0, "model": "y"},
+                {"response": "c", "overall_score": 7.0, "model": "z"},
+            ],
+        },
+        {
+            "instruction": "i1",
+            "completions": [{"response": "a", "overall_score": 5.0}, {"response": "b", "overall_score": 5.0}],
+        },
+    ]
     (tmp_path / "uf.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uf))
     summary = baselines.off_policy_judge(tmp_path / "uf.jsonl", tmp_path / "op.jsonl", seed=0)
     pair = json.loads((tmp_path / "op.jsonl").read_text())
@@ -353,14 +396,26 @@ def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
     from apo_jax.eval import judge
 
     prompts = [{"prompt": f"q{i}", "answer": i} for i in range(3)]
-    answers = [{"prompt": "q0", "response": "it is 0"}, {"prompt": "q1", "response": "so 7"},
-               {"prompt": "q2", "response": "2"}]  # fmt: skip
+    answers = [
+        {"prompt": "q0", "response": "it is 0"},
+        {"prompt": "q1", "response": "so 7"},
+        {"prompt": "q2", "response": "2"},
+    ]
     # scores 1, 0, 1: mean 2/3, sample standard deviation sqrt(1/3), standard error sqrt(1/3)/sqrt(3) = 1/3
-    assert judge.exact_match(prompts, answers) == {"mode": "exact", "n": 3, "samples": 3, "accuracy": 2 / 3,
-                                                   "stderr": pytest.approx(1 / 3)}  # fmt: skip
+    assert judge.exact_match(prompts, answers) == {
+        "mode": "exact",
+        "n": 3,
+        "samples": 3,
+        "accuracy": 2 / 3,
+        "stderr": pytest.approx(1 / 3),
+    }
     # sampled accuracy: q0 right in 1 of 2 samples, q1 in 2 of 2, q2 unanswered -> (0.5 + 1 + 0) / 3
-    sampled = [{"prompt": "q0", "response": "0"}, {"prompt": "q0", "response": "3"},
-               {"prompt": "q1", "response": "1"}, {"prompt": "q1", "response": "x 1"}]  # fmt: skip
+    sampled = [
+        {"prompt": "q0", "response": "0"},
+        {"prompt": "q0", "response": "3"},
+        {"prompt": "q1", "response": "1"},
+        {"prompt": "q1", "response": "x 1"},
+    ]
     assert judge.exact_match(prompts, sampled)["accuracy"] == (0.5 + 1 + 0) / 3
 
     def respond(body):

@@ -225,8 +225,19 @@ def test_preprocess_unpaired_builds_block_kl_pairs(tmp_path, tokenizer_dir, tiny
 
 
 def test_preprocess_errors_name_the_problem(tmp_path, tokenizer_dir, capsys):
-    assert preprocess.main(["--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o"),
-                            "--tokenizer", str(tokenizer_dir)]) == 2  # fmt: skip
+    assert (
+        preprocess.main(
+            [
+                "--input",
+                str(tmp_path / "none.jsonl"),
+                "--output",
+                str(tmp_path / "o"),
+                "--tokenizer",
+                str(tokenizer_dir),
+            ]
+        )
+        == 2
+    )
     assert "none.jsonl" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="metadata.json"):
         read_records(tmp_path)
@@ -294,8 +305,12 @@ def test_reader_validates_its_configuration():
 def test_packed_and_prompt_shared_equal_padded_log_probs(tiny_checkpoints):
     model, params = models.from_hf(tiny_checkpoints["gqa"])
     records = _synthetic_records(6, seed=1)
-    logps = jax.jit(lambda p, ids, m, lm, seg=None, pos=None, shared=None: models.token_logps(
-        model, p, ids, m, lm, seg, pos, shared_segment=shared), static_argnames="shared")  # fmt: skip
+    logps = jax.jit(
+        lambda p, ids, m, lm, seg=None, pos=None, shared=None: models.token_logps(
+            model, p, ids, m, lm, seg, pos, shared_segment=shared
+        ),
+        static_argnames="shared",
+    )
 
     pad = layouts.padded(records, 16)
     expected = {
@@ -322,8 +337,14 @@ def test_packed_and_prompt_shared_equal_padded_log_probs(tiny_checkpoints):
 def test_reference_fingerprint_ties_log_probs_to_weights_and_settings(tiny_checkpoints, tmp_path):
     from apo_jax.data.tfrecords import reference_fingerprint
 
-    kw = {"tokenizer_fingerprint": "t", "data_fingerprint": "d", "max_length": 512, "ld_alpha": None,
-          "dtype": "float32", "granularity": "sequence"}  # fmt: skip
+    kw = {
+        "tokenizer_fingerprint": "t",
+        "data_fingerprint": "d",
+        "max_length": 512,
+        "ld_alpha": None,
+        "dtype": "float32",
+        "granularity": "sequence",
+    }
     base = reference_fingerprint(tiny_checkpoints["gqa"], **kw)
     assert base == reference_fingerprint(tiny_checkpoints["gqa"], **kw)
     assert base != reference_fingerprint(tiny_checkpoints["bias_mha"], **kw)  # other weights
@@ -344,8 +365,11 @@ def test_as_chat_frames_standard_pairs_with_the_template(tmp_path, tiny_tokenize
     src = _write_jsonl(tmp_path / "pairs.jsonl", rows)
     preprocess.preprocess(str(src), tmp_path / "chat", tiny_tokenizer, as_chat=True)
     (record,), _ = read_records(tmp_path / "chat")
-    conv = Pair([{"role": "user", "content": "Fix: 2+2=5"}], [{"role": "assistant", "content": "2+2=4"}],
-                [{"role": "assistant", "content": "2+2=5"}])  # fmt: skip
+    conv = Pair(
+        [{"role": "user", "content": "Fix: 2+2=5"}],
+        [{"role": "assistant", "content": "2+2=4"}],
+        [{"role": "assistant", "content": "2+2=5"}],
+    )
     t = data.tokenize_example(tiny_tokenizer, conv)
     assert list(record["prompt_ids"]) == t.prompt_ids and list(record["chosen_ids"]) == t.chosen_ids
     assert tiny_tokenizer.decode(record["prompt_ids"]).startswith("<|begin_of_text|><|start_header_id|>user")
@@ -357,20 +381,30 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     answer, revision = "7 + 5 = 12\n12 - 9 = 4\nAnswer: 4", "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3"
     pair = steps.step_pair("Compute 7 + 5 - 9.", answer, revision)
     # hand-worked: line 0 agrees, line 1 is the first wrong step
-    assert pair == {"prompt": "Compute 7 + 5 - 9.", "prefix": "7 + 5 = 12\n", "chosen": "12 - 9 = 3\n",
-                    "rejected": "12 - 9 = 4\n", "ends_turn": False}  # fmt: skip
+    assert pair == {
+        "prompt": "Compute 7 + 5 - 9.",
+        "prefix": "7 + 5 = 12\n",
+        "chosen": "12 - 9 = 3\n",
+        "rejected": "12 - 9 = 4\n",
+        "ends_turn": False,
+    }
     assert steps.step_pair("q", "a\nb", "a\nb") is None and steps.step_pair("q", "a", "a\nb") is None
     last = steps.step_pair("q", "1 + 1 = 2\nAnswer: 3", "1 + 1 = 2\nAnswer: 2")
     assert (last["chosen"], last["rejected"]) == ("Answer: 2", "Answer: 3")  # the final line: no newline
     assert last["ends_turn"]  # ... and the step closes the assistant's turn
-    src = _write_jsonl(tmp_path / "steps.jsonl", steps.step_pairs([{"prompt": "Compute 7 + 5 - 9.",
-                       "chosen": revision, "rejected": answer, "source": "m0"}]))  # fmt: skip
+    src = _write_jsonl(
+        tmp_path / "steps.jsonl",
+        steps.step_pairs(
+            [{"prompt": "Compute 7 + 5 - 9.", "chosen": revision, "rejected": answer, "source": "m0"}]
+        ),
+    )
     preprocess.preprocess(str(src), tmp_path / "records", tiny_tokenizer, as_chat=True)
     (record,), _ = read_records(tmp_path / "records")
     # the prompt is the chat template's generation prompt (tokenized by the template itself) + the prefix
     user = [{"role": "user", "content": "Compute 7 + 5 - 9."}]
-    head = tiny_tokenizer.apply_chat_template(user, tokenize=True, return_dict=True,
-                                              add_generation_prompt=True)  # fmt: skip
+    head = tiny_tokenizer.apply_chat_template(
+        user, tokenize=True, return_dict=True, add_generation_prompt=True
+    )
     prompt = list(record["prompt_ids"])
     assert prompt[: len(head["input_ids"])] == list(head["input_ids"])
     assert tiny_tokenizer.decode(prompt[len(head["input_ids"]) :]) == "7 + 5 = 12\n"
@@ -382,14 +416,17 @@ def test_step_pairs_split_at_the_first_wrong_step_and_continue_the_turn(tmp_path
     with pytest.raises(ValueError, match="row 0, field 'prefix'"):
         data.formats.normalize_pair({"prompt": "q", "prefix": 3, "chosen": "a", "rejected": "b"}, 0)
     with pytest.raises(ValueError, match="row 0, field 'ends_turn'"):
-        data.formats.normalize_pair({"prompt": "q", "prefix": "p", "chosen": "a", "rejected": "b",
-                                     "ends_turn": 1}, 0)  # fmt: skip
+        data.formats.normalize_pair(
+            {"prompt": "q", "prefix": "p", "chosen": "a", "rejected": "b", "ends_turn": 1}, 0
+        )
     # a last step ends the turn: the answer's tokens are those of the whole templated conversation
     src = _write_jsonl(tmp_path / "last.jsonl", [dict(last, prompt="Compute 1 + 1.")])
     preprocess.preprocess(str(src), tmp_path / "last", tiny_tokenizer, as_chat=True)
     (record,), _ = read_records(tmp_path / "last")
-    chat = [{"role": "user", "content": "Compute 1 + 1."},
-            {"role": "assistant", "content": "1 + 1 = 2\nAnswer: 2"}]  # fmt: skip
+    chat = [
+        {"role": "user", "content": "Compute 1 + 1."},
+        {"role": "assistant", "content": "1 + 1 = 2\nAnswer: 2"},
+    ]
     whole = tiny_tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
     assert list(record["prompt_ids"]) + list(record["chosen_ids"]) == list(whole)
     assert record["chosen_ids"][-1] in ends
@@ -406,17 +443,27 @@ def test_scdpo_negatives_keep_the_right_steps_before_the_chosen_step(tmp_path, t
     from apo_jax.data import generate, steps
     from experiments.mini import task
 
-    model_dir = testing.tiny_hf_llama(tmp_path / "m", vocab_size=len(tiny_tokenizer), seed=2,
-                                      tokenizer=tiny_tokenizer)  # fmt: skip
+    model_dir = testing.tiny_hf_llama(
+        tmp_path / "m", vocab_size=len(tiny_tokenizer), seed=2, tokenizer=tiny_tokenizer
+    )
     problems = task.problems(12, seed=1)
-    solutions = [{"prompt": p["prompt"], "response": task.gold_answer(p), "index": i}
-                 for i, p in enumerate(problems)]  # fmt: skip
+    solutions = [
+        {"prompt": p["prompt"], "response": task.gold_answer(p), "index": i} for i, p in enumerate(problems)
+    ]
     starts = steps.scdpo_starts(solutions, random.Random(0))
     assert len({s["step"] for s in starts}) > 1  # different cut points
     rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
     out = tmp_path / "continuations.jsonl"
-    generate.generate_with_model(rows, out, model_dir, samples=2, max_tokens=12, batch_size=8, progress=False,
-                                 **steps.SCDPO_TEMPERATURE)  # fmt: skip
+    generate.generate_with_model(
+        rows,
+        out,
+        model_dir,
+        samples=2,
+        max_tokens=12,
+        batch_size=8,
+        progress=False,
+        **steps.SCDPO_TEMPERATURE,
+    )
     continuations = [json.loads(x) for x in out.read_text().splitlines()]
     for row in rows:  # the sampler's prompt is the chat prompt followed by the kept steps
         ids = generate.prompt_ids(tiny_tokenizer, row, {})

@@ -14,14 +14,21 @@ def test_ches_equals_numpy_on_transformers_hidden_states(tiny_checkpoints, tiny_
     from apo_jax.data.ches import ches_scores
     from apo_jax.data.formats import Pair
 
-    pairs = [Pair("Compute 7 + 5.", "7 + 5 = 12", "7 + 5 = 13"),
-             Pair("Name a colour.", "Blue, the colour of the sky.", "A dog."),
-             Pair("Say hi.", "hi", "Hello there, how are you today?")]  # fmt: skip
+    pairs = [
+        Pair("Compute 7 + 5.", "7 + 5 = 12", "7 + 5 = 13"),
+        Pair("Name a colour.", "Blue, the colour of the sky.", "A dog."),
+        Pair("Say hi.", "hi", "Hello there, how are you today?"),
+    ]
     records = []
     for p in pairs:
         t = data.tokenize_example(tiny_tokenizer, p)
-        records.append({"prompt_ids": np.asarray(t.prompt_ids), "chosen_ids": np.asarray(t.chosen_ids),
-                        "rejected_ids": np.asarray(t.rejected_ids)})  # fmt: skip
+        records.append(
+            {
+                "prompt_ids": np.asarray(t.prompt_ids),
+                "chosen_ids": np.asarray(t.chosen_ids),
+                "rejected_ids": np.asarray(t.rejected_ids),
+            }
+        )
     path = tiny_checkpoints["gqa"]
     ours = ches_scores(path, records, batch_size=2)
     ours_mean = ches_scores(path, records, batch_size=2, normalized=True)
@@ -57,9 +64,11 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
     from apo_jax.data.clair.__main__ import main
     from apo_jax.data.formats import as_chat, normalize_pair
 
-    rows = [{"prompt": "Compute 7 + 5.", "chosen": "7 + 5 = 12", "rejected": "7 + 5 = 13"},
-            {"prompt": "Say hi.", "chosen": "hi", "rejected": "Hello there."},
-            {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Red."}]  # fmt: skip
+    rows = [
+        {"prompt": "Compute 7 + 5.", "chosen": "7 + 5 = 12", "rejected": "7 + 5 = 13"},
+        {"prompt": "Say hi.", "chosen": "hi", "rejected": "Hello there."},
+        {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Red."},
+    ]
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tiny_checkpoints["gqa"]
@@ -70,8 +79,13 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
     records = []
     for i, r in enumerate(rows):
         t = data.tokenize_example(tiny_tokenizer, as_chat(normalize_pair(r, i)))
-        records.append({"prompt_ids": np.asarray(t.prompt_ids), "chosen_ids": np.asarray(t.chosen_ids),
-                        "rejected_ids": np.asarray(t.rejected_ids)})  # fmt: skip
+        records.append(
+            {
+                "prompt_ids": np.asarray(t.prompt_ids),
+                "chosen_ids": np.asarray(t.chosen_ids),
+                "rejected_ids": np.asarray(t.rejected_ids),
+            }
+        )
     assert got["ches_median"] == pytest.approx(float(np.median(ches_scores(path, records))), rel=1e-5)
     # hand-worked Jaccard: {7, +, 5, =} shared of 6 distinct words; the other two pairs share none
     assert got["jaccard_mean"] == pytest.approx((4 / 6 + 0 + 0) / 3)
@@ -88,8 +102,9 @@ def test_preprocess_leaves_out_the_highest_ches_pairs(tmp_path, tiny_checkpoints
     records, _ = read_records(full)
     scores = ches_scores(path, records)
     src = str(tmp_path / "full.jsonl")  # the rows tiny_preference_records wrote beside its records
-    meta = preprocess.preprocess(src, tmp_path / "kept", tiny_tokenizer, max_length=64, ches_model=str(path),
-                                 ches_drop=0.25)  # fmt: skip
+    meta = preprocess.preprocess(
+        src, tmp_path / "kept", tiny_tokenizer, max_length=64, ches_model=str(path), ches_drop=0.25
+    )
     kept, _ = read_records(tmp_path / "kept")
     highest = {int(records[i]["source_index"]) for i in np.argsort(scores)[-4:]}  # 25% of 16
     assert meta["ches_filter"]["dropped"] == 4 and len(kept) == 12

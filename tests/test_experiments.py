@@ -67,14 +67,22 @@ def test_loss_hyperparameters_are_config_keys():
     from apo_jax import losses, train
     from apo_jax.train.config import loss_hparams
 
-    config = _parse("--config=clair_tdpo:tiny", "--config.loss.alpha=0.3", "--config.loss.tdpo2=false",
-                    "--config.loss.beta=0.2")  # fmt: skip
+    config = _parse(
+        "--config=clair_tdpo:tiny",
+        "--config.loss.alpha=0.3",
+        "--config.loss.tdpo2=false",
+        "--config.loss.beta=0.2",
+    )
     config.data.train = "data/clair"  # the miniature's pipeline fills it in; validation does not open it
     train.validate(config)
     assert loss_hparams(config) == {"alpha": 0.3, "tdpo2": False, "beta": 0.2}
     assert set(loss_hparams(config)) == set(losses.get("tdpo").hparams)
-    ns = _parse("--config=clair_ns_dpo:tiny", "--config.loss.current_time=120",
-                "--config.loss.normalize=True", "--config.loss.ld_alpha=0.5")  # fmt: skip
+    ns = _parse(
+        "--config=clair_ns_dpo:tiny",
+        "--config.loss.current_time=120",
+        "--config.loss.normalize=True",
+        "--config.loss.ld_alpha=0.5",
+    )
     assert (ns.loss.current_time, ns.loss.normalize, ns.loss.ld_alpha) == (120, True, 0.5)
     assert _parse("--config=clair_dpo:tiny").loss.ld_alpha is None  # off unless set; a float when set
     for flag in ("--config.loss.gamma=1", "--config.loss.alpha=x"):
@@ -186,8 +194,18 @@ def test_the_sweep_tabulates_each_cell_over_seeds_and_marks_the_claims(mini_root
     from experiments import sweep
 
     root = mini_root
-    args = ["--variant", "tiny", "--workdir", str(root), "--losses", "apo_zero", "--data",
-            "clair,stronger_preferred", "--seeds", "0,1"]  # fmt: skip
+    args = [
+        "--variant",
+        "tiny",
+        "--workdir",
+        str(root),
+        "--losses",
+        "apo_zero",
+        "--data",
+        "clair,stronger_preferred",
+        "--seeds",
+        "0,1",
+    ]
     assert sweep.main(args) == 0
     text = (root / "comparison.md").read_text()
     rows = {}
@@ -220,9 +238,11 @@ def test_claims_are_marked_from_the_numbers():
     def cell(data, loss, greedy, se, jaccard=0.5, lev=10.0):
         return {"data": data, "loss": loss, "greedy": (greedy, se), "jaccard": jaccard, "levenshtein": lev}
 
-    cells = {"clair_apo_zero": cell("clair", "apo_zero", 0.80, 0.01, 0.9, 2.0),
-             "clair_dpo": cell("clair", "dpo", 0.78, 0.01, 0.9, 2.0),
-             "on_policy_judge_dpo": cell("on_policy_judge", "dpo", 0.70, 0.01, 0.6, 8.0)}  # fmt: skip
+    cells = {
+        "clair_apo_zero": cell("clair", "apo_zero", 0.80, 0.01, 0.9, 2.0),
+        "clair_dpo": cell("clair", "dpo", 0.78, 0.01, 0.9, 2.0),
+        "on_policy_judge_dpo": cell("on_policy_judge", "dpo", 0.70, 0.01, 0.6, 8.0),
+    }
     text = "\n".join(claims(cells))
     assert "contrastive** (Table 1): **held**" in text
     assert "DPO on CLAIR pairs**: **held**" in text and "difference +0.020 ± 0.014" in text

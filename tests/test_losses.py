@@ -283,8 +283,18 @@ def test_tdpo_kl_gradients(tdpo2):
     fields = {k: b[k] for k in ("chosen_loss_mask", "rejected_loss_mask")}
 
     def total(kc, kr):
-        out = loss(b["tpc"], b["tpr"], b["trc"], b["trr"], beta=beta, alpha=alpha, tdpo2=tdpo2,
-                   chosen_kl=kc, rejected_kl=kr, **fields)  # fmt: skip
+        out = loss(
+            b["tpc"],
+            b["tpr"],
+            b["trc"],
+            b["trr"],
+            beta=beta,
+            alpha=alpha,
+            tdpo2=tdpo2,
+            chosen_kl=kc,
+            rejected_kl=kr,
+            **fields,
+        )
         return out.loss.sum()
 
     g_c, g_r = jax.grad(total, argnums=(0, 1))(b["chosen_kl"], b["rejected_kl"])

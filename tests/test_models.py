@@ -209,8 +209,9 @@ def test_model_token_logps_match_transformers(tiny_checkpoints):
 
 def _jit_logps(model, **static):
     """token_logps jitted once per model (eager flax calls are slow on CPU)."""
-    return jax.jit(lambda p, ids, m, lm, seg=None, pos=None: models.token_logps(
-        model, p, ids, m, lm, seg, pos, **static))  # fmt: skip
+    return jax.jit(
+        lambda p, ids, m, lm, seg=None, pos=None: models.token_logps(model, p, ids, m, lm, seg, pos, **static)
+    )
 
 
 def test_packed_row_equals_sequences_run_separately(tiny_checkpoints):
@@ -261,10 +262,18 @@ def test_greedy_generate_matches_transformers(tiny_checkpoints):
     prompts[0, :2] = 5
     got = models.generate(model, params, prompts, mask, max_new_tokens=10, eos_ids=(1, 4), pad_id=5)
     with torch.no_grad():
-        hf = _hf(path).generate(
-            input_ids=torch.tensor(prompts), attention_mask=torch.tensor(mask), max_new_tokens=10,
-            do_sample=False, eos_token_id=[1, 4], pad_token_id=5,
-        )[:, 6:].numpy()  # fmt: skip
+        hf = (
+            _hf(path)
+            .generate(
+                input_ids=torch.tensor(prompts),
+                attention_mask=torch.tensor(mask),
+                max_new_tokens=10,
+                do_sample=False,
+                eos_token_id=[1, 4],
+                pad_token_id=5,
+            )[:, 6:]
+            .numpy()
+        )
     tokens = np.asarray(got["tokens"])[:, : hf.shape[1]]
     np.testing.assert_array_equal(tokens, hf)
 
@@ -316,8 +325,17 @@ def test_rising_step_temperature_and_logit_mixing_sample_the_right_distributions
         r0 = _hf(ref_path)(input_ids=torch.tensor(prompt[None])).logits[0, -1].numpy()
     # every token ends a "step": the first token is drawn at t0 = 0.5, the second at min(0.5 + 1, 1.2)
     schedule = {"temperature": 0.5, "temperature_step": 1.0, "temperature_max": 1.2}
-    out = models.generate(model, params, ids, mask, max_new_tokens=2, step_end_ids=np.arange(384), eos_ids=(),
-                          rng=jax.random.key(3), **schedule)  # fmt: skip
+    out = models.generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=2,
+        step_end_ids=np.arange(384),
+        eos_ids=(),
+        rng=jax.random.key(3),
+        **schedule,
+    )
     tokens = np.asarray(out["tokens"])
     at_t0 = _mean_logp_check(tokens[:, 0], l0, l0 / 0.5, "first token at 0.5")
     top = np.bincount(tokens[:, 0]).argmax()  # the second token, after the most frequent first one
@@ -330,8 +348,18 @@ def test_rising_step_temperature_and_logit_mixing_sample_the_right_distributions
     assert at_t0 > at_t1
     # logit mixing: half the rows from 1.5·l_θ − 0.5·l_ref, half from 0.5·l_θ + 0.5·l_ref (temperature 1)
     mix = np.repeat([[1.5, -0.5], [0.5, 0.5]], n // 2, axis=0)
-    out = models.generate(model, params, ids, mask, max_new_tokens=1, temperature=1.0, eos_ids=(),
-                          ref_params=ref_params, mix=mix, rng=jax.random.key(4))  # fmt: skip
+    out = models.generate(
+        model,
+        params,
+        ids,
+        mask,
+        max_new_tokens=1,
+        temperature=1.0,
+        eos_ids=(),
+        ref_params=ref_params,
+        mix=mix,
+        rng=jax.random.key(4),
+    )
     first = np.asarray(out["tokens"])[:, 0]
     _mean_logp_check(first[: n // 2], l0, 1.5 * l0 - 0.5 * r0, "mix (1.5, -0.5)")
     _mean_logp_check(first[n // 2 :], l0, 0.5 * l0 + 0.5 * r0, "mix (0.5, 0.5)")

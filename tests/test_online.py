@@ -191,8 +191,12 @@ def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start,
     out = online.run_online(cfg, scorer=longest)
     assert out["status"] == "preempted" and out["round"] == 1 and len(out["rounds"]) == 1
     assert len(json.loads((run / "online.json").read_text())["rounds"]) == 1
-    kept = ("round_0/train/metrics.jsonl", "round_1/samples.jsonl", "round_1/pairs.jsonl",
-            "round_1/records/metadata.json")  # fmt: skip
+    kept = (
+        "round_0/train/metrics.jsonl",
+        "round_1/samples.jsonl",
+        "round_1/pairs.jsonl",
+        "round_1/records/metadata.json",
+    )
     stamps = {f: (run / f).stat().st_mtime_ns for f in kept}
     metrics = run / "round_1" / "train" / "metrics.jsonl"
     done_before = [r["step"] for r in read_jsonl(metrics) if "loss" in r]

@@ -69,9 +69,18 @@ def test_batch_coupled_losses_are_exact_on_a_sharded_batch(axis_type):
         np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=1e-5, err_msg=name)
     alpha = losses.get("alpha_dpo")
     got = jax.jit(
-        lambda x: alpha(x["pc"], x["pr"], x["rc"], x["rr"], beta=2.5, chosen_lengths=x["chosen_lengths"],
-                        rejected_lengths=x["rejected_lengths"]).loss
-    )(sharded)  # fmt: skip
+        lambda x: (
+            alpha(
+                x["pc"],
+                x["pr"],
+                x["rc"],
+                x["rr"],
+                beta=2.5,
+                chosen_lengths=x["chosen_lengths"],
+                rejected_lengths=x["rejected_lengths"],
+            ).loss
+        )
+    )(sharded)
     expected, _ = ref.alpha_dpo(f64(b), {"beta": 2.5})
     np.testing.assert_allclose(np.asarray(got), expected, rtol=RTOL, atol=1e-5)
 

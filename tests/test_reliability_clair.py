@@ -30,9 +30,21 @@ def _closed_port() -> int:
 
 
 def _revise_cmd(answers, out, base_url, *extra) -> list[str]:
-    return [sys.executable, "-m", "apo_jax.data.clair", "revise", "--input", str(answers),
-            "--output", str(out), "--base-url", base_url, "--model", "gpt-4-0125-preview",
-            *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "apo_jax.data.clair",
+        "revise",
+        "--input",
+        str(answers),
+        "--output",
+        str(out),
+        "--base-url",
+        base_url,
+        "--model",
+        "gpt-4-0125-preview",
+        *extra,
+    ]
 
 
 def _env(**set_vars) -> dict:
@@ -48,8 +60,14 @@ def test_dead_endpoint_stops_in_seconds_with_one_line_and_no_double_charges(tmp_
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
     start = time.monotonic()
-    proc = subprocess.run(_revise_cmd(answers, out, url, "--max-consecutive-failures", "3"), cwd=ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        _revise_cmd(answers, out, url, "--max-consecutive-failures", "3"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -114,8 +132,13 @@ class Dies(Server):
 def test_a_stopped_job_keeps_its_rows_and_the_rerun_asks_only_for_the_rest(tmp_path):
     answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
     dying = Dies(4)
-    cfg = ClientConfig(base_url=dying.url, model="gpt-4-0125-preview", concurrency=1, backoff_base=0.01,
-                       max_consecutive_failures=2)  # fmt: skip
+    cfg = ClientConfig(
+        base_url=dying.url,
+        model="gpt-4-0125-preview",
+        concurrency=1,
+        backoff_base=0.01,
+        max_consecutive_failures=2,
+    )
     try:
         with pytest.raises(CircuitOpen) as stop:
             revise(answers, out, cfg, progress=False)
@@ -142,8 +165,19 @@ def test_no_key_for_a_remote_endpoint_is_refused_before_anything_is_read(tmp_pat
     monkeypatch.delenv("CLAIR_TEST_KEY", raising=False)
     url = "https://api.example.invalid/v1"
     missing = tmp_path / "not-there.jsonl"  # were it read before the key check, it would be the error
-    argv = ["revise", "--input", str(missing), "--output", str(tmp_path / "pairs.jsonl"), "--base-url", url,
-            "--model", "m", "--api-key-env", "CLAIR_TEST_KEY"]  # fmt: skip
+    argv = [
+        "revise",
+        "--input",
+        str(missing),
+        "--output",
+        str(tmp_path / "pairs.jsonl"),
+        "--base-url",
+        url,
+        "--model",
+        "m",
+        "--api-key-env",
+        "CLAIR_TEST_KEY",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CLAIR_TEST_KEY" in err[0] and url in err[0] and "refus" in err[0], err

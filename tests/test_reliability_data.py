@@ -107,7 +107,7 @@ def test_length_settings_are_checked_before_any_row(tmp_path, tokenizer_dir, cap
         (["--max-length", "0"], "--max-length 0: must be a positive number"),
         (["--max-length", "-5"], "--max-length -5: must be a positive number"),
         (["--max-length", "64", "--max-prompt-length", "64"], "--max-prompt-length 64 must be below"),
-    ]:  # fmt: skip
+    ]:
         assert _preprocess(src, tmp_path / "out", tokenizer_dir, *flags) == 2
         _one_line_error(capsys, says)
     assert _preprocess(src, tmp_path / "out", tokenizer_dir, "--max-length", "4") == 2
@@ -122,9 +122,11 @@ def test_bad_rows_are_named_and_skipped_one_by_one(tmp_path, tokenizer_dir, caps
     src = tmp_path / "pairs.jsonl"
     lines = [json.dumps(r).encode() for r in ROWS]
     lines[2] = lines[2].replace(b"good", b"g\xffod")  # one bad byte in line 3
-    empty_turn = {"prompt": [{"role": "user", "content": "q?"}],
-                  "chosen": [{"role": "assistant", "content": ""}],
-                  "rejected": [{"role": "assistant", "content": "no"}]}  # fmt: skip
+    empty_turn = {
+        "prompt": [{"role": "user", "content": "q?"}],
+        "chosen": [{"role": "assistant", "content": ""}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+    }
     lines += [json.dumps(empty_turn).encode(), json.dumps(dict(ROWS[0], chosen="")).encode()]
     src.write_bytes(b"\n".join(lines) + b"\n")
     assert _preprocess(src, tmp_path / "out", tokenizer_dir) == 0
@@ -171,8 +173,21 @@ def test_missing_inputs_are_named_in_one_line(tmp_path, tokenizer_dir, capsys):
         read_records(out)
     answers = tmp_path / "answers.jsonl"
     answers.write_bytes(b'{"prompt": "q", "response": "a"}\n{"prompt": \n')
-    assert judge.main(["--prompts", str(src), "--answers", str(answers), "--output", str(tmp_path / "j"),
-                       "--mode", "exact"]) == 2  # fmt: skip
+    assert (
+        judge.main(
+            [
+                "--prompts",
+                str(src),
+                "--answers",
+                str(answers),
+                "--output",
+                str(tmp_path / "j"),
+                "--mode",
+                "exact",
+            ]
+        )
+        == 2
+    )
     _one_line_error(capsys, f"{answers}:2: not valid JSON")
 
 

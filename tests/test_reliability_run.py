@@ -26,15 +26,24 @@ def _start(*args: str, cwd) -> subprocess.Popen:
 def test_bad_flags_and_settings_are_one_line_before_any_work(tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     probes = {  # started together: each exits in the seconds its imports take
-        "typo": (["--config=clair_apo_zero:tiny", "--config.train.stepz=3"],
-                 "error: --config.train.stepz: no such config key (did you mean 'steps'?)"),
+        "typo": (
+            ["--config=clair_apo_zero:tiny", "--config.train.stepz=3"],
+            "error: --config.train.stepz: no such config key (did you mean 'steps'?)",
+        ),
         "no_file": (["--config=nowhere/x.py"], "error: --config=nowhere/x.py: no such config file"),
-        "negative_lr": (["--config=clair_apo_zero:tiny", "--config.optimizer.lr=-1e-3",
-                         f"--config.workdir={tmp_path / 'neg'}"],
-                        "config error: optimizer.lr=-0.001: must be > 0.0"),
-        "workdir_file": (["--config=clair_apo_zero:tiny", f"--config.workdir={tmp_path / 'a_file'}"],
-                         f"error: workdir {tmp_path / 'a_file'}: is a file, not a folder"),
-    }  # fmt: skip
+        "negative_lr": (
+            [
+                "--config=clair_apo_zero:tiny",
+                "--config.optimizer.lr=-1e-3",
+                f"--config.workdir={tmp_path / 'neg'}",
+            ],
+            "config error: optimizer.lr=-0.001: must be > 0.0",
+        ),
+        "workdir_file": (
+            ["--config=clair_apo_zero:tiny", f"--config.workdir={tmp_path / 'a_file'}"],
+            f"error: workdir {tmp_path / 'a_file'}: is a file, not a folder",
+        ),
+    }
     procs = {name: _start(*args, cwd=tmp_path) for name, (args, _) in probes.items()}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=120)
@@ -54,9 +63,19 @@ def test_sweep_bench_and_generate_refuse_bad_flags_in_one_line(tmp_path, capsys)
         (bench.main, ["--shape", "huge", "--out", str(tmp_path / "b.json")], "error: unknown shape 'huge'"),
         (bench.main, ["--parts", "step,speed"], "error: --parts: unknown ['speed']"),
         (bench.main, ["--steps", "0"], "error: --steps 0: must be positive"),
-        (generate.main, ["--input", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "o.jsonl"),
-                         "--model-dir", str(tmp_path)], f"{tmp_path / 'none.jsonl'}"),
-    ]  # fmt: skip
+        (
+            generate.main,
+            [
+                "--input",
+                str(tmp_path / "none.jsonl"),
+                "--output",
+                str(tmp_path / "o.jsonl"),
+                "--model-dir",
+                str(tmp_path),
+            ],
+            f"{tmp_path / 'none.jsonl'}",
+        ),
+    ]
     for main, argv, says in probes:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

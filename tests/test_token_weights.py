@@ -20,8 +20,12 @@ from apo_jax.data.tfrecords import read_records, rewrite_records
 def pair_models(tmp_path_factory, tiny_tokenizer):
     """Two tiny HF Llamas of one shape (π⁺, π⁻ for TIS; policy, reference for the step) and records."""
     root = tmp_path_factory.mktemp("tw")
-    dirs = [testing.tiny_hf_llama(root / f"m{i}", vocab_size=len(tiny_tokenizer), seed=10 + i,
-                                  tokenizer=tiny_tokenizer) for i in range(2)]  # fmt: skip
+    dirs = [
+        testing.tiny_hf_llama(
+            root / f"m{i}", vocab_size=len(tiny_tokenizer), seed=10 + i, tokenizer=tiny_tokenizer
+        )
+        for i in range(2)
+    ]
     recs = testing.tiny_preference_records(root / "records", tiny_tokenizer, n=16, max_length=48, seed=5)
     return dirs, recs
 
@@ -46,8 +50,9 @@ def _torch_token_logps(model_dir, batch, side):
 
 def test_tis_weights_equal_the_formula_on_torch_log_probs(tmp_path, pair_models):
     (plus, minus), recs = pair_models
-    out = token_weights.add_weights(recs, tmp_path / "tis", method="tis", plus_model=plus, minus_model=minus,
-                                    lower=-0.2, upper=0.3, k=1.5)  # fmt: skip
+    out = token_weights.add_weights(
+        recs, tmp_path / "tis", method="tis", plus_model=plus, minus_model=minus, lower=-0.2, upper=0.3, k=1.5
+    )
     got, meta = read_records(out)
     assert meta["token_weights"]["method"] == "tis" and "chosen_weights" in meta["fields"]
     batch = layouts.padded(got, 48)
@@ -90,9 +95,25 @@ def test_tis_rank_based_weights_from_the_two_models(tmp_path, pair_models):
     μ·round(d, 2), d from transformers' log-probs of the two models, spread over [0.7, 1.3]."""
     (plus, minus), recs = pair_models
     out = tmp_path / "tis_rank"
-    assert token_weights.main(["--records", str(recs), "--output", str(out), "--method", "tis",
-                               "--plus-model", str(plus), "--minus-model", str(minus),
-                               "--transform", "rank_based"]) == 0  # fmt: skip
+    assert (
+        token_weights.main(
+            [
+                "--records",
+                str(recs),
+                "--output",
+                str(out),
+                "--method",
+                "tis",
+                "--plus-model",
+                str(plus),
+                "--minus-model",
+                str(minus),
+                "--transform",
+                "rank_based",
+            ]
+        )
+        == 0
+    )
     got, meta = read_records(out)
     assert meta["token_weights"]["transform"] == "rank_based"
     batch = layouts.padded(got, 48)
@@ -109,16 +130,23 @@ def test_tis_rank_based_weights_from_the_two_models(tmp_path, pair_models):
 
 def test_mask_dpo_weights_follow_the_sentence_labels(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
-    rows = [{"prompt": "Compute 7 + 5 - 9.", "chosen": "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3",
-             "rejected": "7 + 5 = 12\n12 - 9 = 4\nAnswer: 4",
-             "chosen_labels": [1, 1, 1], "rejected_labels": [1, 0, 0]}]  # fmt: skip
+    rows = [
+        {
+            "prompt": "Compute 7 + 5 - 9.",
+            "chosen": "7 + 5 = 12\n12 - 9 = 3\nAnswer: 3",
+            "rejected": "7 + 5 = 12\n12 - 9 = 4\nAnswer: 4",
+            "chosen_labels": [1, 1, 1],
+            "rejected_labels": [1, 0, 0],
+        }
+    ]
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     from apo_jax.data.preprocess import preprocess
 
     preprocess(str(pairs), tmp_path / "rec", tok, max_length=96)
-    out = token_weights.add_weights(tmp_path / "rec", tmp_path / "mask", method="mask", pairs=pairs,
-                                    tokenizer=tok)  # fmt: skip
+    out = token_weights.add_weights(
+        tmp_path / "rec", tmp_path / "mask", method="mask", pairs=pairs, tokenizer=tok
+    )
     (r,), _ = read_records(out)
     assert np.all(r["chosen_weights"] == 1)  # every sentence of the chosen answer is right
     dropped = [int(t) for t, w in zip(r["rejected_ids"], r["rejected_weights"], strict=True) if w == 0]
@@ -138,8 +166,9 @@ def _metaspace_tokenizer(corpus):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"],
-                                                         show_progress=False))  # fmt: skip
+    tok.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"], show_progress=False)
+    )
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
 
 
@@ -194,8 +223,9 @@ def test_token_level_step_equals_the_weighted_formula_on_torch_log_probs(pair_mo
         rho[side] = (w * diff).sum(-1)
     expected = np.mean(np.logaddexp(0.0, -0.3 * (rho["chosen"] - rho["rejected"])))
     assert float(value) == pytest.approx(expected, rel=1e-4)
-    assert float(metrics["rewards/margins"]) == pytest.approx(0.3 * np.mean(rho["chosen"] - rho["rejected"]),
-                                                              rel=1e-4, abs=1e-5)  # fmt: skip
+    assert float(metrics["rewards/margins"]) == pytest.approx(
+        0.3 * np.mean(rho["chosen"] - rho["rejected"]), rel=1e-4, abs=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", ["tdpo", "tis_dpo_kl"])
@@ -251,8 +281,10 @@ def test_trainer_feeds_token_weights_from_the_records(tmp_path, pair_models):
     _, recs = pair_models
     records, meta = read_records(recs)
     sides = ("chosen", "rejected")
-    doubled = [dict(r, **{f"{s}_weights": np.full(len(r[f"{s}_ids"]), 2.0, np.float32) for s in sides})
-               for r in records]  # fmt: skip
+    doubled = [
+        dict(r, **{f"{s}_weights": np.full(len(r[f"{s}_ids"]), 2.0, np.float32) for s in sides})
+        for r in records
+    ]
     weighted = rewrite_records(doubled, meta, tmp_path / "doubled", {}, tool="tests")
     runs = {}
     for name, data, beta in (("tis_dpo", weighted, 0.25), ("sigmoid", recs, 0.5)):

@@ -92,11 +92,13 @@ def test_config_errors_name_the_key(tmp_path, records):
     with pytest.raises(ConfigError, match="ld_alpha aggregates sequence log-probs; the token-level loss"):
         train.validate(cfg)
     # finding 4: a negative learning rate would ascend the loss; every numeric setting has a range
-    for key, value, says in [("optimizer__lr", -1e-3, "optimizer.lr=-0.001: must be > 0"),
-                             ("optimizer__lr", float("nan"), "optimizer.lr=nan"),
-                             ("optimizer__b2", 1.0, "optimizer.b2=1.0: must be >= 0.0 and < 1.0"),
-                             ("train__log_every", 0, "train.log_every=0: must be >= 1"),
-                             ("data__length", -5, "data.length=-5: must be >= 0")]:  # fmt: skip
+    for key, value, says in [
+        ("optimizer__lr", -1e-3, "optimizer.lr=-0.001: must be > 0"),
+        ("optimizer__lr", float("nan"), "optimizer.lr=nan"),
+        ("optimizer__b2", 1.0, "optimizer.b2=1.0: must be >= 0.0 and < 1.0"),
+        ("train__log_every", 0, "train.log_every=0: must be >= 1"),
+        ("data__length", -5, "data.length=-5: must be >= 0"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(says)):
             train.validate(make_config(tmp_path, records, **{key: value}))
     # finding 11: a batch larger than the data names the data's path
@@ -419,9 +421,17 @@ def _final_params(workdir):
 
 
 def test_kill_and_resume_is_bit_exact(tmp_path, records):
-    common = {"data.train": str(records), "loss.name": "apo_zero", "optimizer.lr": 1e-3, "train.steps": 12,
-              "optimizer.schedule": "constant", "mesh.data": 1,
-              "train.batch_size": 8, "train.checkpoint_every": 2, "train.export_hf": True}  # fmt: skip
+    common = {
+        "data.train": str(records),
+        "loss.name": "apo_zero",
+        "optimizer.lr": 1e-3,
+        "train.steps": 12,
+        "optimizer.schedule": "constant",
+        "mesh.data": 1,
+        "train.batch_size": 8,
+        "train.checkpoint_every": 2,
+        "train.export_hf": True,
+    }
     train.run(make_config(tmp_path / "whole", records, train__steps=12, train__export_hf=True))
     # SIGTERM at a random step: it saves, exits cleanly, and the restart finishes the run
     kill_at = int(np.random.default_rng().integers(3, 10))
@@ -462,9 +472,15 @@ def test_two_processes_equal_one(tmp_path, records):
     one = make_config(tmp_path / "one", records, train__steps=5, mesh__data=8)
     train.run(one)
     port = 20000 + int(np.random.default_rng().integers(0, 20000))
-    run = {"data.train": str(records), "loss.name": "apo_zero", "optimizer.lr": 1e-3,
-           "optimizer.schedule": "constant", "train.steps": 5, "train.batch_size": 8,
-           "workdir": str(tmp_path / "two")}  # fmt: skip
+    run = {
+        "data.train": str(records),
+        "loss.name": "apo_zero",
+        "optimizer.lr": 1e-3,
+        "optimizer.schedule": "constant",
+        "train.steps": 5,
+        "train.batch_size": 8,
+        "workdir": str(tmp_path / "two"),
+    }
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     procs = [
         _spawn(
@@ -473,7 +489,7 @@ def test_two_processes_equal_one(tmp_path, records):
             f"p{i}",
             env=env,
             extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]

@@ -125,7 +125,20 @@ def test_orpo_parity(case):
 def test_golden_file_covers_every_trl_loss_type():
     dpo_types = {t for c in CASES if c["trainer"] == "dpo" for t in c["config"]["loss_types"]}
     assert dpo_types == {
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-    }  # fmt: skip
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    }
     assert GOLDEN["trl_version"] == "1.16.0"

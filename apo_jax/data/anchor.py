@@ -29,8 +29,14 @@ def category(correct: Iterable[bool]) -> str:
     )
 
 
-def anchor_pair(prompt: str, responses: list[str], correct: list[bool], *, anchor: str | None = None,
-                scores: list[float] | None = None) -> dict | None:  # fmt: skip
+def anchor_pair(
+    prompt: str,
+    responses: list[str],
+    correct: list[bool],
+    *,
+    anchor: str | None = None,
+    scores: list[float] | None = None,
+) -> dict | None:
     """One pair for a prompt from its judged samples (see the module docstring), or None."""
     if len(responses) != len(correct) or (scores is not None and len(scores) != len(responses)):
         raise ValueError(f"prompt {prompt[:40]!r}: responses, correct and scores differ in length")
@@ -56,8 +62,13 @@ def anchor_pairs(samples: Iterable[dict]) -> list[dict]:
     category (prompts that give no pair are left out)."""
     out = []
     for row in samples:
-        pair = anchor_pair(row["prompt"], row["responses"], row["correct"], anchor=row.get("anchor"),
-                           scores=row.get("scores"))  # fmt: skip
+        pair = anchor_pair(
+            row["prompt"],
+            row["responses"],
+            row["correct"],
+            anchor=row.get("anchor"),
+            scores=row.get("scores"),
+        )
         if pair is not None:
             out.append(pair)
     return out

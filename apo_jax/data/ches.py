@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apo_jax import models
+from apo_jax.data import layouts
+
 
 def _sums(model, params, ids, attention_mask, loss_mask):
     """Σ of the final hidden states at the positions that predict each answer token, and their count."""
-    from apo_jax import models
-
     h = models.hidden_states(model, params, ids, attention_mask).astype(jnp.float32)
     # position t - 1 predicts token t: the predicting positions are the loss mask shifted left by one
     predicting = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1))).astype(jnp.float32)
@@ -34,8 +35,13 @@ def ches(model, params, batch) -> dict[str, jax.Array]:
     `ches_norm` from the means, from one forward pass of each side."""
     sums, means = {}, {}
     for side in ("chosen", "rejected"):
-        sums[side], count = _sums(model, params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
-                                  batch[f"{side}_loss_mask"])  # fmt: skip
+        sums[side], count = _sums(
+            model,
+            params,
+            batch[f"{side}_input_ids"],
+            batch[f"{side}_attention_mask"],
+            batch[f"{side}_loss_mask"],
+        )
         means[side] = sums[side] / jnp.maximum(count, 1.0)
     return {
         name: jnp.sum(s["chosen"] * s["rejected"], -1) - jnp.sum(s["chosen"] ** 2, -1)
@@ -46,9 +52,6 @@ def ches(model, params, batch) -> dict[str, jax.Array]:
 def ches_all(model_dir, records, *, batch_size: int = 8) -> dict[str, np.ndarray]:
     """{"ches", "ches_norm"}: [N] scores of tokenized records (prompt_ids, chosen_ids, rejected_ids)
     under a Hugging Face Llama, both from one pass."""
-    from apo_jax import models
-    from apo_jax.data import layouts
-
     model, params = models.from_hf(model_dir)
     score = jax.jit(lambda p, b: ches(model, p, b))
     out = {"ches": [], "ches_norm": []}

@@ -176,8 +176,14 @@ def normalize_pair(row: dict, index: int) -> Pair:
     for field in ("chosen", "rejected"):
         if _empty(answers[field]):
             raise RowError(index, field, "empty answer")
-    return Pair(prompt, answers["chosen"], answers["rejected"], _extras(index, row), _prefix(index, row),
-                _ends_turn(index, row))  # fmt: skip
+    return Pair(
+        prompt,
+        answers["chosen"],
+        answers["rejected"],
+        _extras(index, row),
+        _prefix(index, row),
+        _ends_turn(index, row),
+    )
 
 
 def _empty(answer) -> bool:
@@ -309,10 +315,20 @@ def as_chat(example: Pair | Unpaired) -> Pair | Unpaired:
 
     if isinstance(example, Pair):
         if example.prefix:  # a continuation stays text: tokenize_example frames the prompt
-            return Pair(turn("user", example.prompt), example.chosen, example.rejected, example.extras,
-                        example.prefix, example.ends_turn)  # fmt: skip
-        return Pair(turn("user", example.prompt), turn("assistant", example.chosen),
-                    turn("assistant", example.rejected), example.extras)  # fmt: skip
+            return Pair(
+                turn("user", example.prompt),
+                example.chosen,
+                example.rejected,
+                example.extras,
+                example.prefix,
+                example.ends_turn,
+            )
+        return Pair(
+            turn("user", example.prompt),
+            turn("assistant", example.chosen),
+            turn("assistant", example.rejected),
+            example.extras,
+        )
     return Unpaired(
         turn("user", example.prompt), turn("assistant", example.completion), example.label, example.extras
     )

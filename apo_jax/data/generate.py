@@ -21,10 +21,13 @@ import os
 import pathlib
 import sys
 
+import jax
 import numpy as np
 
-from apo_jax import cli
+from apo_jax import cli, models
+from apo_jax.client import ClientConfig, run_requests
 from apo_jax.data.jsonl import write_jsonl
+from apo_jax.data.tokenize import chat_kwargs
 
 
 def read_prompts(path) -> list[dict]:
@@ -65,15 +68,29 @@ def _jobs(prompts, samples):
 
 def _row(prompts, i, s, response, generator, row_id):
     carried = {k: v for k, v in prompts[i].items() if k not in ("prompt", "response")}
-    return {"id": row_id, "prompt": prompts[i]["prompt"], "response": response, "sample": s,
-            "generator": generator, **carried}  # fmt: skip
+    return {
+        "id": row_id,
+        "prompt": prompts[i]["prompt"],
+        "response": response,
+        "sample": s,
+        "generator": generator,
+        **carried,
+    }
 
 
-def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, temperature=0.7, top_p=1.0,
-                         client=None, progress=True) -> dict:  # fmt: skip
+def generate_with_server(
+    prompts,
+    output,
+    cfg,
+    *,
+    samples=1,
+    max_tokens=1024,
+    temperature=0.7,
+    top_p=1.0,
+    client=None,
+    progress=True,
+) -> dict:
     """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping."""
-    from apo_jax.client import run_requests
-
     output = pathlib.Path(output)
     requests = {
         row_id: {
@@ -83,7 +100,7 @@ def generate_with_server(prompts, output, cfg, *, samples=1, max_tokens=1024, te
             "temperature": temperature,
             "top_p": top_p,
             "n": 1,
-        }  # fmt: skip
+        }
         for row_id, i, _ in _jobs(prompts, samples)
     }
     log_path = output.with_name(output.name + ".responses.jsonl")
@@ -102,8 +119,9 @@ def prompt_ids(tok, row: dict, kwargs: dict) -> list[int]:
     tokenized as preprocess tokenizes step-level pairs (apo_jax.data.tokenize)."""
     messages = [{"role": "user", "content": row["prompt"]}]
     if not row.get("prefix"):
-        return tok.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                       **kwargs)["input_ids"]  # fmt: skip
+        return tok.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs
+        )["input_ids"]
     head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
     return list(tok(text=head + row["prefix"], add_special_tokens=False)["input_ids"])
 
@@ -113,20 +131,42 @@ def step_end_ids(tok, marker: str = "\n") -> list[int]:
     return [i for i in range(len(tok)) if marker in tok.decode([i])]
 
 
-def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512, temperature=0.7, top_p=1.0,
-                        batch_size=8, seed=0, mesh=None, progress=True, temperature_step=0.0,
-                        temperature_max=None, ref_params=None, mix=None) -> dict:  # fmt: skip
+def _left_padded(ids: list[list[int]], batch_size: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """[batch_size, width] ids and attention mask, left-padded; a fixed batch (one compiled sampler)
+    whose filler rows hold one token each, discarded."""
+    width = max(map(len, ids))
+    out = np.full((batch_size, width), pad, np.int32)
+    mask = np.zeros((batch_size, width), np.int32)
+    for r, x in enumerate(ids):
+        out[r, width - len(x) :], mask[r, width - len(x) :] = x, 1
+    mask[len(ids) :, -1] = 1
+    return out, mask
+
+
+def generate_with_model(
+    prompts,
+    output,
+    model_dir,
+    *,
+    samples=1,
+    max_tokens=512,
+    temperature=0.7,
+    top_p=1.0,
+    batch_size=8,
+    seed=0,
+    mesh=None,
+    progress=True,
+    temperature_step=0.0,
+    temperature_max=None,
+    ref_params=None,
+    mix=None,
+) -> dict:
     """With apo_jax's own sampler: chat-templated, left-padded batches, appended as they finish.
 
     Rows with a `prefix` continue it (the response is the continuation). `temperature_step` raises the
     temperature by that much after each line the row writes, up to `temperature_max` (Step-Controlled
     DPO). `ref_params` with `mix` ([2], or [samples, 2]: one pair per sample index) samples from mixed
     logits (online DPO's samplers)."""
-    import jax
-
-    from apo_jax import models
-    from apo_jax.data.tokenize import chat_kwargs
-
     output = pathlib.Path(output)
     model, params = models.from_hf(model_dir, mesh=mesh)
     tok = models.load_tokenizer(model_dir)
@@ -145,13 +185,7 @@ def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512
         bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
     for start in range(0, len(todo), batch_size):
         jobs = todo[start : start + batch_size]
-        ids = [prompt_ids(tok, prompts[i], kwargs) for _, i, _ in jobs]
-        width = max(map(len, ids))
-        ids_ = np.full((batch_size, width), pad, np.int32)  # fixed batch: one compiled sampler
-        mask_ = np.zeros((batch_size, width), np.int32)
-        for r, x in enumerate(ids):
-            ids_[r, width - len(x) :], mask_[r, width - len(x) :] = x, 1
-        mask_[len(ids) :, -1] = 1  # filler rows: one token, discarded
+        ids_, mask_ = _left_padded([prompt_ids(tok, prompts[i], kwargs) for _, i, _ in jobs], batch_size, pad)
         # one key per batch of the remaining rows: a resumed run samples what is left afresh
         key = jax.random.fold_in(jax.random.key(seed), len(done) + start)
         mixing = {}
@@ -161,9 +195,19 @@ def generate_with_model(prompts, output, model_dir, *, samples=1, max_tokens=512
             m[: len(jobs)] = per_sample[[s for _, _, s in jobs]]
             mixing = {"ref_params": ref_params, "mix": m}
         out = models.generate(
-            model, params, ids_, mask_, max_new_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, eos_ids=eos, pad_id=pad, rng=key, **schedule, **mixing,
-        )  # fmt: skip
+            model,
+            params,
+            ids_,
+            mask_,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_ids=eos,
+            pad_id=pad,
+            rng=key,
+            **schedule,
+            **mixing,
+        )
         tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
         rows = []
         for r, (row_id, i, s) in enumerate(jobs):
@@ -199,17 +243,32 @@ def main(argv=None) -> int:
         return 2
     prompts = read_prompts(args.input)[: args.limit]
     if args.base_url:
-        from apo_jax.client import ClientConfig
-
-        cfg = ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                           concurrency=args.concurrency)  # fmt: skip
-        summary = generate_with_server(prompts, args.output, cfg, samples=args.samples,
-                                       max_tokens=args.max_tokens, temperature=args.temperature,
-                                       top_p=args.top_p)  # fmt: skip
+        cfg = ClientConfig(
+            base_url=args.base_url,
+            model=args.model,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+        )
+        summary = generate_with_server(
+            prompts,
+            args.output,
+            cfg,
+            samples=args.samples,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
     else:
-        summary = generate_with_model(prompts, args.output, args.model_dir, samples=args.samples,
-                                      max_tokens=args.max_tokens, temperature=args.temperature,
-                                      top_p=args.top_p, batch_size=args.batch_size)  # fmt: skip
+        summary = generate_with_model(
+            prompts,
+            args.output,
+            args.model_dir,
+            samples=args.samples,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+        )
     print(json.dumps({k: v for k, v in summary.items() if k != "failures"}))
     return 0 if summary["failed"] == 0 else 1
 

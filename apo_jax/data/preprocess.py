@@ -22,14 +22,16 @@ import numpy as np
 
 from apo_jax import cli, outputs
 from apo_jax.data import formats
+from apo_jax.data.ches import ches_scores
 from apo_jax.data.tfrecords import (
     PAIRED_FIELDS,
     SCHEMA_VERSION,
     UNPAIRED_FIELDS,
     max_token_id,
     write_shards,
-)  # fmt: skip
+)
 from apo_jax.data.tokenize import chat_kwargs, tokenize_example, tokenizer_fingerprint, truncate
+from apo_jax.models import load_tokenizer
 
 TOOL = "apo_jax.data.preprocess"
 HISTOGRAM_BINS = (0, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 2**31 - 1)
@@ -127,9 +129,14 @@ def preprocess(
     examples, report = formats.read_examples(source, unpaired=unpaired, split=split, chat=as_chat)
     kwargs = chat_kwargs(tokenizer, chat_template_kwargs)
     records, counts, truncated, histogram = build_records(
-        examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-        unpaired=unpaired, kl_block=kl_block, kwargs=kwargs,
-    )  # fmt: skip
+        examples,
+        tokenizer,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        unpaired=unpaired,
+        kl_block=kl_block,
+        kwargs=kwargs,
+    )
     if not records:
         why = f"{report.rows} read, {report.skipped} malformed"
         if counts["dropped_prompt_too_long"]:
@@ -140,28 +147,52 @@ def preprocess(
     if ches_model and ches_drop > 0:
         if unpaired or not 0 < ches_drop < 1:
             raise ValueError(f"ches_drop={ches_drop}: a fraction in (0, 1) of paired records")
-        from apo_jax.data.ches import ches_scores
-
-        scores = ches_scores(ches_model, records)
-        drop = int(round(ches_drop * len(records)))
-        keep = sorted(np.argsort(scores, kind="stable")[: len(records) - drop])
-        ches = {"model": str(ches_model), "drop_fraction": ches_drop, "dropped": drop,
-                "threshold": float(np.sort(scores)[len(records) - drop - 1]) if drop else None}  # fmt: skip
-        records = [records[i] for i in keep]
+        records, ches = _drop_high_ches(records, ches_model, ches_drop)
     num_shards = num_shards or max(1, -(-len(records) // rows_per_shard))
     with outputs.replacing(out_dir, TOOL, overwrite=overwrite, inputs=[source]) as tmp:
-        meta = _metadata(records, write_shards(records, tmp, num_shards), report, counts, truncated,
-                         histogram, tokenizer, kwargs, ches, source=source, split=split, unpaired=unpaired,
-                         max_length=max_length, max_prompt_length=max_prompt_length, kl_block=kl_block,
-                         started=started)  # fmt: skip
+        meta = _metadata(
+            records,
+            write_shards(records, tmp, num_shards),
+            report,
+            counts,
+            truncated,
+            histogram,
+            tokenizer,
+            kwargs,
+            ches,
+            source=source,
+            split=split,
+            unpaired=unpaired,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            kl_block=kl_block,
+            started=started,
+        )
         (tmp / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
+def _drop_high_ches(records: list[dict], ches_model, ches_drop: float) -> tuple[list[dict], dict]:
+    """The records without the `ches_drop` fraction of highest CHES under `ches_model`, and a report."""
+    scores = ches_scores(ches_model, records)
+    drop = int(round(ches_drop * len(records)))
+    keep = sorted(np.argsort(scores, kind="stable")[: len(records) - drop])
+    report = {
+        "model": str(ches_model),
+        "drop_fraction": ches_drop,
+        "dropped": drop,
+        "threshold": float(np.sort(scores)[len(records) - drop - 1]) if drop else None,
+    }
+    return [records[i] for i in keep], report
+
+
 def check_lengths(max_length, max_prompt_length, **positive) -> None:
     """The length settings, before any row is read: positive, and a prompt budget below the total."""
-    for flag, value in {"--max-length": max_length, "--max-prompt-length": max_prompt_length,
-                        **{"--" + k.replace("_", "-"): v for k, v in positive.items()}}.items():  # fmt: skip
+    for flag, value in {
+        "--max-length": max_length,
+        "--max-prompt-length": max_prompt_length,
+        **{"--" + k.replace("_", "-"): v for k, v in positive.items()},
+    }.items():
         if value is not None and value <= 0:
             raise ValueError(f"{flag} {value}: must be a positive number of tokens (or left out)")
     if max_length and max_prompt_length and max_prompt_length >= max_length:
@@ -171,8 +202,25 @@ def check_lengths(max_length, max_prompt_length, **positive) -> None:
         )
 
 
-def _metadata(records, shards, report, counts, truncated, histogram, tokenizer, kwargs, ches, *, source,
-              split, unpaired, max_length, max_prompt_length, kl_block, started) -> dict:  # fmt: skip
+def _metadata(
+    records,
+    shards,
+    report,
+    counts,
+    truncated,
+    histogram,
+    tokenizer,
+    kwargs,
+    ches,
+    *,
+    source,
+    split,
+    unpaired,
+    max_length,
+    max_prompt_length,
+    kl_block,
+    started,
+) -> dict:
     fields = set().union(*(r.keys() for r in records))
     return {
         "schema_version": SCHEMA_VERSION,
@@ -263,15 +311,24 @@ def main(argv=None) -> int:
     p.add_argument("--ches-drop", type=float, default=0.0, help="fraction of highest-CHES pairs left out")
     p.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     args = p.parse_args(argv)
-    from apo_jax.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     meta = preprocess(
-        args.input, args.output, tokenizer, split=args.split, max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length, unpaired=args.unpaired, kl_block=args.kl_block,
-        num_shards=args.num_shards, chat_template_kwargs=args.chat_template_kwargs, as_chat=args.as_chat,
-        ches_model=args.ches_model, ches_drop=args.ches_drop, overwrite=args.overwrite,
-    )  # fmt: skip
+        args.input,
+        args.output,
+        tokenizer,
+        split=args.split,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        unpaired=args.unpaired,
+        kl_block=args.kl_block,
+        num_shards=args.num_shards,
+        chat_template_kwargs=args.chat_template_kwargs,
+        as_chat=args.as_chat,
+        ches_model=args.ches_model,
+        ches_drop=args.ches_drop,
+        overwrite=args.overwrite,
+    )
     print(summary(meta))
     return 0
 

@@ -39,10 +39,18 @@ class PreferenceReader:
     """
 
     def __init__(
-        self, data_dir, *, global_batch_size: int, seed: int = 0, layout: str = "padded",
-        length: int | None = None, process_index: int | None = None, process_count: int | None = None,
-        pad_id: int = 0, packed_rows: int | None = None,
-    ):  # fmt: skip
+        self,
+        data_dir,
+        *,
+        global_batch_size: int,
+        seed: int = 0,
+        layout: str = "padded",
+        length: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        pad_id: int = 0,
+        packed_rows: int | None = None,
+    ):
         if isinstance(data_dir, str | pathlib.Path):
             self.records, self.metadata = read_records(data_dir)
         else:

@@ -43,8 +43,13 @@ def step_pair(prompt: str, answer: str, revision: str) -> dict | None:
     prefix = "".join(line + "\n" for line in a[:k])
     last = k == len(a) - 1 and k == len(r) - 1  # the final line: the step ends the answer (and the turn)
     end = "" if last else "\n"
-    return {"prompt": prompt, "prefix": prefix, "chosen": r[k] + end, "rejected": a[k] + end,
-            "ends_turn": last}  # fmt: skip
+    return {
+        "prompt": prompt,
+        "prefix": prefix,
+        "chosen": r[k] + end,
+        "rejected": a[k] + end,
+        "ends_turn": last,
+    }
 
 
 def step_pairs(rows: Iterable[dict], *, answer_key="rejected", revision_key="chosen") -> list[dict]:
@@ -77,8 +82,16 @@ def scdpo_starts(rows: Iterable[dict], rng, *, answer_key: str = "response") -> 
         lines = row[answer_key].split("\n")
         k = rng.randrange(len(lines))
         carried = {key: v for key, v in row.items() if key not in ("prompt", answer_key, "prefix", "chosen")}
-        out.append(carried | {"prompt": row["prompt"], "prefix": "".join(x + "\n" for x in lines[:k]),
-                              "chosen": "\n".join(lines[k:]), "step": k, "ends_turn": True})  # fmt: skip
+        out.append(
+            carried
+            | {
+                "prompt": row["prompt"],
+                "prefix": "".join(x + "\n" for x in lines[:k]),
+                "chosen": "\n".join(lines[k:]),
+                "step": k,
+                "ends_turn": True,
+            }
+        )
     return out
 
 

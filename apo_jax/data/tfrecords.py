@@ -19,16 +19,27 @@ TensorFlow is imported only here, lazily.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
 
 import numpy as np
 
+from apo_jax import outputs
+
 SCHEMA_VERSION = 1
 INT_FIELDS = (
-    "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids",
-    "source_index", "is_tie", "timestamp", "label",
-)  # fmt: skip
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "completion_ids",
+    "kl_completion_ids",
+    "source_index",
+    "is_tie",
+    "timestamp",
+    "label",
+)
 FLOAT_FIELDS = (
     "score",
     "ref_chosen_logps",
@@ -39,16 +50,21 @@ FLOAT_FIELDS = (
     "rejected_weights",
 )
 LIST_FIELDS = {
-    "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids", "kl_completion_ids",
-    "ref_chosen_token_logps", "ref_rejected_token_logps", "chosen_weights", "rejected_weights",
-}  # fmt: skip
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "completion_ids",
+    "kl_completion_ids",
+    "ref_chosen_token_logps",
+    "ref_rejected_token_logps",
+    "chosen_weights",
+    "rejected_weights",
+}
 PAIRED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "source_index")
 UNPAIRED_FIELDS = ("prompt_ids", "completion_ids", "label", "kl_completion_ids", "source_index")
 
 
 def _tf():
-    import os
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
 
@@ -87,15 +103,22 @@ def write_shards(records: list[dict], out_dir: pathlib.Path, num_shards: int) ->
     return shards
 
 
-def rewrite_records(records: list[dict], meta: dict, out_dir, extra_meta: dict, *, tool: str,
-                    overwrite: bool = False, inputs=(), flag: str = "--output") -> pathlib.Path:  # fmt: skip
+def rewrite_records(
+    records: list[dict],
+    meta: dict,
+    out_dir,
+    extra_meta: dict,
+    *,
+    tool: str,
+    overwrite: bool = False,
+    inputs=(),
+    flag: str = "--output",
+) -> pathlib.Path:
     """Writes `records` (read from a directory with metadata `meta`, fields added) to `out_dir`, as
     many shards as before, with `extra_meta` merged into its metadata.json and `tool` named as its
     writer: into a temporary sibling first, moved into place when complete (a killed job never leaves
     half a directory), and only over an earlier output of `tool` unless `overwrite`
     (apo_jax.outputs.replacing)."""
-    from apo_jax import outputs
-
     with outputs.replacing(out_dir, tool, overwrite=overwrite, inputs=inputs, flag=flag) as tmp:
         meta = dict(meta)
         meta["shards"] = write_shards(records, tmp, len(meta["shards"]))
@@ -163,20 +186,25 @@ def _record(features) -> dict:
 
 def max_token_id(records: list[dict]) -> int:
     """The largest token id in any id field of `records` (-1 if there are none)."""
-    return max((int(np.max(v)) for r in records for k, v in r.items() if k.endswith("_ids") and len(v)),
-               default=-1)  # fmt: skip
+    return max(
+        (int(np.max(v)) for r in records for k, v in r.items() if k.endswith("_ids") and len(v)), default=-1
+    )
 
 
 def reference_fingerprint(
-    checkpoint_dir, *, tokenizer_fingerprint: str, data_fingerprint: str, max_length: int | None,
-    ld_alpha: float | None, dtype: str, granularity: str,
-) -> str:  # fmt: skip
+    checkpoint_dir,
+    *,
+    tokenizer_fingerprint: str,
+    data_fingerprint: str,
+    max_length: int | None,
+    ld_alpha: float | None,
+    dtype: str,
+    granularity: str,
+) -> str:
     """What ties precomputed reference log-probs to one reference: sha256 over the checkpoint's
     safetensors headers and file sizes (not a hash of 16 GB of weights), the tokenizer and data
     fingerprints, max_length, ld_alpha, the compute dtype and the granularity ("sequence" or
     "token"). Stored as metadata.json["reference"]["fingerprint"]; a mismatch means a stale cache."""
-    import hashlib
-
     path = pathlib.Path(checkpoint_dir)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -187,8 +215,12 @@ def reference_fingerprint(
             n = int.from_bytes(fh.read(8), "little")
             h.update(f.name.encode() + fh.read(n) + str(f.stat().st_size).encode())
     settings = {
-        "tokenizer": tokenizer_fingerprint, "data": data_fingerprint, "max_length": max_length,
-        "ld_alpha": ld_alpha, "dtype": dtype, "granularity": granularity,
-    }  # fmt: skip
+        "tokenizer": tokenizer_fingerprint,
+        "data": data_fingerprint,
+        "max_length": max_length,
+        "ld_alpha": ld_alpha,
+        "dtype": dtype,
+        "granularity": granularity,
+    }
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()

@@ -38,9 +38,14 @@ import pathlib
 import re
 import sys
 
+import jax
 import numpy as np
 
-from apo_jax import cli
+from apo_jax import cli, losses, models, outputs
+from apo_jax.data import layouts
+from apo_jax.data.jsonl import read_jsonl
+from apo_jax.data.tfrecords import read_records, rewrite_records
+from apo_jax.models import load_tokenizer
 
 TOOL = "apo_jax.data.token_weights"
 SPLITS = {  # what a sentence is: a non-blank line, or text up to . ! ? or a line end
@@ -92,11 +97,19 @@ def tis_bounds(transform: str, lower=None, upper=None) -> tuple[float | None, fl
     return (lo if lower is None else lower), (hi if upper is None else upper)
 
 
-def tis_weights(d, *, chosen: bool, transform: str = "exp", lower=None, upper=None, k: float = 1.0,
-                top_percent: float = 100.0, scale=(0.7, 1.3), rng=None) -> np.ndarray:  # fmt: skip
+def tis_weights(
+    d,
+    *,
+    chosen: bool,
+    transform: str = "exp",
+    lower=None,
+    upper=None,
+    k: float = 1.0,
+    top_percent: float = 100.0,
+    scale=(0.7, 1.3),
+    rng=None,
+) -> np.ndarray:
     """TIS-DPO weights of one answer's tokens from d = log π⁺ − log π⁻ (see the module's docstring)."""
-    from apo_jax import losses
-
     lo, hi = tis_bounds(transform, lower, upper)
     if transform == "exp":
         d = np.asarray(d, np.float32)
@@ -149,11 +162,6 @@ def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str,
 
 def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen", "rejected")):
     """{side: per record, its answer tokens' log-probs} under a Hugging Face Llama, for each of `sides`."""
-    import jax
-
-    from apo_jax import models
-    from apo_jax.data import layouts
-
     model, params = models.from_hf(model_dir)
     score = jax.jit(
         lambda p, ids, attn, mask: models.token_logps(model, p, ids, attn, mask, with_entropy=False)[
@@ -163,64 +171,111 @@ def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen",
     out = {side: [] for side in sides}
     for batch, n in layouts.padded_batches(records, batch_size, multiple=16):
         for side in out:
-            tok = np.asarray(score(params, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask",
-                                                                           "loss_mask"))))  # fmt: skip
+            tok = np.asarray(
+                score(params, *(batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask")))
+            )
             for row in range(n):
                 out[side].append(tok[row][batch[f"{side}_loss_mask"][row] > 0])
     return out
 
 
-def add_weights(records_dir, output, *, method: str, plus_model=None, minus_model=None, transform="exp",
-                lower=None, upper=None, k=1.0, top_percent=100.0, scale=(0.7, 1.3), seed=0, pairs=None,
-                tokenizer=None, split="lines", gamma=0.98, batch_size=8,
-                overwrite=False) -> pathlib.Path:  # fmt: skip
+def _tis_side_weights(
+    records, plus_model, minus_model, *, transform, lower, upper, k, top_percent, scale, seed, batch_size
+) -> tuple[dict, dict]:
+    """TIS-DPO's weights of both sides from the two contrastive models, and how they were made."""
+    if not (plus_model and minus_model):
+        raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
+    lower, upper = tis_bounds(transform, lower, upper)
+    if lower is not None and not lower < upper:
+        raise ValueError(f"--lower {lower} must be below --upper {upper}")
+    if not scale[0] <= scale[1] or not 0 <= top_percent <= 100:
+        raise ValueError(f"--scale-min/--scale-max {scale} must be ordered, --top-percent in [0, 100]")
+    plus, minus = (answer_token_logps(m, records, batch_size) for m in (plus_model, minus_model))
+    rng = np.random.default_rng(seed)
+    settings = {"transform": transform, "lower": lower, "upper": upper, "k": k, "top_percent": top_percent}
+    weights = {
+        side: [
+            tis_weights(p - q, chosen=side == "chosen", scale=scale, rng=rng, **settings)
+            for p, q in zip(plus[side], minus[side], strict=True)
+        ]
+        for side in ("chosen", "rejected")
+    }
+    models_used = {"plus_model": str(plus_model), "minus_model": str(minus_model)}
+    return weights, models_used | settings | {"scale": list(scale), "seed": seed}
+
+
+def _mask_side_weights(records, pairs, tokenizer, split) -> tuple[dict, dict]:
+    """Mask-DPO's 0/1 weights from the pair file's per-sentence labels, and how they were made."""
+    if not (pairs and tokenizer is not None):
+        raise ValueError(
+            "--method mask needs --pairs (rows with chosen_labels/rejected_labels) and --tokenizer"
+        )
+    rows = read_jsonl(pairs)
+    weights = {"chosen": [], "rejected": []}
+    for r in records:
+        i = int(r["source_index"])
+        for side in weights:
+            labels = rows[i].get(f"{side}_labels")
+            if labels is None:
+                raise ValueError(f"{pairs}: row {i} has no {side}_labels (one 0/1 per sentence)")
+            where = f"{pairs}: row {i} ({side})"
+            weights[side].append(
+                mask_weights(
+                    r[f"{side}_ids"],
+                    labels,
+                    rows[i][side],
+                    tokenizer,
+                    chosen=side == "chosen",
+                    split=split,
+                    where=where,
+                )
+            )
+    return weights, {"pairs": str(pairs), "split": split}
+
+
+def add_weights(
+    records_dir,
+    output,
+    *,
+    method: str,
+    plus_model=None,
+    minus_model=None,
+    transform="exp",
+    lower=None,
+    upper=None,
+    k=1.0,
+    top_percent=100.0,
+    scale=(0.7, 1.3),
+    seed=0,
+    pairs=None,
+    tokenizer=None,
+    split="lines",
+    gamma=0.98,
+    batch_size=8,
+    overwrite=False,
+) -> pathlib.Path:
     """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added
     (over an earlier output of this tool only, unless `overwrite`: apo_jax.outputs)."""
-    from apo_jax import losses, outputs
-    from apo_jax.data.jsonl import read_jsonl
-    from apo_jax.data.tfrecords import read_records, rewrite_records
-
     outputs.check_output(output, TOOL, overwrite=overwrite, inputs=[records_dir])  # before the work
     records, meta = read_records(records_dir)
     if meta.get("kind") != "paired":
         raise ValueError(f"{records_dir}: token weights are for paired records, these are {meta.get('kind')}")
-    how = {"method": method, "source": str(records_dir)}
     if method == "tis":
-        if not (plus_model and minus_model):
-            raise ValueError("--method tis needs --plus-model and --minus-model (the two contrastive models)")
-        lower, upper = tis_bounds(transform, lower, upper)
-        if lower is not None and not lower < upper:
-            raise ValueError(f"--lower {lower} must be below --upper {upper}")
-        if not scale[0] <= scale[1] or not 0 <= top_percent <= 100:
-            raise ValueError(f"--scale-min/--scale-max {scale} must be ordered, --top-percent in [0, 100]")
-        plus, minus = (answer_token_logps(m, records, batch_size) for m in (plus_model, minus_model))
-        rng = np.random.default_rng(seed)
-        weights = {
-            side: [tis_weights(p - q, chosen=side == "chosen", transform=transform, lower=lower, upper=upper,
-                               k=k, top_percent=top_percent, scale=scale, rng=rng)
-                   for p, q in zip(plus[side], minus[side], strict=True)]
-            for side in ("chosen", "rejected")
-        }  # fmt: skip
-        how |= {"plus_model": str(plus_model), "minus_model": str(minus_model), "transform": transform,
-                "lower": lower, "upper": upper, "k": k, "top_percent": top_percent, "scale": list(scale),
-                "seed": seed}  # fmt: skip
+        weights, how = _tis_side_weights(
+            records,
+            plus_model,
+            minus_model,
+            transform=transform,
+            lower=lower,
+            upper=upper,
+            k=k,
+            top_percent=top_percent,
+            scale=scale,
+            seed=seed,
+            batch_size=batch_size,
+        )
     elif method == "mask":
-        if not (pairs and tokenizer is not None):
-            raise ValueError(
-                "--method mask needs --pairs (rows with chosen_labels/rejected_labels) and --tokenizer"
-            )
-        rows = read_jsonl(pairs)
-        weights = {"chosen": [], "rejected": []}
-        for r in records:
-            i = int(r["source_index"])
-            for side in weights:
-                labels = rows[i].get(f"{side}_labels")
-                if labels is None:
-                    raise ValueError(f"{pairs}: row {i} has no {side}_labels (one 0/1 per sentence)")
-                w = mask_weights(r[f"{side}_ids"], labels, rows[i][side], tokenizer, chosen=side == "chosen",
-                                 split=split, where=f"{pairs}: row {i} ({side})")  # fmt: skip
-                weights[side].append(w)
-        how |= {"pairs": str(pairs), "split": split}
+        weights, how = _mask_side_weights(records, pairs, tokenizer, split)
     elif method == "d2po":
         weights = {
             s: [
@@ -229,11 +284,14 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
             ]
             for s in ("chosen", "rejected")
         }
-        how |= {"gamma": gamma}
+        how = {"gamma": gamma}
     else:
         raise ValueError(f"unknown --method {method!r}: use tis, mask or d2po")
-    new = [dict(r, chosen_weights=c, rejected_weights=j)
-           for r, c, j in zip(records, weights["chosen"], weights["rejected"], strict=True)]  # fmt: skip
+    how = {"method": method, "source": str(records_dir)} | how
+    new = [
+        dict(r, chosen_weights=c, rejected_weights=j)
+        for r, c, j in zip(records, weights["chosen"], weights["rejected"], strict=True)
+    ]
     return rewrite_records(
         new, meta, output, {"token_weights": how}, tool=TOOL, overwrite=overwrite, inputs=[records_dir]
     )
@@ -241,8 +299,11 @@ def add_weights(records_dir, output, *, method: str, plus_model=None, minus_mode
 
 @cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m apo_jax.data.token_weights", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m apo_jax.data.token_weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--records", required=True, help="a record directory (apo_jax.data.preprocess)")
     ap.add_argument("--output", required=True)
     ap.add_argument("--method", required=True, choices=("tis", "mask", "d2po"))
@@ -265,14 +326,27 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     tok = None
     if a.tokenizer:
-        from apo_jax.models import load_tokenizer
-
         tok = load_tokenizer(a.tokenizer)
-    out = add_weights(a.records, a.output, method=a.method, plus_model=a.plus_model,
-                      minus_model=a.minus_model, transform=a.transform, lower=a.lower, upper=a.upper,
-                      k=a.k, top_percent=a.top_percent, scale=(a.scale_min, a.scale_max), seed=a.seed,
-                      pairs=a.pairs, tokenizer=tok, split=a.split, gamma=a.gamma,
-                      batch_size=a.batch_size, overwrite=a.overwrite)  # fmt: skip
+    out = add_weights(
+        a.records,
+        a.output,
+        method=a.method,
+        plus_model=a.plus_model,
+        minus_model=a.minus_model,
+        transform=a.transform,
+        lower=a.lower,
+        upper=a.upper,
+        k=a.k,
+        top_percent=a.top_percent,
+        scale=(a.scale_min, a.scale_max),
+        seed=a.seed,
+        pairs=a.pairs,
+        tokenizer=tok,
+        split=a.split,
+        gamma=a.gamma,
+        batch_size=a.batch_size,
+        overwrite=a.overwrite,
+    )
     print(f"wrote {out}")
     return 0
 

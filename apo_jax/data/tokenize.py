@@ -104,8 +104,9 @@ def _continuation(tokenizer, example: Pair, kwargs: dict) -> Tokenized:
     else:
         full = [ids(head + example.prefix + a + tokenizer.eos_token) for a in answers]
     prompt_len = min(_common_prefix_length(prompt_ids, f) for f in full)
-    return Tokenized(prompt_ids[:prompt_len], full[0][prompt_len:], full[1][prompt_len:],
-                     prompt_len < len(prompt_ids))  # fmt: skip
+    return Tokenized(
+        prompt_ids[:prompt_len], full[0][prompt_len:], full[1][prompt_len:], prompt_len < len(prompt_ids)
+    )
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from apo_jax.data.clair.baselines import (
     judge_request,
     parse_score,
     parse_verdict,
-)  # fmt: skip
+)
 from apo_jax.data.jsonl import read_jsonl
 
 _NUMBER = re.compile(r"-?\d+")
@@ -63,8 +63,17 @@ def exact_match(prompts, answers) -> dict:
     }
 
 
-def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig, *, reference=None,
-           client=None, progress=True) -> dict:  # fmt: skip
+def judged(
+    mode: str,
+    prompts,
+    answers,
+    output: pathlib.Path,
+    cfg: ClientConfig,
+    *,
+    reference=None,
+    client=None,
+    progress=True,
+) -> dict:
     """Win rate against `reference` answers, or graded scores, through the judge."""
     by = first_by_prompt(answers)
     ref = first_by_prompt(reference or [])
@@ -87,8 +96,9 @@ def judged(mode: str, prompts, answers, output: pathlib.Path, cfg: ClientConfig,
             )
         keys.append(i)
     output.mkdir(parents=True, exist_ok=True)
-    log, failures, counters = run_requests(cfg, requests, output / "judge.responses.jsonl", client=client,
-                                           progress=progress)  # fmt: skip
+    log, failures, counters = run_requests(
+        cfg, requests, output / "judge.responses.jsonl", client=client, progress=progress
+    )
     values, unreadable = [], 0
     for rid, row in log.done.items():
         if rid not in requests:
@@ -138,8 +148,12 @@ def main(argv=None) -> int:
         if args.mode == "winrate" and not args.reference:
             print("error: --mode winrate needs --reference answers", file=sys.stderr)
             return 2
-        cfg = ClientConfig(base_url=args.base_url, model=args.judge_model, api_key_env=args.api_key_env,
-                           concurrency=args.concurrency)  # fmt: skip
+        cfg = ClientConfig(
+            base_url=args.base_url,
+            model=args.judge_model,
+            api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+        )
         reference = read_jsonl(args.reference) if args.reference else None
         summary = judged(args.mode, prompts, answers, pathlib.Path(args.output), cfg, reference=reference)
     pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,17 @@ from apo_jax.models.llama import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, for mfu (train.peak_flops overrides).
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
-}  # fmt: skip
+}
 
 
 def param_counts(config: LlamaConfig) -> dict[str, int]:

@@ -16,15 +16,25 @@ from collections.abc import Callable
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from apo_jax.models.llama import DTYPES, Llama, LlamaConfig, abstract_params, dtype_name
+from apo_jax.sharding import param_shardings
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy
 # backend cannot slice bfloat16 tensors, which is what Llama 3 checkpoints hold).
 _ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}  # fmt: skip
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _SUPPORTED_ACT = ("silu",)
 
@@ -191,7 +201,7 @@ def _mapping(c: LlamaConfig) -> list[Mapping]:
         ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), t, t),
         ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), t, t),
         ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), t, t),
-    ]  # fmt: skip
+    ]
     if not c.tie_word_embeddings:
         table.append(("lm_head.weight", ("lm_head",), t, t))
     if c.attention_bias:
@@ -293,8 +303,6 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
         straight to its sharding under the logical-axis rules. None: the default device.
       **policies: further LlamaConfig policies (remat_policy, attention_impl).
     """
-    from apo_jax.sharding import param_shardings
-
     path = pathlib.Path(path)
     try:
         dtype, param_dtype = dtype_name(dtype), dtype_name(param_dtype)
@@ -346,8 +354,6 @@ def to_hf(
     model.safetensors.index.json), config.json in the published form, and the tokenizer if given.
     `dtype`: the stored dtype (default: the parameters' own).
     """
-    from jax.experimental import multihost_utils
-
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax.sharding import constrain
+from apo_jax.logprobs import token_logps as _from_hidden
+from apo_jax.sharding import constrain, param_shardings
 
 REMAT_POLICIES = {
     "none": None,
@@ -103,20 +104,34 @@ class LlamaConfig:
     def tiny(cls, **kw):
         """The tests' and the miniature's Llama: 2 layers of width 64, GQA (4 heads over 2)."""
         fields = dict(
-            vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=(1, 4),
+            vocab_size=384,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=(1, 4),
             pad_token_id=5,
-        )  # fmt: skip
+        )
         return cls(**(fields | kw))
 
     @classmethod
     def gpt3_small(cls, **kw):
         """GPT-3 Small's width and depth as a Llama (134M parameters with untied embeddings)."""
         fields = dict(
-            vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-            num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096, bos_token_id=1,
-            eos_token_id=(2,), pad_token_id=0,
-        )  # fmt: skip
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            max_position_embeddings=4096,
+            bos_token_id=1,
+            eos_token_id=(2,),
+            pad_token_id=0,
+        )
         return cls(**(fields | kw))
 
     @classmethod
@@ -126,9 +141,15 @@ class LlamaConfig:
     @classmethod
     def llama3_8b(cls, **kw):
         return cls(
-            vocab_size=128256, intermediate_size=14336, num_key_value_heads=8, rope_theta=500000.0,
-            max_position_embeddings=8192, bos_token_id=128000, eos_token_id=(128001, 128009), **kw,
-        )  # fmt: skip
+            vocab_size=128256,
+            intermediate_size=14336,
+            num_key_value_heads=8,
+            rope_theta=500000.0,
+            max_position_embeddings=8192,
+            bos_token_id=128000,
+            eos_token_id=(128001, 128009),
+            **kw,
+        )
 
     @classmethod
     def llama3_1_8b(cls, **kw):
@@ -137,17 +158,32 @@ class LlamaConfig:
     @classmethod
     def llama3_2_1b(cls, **kw):
         return cls(
-            vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-            num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-            rope_type="llama3", rope_factor=32.0, max_position_embeddings=131072, tie_word_embeddings=True,
-            bos_token_id=128000, eos_token_id=(128001, 128008, 128009), **kw,
-        )  # fmt: skip
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+            rope_type="llama3",
+            rope_factor=32.0,
+            max_position_embeddings=131072,
+            tie_word_embeddings=True,
+            bos_token_id=128000,
+            eos_token_id=(128001, 128008, 128009),
+            **kw,
+        )
 
 
 PRESETS = {
-    "tiny": LlamaConfig.tiny, "125m": LlamaConfig.gpt3_small, "1b": LlamaConfig.llama3_2_1b,
-    "8b": LlamaConfig.llama3_8b, "llama3_1_8b": LlamaConfig.llama3_1_8b, "llama2_7b": LlamaConfig.llama2_7b,
-}  # fmt: skip
+    "tiny": LlamaConfig.tiny,
+    "125m": LlamaConfig.gpt3_small,
+    "1b": LlamaConfig.llama3_2_1b,
+    "8b": LlamaConfig.llama3_8b,
+    "llama3_1_8b": LlamaConfig.llama3_1_8b,
+    "llama2_7b": LlamaConfig.llama2_7b,
+}
 
 
 def preset(name: str, **kw) -> LlamaConfig:
@@ -442,9 +478,16 @@ def _inputs(attention_mask, segment_ids, positions):
 
 
 def hidden_states(
-    model: Llama, params, input_ids, attention_mask, segment_ids=None, positions=None, *, return_hidden=False,
+    model: Llama,
+    params,
+    input_ids,
+    attention_mask,
+    segment_ids=None,
+    positions=None,
+    *,
+    return_hidden=False,
     shared_segment=None,
-):  # fmt: skip
+):
     """Final normed hidden states [B, T, D] (and, with `return_hidden`, per-layer outputs [L, B, T, D]).
 
     `attention_mask` [B, T] is 1 on real tokens. `segment_ids` (default: the attention mask) keep
@@ -475,15 +518,26 @@ def logits(
 
 
 def token_logps(
-    model: Llama, params, input_ids, attention_mask, loss_mask, segment_ids=None, positions=None, *,
-    chunk_size=256, with_entropy=False, with_sum_sq=False, shared_segment=None, ref_params=None, kl=None,
-):  # fmt: skip
+    model: Llama,
+    params,
+    input_ids,
+    attention_mask,
+    loss_mask,
+    segment_ids=None,
+    positions=None,
+    *,
+    chunk_size=256,
+    with_entropy=False,
+    with_sum_sq=False,
+    shared_segment=None,
+    ref_params=None,
+    kl=None,
+):
     """Per-token log-probs [B, T] (`token_logps[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0) and
     their sums over `loss_mask`, from chunks of the output projection: no [B, T, V] array is
     built in the forward or the backward pass. With `ref_params` and `kl` ("ref_policy" or
     "policy_ref"), also the reference's log-probs and the per-position KL between the two models'
     next-token distributions. See `apo_jax.logprobs.token_logps`."""
-    from apo_jax.logprobs import token_logps as _from_hidden
 
     def hidden(p):
         return hidden_states(
@@ -497,9 +551,16 @@ def token_logps(
         ref_params = jax.lax.stop_gradient(ref_params)
         ref = {"ref_hidden": hidden(ref_params), "ref_weight": output_weight(model.config, ref_params)}
     return _from_hidden(
-        hidden(params), output_weight(model.config, params), input_ids, loss_mask,
-        chunk_size=chunk_size, with_entropy=with_entropy, with_sum_sq=with_sum_sq, kl=kl, **ref,
-    )  # fmt: skip
+        hidden(params),
+        output_weight(model.config, params),
+        input_ids,
+        loss_mask,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+        with_sum_sq=with_sum_sq,
+        kl=kl,
+        **ref,
+    )
 
 
 def abstract_params(model: Llama):
@@ -516,8 +577,6 @@ def init_params(model: Llama, seed: int = 0, mesh=None):
     to its sharding, one parameter at a time, so every process of a multi-host run builds the
     same values and nothing is compiled (XLA's compile of a random init costs seconds on CPU).
     """
-    from apo_jax.sharding import param_shardings
-
     abstract = abstract_params(model)
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     paths, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))

@@ -95,8 +95,10 @@ def _generate(
     weights = [output_weight(config, p).astype(jnp.float32) for p in all_params]
 
     def mixed_logits(hs):
-        return sum(mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
-                   for m, (h, w) in enumerate(zip(hs, weights, strict=True)))  # fmt: skip
+        return sum(
+            mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
+            for m, (h, w) in enumerate(zip(hs, weights, strict=True))
+        )
 
     def forward_all(ids, pos, caches, start, kv_valid):
         outs = [
@@ -136,11 +138,24 @@ def _generate(
 
 
 def generate(
-    model: Llama, params, prompt_ids, prompt_mask, *, max_new_tokens: int, temperature: float = 0.0,
-    top_p: float = 1.0, top_k: int = 0, eos_ids=None, rng=None, pad_id: int | None = None,
-    temperature_step: float = 0.0, temperature_max: float | None = None, step_end_ids=(), ref_params=None,
+    model: Llama,
+    params,
+    prompt_ids,
+    prompt_mask,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_ids=None,
+    rng=None,
+    pad_id: int | None = None,
+    temperature_step: float = 0.0,
+    temperature_max: float | None = None,
+    step_end_ids=(),
+    ref_params=None,
     mix=None,
-) -> dict[str, jax.Array]:  # fmt: skip
+) -> dict[str, jax.Array]:
     """Samples up to `max_new_tokens` tokens after each left-padded prompt, jitted.
 
     Args:
@@ -182,8 +197,20 @@ def generate(
             raise ValueError("ref_params needs mix: the [B, 2] logit weights of policy and reference")
         all_params, mix = (params, ref_params), jnp.broadcast_to(jnp.asarray(mix, jnp.float32), (B, 2))
     return _generate(
-        config, all_params, mix, prompt_ids, prompt_mask, rng,
-        jnp.full((B,), max(temperature, 1e-6), jnp.float32), jnp.float32(top_p),
-        jnp.float32(temperature_step), jnp.float32(t_max), step_end, max_new_tokens=max_new_tokens,
-        top_k=top_k, eos_ids=eos_ids, greedy=temperature == 0, pad_id=int(pad_id),
-    )  # fmt: skip
+        config,
+        all_params,
+        mix,
+        prompt_ids,
+        prompt_mask,
+        rng,
+        jnp.full((B,), max(temperature, 1e-6), jnp.float32),
+        jnp.float32(top_p),
+        jnp.float32(temperature_step),
+        jnp.float32(t_max),
+        step_end,
+        max_new_tokens=max_new_tokens,
+        top_k=top_k,
+        eos_ids=eos_ids,
+        greedy=temperature == 0,
+        pad_id=int(pad_id),
+    )

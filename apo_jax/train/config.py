@@ -17,6 +17,7 @@ import ml_collections
 
 from apo_jax import losses
 from apo_jax.cli import UserError
+from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
 
@@ -103,17 +104,26 @@ class ConfigError(UserError, ValueError):
 
 # The range of every numeric setting: (key, lowest, highest, whether the lowest is allowed).
 RANGES = (
-    ("optimizer.lr", 0.0, math.inf, False), ("optimizer.weight_decay", 0.0, math.inf, True),
-    ("optimizer.max_grad_norm", 0.0, math.inf, True), ("optimizer.b1", 0.0, 1.0, True),
-    ("optimizer.b2", 0.0, 1.0, True), ("optimizer.eps", 0.0, math.inf, False),
-    ("train.log_every", 1, math.inf, True), ("train.eval_every", 0, math.inf, True),
-    ("train.eval_batches", 1, math.inf, True), ("train.checkpoint_every", 0, math.inf, True),
-    ("train.keep_checkpoints", 1, math.inf, True), ("train.max_nonfinite", 1, math.inf, True),
-    ("train.peak_flops", 0.0, math.inf, True), ("data.length", 0, math.inf, True),
-    ("data.packed_rows", 0, math.inf, True), ("data.pad_id", 0, math.inf, True),
-    ("model.vocab_size", 1, math.inf, True), ("reference.sync_steps", 1, math.inf, True),
+    ("optimizer.lr", 0.0, math.inf, False),
+    ("optimizer.weight_decay", 0.0, math.inf, True),
+    ("optimizer.max_grad_norm", 0.0, math.inf, True),
+    ("optimizer.b1", 0.0, 1.0, True),
+    ("optimizer.b2", 0.0, 1.0, True),
+    ("optimizer.eps", 0.0, math.inf, False),
+    ("train.log_every", 1, math.inf, True),
+    ("train.eval_every", 0, math.inf, True),
+    ("train.eval_batches", 1, math.inf, True),
+    ("train.checkpoint_every", 0, math.inf, True),
+    ("train.keep_checkpoints", 1, math.inf, True),
+    ("train.max_nonfinite", 1, math.inf, True),
+    ("train.peak_flops", 0.0, math.inf, True),
+    ("data.length", 0, math.inf, True),
+    ("data.packed_rows", 0, math.inf, True),
+    ("data.pad_id", 0, math.inf, True),
+    ("model.vocab_size", 1, math.inf, True),
+    ("reference.sync_steps", 1, math.inf, True),
     ("reference.precompute_batch_size", 1, math.inf, True),
-)  # fmt: skip
+)
 
 
 def check_ranges(config) -> None:
@@ -133,28 +143,30 @@ SAMPLERS = ("uniform", "mixed")
 
 
 def default_online() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({
-        "rounds": 2,
-        "prompts": "",  # a JSONL file of rows with `prompt` (other fields reach the scorer)
-        "prompts_per_round": 0,  # 0: every prompt each round; else consecutive slices
-        "samples": 4,  # K samples per prompt
-        "sampler": "uniform",  # uniform | mixed
-        "temperature": 0.7,
-        "max_tokens": 512,
-        "sample_batch_size": 32,  # rows per sampler call
-        "labeler": "scorer",  # scorer | judge | clair | dice
-        "scorer": "",  # "module:function" for labeler scorer: f(prompt_row, response) -> float
-        "replay": 0.0,  # γ: the offline share of each round's pairs
-        "offline": "",  # offline pairs (prompt, chosen, rejected) for replay
-        "reference": "previous",  # previous: π_t (iterative DPO) | initial: π_0 (reference.path wins)
-        "accelerate_alpha": 0.0,  # accelerated_po's α
-        "dice_alpha": -1.0,  # α_lc of DICE; < 0: grid search
-        "max_length": 1024,  # preprocess's max_length for each round's records
-        "base_url": "",  # judge / reviser: an OpenAI-compatible endpoint ...
-        "api_model": "",  # ... and its model name
-        "api_key_env": "OPENAI_API_KEY",
-        "concurrency": 8,
-    })  # fmt: skip
+    return ml_collections.ConfigDict(
+        {
+            "rounds": 2,
+            "prompts": "",  # a JSONL file of rows with `prompt` (other fields reach the scorer)
+            "prompts_per_round": 0,  # 0: every prompt each round; else consecutive slices
+            "samples": 4,  # K samples per prompt
+            "sampler": "uniform",  # uniform | mixed
+            "temperature": 0.7,
+            "max_tokens": 512,
+            "sample_batch_size": 32,  # rows per sampler call
+            "labeler": "scorer",  # scorer | judge | clair | dice
+            "scorer": "",  # "module:function" for labeler scorer: f(prompt_row, response) -> float
+            "replay": 0.0,  # γ: the offline share of each round's pairs
+            "offline": "",  # offline pairs (prompt, chosen, rejected) for replay
+            "reference": "previous",  # previous: π_t (iterative DPO) | initial: π_0 (reference.path wins)
+            "accelerate_alpha": 0.0,  # accelerated_po's α
+            "dice_alpha": -1.0,  # α_lc of DICE; < 0: grid search
+            "max_length": 1024,  # preprocess's max_length for each round's records
+            "base_url": "",  # judge / reviser: an OpenAI-compatible endpoint ...
+            "api_model": "",  # ... and its model name
+            "api_key_env": "OPENAI_API_KEY",
+            "concurrency": 8,
+        }
+    )
 
 
 def validate_online(o, reference_path: str = "") -> None:
@@ -222,8 +234,6 @@ def fill_loss(config) -> ml_collections.ConfigDict:
 
 def save_config(config, workdir) -> pathlib.Path:
     """Writes `<workdir>/config.json`, the whole config (command-line overrides included), atomically."""
-    from apo_jax.data.jsonl import write_atomic
-
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     return write_atomic(pathlib.Path(workdir) / "config.json", text)
 

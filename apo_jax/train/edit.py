@@ -27,15 +27,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import cli
+from apo_jax import cli, outputs
+from apo_jax.data import layouts
+from apo_jax.data.tfrecords import read_records
+from apo_jax.models import from_hf, load_tokenizer, to_hf
+from apo_jax.models.llama import hidden_states
 
 TOOL = "apo_jax.train.edit"
 
 
 def mean_embeddings(model, params, batch) -> dict[str, jax.Array]:
     """{"chosen", "rejected"}: [L, b, D] per-layer outputs averaged over each answer's tokens (jittable)."""
-    from apo_jax.models.llama import hidden_states
-
     out = {}
     for side in ("chosen", "rejected"):
         ids, attention = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
@@ -73,16 +75,20 @@ def profs_edit(params, embeddings: dict[str, np.ndarray], layers: range, rank: i
     return edited, projectors
 
 
-def edit_checkpoint(model_dir, records_dir, output, *, layers: str | None = None, rank: int = 2,
-                    max_pairs: int = 500, batch_size: int = 8, center: bool = True,
-                    overwrite: bool = False) -> dict:  # fmt: skip
+def edit_checkpoint(
+    model_dir,
+    records_dir,
+    output,
+    *,
+    layers: str | None = None,
+    rank: int = 2,
+    max_pairs: int = 500,
+    batch_size: int = 8,
+    center: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Reads a Hugging Face Llama and preprocessed pairs, writes the ProFS-edited model and `edit.json`
     (what was done); an existing `output` is replaced only if this tool wrote it, or with `overwrite`."""
-    from apo_jax import outputs
-    from apo_jax.data import layouts
-    from apo_jax.data.tfrecords import read_records
-    from apo_jax.models import from_hf, load_tokenizer, to_hf
-
     where = {"overwrite": overwrite, "inputs": [model_dir, records_dir], "manifest_name": "edit.json"}
     outputs.check_output(output, TOOL, **where)  # before the work
     model, params = from_hf(model_dir)
@@ -134,9 +140,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     args = p.parse_args(argv)
-    summary = edit_checkpoint(args.model, args.pairs, args.output, layers=args.layers, rank=args.rank,
-                              max_pairs=args.max_pairs, center=not args.no_center,
-                              overwrite=args.overwrite)  # fmt: skip
+    summary = edit_checkpoint(
+        args.model,
+        args.pairs,
+        args.output,
+        layers=args.layers,
+        rank=args.rank,
+        max_pairs=args.max_pairs,
+        center=not args.no_center,
+        overwrite=args.overwrite,
+    )
     print(summary)
     return 0
 

@@ -190,9 +190,14 @@ def _reader(path, cfg, batch_size: int, seed: int) -> PreferenceReader:
     """The records at `path` batched as the config's data group says (train, eval and probe sets)."""
     d = cfg.data
     return PreferenceReader(
-        path, global_batch_size=batch_size, seed=seed, layout=d.layout, length=d.length or None,
-        pad_id=d.pad_id, packed_rows=d.packed_rows or None,
-    )  # fmt: skip
+        path,
+        global_batch_size=batch_size,
+        seed=seed,
+        layout=d.layout,
+        length=d.length or None,
+        pad_id=d.pad_id,
+        packed_rows=d.packed_rows or None,
+    )
 
 
 def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
@@ -223,10 +228,15 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
 def _step_config(cfg, reference: str) -> StepConfig:
     t = cfg.train
     return StepConfig(
-        mode=t.mode, layout=cfg.data.layout, grad_accum=t.grad_accum, reference=reference,
-        sync_steps=cfg.reference.sync_steps, mixup_alpha=cfg.reference.mixup_alpha,
-        ld_alpha=cfg.loss.get("ld_alpha", None), use_weighting=bool(cfg.loss.get("use_weighting", False)),
-    )  # fmt: skip
+        mode=t.mode,
+        layout=cfg.data.layout,
+        grad_accum=t.grad_accum,
+        reference=reference,
+        sync_steps=cfg.reference.sync_steps,
+        mixup_alpha=cfg.reference.mixup_alpha,
+        ld_alpha=cfg.loss.get("ld_alpha", None),
+        use_weighting=bool(cfg.loss.get("use_weighting", False)),
+    )
 
 
 class _StepLog:

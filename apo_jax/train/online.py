@@ -37,8 +37,19 @@ import json
 import pathlib
 import random
 
+import jax
 import numpy as np
 
+from apo_jax import models, outputs
+from apo_jax.client import ClientConfig, run_requests
+from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
+from apo_jax.data.clair.revise import revise
+from apo_jax.data.generate import generate_with_model, read_prompts
+from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
+from apo_jax.data.preprocess import preprocess
+from apo_jax.data.tfrecords import read_records
+from apo_jax.data.token_weights import answer_token_logps
+from apo_jax.train import loop
 from apo_jax.train.config import save_config, validate_online
 
 MIXES = ((1.5, -0.5), (0.5, 0.5))  # Shi et al.'s logit mixtures of policy and reference
@@ -52,8 +63,13 @@ def best_worst(prompt_row: dict, samples: list[str], scores) -> dict | None:
     hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
     if scores[hi] == scores[lo]:
         return None
-    return {"prompt": prompt_row["prompt"], "chosen": samples[hi], "rejected": samples[lo],
-            "chosen_score": float(scores[hi]), "rejected_score": float(scores[lo])}  # fmt: skip
+    return {
+        "prompt": prompt_row["prompt"],
+        "chosen": samples[hi],
+        "rejected": samples[lo],
+        "chosen_score": float(scores[hi]),
+        "rejected_score": float(scores[lo]),
+    }
 
 
 def dice_alpha(groups: list[tuple[np.ndarray, np.ndarray]], step: float = 0.001) -> float:
@@ -76,15 +92,15 @@ def dice_alpha(groups: list[tuple[np.ndarray, np.ndarray]], step: float = 0.001)
 
 def _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir):
     """[prompt][sample] r = log π(y|x) − log π_ref(y|x), summed over the answer's tokens."""
-    from apo_jax.data.jsonl import write_jsonl
-    from apo_jax.data.preprocess import preprocess
-    from apo_jax.data.tfrecords import read_records
-    from apo_jax.data.token_weights import answer_token_logps
-
     pairs = zip(prompts, samples, strict=True)
     rows = [{"prompt": p["prompt"], "chosen": s, "rejected": s} for p, ss in pairs for s in ss]
-    preprocess(str(write_jsonl(workdir / "scored.jsonl", rows)), workdir / "scored", tokenizer,
-               max_length=o.max_length, as_chat=True)  # fmt: skip
+    preprocess(
+        str(write_jsonl(workdir / "scored.jsonl", rows)),
+        workdir / "scored",
+        tokenizer,
+        max_length=o.max_length,
+        as_chat=True,
+    )
     records, _ = read_records(workdir / "scored")
     # each row holds the sample as both answers: score one side
     pol = [float(x.sum()) for x in answer_token_logps(policy_dir, records, sides=("chosen",))["chosen"]]
@@ -108,8 +124,14 @@ def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, score
         for p, ss, ri in zip(prompts, samples, r, strict=True):
             kept = [(s, x) for s, x in zip(ss, ri, strict=True) if not np.isnan(x)]
             if len(kept) > 1:
-                groups.append((p, [s for s, _ in kept], np.asarray([x for _, x in kept]),
-                               np.asarray([len(s) for s, _ in kept], np.float64)))  # fmt: skip
+                groups.append(
+                    (
+                        p,
+                        [s for s, _ in kept],
+                        np.asarray([x for _, x in kept]),
+                        np.asarray([len(s) for s, _ in kept], np.float64),
+                    )
+                )
         alpha = o.dice_alpha if o.dice_alpha >= 0 else dice_alpha([(g[2], g[3]) for g in groups])
         rewards = [[None if np.isnan(x) else float(x) for x in ri] for ri in r]
         (workdir / "dice.json").write_text(json.dumps({"alpha_lc": alpha, "rewards": rewards}))
@@ -122,16 +144,12 @@ def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, score
 
 
 def _client(o):
-    from apo_jax.client import ClientConfig
-
-    return ClientConfig(base_url=o.base_url, model=o.api_model, api_key_env=o.api_key_env,
-                        concurrency=o.concurrency)  # fmt: skip
+    return ClientConfig(
+        base_url=o.base_url, model=o.api_model, api_key_env=o.api_key_env, concurrency=o.concurrency
+    )
 
 
 def _judge_pairs(o, prompts, samples, workdir):
-    from apo_jax.client import run_requests
-    from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
-
     requests = {
         f"{i}:{j}": judge_request(o.api_model, SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s))
         for i, (p, ss) in enumerate(zip(prompts, samples, strict=True))
@@ -155,9 +173,6 @@ def _judge_pairs(o, prompts, samples, workdir):
 
 
 def _clair_pairs(o, prompts, samples, workdir):
-    from apo_jax.data.clair.revise import revise
-    from apo_jax.data.jsonl import read_jsonl, write_jsonl
-
     first = [{"prompt": p["prompt"], "response": ss[0]} for p, ss in zip(prompts, samples, strict=True)]
     answers = write_jsonl(workdir / "answers.jsonl", first)
     revise(answers, workdir / "clair_pairs.jsonl", _client(o), progress=False)
@@ -176,14 +191,10 @@ def _import(spec: str):
 
 def extrapolate(new_hat, old_hat, alpha: float):
     """θ = θ̂_new + α·(θ̂_new − θ̂_old), leaf by leaf (accelerated_po's Nesterov step)."""
-    import jax
-
     return jax.tree.map(lambda a, b: (a + alpha * (a - b)).astype(a.dtype), new_hat, old_hat)
 
 
 def _write_policy(src_hat: pathlib.Path, old_hat: pathlib.Path, alpha: float, out: pathlib.Path, tokenizer):
-    from apo_jax import models, outputs
-
     model, new = models.from_hf(src_hat)
     _, old = models.from_hf(old_hat)
     with outputs.replacing(out, "apo_jax.train.online", overwrite=True) as tmp:  # a folder of its own round
@@ -210,18 +221,23 @@ def _round_prompts(prompts, o, t):
 def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     """`online.samples` answers of the policy to each prompt of the round (resumable: generate skips
     the rows it wrote), mixed with the reference's logits for the `mixed` sampler."""
-    from apo_jax import models
-    from apo_jax.data.generate import generate_with_model
-    from apo_jax.data.jsonl import read_jsonl
-
     o, mixing = cfg.online, {}
     if o.sampler == "mixed":
         _, ref_params = models.from_hf(ref)
         mixing = {"ref_params": ref_params, "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)]}
     rows = [dict(p, index=i) for i, p in enumerate(batch)]
-    generate_with_model(rows, out, policy, samples=o.samples, max_tokens=o.max_tokens,
-                        temperature=o.temperature, seed=cfg.train.seed + t, progress=cfg.train.progress,
-                        batch_size=o.sample_batch_size, **mixing)  # fmt: skip
+    generate_with_model(
+        rows,
+        out,
+        policy,
+        samples=o.samples,
+        max_tokens=o.max_tokens,
+        temperature=o.temperature,
+        seed=cfg.train.seed + t,
+        progress=cfg.train.progress,
+        batch_size=o.sample_batch_size,
+        **mixing,
+    )
     by: dict = {}
     for s in read_jsonl(out):
         by.setdefault(s["index"], {})[s["sample"]] = s["response"]
@@ -231,9 +247,6 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
 def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
     """(generated, replayed) pair rows of round `t`, labeled and tokenized into `rd/records`; a round
     labeled before a restart keeps its pairs (a judge may not answer the same twice)."""
-    from apo_jax.data.jsonl import read_jsonl, write_jsonl
-    from apo_jax.data.preprocess import preprocess
-
     o = cfg.online
     if (rd / "records" / "metadata.json").exists():
         held = read_jsonl(rd / "pairs.jsonl")
@@ -253,11 +266,6 @@ def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
 
 def run_online(cfg, *, scorer=None) -> dict:
     """Runs (or resumes) `cfg.online.rounds` rounds; returns {"rounds": [per-round summary], "policy"}."""
-    from apo_jax import models
-    from apo_jax.data.generate import read_prompts
-    from apo_jax.data.jsonl import read_jsonl, write_atomic
-    from apo_jax.train.loop import run as train_run
-
     o = cfg.online
     validate_online(o, cfg.reference.path)
     root = pathlib.Path(cfg.workdir).absolute()
@@ -284,7 +292,7 @@ def run_online(cfg, *, scorer=None) -> dict:
         rc.workdir, rc.model.path, rc.model.preset = str(rd / "train"), str(policy), ""
         rc.data.train, rc.train.export_hf = str(rd / "records"), True
         rc.reference.path = "" if ref == policy else str(ref)
-        result = train_run(rc)
+        result = loop.run(rc)
         if result["status"] != "done":  # preempted: rerun to resume this round's training
             return {"status": result["status"], "round": t, "rounds": done["rounds"], "policy": str(policy)}
         hat = rd / "train" / "hf"
@@ -296,12 +304,20 @@ def run_online(cfg, *, scorer=None) -> dict:
             policy = hat
         scores = rd / "scores.json"  # the scorer's grades of every sample: how good the policy was
         scored = [x for row in json.loads(scores.read_text()) for x in row] if scores.exists() else []
-        done["rounds"].append({
-            "round": t, "prompts": len(batch), "samples": len(batch) * o.samples, "pairs": len(generated),
-            "replayed": len(replayed), "final_loss": result["metrics"].get("loss"),
-            "mean_sample_score": float(np.mean(scored)) if scored else None,
-            "policy": str(policy), "hat": str(hat), "reference": str(ref),
-        })  # fmt: skip
+        done["rounds"].append(
+            {
+                "round": t,
+                "prompts": len(batch),
+                "samples": len(batch) * o.samples,
+                "pairs": len(generated),
+                "replayed": len(replayed),
+                "final_loss": result["metrics"].get("loss"),
+                "mean_sample_score": float(np.mean(scored)) if scored else None,
+                "policy": str(policy),
+                "hat": str(hat),
+                "reference": str(ref),
+            }
+        )
         prev_hat = hat
         write_atomic(book, json.dumps(done, indent=2))
     return {"status": "done", "rounds": done["rounds"], "policy": str(policy)}

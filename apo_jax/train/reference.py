@@ -17,21 +17,20 @@ import pathlib
 import jax
 import numpy as np
 
+from apo_jax import outputs, sharding
 from apo_jax.data import layouts
 from apo_jax.data.tfrecords import read_records, rewrite_records
+from apo_jax.sharding import to_global
 from apo_jax.train import config as config_lib
 from apo_jax.train.config import reference_id
+from apo_jax.train.state import build_model
+from apo_jax.train.step import StepConfig, sequence_sums
 
 TOOL = "apo_jax.train.reference"
 
 
 def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> pathlib.Path:
     """Writes `out_dir`: the records of `cfg.data.train` with reference log-probs added."""
-    from apo_jax import outputs, sharding
-    from apo_jax.sharding import to_global
-    from apo_jax.train.state import build_model
-    from apo_jax.train.step import StepConfig, sequence_sums
-
     out_dir = pathlib.Path(out_dir)
     outputs.check_output(out_dir, TOOL, inputs=[cfg.data.train], flag="--precompute_reference")
     records, meta = read_records(cfg.data.train)

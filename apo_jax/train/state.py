@@ -75,8 +75,15 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
     mu_dtype = opt.get("mu_dtype", "") or None
     tx = optax.chain(
         optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask,
-                    mu_dtype=mu_dtype),  # fmt: skip
+        optax.adamw(
+            lr,
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            weight_decay=opt.weight_decay,
+            mask=_decay_mask,
+            mu_dtype=mu_dtype,
+        ),
     )
     return tx, lr
 

@@ -77,17 +77,26 @@ class Forward(NamedTuple):
     wpo: jax.Array | None = None  # [B] WPO weights (use_weighting)
 
 
-def _paired_padded(model, params, batch, cfg: StepConfig, *, tokens, with_entropy, weights,
-                   ref_params=None, kl=None) -> Forward:  # fmt: skip
+def _paired_padded(
+    model, params, batch, cfg: StepConfig, *, tokens, with_entropy, weights, ref_params=None, kl=None
+) -> Forward:
     """Chosen and rejected from the padded layout in one forward of [2b, T]. With `ref_params` and
     `kl`, the same pass over the output projection also gives the reference and the KL."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
     out = token_logps(
-        model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, with_entropy=with_entropy,
-        with_sum_sq=weights, ref_params=ref_params, kl=kl,
-    )  # fmt: skip
+        model,
+        params,
+        ids,
+        attn,
+        loss_mask,
+        chunk_size=cfg.chunk_size,
+        with_entropy=with_entropy,
+        with_sum_sq=weights,
+        ref_params=ref_params,
+        kl=kl,
+    )
     b = batch["chosen_input_ids"].shape[0]
     c_mask, r_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
     tok = out["token_logps"]
@@ -97,9 +106,13 @@ def _paired_padded(model, params, batch, cfg: StepConfig, *, tokens, with_entrop
         sums = out["logps"][:b], out["logps"][b:]
     policy = Logps(*sums, *((tok[:b], tok[b:]) if tokens else ()))
     fwd = Forward(
-        policy, None, tokens=jnp.sum(attn), loss_tokens=jnp.sum(loss_mask),
-        chosen_lengths=out["lengths"][:b], rejected_lengths=out["lengths"][b:],
-    )  # fmt: skip
+        policy,
+        None,
+        tokens=jnp.sum(attn),
+        loss_tokens=jnp.sum(loss_mask),
+        chosen_lengths=out["lengths"][:b],
+        rejected_lengths=out["lengths"][b:],
+    )
     if with_entropy:
         fwd = fwd._replace(entropy_sum=jnp.sum(out["entropy"] * loss_mask))
     if weights:
@@ -109,8 +122,9 @@ def _paired_padded(model, params, batch, cfg: StepConfig, *, tokens, with_entrop
         ref, ref_tok = out["ref_logps"], out["ref_token_logps"]
         fwd = fwd._replace(
             reference=Logps(ref[:b], ref[b:], ref_tok[:b], ref_tok[b:]),
-            chosen_kl=out["kl"][:b], rejected_kl=out["kl"][b:],
-        )  # fmt: skip
+            chosen_kl=out["kl"][:b],
+            rejected_kl=out["kl"][b:],
+        )
     return fwd
 
 
@@ -118,9 +132,17 @@ def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forw
     """The same from packed or prompt-shared rows, summed per sequence by (row, segment)."""
     shared = 1 if cfg.layout == "prompt_shared" else None
     out = token_logps(
-        model, params, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], batch["segment_ids"],
-        batch["positions"], chunk_size=cfg.chunk_size, with_entropy=with_entropy, shared_segment=shared,
-    )  # fmt: skip
+        model,
+        params,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["loss_mask"],
+        batch["segment_ids"],
+        batch["positions"],
+        chunk_size=cfg.chunk_size,
+        with_entropy=with_entropy,
+        shared_segment=shared,
+    )
     seg, mask = batch["segment_ids"], batch["loss_mask"]
     sums, lengths = {}, {}
     for side in ("chosen", "rejected"):
@@ -128,11 +150,14 @@ def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forw
         sums[side] = sequence_logps(out["token_logps"], mask, seg, index)
         lengths[side] = sequence_logps(jnp.ones_like(mask), mask, seg, index)
     return Forward(
-        Logps(sums["chosen"], sums["rejected"]), None,
-        tokens=jnp.sum(batch["attention_mask"]), loss_tokens=jnp.sum(mask),
+        Logps(sums["chosen"], sums["rejected"]),
+        None,
+        tokens=jnp.sum(batch["attention_mask"]),
+        loss_tokens=jnp.sum(mask),
         entropy_sum=jnp.sum(out["entropy"] * mask) if with_entropy else 0.0,
-        chosen_lengths=lengths["chosen"], rejected_lengths=lengths["rejected"],
-    )  # fmt: skip
+        chosen_lengths=lengths["chosen"],
+        rejected_lengths=lengths["rejected"],
+    )
 
 
 def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward:
@@ -144,14 +169,17 @@ def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward
     )
     b = batch["input_ids"].shape[0]
     return Forward(
-        Unpaired(out["logps"][:b], out["logps"][b:]), None,
-        tokens=jnp.sum(attn[:b]), loss_tokens=jnp.sum(batch["loss_mask"]),
+        Unpaired(out["logps"][:b], out["logps"][b:]),
+        None,
+        tokens=jnp.sum(attn[:b]),
+        loss_tokens=jnp.sum(batch["loss_mask"]),
         entropy_sum=jnp.sum(out["entropy"][:b] * batch["loss_mask"]) if with_entropy else 0.0,
-    )  # fmt: skip
+    )
 
 
-def sequence_sums(model, params, batch, cfg: StepConfig, *, tokens=False, with_entropy=False,
-                  weights=False) -> Forward:  # fmt: skip
+def sequence_sums(
+    model, params, batch, cfg: StepConfig, *, tokens=False, with_entropy=False, weights=False
+) -> Forward:
     """One model's per-sequence log-prob sums (and lengths, token counts) for the batch's layout;
     `tokens` adds the [B, T] token log-probs (padded layout), `weights` WPO's weights."""
     if "kl_input_ids" in batch:
@@ -169,9 +197,16 @@ def forward(model, loss, cfg: StepConfig, params, ref_params, batch, *, with_ent
     tokens = loss.granularity == "token"
     if loss.kl is not None and ref_params:  # policy, reference and their KL in one pass
         return _paired_padded(
-            model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy,
-            weights=cfg.use_weighting, ref_params=ref_params, kl=loss.kl,
-        )  # fmt: skip
+            model,
+            params,
+            batch,
+            cfg,
+            tokens=tokens,
+            with_entropy=with_entropy,
+            weights=cfg.use_weighting,
+            ref_params=ref_params,
+            kl=loss.kl,
+        )
     fwd = sequence_sums(
         model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=cfg.use_weighting
     )
@@ -253,9 +288,14 @@ def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state
 def sft_loss(model, cfg: StepConfig, params, batch):
     """Token-mean NLL of the chosen completions: the SFT objective."""
     out = token_logps(
-        model, params, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"],
-        chunk_size=cfg.chunk_size, with_entropy=cfg.with_entropy,
-    )  # fmt: skip
+        model,
+        params,
+        batch["chosen_input_ids"],
+        batch["chosen_attention_mask"],
+        batch["chosen_loss_mask"],
+        chunk_size=cfg.chunk_size,
+        with_entropy=cfg.with_entropy,
+    )
     n = jnp.maximum(jnp.sum(out["lengths"]), 1.0)
     loss = -jnp.sum(out["logps"]) / n
     metrics = {"tokens": jnp.sum(batch["chosen_attention_mask"]), "loss_tokens": jnp.sum(out["lengths"])}

@@ -5,9 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 
+import jax
 import numpy as np
 
-from apo_jax import cli
+from apo_jax import cli, models
+from apo_jax.models.flops import peak_flops as peak
+from apo_jax.train.config import default_config
 
 PARTS = ("step", "trl", "logprobs", "layouts", "data", "sampling")
 
@@ -29,8 +32,6 @@ CLAIR_LENGTHS = (
 
 def shape_config(name: str, dtype: str, remat: str, attention: str | None = None):
     """The benchmarked shape: a model preset (apo_jax.models.PRESETS) with the run's policies."""
-    from apo_jax import models
-
     policies = {"dtype": dtype, "param_dtype": "float32", "remat_policy": remat, "attention_impl": attention}
     if name in ("tiny", "125m", "1b", "8b"):
         return models.preset(name, **policies)
@@ -38,10 +39,6 @@ def shape_config(name: str, dtype: str, remat: str, attention: str | None = None
 
 
 def peak_flops() -> float:
-    import jax
-
-    from apo_jax.models.flops import peak_flops as peak
-
     return peak(jax.devices()[0].device_kind)
 
 
@@ -75,14 +72,10 @@ def timed(fn, steps: int, warmup: int, sync) -> dict:
 
 
 def block_until_ready(x):
-    import jax
-
     return jax.block_until_ready(x)
 
 
 def device_peak_bytes() -> int | None:
-    import jax
-
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
@@ -99,8 +92,6 @@ def compiled_memory(compiled) -> int | None:
 def bench_optimizer(lr: float):
     """The trainer's default AdamW (apo_jax.train.config.default_config) at `lr`, linear decay, no
     warm-up: the apo_jax step and TRL's DPOConfig both read it."""
-    from apo_jax.train.config import default_config
-
     opt = default_config().optimizer
     opt.lr, opt.warmup_steps, opt.schedule = lr, 0, "linear"
     return opt

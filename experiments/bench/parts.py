@@ -10,8 +10,15 @@ import pathlib
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from apo_jax import models, testing
+from apo_jax.data.jsonl import write_jsonl
+from apo_jax.data.preprocess import preprocess
+from apo_jax.data.reader import PreferenceReader
+from apo_jax.logprobs import naive_token_logps, token_logps
 from experiments.bench.common import block_until_ready, timed
 
 
@@ -21,10 +28,6 @@ def bench_logprobs(args, config) -> list[dict]:
     and batch (on a GPU, also at the issue's size). `kl` rows add what TDPO needs: the reference's
     log-probs and the per-position KL(π_ref ‖ π) over the vocabulary, as TDPO's code computes them
     (both models' [B, T, V] log-softmax) against the chunked pass."""
-    import jax
-    import jax.numpy as jnp
-
-    from apo_jax.logprobs import naive_token_logps, token_logps
 
     def fn(impl, kl):
         def loss(h, w, ids, mask, hr, wr):
@@ -39,8 +42,9 @@ def bench_logprobs(args, config) -> list[dict]:
             if impl == "full":
                 return jnp.sum(naive_token_logps(h, w, ids) * mask)
             if kl:
-                o = token_logps(h, w, ids, mask, chunk_size=256, ref_hidden=hr, ref_weight=wr,
-                                kl="ref_policy")  # fmt: skip
+                o = token_logps(
+                    h, w, ids, mask, chunk_size=256, ref_hidden=hr, ref_weight=wr, kl="ref_policy"
+                )
                 return jnp.sum(o["logps"] - o["ref_logps"]) + jnp.sum(o["kl"] * mask)
             return jnp.sum(token_logps(h, w, ids, mask, chunk_size=256)["logps"])
 
@@ -60,8 +64,15 @@ def bench_logprobs(args, config) -> list[dict]:
         w = jax.ShapeDtypeStruct((D, V), dtype)
         ids = jax.ShapeDtypeStruct((B, T), jnp.int32)
         mask = jax.ShapeDtypeStruct((B, T), jnp.float32)
-        row = {"part": "logprobs", "size": what, "with": "ref + KL" if kl else "policy", "B": B, "T": T,
-               "D": D, "V": V}  # fmt: skip
+        row = {
+            "part": "logprobs",
+            "size": what,
+            "with": "ref + KL" if kl else "policy",
+            "B": B,
+            "T": T,
+            "D": D,
+            "V": V,
+        }
         for impl in ("full", "chunked"):
             f = fn(impl, kl)
             t0 = time.perf_counter()
@@ -88,10 +99,6 @@ def bench_logprobs(args, config) -> list[dict]:
 
 
 def bench_sampling(args, config, params) -> list[dict]:
-    import jax
-
-    from apo_jax import models
-
     model = models.Llama(config)
     out = []
     new = 16 if args.smoke else 128
@@ -133,11 +140,6 @@ def bench_data(args) -> list[dict]:
         import tensorflow  # noqa: F401
     except ImportError:
         return [{"part": "data", "skipped": "TensorFlow is not installed (the GPU image)"}]
-    from apo_jax import testing
-    from apo_jax.data.jsonl import write_jsonl
-    from apo_jax.data.preprocess import preprocess
-    from apo_jax.data.reader import PreferenceReader
-
     root = pathlib.Path(__file__).resolve().parents[1] / "tests" / "data" / "clair_pairs_hybrid_format.jsonl"
     rows = (
         [json.loads(x) for x in root.read_text().splitlines()]
@@ -174,6 +176,4 @@ def bench_data(args) -> list[dict]:
 
 
 def on_cpu() -> bool:
-    import jax
-
     return jax.devices()[0].platform == "cpu"

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import math
 import os
 import pathlib
 import platform
 import subprocess
 
+import jax
+
 
 def machine() -> dict:
-    import jax
-
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
@@ -91,8 +92,6 @@ def ratios(results: list[dict]) -> dict:
 
 def missing_modules(*modules: str) -> str:
     """The first of `modules` that cannot be imported ("" if all can): the TRL side needs the test extra."""
-    import importlib.util
-
     return next((m for m in modules if importlib.util.find_spec(m) is None), "")
 
 

@@ -8,7 +8,9 @@ import pathlib
 import tempfile
 import time
 
-from apo_jax import cli
+import jax
+
+from apo_jax import cli, models
 from apo_jax.models.flops import param_counts
 from experiments.bench.common import PARTS, shape_config, synthetic_pairs
 from experiments.bench.parts import bench_data, bench_logprobs, bench_sampling
@@ -85,8 +87,15 @@ def _trl(args, config, params, records, report: _Report) -> None:
             for gc in (False,) if args.no_trl_checkpointing or args.smoke else (False, True):
                 which = "precomputed" if precompute else "online"
                 report.say(f"TRL step, {which} reference, gradient checkpointing {gc}")
-                row = bench_trl(args, model_dir, tok_dir, records, gradient_checkpointing=gc,
-                                precompute=precompute, bf16=args.dtype == "bfloat16")  # fmt: skip
+                row = bench_trl(
+                    args,
+                    model_dir,
+                    tok_dir,
+                    records,
+                    gradient_checkpointing=gc,
+                    precompute=precompute,
+                    bf16=args.dtype == "bfloat16",
+                )
                 report.results.append(row)
 
 
@@ -105,28 +114,40 @@ def _layouts(args, config, params, records, report: _Report) -> None:
             continue
         report.say(f"apo_jax step, {layout} layout (CLAIR length mix)")
         try:
-            row = bench_step(args, config, params, records, reference="precomputed", layout=layout,
-                             length=length, rows=n_rows)  # fmt: skip
+            row = bench_step(
+                args,
+                config,
+                params,
+                records,
+                reference="precomputed",
+                layout=layout,
+                length=length,
+                rows=n_rows,
+            )
         except ValueError as e:  # a pair does not fit this layout's rows
-            row = {"part": "step", "impl": "apo_jax", "reference": "precomputed", "layout": layout,
-                   "error": str(e)}  # fmt: skip
+            row = {
+                "part": "step",
+                "impl": "apo_jax",
+                "reference": "precomputed",
+                "layout": layout,
+                "error": str(e),
+            }
         report.results.append(row)
 
 
 @cli.command
 def main(argv=None) -> int:
     args = _args(argv)
-    import jax
-
-    from apo_jax import models
 
     config = shape_config(args.shape, args.dtype, args.remat, args.attention)
     model = models.Llama(config)
     params = models.init_params(model, 0)
     records = synthetic_pairs(args.batch, args.length, config.vocab_size, seed=0)
     report, parts = _Report(args), args.part_set
-    report.say(f"{args.shape} ({sum(param_counts(config).values()) / 1e6:.1f}M parameters), T={args.length}, "
-               f"{args.batch} pairs, {args.dtype}, on {jax.devices()[0].device_kind}")  # fmt: skip
+    report.say(
+        f"{args.shape} ({sum(param_counts(config).values()) / 1e6:.1f}M parameters), T={args.length}, "
+        f"{args.batch} pairs, {args.dtype}, on {jax.devices()[0].device_kind}"
+    )
     if "step" in parts:
         for reference in ("frozen", "precomputed"):
             report.say(f"apo_jax step, {reference} reference")

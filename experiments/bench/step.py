@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 
+from apo_jax import losses, models
+from apo_jax.data import layouts
 from apo_jax.models.flops import flops_per_token
+from apo_jax.train.state import create_state, make_optimizer
+from apo_jax.train.step import StepConfig, make_train_step, sequence_sums
 from experiments.bench.common import (
     bench_optimizer,
     block_until_ready,
@@ -32,20 +37,15 @@ class JaxStep:
         beta: float = 0.1,
         steps: int = 10,
     ):
-        import jax
-
-        from apo_jax import losses, models
-        from apo_jax.train.state import create_state, make_optimizer
-        from apo_jax.train.step import StepConfig, make_train_step
-
         self.model = models.Llama(config)
         opt = bench_optimizer(lr)
         tx, sched = make_optimizer(opt, steps)
         ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
         self.state = create_state(params, tx, seed=0, ref_params=ref)
         cfg = StepConfig(layout=layout, reference=reference, with_entropy=False)
-        self.step = jax.jit(make_train_step(self.model, losses.build(loss, beta=beta), tx, sched, cfg),
-                            donate_argnums=0)  # fmt: skip
+        self.step = jax.jit(
+            make_train_step(self.model, losses.build(loss, beta=beta), tx, sched, cfg), donate_argnums=0
+        )
         self.reference, self.layout = reference, layout
 
     def compile(self, batch) -> tuple[float, int | None]:
@@ -63,12 +63,6 @@ _REFERENCE_CACHE: dict = {}
 
 def reference_logps(config, params, records, length: int) -> np.ndarray:
     """Per-pair (chosen, rejected) reference log-probs, as apo_jax.train.reference precomputes them."""
-    import jax
-
-    from apo_jax import models
-    from apo_jax.data import layouts
-    from apo_jax.train.step import StepConfig, sequence_sums
-
     key = (id(params), id(records), length)
     if key not in _REFERENCE_CACHE:
         model = models.Llama(config)
@@ -110,8 +104,6 @@ def bench_step(
     args, config, params, records, *, reference: str, layout: str = "padded", length=None, rows=None
 ) -> dict:
     """Times the apo_jax step on one fixed batch (the same batch every step, as TRL's side does)."""
-    from apo_jax.data import layouts
-
     length = length or args.length
     if reference == "precomputed":
         records = with_reference(records, reference_logps(config, params, records, args.length))
@@ -157,6 +149,4 @@ def bench_step(
 
 
 def copy_params(params):
-    import jax
-
     return jax.tree.map(lambda x: x.copy(), params)

@@ -9,6 +9,7 @@ import statistics
 import tempfile
 import time
 
+from apo_jax import models, testing
 from experiments.bench.common import bench_optimizer
 from experiments.bench.step import real_tokens
 
@@ -29,15 +30,31 @@ def _trl_config(
 
     opt = bench_optimizer(args.lr)
     return trl.DPOConfig(
-        output_dir=out, loss_type=["apo_zero"], beta=0.1, learning_rate=opt.lr,
-        lr_scheduler_type=opt.schedule, warmup_steps=opt.warmup_steps, weight_decay=opt.weight_decay,
+        output_dir=out,
+        loss_type=["apo_zero"],
+        beta=0.1,
+        learning_rate=opt.lr,
+        lr_scheduler_type=opt.schedule,
+        warmup_steps=opt.warmup_steps,
+        weight_decay=opt.weight_decay,
         max_grad_norm=opt.max_grad_norm,
-        adam_beta1=opt.b1, adam_beta2=opt.b2, adam_epsilon=opt.eps, per_device_train_batch_size=n,
-        max_steps=steps, logging_steps=1, report_to=[], save_strategy="no",
-        gradient_checkpointing=gradient_checkpointing, bf16=bf16, max_length=args.length,
-        precompute_ref_log_probs=precompute, dataloader_num_workers=0, use_cpu=not cuda, seed=0,
+        adam_beta1=opt.b1,
+        adam_beta2=opt.b2,
+        adam_epsilon=opt.eps,
+        per_device_train_batch_size=n,
+        max_steps=steps,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
+        max_length=args.length,
+        precompute_ref_log_probs=precompute,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        seed=0,
         disable_tqdm=True,
-    )  # fmt: skip
+    )
 
 
 def _trainer_class(losses_seen: list):
@@ -94,8 +111,16 @@ def bench_trl(
     steps = args.steps + args.warmup + 2
     losses_seen, times, logs = [], [], []
     with tempfile.TemporaryDirectory() as out:
-        cfg = _trl_config(args, out, len(rows), steps, gradient_checkpointing=gradient_checkpointing,
-                          precompute=precompute, bf16=bf16, cuda=cuda)  # fmt: skip
+        cfg = _trl_config(
+            args,
+            out,
+            len(rows),
+            steps,
+            gradient_checkpointing=gradient_checkpointing,
+            precompute=precompute,
+            bf16=bf16,
+            cuda=cuda,
+        )
         # float32 master weights, bf16 autocast when asked: the same mixed precision as apo_jax's
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -115,22 +140,30 @@ def bench_trl(
     measured = times[args.warmup + 2 :]
     tokens = real_tokens(records)
     return {
-        "part": "step", "impl": "trl", "reference": "precomputed" if precompute else "frozen",
-        "layout": "padded (to the longest)", "gradient_checkpointing": gradient_checkpointing,
-        "setup_s": setup_s, "median_s": statistics.median(measured), "min_s": min(measured),
-        "max_s": max(measured), "steps": len(measured), "real_tokens": tokens,
-        "tokens_per_s": tokens / statistics.median(measured), "memory_bytes": memory,
+        "part": "step",
+        "impl": "trl",
+        "reference": "precomputed" if precompute else "frozen",
+        "layout": "padded (to the longest)",
+        "gradient_checkpointing": gradient_checkpointing,
+        "setup_s": setup_s,
+        "median_s": statistics.median(measured),
+        "min_s": min(measured),
+        "max_s": max(measured),
+        "steps": len(measured),
+        "real_tokens": tokens,
+        "tokens_per_s": tokens / statistics.median(measured),
+        "memory_bytes": memory,
         "step0_logps_chosen": by_step[1]["logps/chosen"],
         "step0_logps_rejected": by_step[1]["logps/rejected"],
-        "step0_loss": losses_seen[0], "step1_loss": losses_seen[1],
-        "trl": trl.__version__, "torch": torch.__version__,
-    }  # fmt: skip
+        "step0_loss": losses_seen[0],
+        "step1_loss": losses_seen[1],
+        "trl": trl.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def export_model(config, params, out: pathlib.Path, vocab: int) -> tuple[str, str]:
     """The same weights as a Hugging Face directory for TRL, with a tokenizer TRL can load."""
-    from apo_jax import models, testing
-
     tok = testing.tiny_tokenizer(vocab_size=min(vocab, 320))
     models.to_hf(models.Llama(config), params, out, tokenizer=tok)
     return str(out), str(out)

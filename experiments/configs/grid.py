@@ -70,8 +70,12 @@ def get_config(arg: str):
     config.workdir = workdir(name, variant)
 
     # Data
-    config.experiment = {"kind": "paper" if variant == "paper" else "mini", "data": data, "name": name,
-                         "variant": variant}  # fmt: skip
+    config.experiment = {
+        "kind": "paper" if variant == "paper" else "mini",
+        "data": data,
+        "name": name,
+        "variant": variant,
+    }
 
     # Loss
     config.loss.name = loss
@@ -87,12 +91,20 @@ def get_config(arg: str):
     # Model: the miniature's M is trained by the pipeline (experiments/mini) and put in model.path
     config.model.preset = "tiny"
     small = variant == "tiny"
-    config.experiment.update({
-        "seed": 0, "hidden_size": 64, "layers": 3, "careless": 0.6,
-        "sft_examples": 256 if small else 6000, "sft_steps": 10 if small else 600,
-        "train_prompts": 48 if small else 3072, "eval_prompts": 16 if small else 512,
-        "temperature": 0.7, "eval_samples": 2 if small else 4,
-    })  # fmt: skip
+    config.experiment.update(
+        {
+            "seed": 0,
+            "hidden_size": 64,
+            "layers": 3,
+            "careless": 0.6,
+            "sft_examples": 256 if small else 6000,
+            "sft_steps": 10 if small else 600,
+            "train_prompts": 48 if small else 3072,
+            "eval_prompts": 16 if small else 512,
+            "temperature": 0.7,
+            "eval_samples": 2 if small else 4,
+        }
+    )
     if loss in ("tis_dpo", "tis_dpo_kl"):  # DPO steps of each contrastive model behind TIS-DPO's weights
         config.experiment.tis_steps = 2 if small else 50
         config.experiment.tis_transform = "exp"  # the paper's form; the code's: rank_based, binary, ...

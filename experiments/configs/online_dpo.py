@@ -23,11 +23,17 @@ def get_config(arg: str = "", name: str = "online_dpo"):
     config.workdir = grid.workdir(name, variant)
     config.experiment.update({"kind": "mini_online", "name": name, "offline_steps": 4 if small else 100})
     config.experiment.train_prompts = 16 if small else 512
-    config.online.update({
-        "rounds": 2 if small else 3, "samples": 2 if small else 4, "max_tokens": 40, "max_length": 96,
-        "temperature": config.experiment.temperature,  # M's own sampling temperature
-        "labeler": "scorer", "sample_batch_size": 32 if small else 256,
-    })  # fmt: skip
+    config.online.update(
+        {
+            "rounds": 2 if small else 3,
+            "samples": 2 if small else 4,
+            "max_tokens": 40,
+            "max_length": 96,
+            "temperature": config.experiment.temperature,  # M's own sampling temperature
+            "labeler": "scorer",
+            "sample_batch_size": 32 if small else 256,
+        }
+    )
     config.train.steps = 2 if small else 60
     config.train.eval_every = 0
     return config
@@ -41,10 +47,18 @@ def _paper(name: str):
     config.experiment.update({"kind": "online", "name": name})
     config.reference.mode = "frozen"  # each round has a new reference: nothing to precompute
     config.data.train = ""
-    config.online.update({
-        "prompts": "data/ultrafeedback_prompts.jsonl", "rounds": 3, "samples": 8, "temperature": 0.7,
-        "labeler": "judge", "base_url": "http://localhost:8000/v1", "api_model": "judge",
-        "max_length": 1024, "max_tokens": 512,
-    })  # fmt: skip
+    config.online.update(
+        {
+            "prompts": "data/ultrafeedback_prompts.jsonl",
+            "rounds": 3,
+            "samples": 8,
+            "temperature": 0.7,
+            "labeler": "judge",
+            "base_url": "http://localhost:8000/v1",
+            "api_model": "judge",
+            "max_length": 1024,
+            "max_tokens": 512,
+        }
+    )
     config.train.steps = 250
     return config

@@ -19,8 +19,11 @@ KEYS = ("step0_logps_chosen", "step0_logps_rejected", "step0_loss", "step1_loss"
 
 def rows(path):
     report = json.load(open(path))
-    return {(r["reference"], r["layout"]): r for r in report["results"]
-            if r["part"] == "step" and r.get("impl") == "apo_jax" and "error" not in r}  # fmt: skip
+    return {
+        (r["reference"], r["layout"]): r
+        for r in report["results"]
+        if r["part"] == "step" and r.get("impl") == "apo_jax" and "error" not in r
+    }
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,12 @@ import random
 import shutil
 import time
 
+from apo_jax import models, testing, train
+from apo_jax.data.generate import generate_with_model
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
+from apo_jax.data.preprocess import preprocess
+from apo_jax.eval.judge import exact_match
+from apo_jax.models import load_tokenizer
 from experiments.mini import task
 
 SFT_SEED = 2  # M's SFT problems are task.problems(sft_examples, SFT_SEED + seed)
@@ -47,29 +52,36 @@ def say(msg: str) -> None:
 
 def tokenizer(cache: pathlib.Path, seed: int):
     """A byte-level BPE tokenizer trained on the task's texts (every style of answer), saved once."""
-    from apo_jax import testing
-    from apo_jax.models import load_tokenizer
-
     path = cache / "tokenizer"
     if not (path / "tokenizer.json").exists():
         rng, corpus = random.Random(seed), []
         for p in task.problems(400, seed + 1):
-            corpus += [p["prompt"], task.teacher_answer(p, rng, 0.5), task.other_model_answer(p, rng),
-                       task.stronger_answer(p)]  # fmt: skip
+            corpus += [
+                p["prompt"],
+                task.teacher_answer(p, rng, 0.5),
+                task.other_model_answer(p, rng),
+                task.stronger_answer(p),
+            ]
         testing.tiny_tokenizer(vocab_size=384, corpus=corpus).save_pretrained(path)
     return load_tokenizer(path)
 
 
 def _sft(rows, folder: pathlib.Path, start, tok, *, steps, batch_size, optimizer, base_config):
     """`start` fine-tuned (SFT) on the rows' answers; the result, with the tokenizer, in `folder/hf`."""
-    from apo_jax import train
-    from apo_jax.data.preprocess import preprocess
-
     folder.mkdir(parents=True, exist_ok=True)
     records = folder / "records"
-    preprocess(str(write_jsonl(folder / "sft.jsonl", [{"prompt": r["prompt"], "chosen": r["answer"],
-                                                       "rejected": r["answer"]} for r in rows])),
-               records, tok, max_length=SFT_LENGTH, as_chat=True)  # fmt: skip
+    preprocess(
+        str(
+            write_jsonl(
+                folder / "sft.jsonl",
+                [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": r["answer"]} for r in rows],
+            )
+        ),
+        records,
+        tok,
+        max_length=SFT_LENGTH,
+        as_chat=True,
+    )
     cfg = train.default_config()
     cfg.workdir, cfg.model.path, cfg.data.train = str(folder / "run"), str(start), str(records)
     cfg.train.mode, cfg.train.steps, cfg.train.batch_size = "sft", steps, batch_size
@@ -86,13 +98,13 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     """M: a Llama of the configured size, initialised by the project's own JAX code, fine-tuned on
     the teacher's answers (it knows the arithmetic and slips at carries in `mini.careless` of its
     answers), so M's errors are a learned habit."""
-    from apo_jax import models
-
     out = cache / "m" / "hf"
     if (out / "config.json").exists():
         return out
-    say(f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
-        f"for {mini.sft_steps} steps")  # fmt: skip
+    say(
+        f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
+        f"for {mini.sft_steps} steps"
+    )
     config = models.LlamaConfig.tiny(
         vocab_size=len(tok),
         hidden_size=mini.hidden_size,
@@ -102,11 +114,21 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     model = models.Llama(config)
     start = models.to_hf(model, models.init_params(model, mini.seed), cache / "m" / "init", tokenizer=tok)
     rng = random.Random(mini.seed + 5)
-    rows = [{"prompt": p["prompt"], "answer": task.teacher_answer(p, rng, mini.careless)}
-            for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed)]  # fmt: skip
+    rows = [
+        {"prompt": p["prompt"], "answer": task.teacher_answer(p, rng, mini.careless)}
+        for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed)
+    ]
     optimizer = {"lr": 3e-3, "schedule": "cosine", "warmup_steps": min(20, mini.sft_steps // 5)}
-    return _sft(rows, cache / "m", start, tok, steps=mini.sft_steps, batch_size=32, optimizer=optimizer,
-                base_config=base_config)  # fmt: skip
+    return _sft(
+        rows,
+        cache / "m",
+        start,
+        tok,
+        steps=mini.sft_steps,
+        batch_size=32,
+        optimizer=optimizer,
+        base_config=base_config,
+    )
 
 
 def problem_sets(mini) -> tuple[list[dict], list[dict]]:
@@ -119,12 +141,18 @@ def problem_sets(mini) -> tuple[list[dict], list[dict]]:
 
 def sample(folder, model_dir, prompts, name, samples, temperature) -> list[dict]:
     """`samples` answers of a model to each prompt (`folder/name.jsonl`; finished rows are kept)."""
-    from apo_jax.data.generate import generate_with_model
-
     out = folder / f"{name}.jsonl"
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
-    generate_with_model(rows, out, model_dir, samples=samples, max_tokens=MAX_TOKENS, temperature=temperature,
-                        batch_size=128, progress=False)  # fmt: skip
+    generate_with_model(
+        rows,
+        out,
+        model_dir,
+        samples=samples,
+        max_tokens=MAX_TOKENS,
+        temperature=temperature,
+        batch_size=128,
+        progress=False,
+    )
     return read_jsonl(out)
 
 
@@ -132,8 +160,6 @@ def accuracy(model_dir, prompts, folder, name, samples=1, temperature=0.0) -> di
     """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
     the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples;
     `accuracy` and its standard error over prompts, `stderr`."""
-    from apo_jax.eval.judge import exact_match
-
     answers = sample(folder, model_dir, prompts, name, samples, temperature)
     return exact_match([{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts], answers)
 
@@ -143,8 +169,12 @@ def evaluate(model_dir, prompts, folder, name, mini) -> dict:
     `mini.temperature` (M's own sampling temperature), each with its standard error."""
     greedy = accuracy(model_dir, prompts, folder, name)
     sampled = accuracy(model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature)
-    return {"greedy": greedy["accuracy"], "greedy_se": greedy["stderr"],
-            "sampled": sampled["accuracy"], "sampled_se": sampled["stderr"]}  # fmt: skip
+    return {
+        "greedy": greedy["accuracy"],
+        "greedy_se": greedy["stderr"],
+        "sampled": sampled["accuracy"],
+        "sampled_se": sampled["stderr"],
+    }
 
 
 def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Path:
@@ -158,7 +188,10 @@ def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Pat
         return folder / "hf"
     first = {a["index"]: a["response"] for a in answers if a["sample"] == 0}
     rows = [{"prompt": p["prompt"], "answer": task.revise(p, first[i])} for i, p in enumerate(prompts)]
-    say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} training answers, "
-        f"{steps} steps")  # fmt: skip
-    return _sft(rows, folder, m_dir, tok, steps=steps, batch_size=batch, optimizer=opt.to_dict(),
-                base_config=config)  # fmt: skip
+    say(
+        f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} training answers, "
+        f"{steps} steps"
+    )
+    return _sft(
+        rows, folder, m_dir, tok, steps=steps, batch_size=batch, optimizer=opt.to_dict(), base_config=config
+    )

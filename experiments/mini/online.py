@@ -18,23 +18,22 @@ import pathlib
 import statistics
 import time
 
-from apo_jax.data.jsonl import write_jsonl
+from apo_jax import train
+from apo_jax.data.jsonl import read_jsonl, write_jsonl
+from apo_jax.data.preprocess import preprocess
+from apo_jax.train.online import run_online
 from experiments.mini import model, pipeline, task
+from experiments.mini.server import server
 
 
 def _sample_score(path) -> float:
     """The task's mean score (with partial credit) of a round's samples: how good the sampled policy was."""
-    from apo_jax.data.jsonl import read_jsonl
-
     return statistics.fmean(task.score(row, row["response"]) for row in read_jsonl(path))
 
 
 def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pathlib.Path]:
     """DICE starts from a DPO model: M trained on offline CLAIR pairs of its own answers. Returns
     (that model, the offline pairs file)."""
-    from apo_jax import train
-    from apo_jax.data.preprocess import preprocess
-
     answers = model.sample(workdir, m_dir, prompts, "answers_offline", 2, config.experiment.temperature)
     pairs = write_jsonl(
         workdir / "offline_pairs.jsonl",
@@ -54,9 +53,28 @@ def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pa
     return workdir / "offline_dpo" / "hf", pairs
 
 
-def run(config) -> dict:
-    from apo_jax.train.online import run_online
+def _write_table(workdir, config, rows, rounds) -> None:
+    """results.md: per policy, the mean score of the samples it was trained on and its accuracies."""
+    mini, o = config.experiment, config.online
+    md = [
+        f"# Miniature online loop: {mini.name}\n",
+        f"labeler {o.labeler}, sampler {o.sampler}, accelerate_alpha {o.accelerate_alpha}, "
+        f"{o.samples} samples per prompt, {config.train.steps} steps per round\n",
+        "| policy | mean score of the samples it was trained on | pairs | replayed | greedy accuracy "
+        "| sampled accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for acc, r in zip(rows, [{}] + rounds, strict=True):
+        mean = _sample_score(workdir / f"round_{r['round']}" / "samples.jsonl") if r else None
+        md.append(
+            f"| {acc['policy']} | {'' if mean is None else f'{mean:.3f}'} | {r.get('pairs', '')} | "
+            f"{r.get('replayed', '')} | {acc['accuracy']:.3f} ± {acc['accuracy_se']:.3f} | "
+            f"{acc['sampled_accuracy']:.3f} ± {acc['sampled_accuracy_se']:.3f} |"
+        )
+    (workdir / "results.md").write_text("\n".join(md) + "\n")
 
+
+def run(config) -> dict:
     started = time.time()
     mini, o = config.experiment, config.online
     workdir = pathlib.Path(config.workdir).absolute()
@@ -79,8 +97,6 @@ def run(config) -> dict:
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"
     )
     if o.labeler in ("clair", "judge"):  # the stand-in reviser and judge, over loopback HTTP
-        from experiments.mini.server import server
-
         with server() as endpoint:
             o.base_url, o.api_model = endpoint.url, f"mini-{o.labeler}"
             result = run_online(config)
@@ -89,16 +105,25 @@ def run(config) -> dict:
     if result["status"] != "done":
         model.say(f"{result['status']} in round {result['round']}: run the same command again to resume")
         return result
-    model.say(f"scoring held-out accuracy of each round's policy (greedy, and {mini.eval_samples} "
-                  f"samples at temperature {mini.temperature})")  # fmt: skip
+    model.say(
+        f"scoring held-out accuracy of each round's policy (greedy, and {mini.eval_samples} "
+        f"samples at temperature {mini.temperature})"
+    )
     policies = [("start", pathlib.Path(config.model.path))] + [
         (f"after round {r['round']}", pathlib.Path(r["policy"])) for r in result["rounds"]
     ]
     rows = []
     for i, (name, path) in enumerate(policies):
         acc = model.evaluate(path, eval_prompts, workdir, f"acc_{i}", mini)
-        rows.append({"policy": name, "accuracy": acc["greedy"], "sampled_accuracy": acc["sampled"],
-                     "accuracy_se": acc["greedy_se"], "sampled_accuracy_se": acc["sampled_se"]})  # fmt: skip
+        rows.append(
+            {
+                "policy": name,
+                "accuracy": acc["greedy"],
+                "sampled_accuracy": acc["sampled"],
+                "accuracy_se": acc["greedy_se"],
+                "sampled_accuracy_se": acc["sampled_se"],
+            }
+        )
     summary = {
         "name": mini.name,
         "status": result["status"],
@@ -110,22 +135,7 @@ def run(config) -> dict:
         "seconds": round(time.time() - started, 1),
     }
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
-    md = [
-        f"# Miniature online loop: {mini.name}\n",
-        f"labeler {o.labeler}, sampler {o.sampler}, accelerate_alpha {o.accelerate_alpha}, "
-        f"{o.samples} samples per prompt, {config.train.steps} steps per round\n",
-        "| policy | mean score of the samples it was trained on | pairs | replayed | greedy accuracy "
-        "| sampled accuracy |",
-        "|---|---|---|---|---|---|",
-    ]
-    for acc, r in zip(rows, [{}] + result["rounds"], strict=True):
-        mean = _sample_score(workdir / f"round_{r['round']}" / "samples.jsonl") if r else None
-        md.append(
-            f"| {acc['policy']} | {'' if mean is None else f'{mean:.3f}'} | {r.get('pairs', '')} | "
-            f"{r.get('replayed', '')} | {acc['accuracy']:.3f} ± {acc['accuracy_se']:.3f} | "
-            f"{acc['sampled_accuracy']:.3f} ± {acc['sampled_accuracy_se']:.3f} |"
-        )
-    (workdir / "results.md").write_text("\n".join(md) + "\n")
+    _write_table(workdir, config, rows, result["rounds"])
     model.say(
         f"done in {summary['seconds']}s: " + ", ".join(f"{r['policy']} {r['accuracy']:.3f}" for r in rows)
     )

@@ -13,9 +13,18 @@ import pathlib
 import random
 import time
 
+from apo_jax import train
+from apo_jax.data import steps
 from apo_jax.data.anchor import anchor_pair
+from apo_jax.data.clair.stats import ches_stats, pair_stats, table
+from apo_jax.data.generate import generate_with_model, prompt_ids
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
-from apo_jax.data.steps import step_pair
+from apo_jax.data.preprocess import preprocess
+from apo_jax.data.steps import SCDPO_TEMPERATURE, scdpo_starts, step_pair
+from apo_jax.data.tfrecords import read_records, rewrite_records
+from apo_jax.data.token_weights import add_weights
+from apo_jax.data.tokenize import chat_kwargs
+from apo_jax.train.edit import edit_checkpoint
 from experiments.mini import model, task
 from experiments.mini.model import say
 
@@ -28,19 +37,29 @@ def scdpo_pairs(cache, m_dir, prompts, answers, name, seed) -> list[dict]:
     """Step-Controlled DPO pairs (apo_jax.data.steps): M's correct answers (the gold solution where M
     has none) cut at a random step and continued by M at a temperature rising per line (the paper's
     Mistral schedule); two tries each, the first with a wrong final answer is the rejected answer."""
-    from apo_jax.data.generate import generate_with_model
-    from apo_jax.data.steps import SCDPO_TEMPERATURE, scdpo_pairs, scdpo_starts
-
     correct = {a["index"]: a for a in answers if task.is_correct(prompts[a["index"]], a["response"])}
-    correct = [correct.get(i, {"prompt": p["prompt"], "response": task.gold_answer(p), "index": i})
-               for i, p in enumerate(prompts)]  # fmt: skip
+    correct = [
+        correct.get(i, {"prompt": p["prompt"], "response": task.gold_answer(p), "index": i})
+        for i, p in enumerate(prompts)
+    ]
     starts = scdpo_starts(correct, random.Random(seed))
     out = cache / f"{name}.jsonl"
     rows = [{"prompt": s["prompt"], "prefix": s["prefix"], "start": j} for j, s in enumerate(starts)]
-    generate_with_model(rows, out, m_dir, samples=2, max_tokens=model.MAX_TOKENS, batch_size=64,
-                        progress=False, seed=seed, **SCDPO_TEMPERATURE)  # fmt: skip
+    generate_with_model(
+        rows,
+        out,
+        m_dir,
+        samples=2,
+        max_tokens=model.MAX_TOKENS,
+        batch_size=64,
+        progress=False,
+        seed=seed,
+        **SCDPO_TEMPERATURE,
+    )
     continuations = read_jsonl(out)
-    pairs = scdpo_pairs(starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text))
+    pairs = steps.scdpo_pairs(
+        starts, continuations, lambda st, text: task.is_correct(prompts[st["index"]], text)
+    )
     return [{k: p[k] for k in ("prompt", "prefix", "chosen", "rejected", "step", "ends_turn")} for p in pairs]
 
 
@@ -59,8 +78,9 @@ def _clair_steps(p, m0, m1, rng, keep_ties) -> list[dict]:
 
 def _anchor(p, m0, m1, rng, keep_ties) -> list[dict]:
     """apo_jax.data.anchor over M's two judged samples, the gold solution as anchor."""
-    pair = anchor_pair(p["prompt"], [m0, m1], [task.is_correct(p, m0), task.is_correct(p, m1)],
-                       anchor=task.gold_answer(p))  # fmt: skip
+    pair = anchor_pair(
+        p["prompt"], [m0, m1], [task.is_correct(p, m0), task.is_correct(p, m1)], anchor=task.gold_answer(p)
+    )
     return [pair] if pair is not None else []
 
 
@@ -88,10 +108,13 @@ def _off_policy_judge(p, m0, m1, rng, keep_ties) -> list[dict]:
 
 # data kind -> pairs of one prompt from M's two samples (m0, m1) and the stand-in models
 PAIR_BUILDERS = {
-    "clair": _clair, "clair_steps": _clair_steps, "anchor": _anchor,
-    "stronger_preferred": _stronger_preferred, "on_policy_judge": _on_policy_judge,
+    "clair": _clair,
+    "clair_steps": _clair_steps,
+    "anchor": _anchor,
+    "stronger_preferred": _stronger_preferred,
+    "on_policy_judge": _on_policy_judge,
     "off_policy_judge": _off_policy_judge,
-}  # fmt: skip
+}
 
 
 def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list[dict]:
@@ -100,25 +123,37 @@ def build_pairs(kind: str, prompts, answers, seed: int, keep_ties: bool) -> list
     by = {}
     for a in answers:
         by.setdefault(a["index"], {})[a["sample"]] = a["response"]
-    return [pair for i, p in enumerate(prompts)
-            for pair in build(p, by[i][0], by[i].get(1, by[i][0]), rng, keep_ties)]  # fmt: skip
+    return [
+        pair
+        for i, p in enumerate(prompts)
+        for pair in build(p, by[i][0], by[i].get(1, by[i][0]), rng, keep_ties)
+    ]
 
 
 def _probes(cache, workdir, kind, prompts, pairs_path, tok, seed) -> str:
     """Learning-dynamics probes (data.probes): 32 training pairs of this cell (its chosen and rejected
     answers), and for 32 training problems a rephrased right answer (the stronger model's style)
     against another model's answer: fixed responses whose log-probs are logged over training."""
-    from apo_jax.data.preprocess import preprocess
-
     rng = random.Random(seed + 11)
     train = read_jsonl(pairs_path)[:32]
-    rephrase = [{"prompt": p["prompt"], "chosen": task.stronger_answer(p),
-                 "rejected": task.other_model_answer(p, rng)} for p in prompts[:32]]  # fmt: skip
+    rephrase = [
+        {
+            "prompt": p["prompt"],
+            "chosen": task.stronger_answer(p),
+            "rejected": task.other_model_answer(p, rng),
+        }
+        for p in prompts[:32]
+    ]
     sets = {}
     for name, rows in (("train_pairs", train), ("rephrased", rephrase)):
         out = workdir / f"probe_{name}"
-        preprocess(str(write_jsonl(cache / f"probe_{kind}_{name}.jsonl", rows)), out, tok,
-                   max_length=PAIR_LENGTH, as_chat=True)  # fmt: skip
+        preprocess(
+            str(write_jsonl(cache / f"probe_{kind}_{name}.jsonl", rows)),
+            out,
+            tok,
+            max_length=PAIR_LENGTH,
+            as_chat=True,
+        )
         sets[name] = str(out)
     return ",".join(f"{k}={v}" for k, v in sets.items())
 
@@ -130,10 +165,6 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
     """Records with per-token weights for a token-weighted loss (apo_jax.data.token_weights):
     Mask-DPO's from the scorer's line labels; TIS-DPO's from two contrastive models, M trained briefly
     with DPO on the pairs (π⁺) and on the reversed pairs (π⁻); D²PO's decay."""
-    from apo_jax import train
-    from apo_jax.data.tfrecords import read_records, rewrite_records
-    from apo_jax.data.token_weights import add_weights
-
     name, workdir = config.loss.name, pathlib.Path(config.workdir)
     out = workdir / f"records_train_{name}"
     if name == "d2po":
@@ -190,8 +221,13 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
     if probes:  # learning dynamics: fixed responses' log-likelihood over training
         for name, color in zip(probes, ("tab:green", "tab:purple", "tab:orange"), strict=False):
             for side, style in (("chosen", "-"), ("rejected", "--")):
-                axes[2].plot(steps, [r[f"probe/{name}/logps/{side}"] for r in ev], style, color=color,
-                             label=f"{name}: {side}")  # fmt: skip
+                axes[2].plot(
+                    steps,
+                    [r[f"probe/{name}/logps/{side}"] for r in ev],
+                    style,
+                    color=color,
+                    label=f"{name}: {side}",
+                )
         axes[2].set_xlabel("step")
         axes[2].set_title("probes: log-likelihood")
         axes[2].legend(fontsize=7)
@@ -213,8 +249,6 @@ def _plot(workdir: pathlib.Path, title: str) -> list[str]:
 
 def _datasets(config, cache, m_dir, prompts, answers) -> tuple[dict, dict]:
     """Every kind of pairs from M's answers ({kind: pairs file}) and their contrastiveness."""
-    from apo_jax.data.clair.stats import ches_stats, pair_stats
-
     mini, kind = config.experiment, config.experiment.data
     keep_ties = config.loss.name == "todo"
     contrast, paths = {}, {}
@@ -240,9 +274,6 @@ def _row_length(tok, rows) -> int:
     templated prompt, any prefix, the longer answer and the end-of-turn token. Rows no longer than
     needed make the cheap cells (CLAIR's answers are M-sized) cheaper than the long ones (the
     stronger model's)."""
-    from apo_jax.data.generate import prompt_ids
-    from apo_jax.data.tokenize import chat_kwargs
-
     kwargs = chat_kwargs(tok)
     longest_prompt = max(len(prompt_ids(tok, {"prompt": p}, kwargs)) for p in {r["prompt"] for r in rows})
     answers = [r.get("prefix", "") + r[k] for r in rows for k in ("chosen", "rejected")]
@@ -252,8 +283,6 @@ def _row_length(tok, rows) -> int:
 
 def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> None:
     """The cell's training and held-out records (TFRecords), put in `config.data`."""
-    from apo_jax.data.preprocess import preprocess
-
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
@@ -266,41 +295,49 @@ def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> No
         eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, config.loss.name == "todo")
     length = _row_length(tok, read_jsonl(paths[kind]) + eval_pairs)
     preprocess(str(paths[kind]), train_dir, tok, max_length=length, as_chat=True, **ches)
-    preprocess(str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)), eval_dir, tok, max_length=length,
-               as_chat=True)  # fmt: skip
+    preprocess(
+        str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)),
+        eval_dir,
+        tok,
+        max_length=length,
+        as_chat=True,
+    )
     config.model.path, config.model.preset = str(m_dir), ""
     config.data.train, config.data.eval = str(train_dir), str(eval_dir)
 
 
 def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
     """The cell's method: preference training of M (or ProFS's edit); the result lands in `hf/`."""
-    from apo_jax import train
-
     mini, kind, workdir = config.experiment, config.experiment.data, pathlib.Path(config.workdir)
     if config.loss.name in TOKEN_WEIGHTED:
-        config.data.train = str(_token_weights(config, kind, pathlib.Path(config.data.train), paths[kind],
-                                               prompts, tok))  # fmt: skip
+        config.data.train = str(
+            _token_weights(config, kind, pathlib.Path(config.data.train), paths[kind], prompts, tok)
+        )
     config.data.probes = _probes(cache, workdir, kind, prompts, paths[kind], tok, mini.seed)
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
-        from apo_jax.train.edit import edit_checkpoint
-
         say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
-        edit_checkpoint(m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers,
-                        rank=mini.profs_rank)  # fmt: skip
+        edit_checkpoint(
+            m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers, rank=mini.profs_rank
+        )
         config.loss.name = "profs"
         return {"status": "edited"}
-    say(f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
-         f"(seed {config.train.seed})")  # fmt: skip
+    say(
+        f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
+        f"(seed {config.train.seed})"
+    )
     return train.run(config)
 
 
 def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
-    from apo_jax.data.clair.stats import table
-
     kind, loss, acc = summary["data"], summary["loss"], summary["accuracy"]
-    rows = (("M (before)", "before"), (f"after {kind} × {loss} (seed {summary['seed']})", "after"),
-            ("positive control: M + SFT on the CLAIR revisions of its training answers (the same steps)",
-             "control"))  # fmt: skip
+    rows = (
+        ("M (before)", "before"),
+        (f"after {kind} × {loss} (seed {summary['seed']})", "after"),
+        (
+            "positive control: M + SFT on the CLAIR revisions of its training answers (the same steps)",
+            "control",
+        ),
+    )
     gain = {m: acc["after"][m] - acc["before"][m] for m in ("greedy", "sampled")}
     se = {m: math.hypot(acc["after"][f"{m}_se"], acc["before"][f"{m}_se"]) for m in gain}
     md = [
@@ -312,14 +349,14 @@ def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
             f"| {label} | {acc[k]['greedy']:.3f} ± {acc[k]['greedy_se']:.3f} | "
             f"{acc[k]['sampled']:.3f} ± {acc[k]['sampled_se']:.3f} |"
             for label, k in rows
-        ),  # fmt: skip
+        ),
         "",
         "After − before: "
         + ", ".join(
             f"{gain[m]:+.3f} {m} ({gain[m] / se[m]:+.1f} standard errors)" if se[m] else f"{gain[m]:+.3f} {m}"
             for m in gain
         )
-        + ".",  # fmt: skip
+        + ".",
         "The positive control shows how far a training signal the pairs hold can move M in as many steps.\n",
         "## Contrastiveness (Jaccard: higher is more contrastive; Levenshtein: lower is)\n",
         "```\n" + table({k: v for k, v in contrast.items() if v}) + "\n```\n",
@@ -327,7 +364,7 @@ def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
             f"({k}: no pairs, M's two answers were always equally right or wrong)\n"
             for k, v in contrast.items()
             if v is None
-        ),  # fmt: skip
+        ),
         "## Final held-out metrics\n",
         "".join(f"- {k}: {v:.4f}\n" for k, v in summary["final_eval"].items() if k.startswith("eval/")),
         *(f"\n![Figure 4]({p})\n" for p in plots),
@@ -337,8 +374,6 @@ def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
 
 def run(config) -> dict:
     """The miniature for one grid cell (`config.experiment.data` × `config.loss.name`)."""
-    from apo_jax.data.clair.stats import table
-
     started = time.time()
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
@@ -348,8 +383,10 @@ def run(config) -> dict:
     say(f"task: chained one-digit arithmetic, one step per line; tokenizer with {len(tok)} tokens")
     m_dir = model.sft_model(m_cache, tok, mini, config)
     train_prompts, eval_prompts = model.problem_sets(mini)
-    say(f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
-        f"temperature {mini.temperature})")  # fmt: skip
+    say(
+        f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
+        f"temperature {mini.temperature})"
+    )
     answers = model.sample(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature)
     eval_answers = model.sample(cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature)
     paths, contrast = _datasets(config, cache, m_dir, train_prompts, answers)
@@ -357,22 +394,33 @@ def run(config) -> dict:
     _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
     control = model.positive_control(cache, m_dir, tok, train_prompts, answers, config)
     result = _align(config, cache, m_dir, paths, train_prompts, tok)
-    say(f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
-         f"{mini.temperature}) of M, the positive control and the aligned model")  # fmt: skip
+    say(
+        f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
+        f"{mini.temperature}) of M, the positive control and the aligned model"
+    )
     after_dir = workdir / "hf"
     tok.save_pretrained(after_dir)
     for f in ("acc_after", "acc_after_sampled"):
         (workdir / f"{f}.jsonl").unlink(missing_ok=True)
-    acc = {"before": model.evaluate(m_dir, eval_prompts, cache, "acc_before", mini),
-           "control": model.evaluate(control, eval_prompts, control.parent, "acc", mini),
-           "after": model.evaluate(after_dir, eval_prompts, workdir, "acc_after", mini)}  # fmt: skip
+    acc = {
+        "before": model.evaluate(m_dir, eval_prompts, cache, "acc_before", mini),
+        "control": model.evaluate(control, eval_prompts, control.parent, "acc", mini),
+        "after": model.evaluate(after_dir, eval_prompts, workdir, "acc_after", mini),
+    }
     metrics = workdir / "metrics.jsonl"
     plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
     rows = read_jsonl(metrics) if metrics.exists() else []
     final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
-    summary = {"data": kind, "loss": config.loss.name, "seed": config.train.seed, "accuracy": acc,
-               "contrastiveness": contrast, "final_eval": final_eval,
-               "seconds": round(time.time() - started, 1), "status": result["status"]}  # fmt: skip
+    summary = {
+        "data": kind,
+        "loss": config.loss.name,
+        "seed": config.train.seed,
+        "accuracy": acc,
+        "contrastiveness": contrast,
+        "final_eval": final_eval,
+        "seconds": round(time.time() - started, 1),
+        "status": result["status"],
+    }
     (workdir / "results.json").write_text(json.dumps(summary, indent=2))
     (workdir / "results.md").write_text(_results_md(summary, contrast, len(eval_prompts), mini, plots))
     b, a, c = acc["before"], acc["after"], acc["control"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from apo_jax.testing import ChatServer
 from experiments.mini import task
 
 _PROMPT = re.compile(r"Compute ([-+ 0-9]+)\.")
@@ -32,6 +33,4 @@ def reply(content: str) -> str:
 
 def server():
     """`with server() as s:` the reviser and the judge at `s.url` until the block ends."""
-    from apo_jax.testing import ChatServer
-
     return ChatServer(lambda body: reply(body["messages"][-1]["content"]))

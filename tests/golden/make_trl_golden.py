@@ -239,9 +239,22 @@ def orpo_case(seed, beta=0.1):
 def main():
     torch.set_default_dtype(torch.float64)
     dpo_types = [
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
-    ]  # fmt: skip
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    ]
     cases = []
     seed = 0
     for loss_type in dpo_types:

@@ -27,9 +27,11 @@ import sys
 
 from apo_jax import cli
 from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
+from apo_jax.data.clair import baselines
 from apo_jax.data.clair import stats as stats_lib
 from apo_jax.data.clair.revise import revise
 from apo_jax.data.jsonl import read_jsonl
+from apo_jax.models import load_tokenizer
 
 
 def _pairs(path):
@@ -43,27 +45,34 @@ def _pairs(path):
 
 
 def _client_args(parser) -> None:
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="the environment variable that holds the API key")  # fmt: skip
+    parser.add_argument(
+        "--api-key-env", default="OPENAI_API_KEY", help="the environment variable that holds the API key"
+    )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument(
-        "--max-consecutive-failures", type=int, default=3,
+        "--max-consecutive-failures",
+        type=int,
+        default=3,
         help="stop the job after this many consecutive requests find the endpoint unreachable (or "
-             "answering 404), or rows use up their retries; a rejected key (401/403) stops at once",
-    )  # fmt: skip
+        "answering 404), or rows use up their retries; a rejected key (401/403) stops at once",
+    )
 
 
 def _config(args, **kw) -> ClientConfig:
     for name in ("concurrency", "max_consecutive_failures"):
         if getattr(args, name) < 1:
             raise cli.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    return ClientConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                        concurrency=args.concurrency, max_consecutive_failures=args.max_consecutive_failures,
-                        **kw)  # fmt: skip
+    return ClientConfig(
+        base_url=args.base_url,
+        model=args.model,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        max_consecutive_failures=args.max_consecutive_failures,
+        **kw,
+    )
 
 
-@cli.command
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m apo_jax.data.clair")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("revise", help="minimal revisions of the model's answers by a reviser LLM")
@@ -99,39 +108,45 @@ def main(argv=None) -> int:
     s.add_argument("--json", default=None, help="also write the results here")
     s.add_argument("--model", default=None, help="a Hugging Face Llama: also report CHES under it")
     s.add_argument("--as-chat", action="store_true", help="with --model: frame string pairs as chat turns")
-    args = p.parse_args(argv)
-    if args.command == "revise":
-        if args.max_retries < 0:
-            raise cli.UserError(f"--max-retries must be at least 0, got {args.max_retries}")
-        cfg = _config(args, max_retries=args.max_retries, timeout=args.timeout)
-        try:
-            summary = revise(args.input, args.output, cfg, max_tokens=args.max_tokens,
-                             temperature=args.temperature, limit=args.limit)  # fmt: skip
-        except CircuitOpen as e:
-            if e.summary is not None:
-                print(json.dumps(e.summary))
-            raise
-        print(json.dumps(summary))
-        return 0 if summary["failed"] == 0 else 1
-    if args.command in ("judge", "stronger", "off-policy"):
-        from apo_jax.data.clair import baselines
+    return p
 
-        if args.command == "judge":
-            cfg = _config(args)
-            resolve_api_key(cfg)  # no key for a remote endpoint: refused before reading the answers
-            summary = baselines.on_policy_judge(args.input, args.output, cfg)
-        elif args.command == "stronger":
-            summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
-        else:
-            summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
-        print(json.dumps(summary))
-        return 0 if not summary.get("failed") else 1
-    tokenize = str.split
-    if args.tokenizer:
-        from apo_jax.models import load_tokenizer
 
-        tok = load_tokenizer(args.tokenizer)
-        tokenize = tok.encode
+def _revise(args) -> int:
+    if args.max_retries < 0:
+        raise cli.UserError(f"--max-retries must be at least 0, got {args.max_retries}")
+    cfg = _config(args, max_retries=args.max_retries, timeout=args.timeout)
+    try:
+        summary = revise(
+            args.input,
+            args.output,
+            cfg,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            limit=args.limit,
+        )
+    except CircuitOpen as e:
+        if e.summary is not None:
+            print(json.dumps(e.summary))
+        raise
+    print(json.dumps(summary))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _baseline(args) -> int:
+    if args.command == "judge":
+        cfg = _config(args)
+        resolve_api_key(cfg)  # no key for a remote endpoint: refused before reading the answers
+        summary = baselines.on_policy_judge(args.input, args.output, cfg)
+    elif args.command == "stronger":
+        summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
+    else:
+        summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
+    print(json.dumps(summary))
+    return 0 if not summary.get("failed") else 1
+
+
+def _stats(args) -> int:
+    tokenize = load_tokenizer(args.tokenizer).encode if args.tokenizer else str.split
     results = {pathlib.Path(path).stem: stats_lib.pair_stats(_pairs(path), tokenize) for path in args.input}
     if args.model:
         for path in args.input:
@@ -141,6 +156,16 @@ def main(argv=None) -> int:
     if args.json:
         pathlib.Path(args.json).write_text(stats_lib.to_json(results) + "\n")
     return 0
+
+
+@cli.command
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "revise":
+        return _revise(args)
+    if args.command in ("judge", "stronger", "off-policy"):
+        return _baseline(args)
+    return _stats(args)
 
 
 if __name__ == "__main__":

@@ -109,12 +109,24 @@ def on_policy_judge(answers_path, output, cfg: ClientConfig, *, client=None, pro
             failures.append({"id": rid, "prompt": p, "reason": f"unreadable verdict: {e}"})
             continue
         chosen, rejected = (b, a) if verdict == "B" else (a, b)
-        pairs.append({"prompt": p, "chosen": chosen["response"], "rejected": rejected["response"],
-                      "is_tie": verdict == "tie", "judge": cfg.model, "verdict": verdict})  # fmt: skip
+        pairs.append(
+            {
+                "prompt": p,
+                "chosen": chosen["response"],
+                "rejected": rejected["response"],
+                "is_tie": verdict == "tie",
+                "judge": cfg.model,
+                "verdict": verdict,
+            }
+        )
     write_jsonl(output, pairs)
     write_jsonl(output.with_name(output.name + ".failures.jsonl"), failures)
-    return {"prompts": len(items), "pairs": len(pairs), "ties": sum(p["is_tie"] for p in pairs),
-            "failed": len(failures)}  # fmt: skip
+    return {
+        "prompts": len(items),
+        "pairs": len(pairs),
+        "ties": sum(p["is_tie"] for p in pairs),
+        "failed": len(failures),
+    }
 
 
 def off_policy_judge(ultrafeedback_path, output, *, seed: int = 0) -> dict:
@@ -139,8 +151,15 @@ def off_policy_judge(ultrafeedback_path, output, *, seed: int = 0) -> dict:
             skipped += 1
             continue
         worse = rng.choice(lower)
-        pairs.append({"prompt": prompt, "chosen": best["response"], "rejected": worse["response"],
-                      "chosen_model": best.get("model"), "rejected_model": worse.get("model"),
-                      "source_index": index})  # fmt: skip
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": best["response"],
+                "rejected": worse["response"],
+                "chosen_model": best.get("model"),
+                "rejected_model": worse.get("model"),
+                "source_index": index,
+            }
+        )
     write_jsonl(output, pairs)
     return {"pairs": len(pairs), "skipped": skipped}

@@ -55,8 +55,17 @@ def _paths(output) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
     )
 
 
-def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, temperature: float = 0.7,
-           limit: int | None = None, client=None, progress: bool = True) -> dict:  # fmt: skip
+def revise(
+    input_path,
+    output,
+    cfg: ClientConfig,
+    *,
+    max_tokens: int = 4096,
+    temperature: float = 0.7,
+    limit: int | None = None,
+    client=None,
+    progress: bool = True,
+) -> dict:
     """Runs (or resumes) the revision job and rewrites the pairs and failures files; returns a summary.
     Raises `client.CircuitOpen` (its `summary` set) after writing them if the job was stopped, and
     `cli.UserError` before reading anything if there is no API key for a remote endpoint."""
@@ -94,10 +103,17 @@ def revise(input_path, output, cfg: ClientConfig, *, max_tokens: int = 4096, tem
             continue
         answer = row.get("response", row.get("rejected"))
         carried = {k: v for k, v in row.items() if k not in ("prompt", "response", "rejected", "chosen")}
-        pairs.append({
-            "prompt": row["prompt"], "chosen": revision, "rejected": answer, "reviser_reasoning": reasoning,
-            "reviser_model": response.get("model", cfg.model), "usage": response.get("usage"), **carried,
-        })  # fmt: skip
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": revision,
+                "rejected": answer,
+                "reviser_reasoning": reasoning,
+                "reviser_model": response.get("model", cfg.model),
+                "usage": response.get("usage"),
+                **carried,
+            }
+        )
     write_jsonl(out_path, pairs)
     write_jsonl(fail_path, failures)
     usage = [p["usage"] or {} for p in pairs]

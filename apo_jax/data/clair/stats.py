@@ -12,7 +12,12 @@ from __future__ import annotations
 import json
 import statistics
 
+import numpy as np
 from rapidfuzz.distance import Levenshtein
+
+from apo_jax.data import formats, tokenize
+from apo_jax.data.ches import ches_all
+from apo_jax.models import load_tokenizer
 
 
 def jaccard(a, b) -> float:
@@ -57,12 +62,6 @@ def pair_stats(pairs, tokenize=str.split) -> dict:
 
 def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
     """Median CHES (apo_jax.data.ches) of the pairs under a model, summed and length-normalized."""
-    import numpy as np
-
-    from apo_jax.data import formats, tokenize
-    from apo_jax.data.ches import ches_all
-    from apo_jax.models import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     records = []
     for i, (chosen, rejected, prompt) in enumerate(pairs):
@@ -76,8 +75,17 @@ def ches_stats(model_dir, pairs, *, as_chat: bool = False) -> dict:
     }
 
 
-COLUMNS = ["pairs", "jaccard_mean", "jaccard_median", "levenshtein_mean", "levenshtein_median",
-           "chosen_tokens_mean", "rejected_tokens_mean", "ches_median", "ches_norm_median"]  # fmt: skip
+COLUMNS = [
+    "pairs",
+    "jaccard_mean",
+    "jaccard_median",
+    "levenshtein_mean",
+    "levenshtein_median",
+    "chosen_tokens_mean",
+    "rejected_tokens_mean",
+    "ches_median",
+    "ches_norm_median",
+]
 
 
 def table(results: dict[str, dict]) -> str:
