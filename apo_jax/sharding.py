@@ -3,13 +3,22 @@
 Parameters and activations carry logical axis names (`embed`, `heads`, `batch`, ...) where they
 are defined; `RULES` maps them onto the mesh axes `data`, `fsdp` and `tensor`. A strategy is a
 whole table: pass another one to `rules=` rather than patching a rule.
+
+Parameters are placed by `param_shardings`. Activations are pinned by `constrain` inside the model,
+which acts only while a function is traced under `activation_rules(mesh)`: wrap every function
+that runs the model with `on_mesh(fn, mesh)` before `jax.jit`, so the constraints take effect
+whenever it is traced (big_vision and MaxText trace their steps inside the mesh and rules context).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
+import functools
 import itertools
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -105,9 +114,59 @@ def shard_params(params, shardings):
     return jax.device_put(params, shardings)
 
 
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("apo_jax_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh | None, rules=RULES):
+    """Within it, `constrain` pins activations to `mesh` by `rules` (nothing with `mesh=None`)."""
+    token = _ACTIVE.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def on_mesh(fn: Callable, mesh: Mesh | None, rules=RULES) -> Callable:
+    """`fn` traced inside `activation_rules(mesh, rules)`: wrap a function before `jax.jit` so that
+    the model's activation constraints take effect on every trace of it."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with activation_rules(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the first array of `tree` is placed on (None for unplaced or single-device arrays)."""
+    for leaf in jax.tree.leaves(tree):
+        placed = getattr(leaf, "sharding", None)
+        if isinstance(placed, NamedSharding) and isinstance(placed.mesh, Mesh):
+            return placed.mesh
+    return None
+
+
 def constrain(x, logical_axes: Sequence[str | None]):
-    """Pins an activation's sharding by logical names (a no-op outside a mesh context)."""
-    return nn.with_logical_constraint(x, tuple(logical_axes))
+    """Pins an activation's sharding by logical names on the mesh of the enclosing
+    `activation_rules` (a no-op outside one). A dimension its mesh axes do not divide (a batch of
+    one row while sampling, say) is left to the compiler."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = _fit(nn.logical_to_mesh_axes(tuple(logical_axes), rules), mesh)
+
+    def size(axes):
+        return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+    spec = PartitionSpec(
+        *(a if a is None or n % size(a) == 0 else None for a, n in zip(spec, x.shape, strict=True))
+    )
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -131,8 +190,3 @@ def prefetch_to_mesh(batches, mesh: Mesh, size: int = 2):
         yield queue.popleft()
         for host_batch in itertools.islice(batches, 1):
             queue.append(to_global(host_batch, mesh))
-
-
-def rules_context(rules=RULES):
-    """`with rules_context():` makes `constrain` resolve logical names with `rules`."""
-    return nn.logical_axis_rules(rules)

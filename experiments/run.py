@@ -8,8 +8,9 @@ default (e.g. `--config=clair_tdpo --config.loss.alpha=0.3 --config.loss.tdpo2=f
 NAME is `experiments/configs/NAME.py` when that file exists, otherwise a grid cell
 `<data>_<loss>` built by experiments/configs/grid.py (e.g. `clair_apo_zero`, `on_policy_judge_todo`);
 a path to a config file works too. VARIANT: the default CPU miniature (`mini`), `tiny` (CI-sized)
-or `paper`. Multi-host CPU/GPU runs pass `--coordinator_address`, `--num_processes` and
-`--process_id` (TPU pods find them alone).
+or `paper`. Multi-host runs pass `--coordinator_address`, `--num_processes` and `--process_id`, or
+`--distributed` where JAX finds them itself (Cloud TPU VM slices, SLURM); `python -m
+experiments.launch` starts the same command on every worker (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-process)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-process)")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-host, with the coordinator found by JAX (Cloud TPU VM slices, SLURM)"
+)
 _PRECOMPUTE = flags.DEFINE_string(
     "precompute_reference", None, "write records with reference log-probs here, then exit"
 )
@@ -126,13 +130,10 @@ def main(argv):
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
 
-    if _COORDINATOR.value:
-        if (
-            jax.devices()[0].platform == "cpu"
-            if not jax.config.jax_platforms
-            else "cpu" in jax.config.jax_platforms
-        ):
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if _COORDINATOR.value or _DISTRIBUTED.value:
+        # Before anything touches a backend (jax.devices() would): initialize() must come first.
+        # gloo carries the CPU backend's cross-process collectives; accelerators ignore the setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value,
             num_processes=_NUM_PROCESSES.value,

@@ -376,8 +376,8 @@ def test_sharded_logits_equal_single_device(tiny_checkpoints):
     ids, mask = _padded_batch(6)
     batch = jax.sharding.NamedSharding(mesh, sharding.logical_sharding(mesh, ("batch", "length")).spec)
     ids_s, mask_s = jax.device_put(ids, batch), jax.device_put(mask, batch)
-    with sharding.rules_context():
-        got = jax.jit(lambda p, i, m: models.logits(model, p, i, m))(sharded, ids_s, mask_s)
+    logits = sharding.on_mesh(lambda p, i, m: models.logits(model, p, i, m), mesh)
+    got = jax.jit(logits)(sharded, ids_s, mask_s)
     expected = models.logits(model, params, ids, mask)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 

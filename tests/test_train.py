@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from conftest import first_step
 
-from apo_jax import models, testing, train
+from apo_jax import models, sharding, testing, train
 from apo_jax.data.tfrecords import read_records, write_shards
 from apo_jax.train.config import ConfigError
 
@@ -79,6 +79,14 @@ def test_config_errors_name_the_key(tmp_path, records):
     cfg = make_config(tmp_path, records, train__batch_size=12, mesh__data=8)
     with pytest.raises(ConfigError, match="not divisible by mesh.data × mesh.fsdp = 8"):
         train.run(cfg)
+    packed = {"data__layout": "packed", "data__packed_rows": 12, "train__grad_accum": 2, "mesh__data": 4}
+    with pytest.raises(
+        ConfigError, match="gives 6 rows per micro-batch, not divisible by mesh.data × mesh.fsdp = 4"
+    ):
+        train.run(make_config(tmp_path, records, **packed))
+    cfg = make_config(tmp_path, records, data__layout="packed", data__packed_rows=5, train__grad_accum=2)
+    with pytest.raises(ConfigError, match="data.packed_rows=5 does not split into train.grad_accum=2"):
+        train.validate(cfg)
     cfg = make_config(tmp_path, records, loss__name="todo")
     with pytest.raises(ConfigError, match="needs the batch field 'is_tie'"):
         train.run(cfg)
@@ -130,6 +138,11 @@ def test_token_ids_beyond_the_models_vocabulary_stop_the_run_before_it_compiles(
 # --- the step on one and on many devices -------------------------------------------------------
 
 
+def _placed(tree) -> list:
+    """(shape, partition spec) of every array of `tree` but scalars (the optimizer's step counters)."""
+    return sorted((x.shape, str(x.sharding.spec)) for x in jax.tree.leaves(tree) if x.ndim)
+
+
 def test_same_losses_on_one_and_eight_devices(tmp_path, records, monkeypatch):
     meshes = {"one": (1, 1, 1), "data8": (8, 1, 1), "data2_fsdp4": (2, 4, 1), "fsdp4_tensor2": (1, 4, 2)}
     runs = {}
@@ -137,8 +150,10 @@ def test_same_losses_on_one_and_eight_devices(tmp_path, records, monkeypatch):
     for name, (d, f, t) in meshes.items():
         workdir = pathlib.Path(name) if name == "one" else tmp_path / name
         cfg = make_config(workdir, records, train__steps=20, mesh__data=d, mesh__fsdp=f, mesh__tensor=t)
-        train.run(cfg)
+        state = train.run(cfg)["state"]
         runs[name] = losses_of(tmp_path / name)
+        if f * t > 1:  # AdamW's two moments are split like their parameters, not copied to every device
+            assert _placed(state.opt_state) == sorted(_placed(state.params) * 2), name
     for name, values in runs.items():
         np.testing.assert_allclose(values, runs["one"], atol=1e-5, err_msg=name)
     assert runs["one"][-1] < runs["one"][0]
@@ -193,20 +208,25 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
 
 
 def test_layouts_and_accumulation_give_the_padded_losses(tmp_path, records):
+    """Per-example losses: micro-batch means average to the batch mean, so every layout, with or
+    without gradient accumulation (one lax.scan over micro-batches k::A), gives the same losses and
+    parameters as the padded step on the whole batch."""
     base = {"train__steps": 4, "mesh__data": 8}  # rows split over 8 devices
-    train.run(make_config(tmp_path / "padded", records, **base))
-    expected = losses_of(tmp_path / "padded")
+    expected = train.run(make_config(tmp_path / "padded", records, **base))["state"].params
+    packed = {"data__layout": "packed", "data__length": 64, "data__packed_rows": 16}
+    shared = {"data__layout": "prompt_shared", "data__length": 128}
     variants = {
-        "packed": {"data__layout": "packed", "data__length": 64, "data__packed_rows": 16},
-        "prompt_shared": {"data__layout": "prompt_shared", "data__length": 128},
-        "accum2": {
-            "train__grad_accum": 2,
-            "mesh__data": 4,
-        },  # per-example loss: micro-batch means average to the batch mean
+        "packed": packed,
+        "prompt_shared": shared,
+        "accum2": {"train__grad_accum": 2, "mesh__data": 4},
+        "packed_accum4": packed | {"train__grad_accum": 4, "mesh__data": 2},
+        "prompt_shared_accum2": shared | {"train__grad_accum": 2, "mesh__data": 4},
     }
     for name, overrides in variants.items():
-        train.run(make_config(tmp_path / name, records, **(base | overrides)))
-        np.testing.assert_allclose(losses_of(tmp_path / name), expected, atol=1e-5, err_msg=name)
+        params = train.run(make_config(tmp_path / name, records, **(base | overrides)))["state"].params
+        np.testing.assert_allclose(losses_of(tmp_path / name), losses_of(tmp_path / "padded"), atol=1e-5)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=name)
 
 
 # --- the reference -----------------------------------------------------------------------------
@@ -255,7 +275,9 @@ def test_tr_dpo_sync_mixes_the_policy_into_the_reference(tmp_path, records):
     )
 
 
-def _dot_count(cfg):
+def _lowered_step(cfg, mesh=None, context=True) -> str:
+    """The train step of `cfg` lowered to StableHLO text, on `mesh` as train.run places it (traced
+    inside the mesh's activation rules unless `context` is False)."""
     from apo_jax.data.reader import PreferenceReader
     from apo_jax.train import config as config_lib
     from apo_jax.train.state import build_model, create_state, make_optimizer
@@ -263,14 +285,36 @@ def _dot_count(cfg):
 
     loss = config_lib.build_loss(cfg)
     reader = PreferenceReader(cfg.data.train, global_batch_size=8, process_index=0, process_count=1)
-    model, params = build_model(cfg, None)
+    model, params = build_model(cfg, mesh)
     tx, lr = make_optimizer(cfg.optimizer, 5)
     reference = cfg.reference.mode if loss.uses_reference else "none"
     ref = params if reference == "frozen" else None
     state = create_state(params, tx, seed=0, ref_params=ref)
-    step_cfg = StepConfig(reference=reference)
-    text = jax.jit(make_train_step(model, loss, tx, lr, step_cfg)).lower(state, next(reader)).as_text()
-    return text.count("stablehlo.dot_general")
+    batch = next(reader) if mesh is None else sharding.to_global(next(reader), mesh)
+    step = make_train_step(model, loss, tx, lr, StepConfig(reference=reference))
+    step = sharding.on_mesh(step, mesh) if context else step
+    return jax.jit(step).lower(state, batch).as_text()
+
+
+def _dot_count(cfg):
+    return _lowered_step(cfg).count("stablehlo.dot_general")
+
+
+def test_activations_carry_the_rule_table_shardings(tmp_path, records):
+    """On a (data 1, fsdp 4, tensor 2) mesh the lowered step pins the model's activations as the
+    rules table says: rows over fsdp (data has size 1), attention heads and the MLP over tensor.
+    Without the mesh context the same step carries none (what `with_logical_constraint` alone did)."""
+    cfg = make_config(tmp_path / "run", records)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    text = _lowered_step(cfg, mesh)
+    pinned = re.findall(r"sdy.sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<(\S+)>", text)
+    specs = {spec for spec, _ in pinned}
+    heads = '[{"fsdp"}, {}, {"tensor"}, {}]'  # q [B, T, N, H]: 8 pairs' 16 rows, 4 heads of 16
+    assert any(spec == heads and re.fullmatch(r"16x\d+x4x16xf32", shape) for spec, shape in pinned), pinned
+    assert '[{"fsdp"}, {}, {"tensor"}]' in specs  # the MLP's [B, T, F]
+    assert '[{"fsdp"}, {}, {}]' in specs  # the residual stream [B, T, D]
+    assert len(pinned) == 12  # 3 per layer, 2 layers, policy and reference
+    assert "sdy.sharding_constraint" not in _lowered_step(cfg, mesh, context=False)
 
 
 # --- robustness ----------------------------------------------------------------------------------
@@ -469,31 +513,40 @@ def test_kill_and_resume_is_bit_exact(tmp_path, records):
 
 
 def test_two_processes_equal_one(tmp_path, records):
-    one = make_config(tmp_path / "one", records, train__steps=5, mesh__data=8)
-    train.run(one)
+    """Launched through the CLI flags as a user does (no JAX_PLATFORMS, so nothing may touch the
+    backend before jax.distributed starts), two processes of 4 devices give the losses of one of 8.
+    SIGTERM to one of them stops both at the same step (the checkpoint is collective); the same
+    command again resumes them and they finish with the same losses."""
+    steps = 12
+    train.run(make_config(tmp_path / "one", records, train__steps=steps, mesh__data=8))
     port = 20000 + int(np.random.default_rng().integers(0, 20000))
     run = {
         "data.train": str(records),
         "loss.name": "apo_zero",
         "optimizer.lr": 1e-3,
         "optimizer.schedule": "constant",
-        "train.steps": 5,
+        "train.steps": steps,
         "train.batch_size": 8,
+        "train.checkpoint_every": 2,
         "workdir": str(tmp_path / "two"),
     }
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    procs = [
-        _spawn(
-            run,
-            tmp_path,
-            f"p{i}",
-            env=env,
-            extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
-        )
-        for i in range(2)
-    ]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": ""}
+
+    def launch():
+        flags = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2")
+        return [
+            _spawn(run, tmp_path, f"p{i}", env=env, extra=(*flags, f"--process_id={i}")) for i in range(2)
+        ]
+
+    procs = launch()
+    _wait_for_step(tmp_path / "two", 3, procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # one worker preempted: both must stop
     outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    assert all(p.returncode == 0 for p in procs) and '"status": "preempted"' in outs[0], outs
+    assert len(losses_of(tmp_path / "two")) < steps
+    procs = launch()
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs) and '"status": "done"' in outs[0], outs
     np.testing.assert_allclose(losses_of(tmp_path / "two"), losses_of(tmp_path / "one"), atol=1e-5)
 
 

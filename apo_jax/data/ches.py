@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import models
+from apo_jax import models, sharding
 from apo_jax.data import layouts
 
 
@@ -53,7 +53,7 @@ def ches_all(model_dir, records, *, batch_size: int = 8) -> dict[str, np.ndarray
     """{"ches", "ches_norm"}: [N] scores of tokenized records (prompt_ids, chosen_ids, rejected_ids)
     under a Hugging Face Llama, both from one pass."""
     model, params = models.from_hf(model_dir)
-    score = jax.jit(lambda p, b: ches(model, p, b))
+    score = jax.jit(sharding.on_mesh(lambda p, b: ches(model, p, b), sharding.mesh_of(params)))
     out = {"ches": [], "ches_norm": []}
     # lengths rounded to 16: a few shapes, a few compilations
     for batch, n in layouts.padded_batches(records, batch_size, multiple=16):

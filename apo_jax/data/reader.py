@@ -36,6 +36,9 @@ class PreferenceReader:
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       pad_id: the id written into padding (masked out everywhere).
       packed_rows: rows per packed batch (default 2·G/P).
+      grad_accum: A, micro-batches per global batch: micro-batch k is rows k::A (the train step's
+        split). Packed and prompt-shared rows are built per micro-batch and interleaved, so each
+        micro-batch's rows hold its own pairs whole.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class PreferenceReader:
         process_count: int | None = None,
         pad_id: int = 0,
         packed_rows: int | None = None,
+        grad_accum: int = 1,
     ):
         if isinstance(data_dir, str | pathlib.Path):
             self.records, self.metadata = read_records(data_dir)
@@ -75,7 +79,15 @@ class PreferenceReader:
         self.length = length or self.metadata.get("max_length")
         if self.length is None:
             raise ValueError("give the row length (no preprocessing max_length to default to)")
+        if (global_batch_size // process_count) % grad_accum:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} over {process_count} processes does not split into "
+                f"{grad_accum} micro-batches"
+            )
+        if packed_rows and packed_rows % grad_accum:
+            raise ValueError(f"packed_rows={packed_rows} does not split into {grad_accum} micro-batches")
         self.p, self.P, self.pad_id, self.packed_rows = process_index, process_count, pad_id, packed_rows
+        self.A = grad_accum
         self.state = ReaderState()
 
     @property
@@ -96,7 +108,18 @@ class PreferenceReader:
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
         """This process's part of global batch (epoch, step), in the layout."""
         records = [self.records[i] for i in self.local_indices(epoch, step)]
-        out = layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=self.packed_rows)
+        if self.layout == "padded" or self.A == 1:
+            return self._build(records, self.packed_rows)
+        rows = self.packed_rows // self.A if self.packed_rows else None
+        parts = [self._build(records[k :: self.A], rows) for k in range(self.A)]
+        # element j·A + k is micro-batch k's element j: the step's rows k::A give micro-batch k back
+        return {
+            key: np.stack([p[key] for p in parts], 1).reshape(-1, *parts[0][key].shape[1:])
+            for key in parts[0]
+        }
+
+    def _build(self, records, rows) -> dict[str, np.ndarray]:
+        out = layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=rows)
         for key in ("chosen_index", "rejected_index"):  # rows of this process's slice -> global rows
             if key in out:
                 out[key][:, 0] += self.p * out["input_ids"].shape[0]

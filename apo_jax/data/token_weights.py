@@ -41,7 +41,7 @@ import sys
 import jax
 import numpy as np
 
-from apo_jax import cli, losses, models, outputs
+from apo_jax import cli, losses, models, outputs, sharding
 from apo_jax.data import layouts
 from apo_jax.data.jsonl import read_jsonl
 from apo_jax.data.tfrecords import read_records, rewrite_records
@@ -163,11 +163,11 @@ def mask_weights(ids, labels, text: str, tokenizer, *, chosen: bool, split: str,
 def answer_token_logps(model_dir, records, batch_size: int = 8, sides=("chosen", "rejected")):
     """{side: per record, its answer tokens' log-probs} under a Hugging Face Llama, for each of `sides`."""
     model, params = models.from_hf(model_dir)
-    score = jax.jit(
-        lambda p, ids, attn, mask: models.token_logps(model, p, ids, attn, mask, with_entropy=False)[
-            "token_logps"
-        ]
-    )
+
+    def token_logps(p, ids, attn, mask):
+        return models.token_logps(model, p, ids, attn, mask, with_entropy=False)["token_logps"]
+
+    score = jax.jit(sharding.on_mesh(token_logps, sharding.mesh_of(params)))
     out = {side: [] for side in sides}
     for batch, n in layouts.padded_batches(records, batch_size, multiple=16):
         for side in out:

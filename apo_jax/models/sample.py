@@ -23,6 +23,7 @@ from apo_jax.models.llama import (
     rms_norm,
     rope_inv_freq,
 )
+from apo_jax.sharding import activation_rules, mesh_of
 
 
 def _forward(config: LlamaConfig, params, ids, positions, caches, start, kv_valid):
@@ -63,7 +64,7 @@ def _sample(logits, rng, temperature, top_p, top_k, greedy):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "eos_ids", "greedy", "pad_id")
+    jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "eos_ids", "greedy", "pad_id", "mesh")
 )
 def _generate(
     config,
@@ -83,58 +84,62 @@ def _generate(
     eos_ids,
     greedy,
     pad_id,
+    mesh,
 ):
-    """`all_params`: one params pytree per model; the logits sampled from are Σ_m mix[:, m]·logits_m."""
-    B, P = prompt_ids.shape
-    S = P + max_new_tokens
-    L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.H
-    dt = DTYPES[config.dtype]
-    mask = prompt_mask.astype(bool)
-    kv_valid = jnp.concatenate([mask, jnp.zeros((B, max_new_tokens), bool)], axis=1)
-    positions = default_positions(mask.astype(jnp.int32))
-    weights = [output_weight(config, p).astype(jnp.float32) for p in all_params]
+    """`all_params`: one params pytree per model; the logits sampled from are Σ_m mix[:, m]·logits_m.
+    Activations are pinned by the rules table on `mesh`, the mesh the parameters live on."""
+    with activation_rules(mesh):
+        B, P = prompt_ids.shape
+        S = P + max_new_tokens
+        L, K, H = config.num_hidden_layers, config.num_key_value_heads, config.H
+        dt = DTYPES[config.dtype]
+        mask = prompt_mask.astype(bool)
+        kv_valid = jnp.concatenate([mask, jnp.zeros((B, max_new_tokens), bool)], axis=1)
+        positions = default_positions(mask.astype(jnp.int32))
+        weights = [output_weight(config, p).astype(jnp.float32) for p in all_params]
 
-    def mixed_logits(hs):
-        return sum(
-            mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
-            for m, (h, w) in enumerate(zip(hs, weights, strict=True))
-        )
+        def mixed_logits(hs):
+            return sum(
+                mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
+                for m, (h, w) in enumerate(zip(hs, weights, strict=True))
+            )
 
-    def forward_all(ids, pos, caches, start, kv_valid):
-        outs = [
-            _forward(config, p, ids, pos, c, start, kv_valid) for p, c in zip(all_params, caches, strict=True)
-        ]
-        return [h for h, _ in outs], tuple(c for _, c in outs)
+        def forward_all(ids, pos, caches, start, kv_valid):
+            outs = [
+                _forward(config, p, ids, pos, c, start, kv_valid)
+                for p, c in zip(all_params, caches, strict=True)
+            ]
+            return [h for h, _ in outs], tuple(c for _, c in outs)
 
-    empty = tuple((jnp.zeros((L, B, S, K, H), dt), jnp.zeros((L, B, S, K, H), dt)) for _ in all_params)
-    hs, caches = forward_all(prompt_ids, positions, empty, 0, kv_valid)
-    next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # [B]
-    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+        empty = tuple((jnp.zeros((L, B, S, K, H), dt), jnp.zeros((L, B, S, K, H), dt)) for _ in all_params)
+        hs, caches = forward_all(prompt_ids, positions, empty, 0, kv_valid)
+        next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)  # [B]
+        eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def cond(state):
-        i, _, done, *_ = state
-        return (i < max_new_tokens) & ~jnp.all(done)
+        def cond(state):
+            i, _, done, *_ = state
+            return (i < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
-        i, tokens, done, caches, kv_valid, logits, rng, steps = state
-        rng, key = jax.random.split(rng)
-        temp = jnp.minimum(temperature + temperature_step * steps, temperature_max)  # [B]
-        tok = _sample(logits, key, temp, top_p, top_k, greedy)
-        tok = jnp.where(done, pad_id, tok)
-        steps = steps + step_end[tok]
-        tokens = tokens.at[:, i].set(tok)
-        done = done | jnp.isin(tok, eos)
-        kv_valid = kv_valid.at[:, P + i].set(True)
-        hs, caches = forward_all(tok[:, None], (next_pos + i)[:, None], caches, P + i, kv_valid)
-        return i + 1, tokens, done, caches, kv_valid, mixed_logits(hs), rng, steps
+        def body(state):
+            i, tokens, done, caches, kv_valid, logits, rng, steps = state
+            rng, key = jax.random.split(rng)
+            temp = jnp.minimum(temperature + temperature_step * steps, temperature_max)  # [B]
+            tok = _sample(logits, key, temp, top_p, top_k, greedy)
+            tok = jnp.where(done, pad_id, tok)
+            steps = steps + step_end[tok]
+            tokens = tokens.at[:, i].set(tok)
+            done = done | jnp.isin(tok, eos)
+            kv_valid = kv_valid.at[:, P + i].set(True)
+            hs, caches = forward_all(tok[:, None], (next_pos + i)[:, None], caches, P + i, kv_valid)
+            return i + 1, tokens, done, caches, kv_valid, mixed_logits(hs), rng, steps
 
-    tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-    steps = jnp.zeros((B,), jnp.float32)  # step ends emitted so far, per row
-    state = (jnp.int32(0), tokens, jnp.zeros((B,), bool), caches, kv_valid, mixed_logits(hs), rng, steps)
-    _, tokens, done, *_ = jax.lax.while_loop(cond, body, state)
-    is_eos = jnp.isin(tokens, eos)
-    first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
-    return {"tokens": tokens, "lengths": first_eos.astype(jnp.int32), "finished": done}
+        tokens = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+        steps = jnp.zeros((B,), jnp.float32)  # step ends emitted so far, per row
+        state = (jnp.int32(0), tokens, jnp.zeros((B,), bool), caches, kv_valid, mixed_logits(hs), rng, steps)
+        _, tokens, done, *_ = jax.lax.while_loop(cond, body, state)
+        is_eos = jnp.isin(tokens, eos)
+        first_eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1) + 1, max_new_tokens)
+        return {"tokens": tokens, "lengths": first_eos.astype(jnp.int32), "finished": done}
 
 
 def generate(
@@ -213,4 +218,5 @@ def generate(
         eos_ids=eos_ids,
         greedy=temperature == 0,
         pad_id=int(pad_id),
+        mesh=mesh_of(params),
     )

@@ -307,8 +307,11 @@ def validate(config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
-    if t.grad_accum > 1 and d.layout != "padded":
-        raise ConfigError(f"train.grad_accum={t.grad_accum} needs data.layout='padded' (not {d.layout!r})")
+    if d.packed_rows and d.packed_rows % t.grad_accum:
+        raise ConfigError(
+            f"data.packed_rows={d.packed_rows} does not split into train.grad_accum={t.grad_accum} "
+            "micro-batches"
+        )
     if r.mode not in ("frozen", "precomputed", "sync", "none"):
         raise ConfigError(f"reference.mode={r.mode!r}: use frozen, precomputed, sync or none")
     if r.path and r.mode not in ("frozen", "sync"):
@@ -351,6 +354,13 @@ def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_siz
         raise ConfigError(
             f"train.batch_size / train.grad_accum = {t.batch_size // t.grad_accum} is not divisible by "
             f"mesh.data × mesh.fsdp = {shards}"
+        )
+    processes = len({device.process_index for device in mesh.devices.flat})
+    rows = config.data.packed_rows * processes // t.grad_accum  # one micro-batch's, all processes
+    if config.data.layout == "packed" and rows % shards:
+        raise ConfigError(
+            f"data.packed_rows={config.data.packed_rows} per process gives {rows} rows per micro-batch, "
+            f"not divisible by mesh.data × mesh.fsdp = {shards}"
         )
     check_vocab(config.data.train, records, metadata, vocab_size)
     if loss is None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import cli, outputs
+from apo_jax import cli, outputs, sharding
 from apo_jax.data import layouts
 from apo_jax.data.tfrecords import read_records
 from apo_jax.models import from_hf, load_tokenizer, to_hf
@@ -102,7 +102,7 @@ def edit_checkpoint(
     records = records[:max_pairs]
     if len(records) <= rank:
         raise ValueError(f"{records_dir}: {len(records)} pairs cannot give {rank} directions")
-    embed = jax.jit(lambda p, b: mean_embeddings(model, p, b))
+    embed = jax.jit(sharding.on_mesh(lambda p, b: mean_embeddings(model, p, b), sharding.mesh_of(params)))
     parts = {"chosen": [], "rejected": []}
     for batch, n in layouts.padded_batches(records, batch_size):
         out = embed(params, batch)

@@ -21,13 +21,20 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from apo_jax import models, outputs, sharding
 from apo_jax.data.reader import PreferenceReader
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
-from apo_jax.train.state import build_model, create_state, make_optimizer, model_vocab_size
+from apo_jax.train.state import (
+    build_model,
+    create_state,
+    make_optimizer,
+    model_vocab_size,
+    opt_state_shardings,
+)
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
 
 
@@ -169,6 +176,14 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def anywhere(self) -> bool:
+        """Whether any process was asked to stop. Every process must leave at the same step (the
+        checkpoint is written by all of them together), so with several processes they agree on
+        it after every step: a one-integer all-gather on the hosts, while the devices run on."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
+
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
@@ -186,7 +201,7 @@ def run(cfg) -> dict:
         return _run(cfg, workdir)
 
 
-def _reader(path, cfg, batch_size: int, seed: int) -> PreferenceReader:
+def _reader(path, cfg, batch_size: int, seed: int, grad_accum: int = 1) -> PreferenceReader:
     """The records at `path` batched as the config's data group says (train, eval and probe sets)."""
     d = cfg.data
     return PreferenceReader(
@@ -197,6 +212,7 @@ def _reader(path, cfg, batch_size: int, seed: int) -> PreferenceReader:
         length=d.length or None,
         pad_id=d.pad_id,
         packed_rows=d.packed_rows or None,
+        grad_accum=grad_accum,
     )
 
 
@@ -213,6 +229,7 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
                 f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
             )
     loss_state = loss.init_state() if loss is not None and loss.stateful else None
+    opt_shardings = opt_state_shardings(model, tx, mesh)
 
     def init(params, ref_loaded):
         ref = ref_loaded  # a reference loaded apart, or a copy of the starting policy
@@ -220,12 +237,20 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
             ref = models.frozen_copy(model.config, params if ref is None else ref)
         elif reference == "sync" and ref is None:  # mixed with the policy: keeps the policy's precision
             ref = jax.tree.map(jnp.copy, params)
-        return create_state(params, tx, seed=cfg.train.seed, ref_params=ref, loss_state=loss_state)
+        return create_state(
+            params,
+            tx,
+            seed=cfg.train.seed,
+            ref_params=ref,
+            loss_state=loss_state,
+            opt_shardings=opt_shardings,
+        )
 
     return jax.jit(init)(params, ref_loaded)
 
 
-def _step_config(cfg, reference: str) -> StepConfig:
+def step_config(cfg, reference: str) -> StepConfig:
+    """The step's static settings from the run config (`reference`: the mode the loss runs with)."""
     t = cfg.train
     return StepConfig(
         mode=t.mode,
@@ -302,17 +327,17 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     t = cfg.train
     mesh = sharding.make_mesh(**dict(cfg.mesh))
     loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
-    reader = _reader(cfg.data.train, cfg, t.batch_size, t.seed)
+    reader = _reader(cfg.data.train, cfg, t.batch_size, t.seed, t.grad_accum)
     config_lib.check_run(cfg, loss, mesh, reader.records, reader.metadata, model_vocab_size(cfg.model))
     reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
     model, params = build_model(cfg, mesh)
     tx, lr = make_optimizer(cfg.optimizer, t.steps)
     state = _init_state(cfg, mesh, model, params, loss, reference, tx)
     del params
-    step_cfg = _step_config(cfg, reference)
+    step_cfg = step_config(cfg, reference)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
-        make_train_step(model, loss, tx, lr, step_cfg),
+        sharding.on_mesh(make_train_step(model, loss, tx, lr, step_cfg), mesh),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
@@ -336,13 +361,14 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             log.dispatched(step, metrics)  # the previous step's metrics, while this one runs
             evaluating = evaluate is not None and t.eval_every and step % t.eval_every == 0
             saving = t.checkpoint_every and step % t.checkpoint_every == 0
-            if evaluating or saving or preempt.requested:
+            stopping = preempt.anywhere()
+            if evaluating or saving or stopping:
                 log.flush()
             if evaluating:
                 writer.write(step, evaluate(state))
             if saving:
                 _save(mngr, step, state, reader)
-            if preempt.requested:
+            if stopping:
                 status = "preempted"
                 break
         log.flush()
@@ -380,7 +406,7 @@ def _eval_fn(cfg, model, loss, step_cfg, mesh):
     ]
     if not sets:
         return None
-    step = jax.jit(make_eval_step(model, loss, step_cfg))
+    step = jax.jit(sharding.on_mesh(make_eval_step(model, loss, step_cfg), mesh))
     loaded = []
     for prefix, path, limit in sets:
         reader = _reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)

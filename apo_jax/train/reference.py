@@ -44,7 +44,7 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
     model, params = build_model(cfg, mesh)
     length = cfg.data.length or meta["max_length"]
     step_cfg = StepConfig(layout="padded")
-    score = jax.jit(lambda p, b: sequence_sums(model, p, b, step_cfg))
+    score = jax.jit(sharding.on_mesh(lambda p, b: sequence_sums(model, p, b, step_cfg), mesh))
     bs = cfg.reference.precompute_batch_size
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     bs = -(-bs // shards) * shards

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from apo_jax import models
+from apo_jax import models, sharding
 
 
 def model_vocab_size(m) -> int:
@@ -88,12 +88,25 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
     return tx, lr
 
 
-def create_state(params, tx, *, seed: int, ref_params=None, loss_state=None) -> TrainState:
-    """The initial state, on the params' devices (call under jit to keep shardings)."""
+def opt_state_shardings(model, tx, mesh):
+    """The optimizer state's NamedShardings: each moment split like its parameter by the rules
+    table (read from `tx.init` of the boxed abstract parameters), the counters replicated."""
+    return sharding.param_shardings(jax.eval_shape(tx.init, models.abstract_params(model)), mesh)
+
+
+def create_state(
+    params, tx, *, seed: int, ref_params=None, loss_state=None, opt_shardings=None
+) -> TrainState:
+    """The initial state, on the params' devices (call under jit to keep shardings). The optimizer's
+    moments are zeros that depend on no input, so the compiler would replicate them on every device:
+    pass `opt_shardings` (`opt_state_shardings`) to split them like the parameters."""
+    opt_state = tx.init(params)
+    if opt_shardings is not None:
+        opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=opt_state,
         rng=jax.random.key_data(jax.random.key(seed)),
         ref_params={} if ref_params is None else ref_params,
         loss_state={} if loss_state is None else loss_state,

@@ -9,7 +9,9 @@ TRL does, and the train step accumulates gradients over micro-batches and applie
 update, skipped when the loss or gradients are not finite. The eval step shares all three.
 
 Micro-batch k of a global batch of G rows with A accumulation steps is rows k, k + A, k + 2A, ...
-so that each micro-batch draws evenly from every device's shard (no data movement). Batch-coupled
+so that each micro-batch draws evenly from every device's shard (no data movement); the A
+micro-batches run in one `lax.scan`. Packed and prompt-shared batches are built per micro-batch
+by the reader (`PreferenceReader(grad_accum=A)`), so their row indices hold within each. Batch-coupled
 losses (aot, dr_dpo, sft, alpha_dpo, KTO's reference point) see one whole micro-batch across all
 devices; gradient accumulation therefore changes them, and TRL, which sorts `aot` per device,
 differs from apo_jax on more than one device.
@@ -18,6 +20,7 @@ differs from apo_jax on more than one device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -307,8 +310,31 @@ def sft_loss(model, cfg: StepConfig, params, batch):
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
-def _micro(batch, A, k):
-    return jax.tree.map(lambda x: x[k::A], batch) if A > 1 else batch
+def micro_batches(batch, A: int):
+    """[G, ...] -> [A, G/A, ...]: micro-batch k is rows k, k + A, k + 2A, ... Each device's
+    contiguous shard of rows splits in place, so no data moves between devices."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def _accumulate(grad_fn, state: TrainState, batch, A: int):
+    """((summed loss, summed metrics, loss_state), summed grads) over the A micro-batches of `batch`:
+    one `lax.scan`, so the step body is traced and compiled once whatever A is (MaxText's
+    gradient accumulation). The loss state (alpha-DPO's running statistics) flows through them."""
+    if A == 1:
+        (value, (metrics, loss_state)), grads = grad_fn(state.params, state, batch)
+        return (value, metrics, loss_state), grads
+    micro = micro_batches(batch, A)
+    shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro))
+    (value, (metrics, _)), grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, mb):
+        (total, summed, loss_state), grads = carry
+        (value, (m, loss_state)), g = grad_fn(state.params, state.replace(loss_state=loss_state), mb)
+        add = functools.partial(jax.tree.map, jnp.add)
+        return ((total + value, add(summed, m), loss_state), add(grads, g)), None
+
+    carry, _ = jax.lax.scan(body, ((value, metrics, state.loss_state), grads), micro)
+    return carry
 
 
 def _all_finite(tree) -> jax.Array:
@@ -328,23 +354,19 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
         A = cfg.grad_accum
-        loss_state = state.loss_state
-        grads, total, metrics = None, 0.0, None
-        for k in range(A):  # unrolled: A is small, and each micro-batch is a strided slice
-            (value, (m, loss_state)), g = grad_fn(
-                state.params, state.replace(loss_state=loss_state), _micro(batch, A, k)
-            )
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            total = total + value
-            metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
+        (total, metrics, loss_state), grads = _accumulate(grad_fn, state, batch, A)
         grads = jax.tree.map(lambda g: g / A, grads)
         loss_value = total / A
         summed = {"tokens", "loss_tokens", "entropy_sum"}
         metrics = {k: (v if k in summed else v / A) for k, v in metrics.items()}
         grad_norm = _global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         ok = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm) & _all_finite(metrics)
+
+        def update(current):  # only on a finite step: no second copy of the state is held
+            updates, opt_state = tx.update(grads, current[1], current[0])
+            return optax.apply_updates(current[0], updates), opt_state
+
+        params, opt_state = jax.lax.cond(ok, update, lambda current: current, (state.params, state.opt_state))
 
         def keep(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -358,8 +380,8 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
             )
         new = state.replace(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             ref_params=ref_params,
             loss_state=keep(loss_state, state.loss_state) if state.loss_state else state.loss_state,
             nonfinite_total=state.nonfinite_total + (~ok).astype(jnp.int32),

@@ -26,6 +26,9 @@ MFU = FLOPs per step / step time / (devices × peak bf16 dense FLOP/s of the dev
 Memory: on a CPU, the compiled program's temporaries + arguments + outputs; on a GPU, the process's
 peak so far (JAX cannot reset it: run one `--parts` per process for per-part peaks).
 
+Per-device memory of the paper's step at 8B and 1B, compiled from abstract shapes (no weights):
+`python -m experiments.bench.memory` (experiments/bench/memory.py).
+
 Prints a table and writes JSON (`--out`), so results compare across commits. Random weights, nothing
 downloaded. Runs from the source tree; the GPU path imports no TensorFlow.
 """
