@@ -85,8 +85,12 @@ def tiny_hf_llama(
     initializer_range: float = 0.1,
     seed: int = 0,
     tokenizer=None,
+    model_type: str = "llama",
+    **family,
 ) -> pathlib.Path:
-    """Writes a random Hugging Face Llama (safetensors, float32) to `path` and returns it.
+    """Writes a random Hugging Face Llama (safetensors, float32) to `path` and returns it; another
+    family of transformers with `model_type` ("mistral", "qwen2", "qwen3") and its own config fields
+    in `family` (e.g. `sliding_window=5`).
 
     Sizes left out are the `tiny` preset's (models.LlamaConfig.tiny: GQA, 4 query heads over 2 kv
     heads), token ids too. A larger `initializer_range` than
@@ -106,9 +110,11 @@ def tiny_hf_llama(
         "num_key_value_heads": num_key_value_heads,
     }
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        **{k: getattr(tiny, k) if v is None else v for k, v in sizes.items()},
-        head_dim=head_dim,
+    sizes = {k: getattr(tiny, k) if v is None else v for k, v in sizes.items()}
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        **sizes,
+        head_dim=head_dim or sizes["hidden_size"] // sizes["num_attention_heads"],  # Qwen3's default is 128
         tie_word_embeddings=tie_word_embeddings,
         rope_scaling=rope_scaling,
         rope_theta=rope_theta,
@@ -119,8 +125,9 @@ def tiny_hf_llama(
         bos_token_id=tiny.bos_token_id,
         eos_token_id=list(tiny.eos_token_id),
         pad_token_id=tiny.pad_token_id,
+        **family,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms at 1 would hide a wrong norm mapping: make them random too
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):

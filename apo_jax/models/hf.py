@@ -1,4 +1,6 @@
-"""Hugging Face Llama checkpoints in and out: config.json + safetensors <-> (Llama, params).
+"""Hugging Face checkpoints in and out: config.json + safetensors <-> (Llama, params), for the
+families one Llama-shaped model covers: llama, mistral, qwen2 and qwen3 (`_family_fields` says what
+each adds; `ARCHITECTURES` names their transformers classes on export).
 
 Only safetensors are read: a pickle-based `pytorch_model.bin` could run code when loaded. Each
 parameter goes straight from the memory-mapped file to its target sharding (only the slices a
@@ -18,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from apo_jax.models.llama import DTYPES, Llama, LlamaConfig, abstract_params, dtype_name
+from apo_jax.models.llama import DTYPES, MODEL_TYPES, Llama, LlamaConfig, abstract_params, dtype_name
 from apo_jax.sharding import param_shardings
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy
@@ -37,10 +39,16 @@ _ST_DTYPES = {
 }
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _SUPPORTED_ACT = ("silu",)
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 class CheckpointError(ValueError):
-    """A directory, file or config field that cannot be loaded as a Llama checkpoint."""
+    """A directory, file or config field that cannot be loaded as a supported checkpoint."""
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -58,8 +66,10 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     model_type = cfg.get("model_type")
-    if model_type != "llama":
-        raise CheckpointError(f"{cfg_file}: model_type={model_type!r}, this loader reads 'llama' checkpoints")
+    if model_type not in MODEL_TYPES:
+        raise CheckpointError(
+            f"{cfg_file}: model_type={model_type!r}, this loader reads {', '.join(MODEL_TYPES)} checkpoints"
+        )
     act = cfg.get("hidden_act", "silu")
     if act not in _SUPPORTED_ACT:
         raise CheckpointError(f"{cfg_file}: hidden_act={act!r} is not supported (Llama uses 'silu')")
@@ -102,11 +112,12 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
             rope_type=rope_type,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            attention_bias=cfg.get("attention_bias", False),
             mlp_bias=cfg.get("mlp_bias", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=eos,
             pad_token_id=cfg.get("pad_token_id"),
+            model_type=model_type,
+            **_family_fields(cfg_file, cfg),
             **llama3,
             **policies,
         )
@@ -116,11 +127,26 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
+def _family_fields(cfg_file, cfg: dict) -> dict:
+    """What a family sets beyond Llama's fields, as its transformers config class reads config.json."""
+    model_type = cfg["model_type"]
+    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise CheckpointError(f"{cfg_file}: use_sliding_window=true is not supported for {model_type}")
+    if model_type == "qwen2":  # q, k and v carry biases, o does not (transformers' Qwen2Attention)
+        return {"attention_bias": True, "o_proj_bias": False}
+    out = {"attention_bias": cfg.get("attention_bias", False)}
+    if model_type == "qwen3":
+        out["qk_norm"] = True
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.get("sliding_window")
+    return out
+
+
 def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
     """The published config.json form (`rope_theta` + `rope_scaling`): transformers 4 and 5 read it."""
     out = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
         "hidden_act": "silu",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -143,6 +169,15 @@ def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
         "pad_token_id": config.pad_token_id,
         "torch_dtype": torch_dtype,
     }
+    if config.model_type == "qwen2":  # its biases are fixed by the class, not by config fields
+        out |= {"use_sliding_window": False, "sliding_window": None}
+        del out["attention_bias"], out["mlp_bias"]
+    elif config.model_type == "qwen3":
+        out |= {"use_sliding_window": False, "sliding_window": None}
+        del out["mlp_bias"]
+    elif config.model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+        del out["attention_bias"], out["mlp_bias"]
     if config.rope_type == "llama3":
         out["rope_scaling"] = {
             "rope_type": "llama3",
@@ -206,22 +241,17 @@ def _mapping(c: LlamaConfig) -> list[Mapping]:
         table.append(("lm_head.weight", ("lm_head",), t, t))
     if c.attention_bias:
         table += [
-            (
-                "model.layers.{i}.self_attn.q_proj.bias",
-                ("layers", "self_attn", "q_proj", "bias"),
-                *heads_bias(N),
-            ),
-            (
-                "model.layers.{i}.self_attn.k_proj.bias",
-                ("layers", "self_attn", "k_proj", "bias"),
-                *heads_bias(K),
-            ),
-            (
-                "model.layers.{i}.self_attn.v_proj.bias",
-                ("layers", "self_attn", "v_proj", "bias"),
-                *heads_bias(K),
-            ),
-            ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), same, same),
+            (f"model.layers.{{i}}.self_attn.{n}.bias", ("layers", "self_attn", n, "bias"), *heads_bias(h))
+            for n, h in (("q_proj", N), ("k_proj", K), ("v_proj", K))
+        ]
+    if c.has_o_bias:
+        table.append(
+            ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), same, same)
+        )
+    if c.qk_norm:
+        table += [
+            (f"model.layers.{{i}}.self_attn.{n}.weight", ("layers", "self_attn", n, "weight"), same, same)
+            for n in ("q_norm", "k_norm")
         ]
     if c.mlp_bias:
         table += [

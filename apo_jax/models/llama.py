@@ -47,6 +47,9 @@ def dtype_name(dtype) -> str:
     return name
 
 
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture (Hugging Face `LlamaConfig` field names) plus apo_jax's compute policies."""
@@ -67,8 +70,12 @@ class LlamaConfig:
     rope_original_max_position_embeddings: int = 8192
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o (Llama's `attention_bias`)
     mlp_bias: bool = False
+    o_proj_bias: bool | None = None  # None: as attention_bias; Qwen2 has q/k/v biases and none on o
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    sliding_window: int | None = None  # Mistral: a token sees itself and the W - 1 tokens before it
+    model_type: str = "llama"  # the checkpoint family: llama, mistral, qwen2, qwen3 (see models/hf.py)
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -85,6 +92,10 @@ class LlamaConfig:
             raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
         if self.rope_type not in ("default", "llama3"):
             raise ValueError(f"rope_type={self.rope_type!r}: supported are 'default' and 'llama3'")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={self.model_type!r}: supported are {list(MODEL_TYPES)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -94,6 +105,10 @@ class LlamaConfig:
     @property
     def H(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_o_bias(self) -> bool:
+        return self.attention_bias if self.o_proj_bias is None else self.o_proj_bias
 
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -175,6 +190,61 @@ class LlamaConfig:
             **kw,
         )
 
+    # other families: the published config.json values of the base checkpoints
+    @classmethod
+    def qwen2_5_7b(cls, **kw):
+        """Qwen/Qwen2.5-7B: biases on q, k and v; untied at this size (tied up to 3B)."""
+        return cls(
+            model_type="qwen2",
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=131072,
+            attention_bias=True,
+            o_proj_bias=False,
+            bos_token_id=151643,
+            eos_token_id=(151643,),
+            **kw,
+        )
+
+    @classmethod
+    def qwen3_8b(cls, **kw):
+        """Qwen/Qwen3-8B: RMSNorm on each head of q and k, head_dim 128, no biases."""
+        return cls(
+            model_type="qwen3",
+            vocab_size=151936,
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=40960,
+            qk_norm=True,
+            bos_token_id=151643,
+            eos_token_id=(151645,),
+            **kw,
+        )
+
+    @classmethod
+    def mistral_7b(cls, **kw):
+        """mistralai/Mistral-7B-v0.1: Llama's shape with GQA and a 4096-token sliding window."""
+        return cls(
+            model_type="mistral",
+            intermediate_size=14336,
+            num_key_value_heads=8,
+            max_position_embeddings=32768,
+            sliding_window=4096,
+            **kw,
+        )
+
 
 PRESETS = {
     "tiny": LlamaConfig.tiny,
@@ -183,6 +253,9 @@ PRESETS = {
     "8b": LlamaConfig.llama3_8b,
     "llama3_1_8b": LlamaConfig.llama3_1_8b,
     "llama2_7b": LlamaConfig.llama2_7b,
+    "qwen2.5-7b": LlamaConfig.qwen2_5_7b,
+    "qwen3-8b": LlamaConfig.qwen3_8b,
+    "mistral-7b": LlamaConfig.mistral_7b,
 }
 
 
@@ -241,6 +314,9 @@ def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
     q = _linear(p["q_proj"], x, "BTD,DNH->BTNH", dt)
     k = _linear(p["k_proj"], x, "BTD,DKH->BTKH", dt)
     v = _linear(p["v_proj"], x, "BTD,DKH->BTKH", dt)
+    if config.qk_norm:  # Qwen3: each head of q and k normed over H
+        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps)
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
@@ -281,12 +357,23 @@ def decoder_layer(config: LlamaConfig, p, x, positions, mask, inv_freq, cache=No
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
-def attention_mask(segment_ids, kv_segment_ids=None, *, q_index=None, kv_index=None, shared_segment=None):
+def attention_mask(
+    segment_ids,
+    kv_segment_ids=None,
+    *,
+    q_index=None,
+    kv_index=None,
+    shared_segment=None,
+    window=None,
+    q_positions=None,
+    kv_positions=None,
+):
     """[B, 1, T, S] bool: causal (by index), no padding keys (segment 0), own segment only.
 
     With `shared_segment` (prompt-shared rows, DESIGN.md: 1 = the shared prompt, 2 and 3 the
-    answers), a token also sees the shared prompt. Every query sees itself, so padding rows stay
-    finite (their outputs are never read).
+    answers), a token also sees the shared prompt. With `window` (Mistral's sliding window), only
+    keys less than `window` positions back (`q_positions`/`kv_positions`, default the indices).
+    Every query sees itself, so padding rows stay finite (their outputs are never read).
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     T, S = segment_ids.shape[1], kv_segment_ids.shape[1]
@@ -298,6 +385,10 @@ def attention_mask(segment_ids, kv_segment_ids=None, *, q_index=None, kv_index=N
         same = same | ((k_seg == shared_segment) & (q_seg != 0))
     causal = kv_index[:, None, :] <= q_index[:, :, None]
     mask = causal & same & (k_seg != 0)
+    if window is not None:  # by position (the index where not given): the W - 1 tokens before and itself
+        q_pos = q_index if q_positions is None else q_positions
+        kv_pos = kv_index if kv_positions is None else kv_positions
+        mask = mask & (q_pos[:, :, None] - kv_pos[:, None, :] < window)
     mask = mask | (kv_index[:, None, :] == q_index[:, :, None])
     return mask[:, None]
 
@@ -354,19 +445,23 @@ class _SelfAttention(nn.Module):
         c, pd = self.config, DTYPES[self.config.param_dtype]
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.H
 
-        def linear(name, shape, axes, bias_axes):
-            return _Linear(shape, axes, bias_axes if c.attention_bias else None, pd, name=name)()
+        def linear(name, shape, axes, bias_axes, bias):
+            return _Linear(shape, axes, bias_axes if bias else None, pd, name=name)()
 
-        return {
-            "q_proj": linear("q_proj", (D, N, H), ("embed", "heads", "head_dim"), ("heads", "head_dim")),
+        b = c.attention_bias
+        p = {
+            "q_proj": linear("q_proj", (D, N, H), ("embed", "heads", "head_dim"), ("heads", "head_dim"), b),
             "k_proj": linear(
-                "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
+                "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), b
             ),
             "v_proj": linear(
-                "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim")
+                "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), b
             ),
-            "o_proj": linear("o_proj", (N, H, D), ("heads", "head_dim", "embed"), ("embed",)),
+            "o_proj": linear("o_proj", (N, H, D), ("heads", "head_dim", "embed"), ("embed",), c.has_o_bias),
         }
+        if c.qk_norm:
+            p |= {"q_norm": _Norm(H, pd, name="q_norm")(), "k_norm": _Norm(H, pd, name="k_norm")()}
+        return p
 
 
 class _MLP(nn.Module):
@@ -495,13 +590,19 @@ def hidden_states(
     left-padded rows get the positions an unpadded row would.
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
-    mask = _segment_mask(segment_ids, shared_segment)
+    mask = _segment_mask(segment_ids, shared_segment, positions, model.config.sliding_window)
     return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden)
 
 
-def _segment_mask(segment_ids, shared_segment):
+def _segment_mask(segment_ids, shared_segment, positions, window):
     # the public functions' `attention_mask` argument shadows the module's mask builder
-    return attention_mask(segment_ids, shared_segment=shared_segment)
+    return attention_mask(
+        segment_ids,
+        shared_segment=shared_segment,
+        window=window,
+        q_positions=positions,
+        kv_positions=positions,
+    )
 
 
 def logits(

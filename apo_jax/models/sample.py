@@ -33,7 +33,11 @@ def _forward(config: LlamaConfig, params, ids, positions, caches, start, kv_vali
     t, S = ids.shape[1], kv_valid.shape[1]
     q_index = (start + jnp.arange(t))[None, :]
     mask = attention_mask(
-        jnp.ones_like(ids), kv_valid.astype(jnp.int32), q_index=q_index, kv_index=jnp.arange(S)[None, :]
+        jnp.ones_like(ids),
+        kv_valid.astype(jnp.int32),
+        q_index=q_index,
+        kv_index=jnp.arange(S)[None, :],
+        window=config.sliding_window,  # by cache index: a left-padded prompt then its continuation
     )
     inv_freq = rope_inv_freq(config)
 

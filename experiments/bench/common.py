@@ -33,9 +33,9 @@ CLAIR_LENGTHS = (
 def shape_config(name: str, dtype: str, remat: str, attention: str | None = None):
     """The benchmarked shape: a model preset (apo_jax.models.PRESETS) with the run's policies."""
     policies = {"dtype": dtype, "param_dtype": "float32", "remat_policy": remat, "attention_impl": attention}
-    if name in ("tiny", "125m", "1b", "8b"):
+    if name in models.PRESETS:
         return models.preset(name, **policies)
-    raise cli.UserError(f"unknown shape {name!r}: use tiny, 125m, 1b or 8b")
+    raise cli.UserError(f"unknown shape {name!r}: use one of {', '.join(models.PRESETS)}")
 
 
 def peak_flops() -> float:

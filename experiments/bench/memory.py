@@ -44,7 +44,11 @@ GIB = 1024**3
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="clair_apo_zero:paper", help="a grid cell's paper variant")
-    p.add_argument("--shape", default="8b,1b", help="model presets, comma-separated (8b, 1b, 125m, tiny)")
+    p.add_argument(
+        "--shape",
+        default="8b,1b",
+        help="model presets, comma-separated (8b, 1b, qwen2.5-7b, qwen3-8b, mistral-7b, ...)",
+    )
     p.add_argument("--setting", default=",".join(SETTINGS), help=f"comma-separated: {', '.join(SETTINGS)}")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (the mesh is the config's)")
     p.add_argument("--length", type=int, default=1024, help="row length T (the paper's 512 + 512)")

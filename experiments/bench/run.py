@@ -21,7 +21,9 @@ from experiments.bench.trl import bench_trl, export_model
 
 def _args(argv):
     p = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="tiny", help="tiny, 125m, 1b (Llama-3.2-1B) or 8b (Llama-3-8B)")
+    p.add_argument(
+        "--shape", default="tiny", help="a preset: tiny, 125m, 1b, 8b, qwen2.5-7b, qwen3-8b, mistral-7b, ..."
+    )
     p.add_argument("--length", type=int, default=256, help="row length T (TRL's max_length)")
     p.add_argument("--batch", type=int, default=8, help="pairs per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps")

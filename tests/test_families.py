@@ -1,0 +1,100 @@
+"""Qwen2, Qwen3 and Mistral through the same from_hf / to_hf / logits / token_logps / generate,
+against transformers' PyTorch models of each family (tiny random configs with the family's fields)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from apo_jax import models, testing
+
+FAMILIES = {
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},  # q/k/v biases, none on o; tied
+    "qwen3": {"model_type": "qwen3"},  # RMSNorm on each head of q and k
+    "mistral": {"model_type": "mistral", "sliding_window": 5},  # rows of 14: the window acts
+}
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("families")
+    return {
+        name: testing.tiny_hf_llama(root / name, seed=10 + i, tokenizer=tiny_tokenizer, **kw)
+        for i, (name, kw) in enumerate(FAMILIES.items())
+    }
+
+
+def _hf(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+def _batch(seed=0, B=4, T=14, V=320):
+    """Random ids with a left-padded row, a right-padded row and two full rows."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(6, V, (B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[0, :5] = 0
+    mask[1, 10:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_logits_and_log_probs_match_transformers(family_checkpoints, name):
+    path = family_checkpoints[name]
+    model, params = models.from_hf(path)
+    assert model.config.model_type == name
+    ids, mask = _batch()
+    pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+    with torch.no_grad():
+        hf = _hf(path)(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+        )
+    expected = hf.logits.numpy()
+    got = np.asarray(jax.jit(lambda p, i, m: models.logits(model, p, i, m))(params, ids, mask))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - expected[real]).max() <= 1e-4
+    assert np.abs(expected[real]).max() > 1.0  # not trivially flat
+    # the chunked log-probs against log-softmax of transformers' logits, where a real token predicts one
+    logps = (
+        torch.log_softmax(hf.logits[:, :-1], -1).gather(-1, torch.tensor(ids[:, 1:, None]))[..., 0].numpy()
+    )
+    chunked = np.asarray(models.token_logps(model, params, ids, mask, mask, chunk_size=4)["token_logps"])
+    follows = real[:, 1:] & real[:, :-1]
+    np.testing.assert_allclose(chunked[:, 1:][follows], logps[follows], atol=1e-4)
+    if name == "mistral":  # the window changes attention once a row is longer than it
+        wide = models.Llama(model.config.replace(sliding_window=None))
+        assert np.abs(np.asarray(models.logits(wide, params, ids, mask))[real] - got[real]).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_export_reloads_bit_for_bit_and_generates_as_transformers(family_checkpoints, name, tmp_path):
+    path = family_checkpoints[name]
+    model, params = models.from_hf(path)
+    out = models.to_hf(model, params, tmp_path / "export")
+    original, exported = _hf(path), _hf(out)
+    assert type(exported) is type(original)
+    theirs, ours = original.state_dict(), exported.state_dict()
+    assert theirs.keys() == ours.keys()
+    for key, value in theirs.items():
+        assert torch.equal(value, ours[key]), key
+    assert models.from_hf(out)[0].config == model.config
+    # greedy decoding, token for token (the Mistral prompt plus continuation outgrows its window)
+    rng = np.random.default_rng(5)
+    prompts = rng.integers(6, 320, (3, 6))
+    mask = np.ones_like(prompts)
+    mask[0, :2] = 0
+    prompts[0, :2] = 5
+    got = models.generate(model, params, prompts, mask, max_new_tokens=10, eos_ids=(1, 4), pad_id=5)
+    with torch.no_grad():
+        hf = original.generate(
+            input_ids=torch.tensor(prompts),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=[1, 4],
+            pad_token_id=5,
+        )[:, 6:].numpy()
+    np.testing.assert_array_equal(np.asarray(got["tokens"])[:, : hf.shape[1]], hf)
