@@ -26,6 +26,10 @@ def _kl_stats(logp, ref_logits, targets, kl: str) -> dict:
     return out
 
 
+def _cap(z, cap):
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
 def token_logps(
     hidden,
     weight,
@@ -38,6 +42,7 @@ def token_logps(
     ref_hidden=None,
     ref_weight=None,
     kl: str | None = None,
+    softcap: float | None = None,
 ) -> dict[str, jax.Array]:
     """Log-probs of `input_ids` under logits = hidden @ weight, aligned with the ids.
 
@@ -54,6 +59,7 @@ def token_logps(
       kl: the per-position KL over the vocabulary between policy π and reference π_ref:
         "ref_policy" = KL(π_ref ‖ π) = Σ_v π_ref (log π_ref − log π) (TDPO's sequential KL), or
         "policy_ref" = KL(π ‖ π_ref) = Σ_v π (log π − log π_ref) (TIS-DPO's token-level term).
+      softcap: logits capped by c·tanh(z / c) before the softmax (Gemma-2's final soft-capping).
 
     Returns:
       dict with `token_logps` [B, T] (`[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0), `logps` [B]
@@ -81,7 +87,7 @@ def token_logps(
 
     @jax.checkpoint
     def chunk(w, wr, hc, tc, hrc=None):
-        z = jnp.einsum("BcD,DV->BcV", hc, w, preferred_element_type=jnp.float32)
+        z = _cap(jnp.einsum("BcD,DV->BcV", hc, w, preferred_element_type=jnp.float32), softcap)
         lse = jax.nn.logsumexp(z, axis=-1)
         out = {"token_logps": jnp.take_along_axis(z, tc[..., None], axis=-1)[..., 0] - lse}
         if with_entropy:
@@ -90,7 +96,7 @@ def token_logps(
         if with_sum_sq:
             out["log_sum_sq_probs"] = jax.lax.stop_gradient(jax.nn.logsumexp(2 * z, axis=-1) - 2 * lse)
         if kl is not None:
-            zr = jnp.einsum("BcD,DV->BcV", hrc, wr, preferred_element_type=jnp.float32)
+            zr = _cap(jnp.einsum("BcD,DV->BcV", hrc, wr, preferred_element_type=jnp.float32), softcap)
             out |= _kl_stats(z - lse[..., None], zr, tc, kl)
         return out
 

@@ -1,4 +1,4 @@
-"""Qwen2, Qwen3 and Mistral through the same from_hf / to_hf / logits / token_logps / generate,
+"""Qwen2, Qwen3, Mistral and Gemma-2 through the same from_hf / to_hf / logits / token_logps / generate,
 against transformers' PyTorch models of each family (tiny random configs with the family's fields)."""
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ FAMILIES = {
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},  # q/k/v biases, none on o; tied
     "qwen3": {"model_type": "qwen3"},  # RMSNorm on each head of q and k
     "mistral": {"model_type": "mistral", "sliding_window": 5},  # rows of 14: the window acts
+    "gemma2": {  # GeGLU, (1 + w) norms in float32, √D embeddings, sandwich norms, 1/√256 scores;
+        "model_type": "gemma2",  # caps low enough to act on a random model; sliding on layers 0 and 2
+        "sliding_window": 5,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+        "num_hidden_layers": 3,
+    },
 }
 
 
@@ -64,7 +71,7 @@ def test_logits_and_log_probs_match_transformers(family_checkpoints, name):
     chunked = np.asarray(models.token_logps(model, params, ids, mask, mask, chunk_size=4)["token_logps"])
     follows = real[:, 1:] & real[:, :-1]
     np.testing.assert_allclose(chunked[:, 1:][follows], logps[follows], atol=1e-4)
-    if name == "mistral":  # the window changes attention once a row is longer than it
+    if name in ("mistral", "gemma2"):  # the window changes attention once a row is longer than it
         wide = models.Llama(model.config.replace(sliding_window=None))
         assert np.abs(np.asarray(models.logits(wide, params, ids, mask))[real] - got[real]).max() > 1e-2
 

@@ -386,11 +386,11 @@ def test_bad_checkpoints_get_clear_errors(tiny_checkpoints, tmp_path):
     src = tiny_checkpoints["gqa"]
     with pytest.raises(models.CheckpointError, match="no config.json"):
         models.from_hf(tmp_path)
-    bad = tmp_path / "gemma2"
+    bad = tmp_path / "phi3"
     shutil.copytree(src, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "gemma2"}))
-    with pytest.raises(models.CheckpointError, match="model_type='gemma2'"):
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "phi3"}))
+    with pytest.raises(models.CheckpointError, match="model_type='phi3'"):
         models.from_hf(bad)
     (bad / "config.json").write_text(json.dumps(cfg | {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
     with pytest.raises(models.CheckpointError, match="rope_type='yarn'"):

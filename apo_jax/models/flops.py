@@ -21,12 +21,14 @@ PEAK_FLOPS = {
 
 
 def param_counts(config: LlamaConfig) -> dict[str, int]:
-    """Parameters by kind (biases left out): the matmul ones count in FLOPs, the embedding does not."""
+    """Parameters by kind (biases left out): the matmul ones count in FLOPs, the embedding does not.
+    Norms: 2 per layer (4 with Gemma-2's sandwich norms) and the final one, plus Qwen3's q/k norms."""
     D, F, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
     N, K, H = config.num_attention_heads, config.num_key_value_heads, config.H
     layers = L * (D * N * H * 2 + D * K * H * 2 + 3 * D * F)
     head = 0 if config.tie_word_embeddings else D * V
-    return {"matmul_layers": layers, "lm_head": head, "embedding": D * V, "norms": (2 * L + 1) * D}
+    norms = (L * (4 if config.sandwich_norms else 2) + 1) * D + (2 * L * H if config.qk_norm else 0)
+    return {"matmul_layers": layers, "lm_head": head, "embedding": D * V, "norms": norms}
 
 
 def flops_per_token(config: LlamaConfig, length: int) -> float:

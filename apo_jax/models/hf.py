@@ -38,12 +38,13 @@ _ST_DTYPES = {
     "BOOL": np.bool_,
 }
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-_SUPPORTED_ACT = ("silu",)
+_SUPPORTED_ACT = ("silu", "gelu_pytorch_tanh")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
 }
 
 
@@ -70,9 +71,11 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
         raise CheckpointError(
             f"{cfg_file}: model_type={model_type!r}, this loader reads {', '.join(MODEL_TYPES)} checkpoints"
         )
-    act = cfg.get("hidden_act", "silu")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma-2 names it the first way
     if act not in _SUPPORTED_ACT:
-        raise CheckpointError(f"{cfg_file}: hidden_act={act!r} is not supported (Llama uses 'silu')")
+        raise CheckpointError(
+            f"{cfg_file}: hidden_act={act!r} is not supported (supported: {_SUPPORTED_ACT})"
+        )
     # published checkpoints: rope_theta + rope_scaling; transformers 5 writes rope_parameters
     rope_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     rope = dict(cfg.get(rope_key) or {})
@@ -139,6 +142,20 @@ def _family_fields(cfg_file, cfg: dict) -> dict:
         out["qk_norm"] = True
     if model_type == "mistral":
         out["sliding_window"] = cfg.get("sliding_window")
+    if model_type == "gemma2":  # transformers' Gemma2Config defaults where a field is left out
+        n = cfg["num_hidden_layers"]
+        alternate = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+        out |= {
+            "hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh"),
+            "norm_weight_offset": 1.0,
+            "embed_scale": True,
+            "sandwich_norms": True,
+            "query_pre_attn_scalar": cfg.get("query_pre_attn_scalar", 256),
+            "attn_logit_softcapping": cfg.get("attn_logit_softcapping", 50.0),
+            "final_logit_softcapping": cfg.get("final_logit_softcapping", 30.0),
+            "sliding_window": cfg.get("sliding_window", 4096),
+            "layer_types": tuple(cfg.get("layer_types") or alternate),
+        }
     return out
 
 
@@ -178,6 +195,17 @@ def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
     elif config.model_type == "mistral":
         out["sliding_window"] = config.sliding_window
         del out["attention_bias"], out["mlp_bias"]
+    elif config.model_type == "gemma2":
+        out |= {
+            "hidden_activation": config.hidden_act,
+            "hidden_act": config.hidden_act,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "attn_logit_softcapping": config.attn_logit_softcapping,
+            "final_logit_softcapping": config.final_logit_softcapping,
+            "sliding_window": config.sliding_window,
+            "layer_types": list(config.layer_types or ()),
+        }
+        del out["mlp_bias"]
     if config.rope_type == "llama3":
         out["rope_scaling"] = {
             "rope_type": "llama3",
@@ -248,6 +276,11 @@ def _mapping(c: LlamaConfig) -> list[Mapping]:
         table.append(
             ("model.layers.{i}.self_attn.o_proj.bias", ("layers", "self_attn", "o_proj", "bias"), same, same)
         )
+    if c.sandwich_norms:
+        table += [
+            (f"model.layers.{{i}}.{n}.weight", ("layers", n, "weight"), same, same)
+            for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        ]
     if c.qk_norm:
         table += [
             (f"model.layers.{{i}}.self_attn.{n}.weight", ("layers", "self_attn", n, "weight"), same, same)

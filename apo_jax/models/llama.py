@@ -16,6 +16,7 @@ Params tree (the HF names, minus `model.`; layers stacked on a leading L axis by
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -47,7 +48,8 @@ def dtype_name(dtype) -> str:
     return name
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,16 @@ class LlamaConfig:
     o_proj_bias: bool | None = None  # None: as attention_bias; Qwen2 has q/k/v biases and none on o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     sliding_window: int | None = None  # Mistral: a token sees itself and the W - 1 tokens before it
-    model_type: str = "llama"  # the checkpoint family: llama, mistral, qwen2, qwen3 (see models/hf.py)
+    model_type: str = "llama"  # the checkpoint family: llama, mistral, qwen2, qwen3, gemma2 (models/hf.py)
+    # Gemma-2's departures from Llama (transformers' Gemma2Config names)
+    hidden_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
+    norm_weight_offset: float = 0.0  # 1.0: norms scale by (1 + w), in float32 (Gemma)
+    embed_scale: bool = False  # embeddings × √D
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma-2)
+    query_pre_attn_scalar: float | None = None  # attention scale 1/√this (default: 1/√H)
+    attn_logit_softcapping: float | None = None  # attention scores capped by c·tanh(s / c)
+    final_logit_softcapping: float | None = None  # output logits capped the same way
+    layer_types: tuple[str, ...] | None = None  # per layer: sliding_attention | full_attention
     bos_token_id: int | None = 1
     eos_token_id: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -94,6 +105,17 @@ class LlamaConfig:
             raise ValueError(f"rope_type={self.rope_type!r}: supported are 'default' and 'llama3'")
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type={self.model_type!r}: supported are {list(MODEL_TYPES)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: supported are {sorted(ACTIVATIONS)}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {
+                "sliding_attention",
+                "full_attention",
+            }:
+                raise ValueError(
+                    f"layer_types={self.layer_types}: one of sliding_attention/full_attention per layer"
+                )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -105,6 +127,15 @@ class LlamaConfig:
     @property
     def H(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        """Per layer, whether it attends within the sliding window (all of them for Mistral)."""
+        if self.sliding_window is None:
+            return (False,) * self.num_hidden_layers
+        if self.layer_types is None:
+            return (True,) * self.num_hidden_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @property
     def has_o_bias(self) -> bool:
@@ -245,6 +276,37 @@ class LlamaConfig:
             **kw,
         )
 
+    @classmethod
+    def gemma2_9b(cls, **kw):
+        """google/gemma-2-9b: GeGLU, (1 + w) norms, sandwich norms, soft-capped scores and logits,
+        a 4096-token window on alternate layers, tied 256k embeddings."""
+        return cls(
+            model_type="gemma2",
+            vocab_size=256000,
+            hidden_size=3584,
+            intermediate_size=14336,
+            num_hidden_layers=42,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            hidden_act="gelu_pytorch_tanh",
+            norm_weight_offset=1.0,
+            embed_scale=True,
+            sandwich_norms=True,
+            query_pre_attn_scalar=256,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            sliding_window=4096,
+            layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(42)),
+            bos_token_id=2,
+            eos_token_id=(1,),
+            pad_token_id=0,
+            **kw,
+        )
+
 
 PRESETS = {
     "tiny": LlamaConfig.tiny,
@@ -256,6 +318,7 @@ PRESETS = {
     "qwen2.5-7b": LlamaConfig.qwen2_5_7b,
     "qwen3-8b": LlamaConfig.qwen3_8b,
     "mistral-7b": LlamaConfig.mistral_7b,
+    "gemma2-9b": LlamaConfig.gemma2_9b,
 }
 
 
@@ -269,11 +332,31 @@ def preset(name: str, **kw) -> LlamaConfig:
 # --- the math, as functions of parameter dicts --------------------------------------------
 
 
-def rms_norm(x, weight, eps):
-    """RMSNorm as Hugging Face computes it: in float32, scaled in the input dtype."""
+def rms_norm(x, weight, eps, offset=0.0):
+    """RMSNorm as Hugging Face computes it: in float32, scaled in the input dtype (Llama); with
+    `offset` (Gemma: 1.0), scaled by (offset + w) in float32 and then cast."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (x32 * (offset + weight.astype(jnp.float32))).astype(x.dtype)
     return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def norm(config: LlamaConfig, x, p):
+    """The configured RMSNorm of x with the norm parameters `p` ({"weight": [D]})."""
+    return rms_norm(x, p["weight"], config.rms_norm_eps, config.norm_weight_offset)
+
+
+def embed(config: LlamaConfig, embedding, ids):
+    """Token embeddings [B, T, D] in the compute dtype (× √D for Gemma, in that dtype as Gemma does)."""
+    dt = DTYPES[config.dtype]
+    x = jnp.take(embedding, ids, axis=0).astype(dt)
+    return x * jnp.asarray(config.hidden_size**0.5, dt) if config.embed_scale else x
+
+
+def softcap(z, cap):
+    """cap·tanh(z / cap) (Gemma-2's attention and final-logit soft-capping); z itself for cap None."""
+    return z if cap is None else cap * jnp.tanh(z / cap)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
@@ -315,8 +398,7 @@ def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
     k = _linear(p["k_proj"], x, "BTD,DKH->BTKH", dt)
     v = _linear(p["v_proj"], x, "BTD,DKH->BTKH", dt)
     if config.qk_norm:  # Qwen3: each head of q and k normed over H
-        q = rms_norm(q, p["q_norm"]["weight"], config.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"]["weight"], config.rms_norm_eps)
+        q, k = norm(config, q, p["q_norm"]), norm(config, k, p["k_norm"])
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
@@ -324,16 +406,32 @@ def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
 def attention_out(config: LlamaConfig, p, q, k, v, mask):
     """Grouped-query attention of q [B, T, N, H] over k, v [B, S, K, H]; mask [B, 1, T, S] bool."""
     dt = DTYPES[config.dtype]
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)  # [B, T, N, H]
+    if config.attn_logit_softcapping is None and config.query_pre_attn_scalar is None:
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)
+    else:
+        o = _capped_attention(config, q, k, v, mask)  # [B, T, N, H]
     return _linear(p["o_proj"], o, "BTNH,NHD->BTD", dt)
 
 
+def _capped_attention(config: LlamaConfig, q, k, v, mask):
+    """Gemma-2's attention, as transformers' eager path computes it: scores scaled by
+    1/√query_pre_attn_scalar, soft-capped, masked, softmax in float32. Query head n reads kv head
+    n // (N / K), as jax.nn.dot_product_attention and transformers' repeat_kv group them."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    scale = (config.query_pre_attn_scalar or H) ** -0.5
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", q.reshape(B, T, K, N // K, H), k) * jnp.asarray(scale, q.dtype)
+    s = softcap(s, config.attn_logit_softcapping)
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(s.dtype).min)  # mask [B, 1, T, S]
+    w = jax.nn.softmax(s.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", w, v).reshape(B, T, N, H)
+
+
 def mlp(config: LlamaConfig, p, x):
-    """SwiGLU: down(silu(gate(x)) * up(x)). x [B, T, D]."""
+    """SwiGLU (GeGLU for Gemma): down(act(gate(x)) * up(x)). x [B, T, D]."""
     dt = DTYPES[config.dtype]
-    h = jax.nn.silu(_linear(p["gate_proj"], x, "BTD,DF->BTF", dt)) * _linear(
-        p["up_proj"], x, "BTD,DF->BTF", dt
-    )
+    act = ACTIVATIONS[config.hidden_act]
+    h = act(_linear(p["gate_proj"], x, "BTD,DF->BTF", dt)) * _linear(p["up_proj"], x, "BTD,DF->BTF", dt)
     h = constrain(h, ("batch", "length", "mlp"))
     return _linear(p["down_proj"], h, "BTF,FD->BTD", dt)
 
@@ -345,15 +443,20 @@ def decoder_layer(config: LlamaConfig, p, x, positions, mask, inv_freq, cache=No
     written at index `start` and attention runs over the whole cache (decoding, models/sample.py);
     the returned (k, v) are the updated caches. Without, attention is over this input alone.
     """
-    h = rms_norm(x, p["input_layernorm"]["weight"], config.rms_norm_eps)
+    h = norm(config, x, p["input_layernorm"])
     q, k, v = attention_qkv(config, p["self_attn"], h, positions, inv_freq)
     if cache is not None:
         k_cache, v_cache, start = cache
         k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-    x = x + attention_out(config, p["self_attn"], q, k, v, mask)
-    h = rms_norm(x, p["post_attention_layernorm"]["weight"], config.rms_norm_eps)
-    x = x + mlp(config, p["mlp"], h)
+    a = attention_out(config, p["self_attn"], q, k, v, mask)
+    if config.sandwich_norms:  # Gemma-2: the attention and the MLP outputs are normed as well
+        x = x + norm(config, a, p["post_attention_layernorm"])
+        m = mlp(config, p["mlp"], norm(config, x, p["pre_feedforward_layernorm"]))
+        x = x + norm(config, m, p["post_feedforward_layernorm"])
+    else:  # Llama's post_attention_layernorm is the norm before the MLP
+        x = x + a
+        x = x + mlp(config, p["mlp"], norm(config, x, p["post_attention_layernorm"]))
     return constrain(x, ("batch", "length", "act_embed")), (k, v)
 
 
@@ -485,15 +588,14 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, sliding):
         c, pd = self.config, DTYPES[self.config.param_dtype]
-        p = {
-            "input_layernorm": _Norm(c.hidden_size, pd, name="input_layernorm")(),
-            "self_attn": _SelfAttention(c, name="self_attn")(),
-            "post_attention_layernorm": _Norm(c.hidden_size, pd, name="post_attention_layernorm")(),
-            "mlp": _MLP(c, name="mlp")(),
-        }
-        x, _ = decoder_layer(c, p, x, positions, mask, rope_inv_freq(c))
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if c.sandwich_norms:
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        p = {name: _Norm(c.hidden_size, pd, name=name)() for name in norms}
+        p |= {"self_attn": _SelfAttention(c, name="self_attn")(), "mlp": _MLP(c, name="mlp")()}
+        x, _ = decoder_layer(c, p, x, positions, layer_mask(mask, sliding), rope_inv_freq(c))
         return x, (x if self.collect_hidden else None)
 
 
@@ -508,9 +610,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, positions, mask, *, return_hidden: bool = False):
-        c, pd, dt = self.config, DTYPES[self.config.param_dtype], DTYPES[self.config.dtype]
-        embedding = _Embedding(c, name="embed_tokens")()
-        x = jnp.take(embedding, input_ids, axis=0).astype(dt)  # [B, T, D]
+        c, pd = self.config, DTYPES[self.config.param_dtype]
+        x = embed(c, _Embedding(c, name="embed_tokens")(), input_ids)  # [B, T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
         layer = DecoderLayer
         if c.remat_policy != "none":
@@ -519,12 +620,13 @@ class Llama(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, per_layer = stack(c, return_hidden, name="layers")(x, positions, mask)
-        x = rms_norm(x, _Norm(c.hidden_size, pd, name="norm")()["weight"], c.rms_norm_eps)
+        sliding = jnp.asarray(c.sliding_layers)  # [L], scanned with the layers
+        x, per_layer = stack(c, return_hidden, name="layers")(x, positions, mask, sliding)
+        x = norm(c, x, _Norm(c.hidden_size, pd, name="norm")())
         if not c.tie_word_embeddings:
             self.param("lm_head", _init(("embed", "vocab")), (c.hidden_size, c.vocab_size), pd)
         return (x, per_layer) if return_hidden else x
@@ -590,19 +692,38 @@ def hidden_states(
     left-padded rows get the positions an unpadded row would.
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
-    mask = _segment_mask(segment_ids, shared_segment, positions, model.config.sliding_window)
+    mask = _segment_mask(segment_ids, shared_segment, positions, model.config)
     return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden)
 
 
-def _segment_mask(segment_ids, shared_segment, positions, window):
+def _segment_mask(segment_ids, shared_segment, positions, config: LlamaConfig):
     # the public functions' `attention_mask` argument shadows the module's mask builder
-    return attention_mask(
-        segment_ids,
-        shared_segment=shared_segment,
-        window=window,
-        q_positions=positions,
-        kv_positions=positions,
-    )
+    def build(window):
+        return attention_mask(
+            segment_ids,
+            shared_segment=shared_segment,
+            window=window,
+            q_positions=positions,
+            kv_positions=positions,
+        )
+
+    return layer_masks(config, build)
+
+
+def layer_masks(config: LlamaConfig, build):
+    """What the layers attend with: one mask, or (full, sliding) when only some layers slide (Gemma-2);
+    `build(window)` makes one."""
+    sliding = config.sliding_layers
+    if all(sliding):
+        return build(config.sliding_window)
+    if not any(sliding):
+        return build(None)
+    return build(None), build(config.sliding_window)
+
+
+def layer_mask(mask, sliding):
+    """This layer's mask: the sliding one of a (full, sliding) pair where `sliding` (a traced bool)."""
+    return jnp.where(sliding, mask[1], mask[0]) if isinstance(mask, tuple) else mask
 
 
 def logits(
@@ -615,6 +736,7 @@ def logits(
     h, per_layer = out if return_hidden else (out, None)
     w = output_weight(model.config, params)
     z = jnp.einsum("BTD,DV->BTV", h.astype(jnp.float32), w.astype(jnp.float32))
+    z = softcap(z, model.config.final_logit_softcapping)
     return (z, h, per_layer) if return_hidden else z
 
 
@@ -660,6 +782,7 @@ def token_logps(
         with_entropy=with_entropy,
         with_sum_sq=with_sum_sq,
         kl=kl,
+        softcap=model.config.final_logit_softcapping,
         **ref,
     )
 

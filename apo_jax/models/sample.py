@@ -19,36 +19,39 @@ from apo_jax.models.llama import (
     attention_mask,
     decoder_layer,
     default_positions,
+    embed,
+    layer_mask,
+    layer_masks,
+    norm,
     output_weight,
-    rms_norm,
     rope_inv_freq,
+    softcap,
 )
 from apo_jax.sharding import activation_rules, mesh_of
 
 
 def _forward(config: LlamaConfig, params, ids, positions, caches, start, kv_valid):
     """Runs ids [B, t] (written at cache index `start`) and returns (last hidden [B, D], caches)."""
-    dt = DTYPES[config.dtype]
-    x = jnp.take(params["embed_tokens"]["embedding"], ids, axis=0).astype(dt)
+    x = embed(config, params["embed_tokens"]["embedding"], ids)
     t, S = ids.shape[1], kv_valid.shape[1]
     q_index = (start + jnp.arange(t))[None, :]
-    mask = attention_mask(
-        jnp.ones_like(ids),
-        kv_valid.astype(jnp.int32),
-        q_index=q_index,
-        kv_index=jnp.arange(S)[None, :],
-        window=config.sliding_window,  # by cache index: a left-padded prompt then its continuation
-    )
-    inv_freq = rope_inv_freq(config)
+
+    def build(window):  # by cache index: a left-padded prompt, then its continuation
+        kv_index = jnp.arange(S)[None, :]
+        return attention_mask(
+            jnp.ones_like(ids), kv_valid.astype(jnp.int32), q_index=q_index, kv_index=kv_index, window=window
+        )
+
+    masks, inv_freq = layer_masks(config, build), rope_inv_freq(config)
 
     def layer(x, xs):
-        p, k_cache, v_cache = xs
+        p, sliding, k_cache, v_cache = xs
+        mask = layer_mask(masks, sliding)
         x, kv = decoder_layer(config, p, x, positions, mask, inv_freq, cache=(k_cache, v_cache, start))
         return x, kv
 
-    x, caches = jax.lax.scan(layer, x, (params["layers"], *caches))
-    x = rms_norm(x[:, -1], params["norm"]["weight"], config.rms_norm_eps)
-    return x, caches
+    x, caches = jax.lax.scan(layer, x, (params["layers"], jnp.asarray(config.sliding_layers), *caches))
+    return norm(config, x[:, -1], params["norm"]), caches
 
 
 def _sample(logits, rng, temperature, top_p, top_k, greedy):
@@ -104,7 +107,8 @@ def _generate(
 
         def mixed_logits(hs):
             return sum(
-                mix[:, m, None] * jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w)
+                mix[:, m, None]
+                * softcap(jnp.einsum("BD,DV->BV", h.astype(jnp.float32), w), config.final_logit_softcapping)
                 for m, (h, w) in enumerate(zip(hs, weights, strict=True))
             )
 
