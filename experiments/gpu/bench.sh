@@ -22,3 +22,8 @@ JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3 -m experiments.bench --smoke --p
 python3 -m experiments.gpu.compare "$out/bench_smoke_gpu.json" "$out/bench_smoke_cpu.json" | tee "$out/compare.txt"
 python3 -m experiments.bench --shape 1b --length 2048 --batch 8 --dtype bfloat16 --remat dots_no_batch \
     --attention cudnn --out "$out/bench_h100.json" 2>&1 | tee "$out/bench.log"
+# the compiled per-device memory of the paper variant's step at 1B on this one GPU, beside the CPU
+# compiler's plan for one device (README, "Memory, compiled": is CPU's plan a fair proxy?)
+python3 -m experiments.bench.memory --shape 1b --setting paper --devices 1 --platform gpu 2>&1 | tee "$out/memory_gpu.txt"
+JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES= python3 -m experiments.bench.memory --shape 1b --setting paper \
+    --devices 1 --platform cpu 2>&1 | tee "$out/memory_cpu.txt"
