@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from test_models import _padded_batch
 
 from apo_jax import models, testing
 
@@ -38,22 +39,12 @@ def _hf(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
 
 
-def _batch(seed=0, B=4, T=14, V=320):
-    """Random ids with a left-padded row, a right-padded row and two full rows."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(6, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    mask[0, :5] = 0
-    mask[1, 10:] = 0
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_logits_and_log_probs_match_transformers(family_checkpoints, name):
     path = family_checkpoints[name]
     model, params = models.from_hf(path)
     assert model.config.model_type == name
-    ids, mask = _batch()
+    ids, mask = _padded_batch()  # a left-padded row, a right-padded row and two full rows
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     with torch.no_grad():
         hf = _hf(path)(
