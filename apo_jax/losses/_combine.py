@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -25,7 +24,6 @@ class Mixture:
 
     parts: tuple[Loss, ...]
     weights: tuple[float, ...]
-    bound: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # see `Loss.bind`
 
     def __post_init__(self):
         kinds = {p.kind for p in self.parts}
@@ -73,25 +71,27 @@ class Mixture:
         return states or None
 
     def bind(self, **hparams) -> Mixture:
-        """The mixture with `hparams` fixed (shared by name among the parts), checked once here."""
-        self.validate(**hparams)
-        return dataclasses.replace(self, bound={**self.bound, **hparams})
+        """The mixture with `hparams` fixed: each part bound to its share of them (`Loss.bind`)."""
+        self._check_names(hparams)
+        return dataclasses.replace(self, parts=tuple(p.bind(**_share(p, hparams)) for p in self.parts))
 
     def validate(self, **hparams) -> None:
         """Raises ValueError naming any hyperparameter no part takes, or an invalid value."""
+        self._check_names(hparams)
+        for p in self.parts:
+            p.validate(**_share(p, hparams))
+
+    def _check_names(self, hparams) -> None:
         unknown = sorted(set(hparams) - set(self.hparams) - {"f_divergence_type", "f_alpha_divergence_coef"})
         if unknown:
             raise ValueError(
                 f"loss {self.name!r} got unknown hyperparameter(s) {unknown}; it takes {sorted(self.hparams)}"
             )
-        for p in self.parts:
-            p.validate(**{k: v for k, v in hparams.items() if k in p.hparams or k.startswith("f_")})
 
     def __call__(self, *logps, example_weights=None, loss_state=None, **kwargs) -> LossOutput:
-        given = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
+        hparams = {k: v for k, v in kwargs.items() if k not in BATCH_FIELDS}
         fields = {k: v for k, v in kwargs.items() if k in BATCH_FIELDS}
-        self.validate(**{k: v for k, v in given.items() if k != "beta"})
-        hparams = {**self.bound, **given}
+        self._check_names(hparams)  # each part checks the values of its share when called
         if example_weights is not None and any(p.name in _SORTING for p in self.parts):
             raise ValueError(
                 "WPO weighting (use_weighting) cannot be combined with 'aot' or 'aot_unpaired': "
@@ -99,7 +99,7 @@ class Mixture:
             )
         total, outputs, states = 0.0, [], {}
         for part, weight in zip(self.parts, self.weights, strict=True):
-            taken = {k: v for k, v in hparams.items() if k in part.hparams or k.startswith("f_")}
+            taken = _share(part, hparams)
             taken.update({k: v for k, v in fields.items() if k in part.needs + part.accepts})
             if part.stateful:
                 taken["loss_state"] = None if loss_state is None else loss_state.get(part.name)
@@ -121,6 +121,11 @@ class Mixture:
             loss_state=states or None,
             metrics=metrics or None,
         )
+
+
+def _share(part: Loss, hparams) -> dict:
+    """The hyperparameters `part` takes (TRL shares them by name; f-divergence settings go to all)."""
+    return {k: v for k, v in hparams.items() if k in part.hparams or k.startswith("f_")}
 
 
 def build(name: str | Sequence[str], weights: Sequence[float] | None = None, **hparams) -> Loss | Mixture:
