@@ -260,9 +260,7 @@ def trl_metrics(loss, fwd: Forward, out: losses_lib.LossOutput, batch) -> dict[s
             "rewards/chosen_positive": jnp.sum(jnp.where(label, rho > 0, False)) / n_pos,
             "rewards/rejected_negative": jnp.sum(jnp.where(label, False, rho < 0)) / n_neg,
         }
-        if "kl" in loss.needs:
-            metrics["kl"] = losses_lib.kto_kl(pol.mismatched, ref.mismatched)
-        return metrics | (out.metrics or {})
+        return metrics | (out.metrics or {})  # KTO's reports its reference point as `kl`
     cr, rj = out.chosen_rewards, out.rejected_rewards
     metrics = {
         "rewards/chosen": jnp.mean(cr),
