@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from apo_jax import cli, models, sharding
 from apo_jax.cli import UserError
+from apo_jax.data import layouts
 from apo_jax.train import config as config_lib
 from apo_jax.train.loop import step_config
 from apo_jax.train.state import create_state, make_optimizer, opt_state_shardings
@@ -83,18 +84,16 @@ def step_memory(config, shape: str, length: int) -> dict:
         jax.eval_shape(init, params),
         state_shardings,
     )
-    G, T = config.train.batch_size, length
-    rows, pairs = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    batch = {
-        f"{side}_{key}": jax.ShapeDtypeStruct((G, T), dtype, sharding=rows)
-        for side in ("chosen", "rejected")
-        for key, dtype in (("input_ids", "int32"), ("attention_mask", "int32"), ("loss_mask", "float32"))
-    }
+    # the batch as the reader lays it out (one padded pair, its keys and dtypes), G rows of T
+    pair = {"prompt_ids": [6], "chosen_ids": [7], "rejected_ids": [8]}
     if reference == "precomputed":
-        batch |= {
-            f"ref_{side}_logps": jax.ShapeDtypeStruct((G,), "float32", sharding=pairs)
-            for side in ("chosen", "rejected")
-        }
+        pair |= {"ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (config.train.batch_size, *v.shape[1:]), v.dtype, sharding=sharding.batch_sharding(mesh, v.ndim)
+        )
+        for k, v in layouts.padded([pair], length).items()
+    }
     step = sharding.on_mesh(make_train_step(model, loss, tx, lr, step_config(config, reference)), mesh)
     started = time.perf_counter()
     compiled = (
