@@ -217,26 +217,29 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
         server.close()
 
 
+def _revise_cmd(answers, out, base_url, *extra) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "apo_jax.data.clair",
+        "revise",
+        "--input",
+        str(answers),
+        "--output",
+        str(out),
+        "--base-url",
+        base_url,
+        "--model",
+        "gpt-4-0125-preview",
+        *extra,
+    ]
+
+
 def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
     server = Server(delay=0.3)
     try:
         answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
-        cmd = [
-            sys.executable,
-            "-m",
-            "apo_jax.data.clair",
-            "revise",
-            "--input",
-            str(answers),
-            "--output",
-            str(out),
-            "--base-url",
-            server.url,
-            "--model",
-            "gpt-4-0125-preview",
-            "--concurrency",
-            "1",
-        ]
+        cmd = _revise_cmd(answers, out, server.url, "--concurrency", "1")
         env = {**os.environ, "OPENAI_API_KEY": "test-key"}
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

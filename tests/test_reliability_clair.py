@@ -9,11 +9,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from test_clair import ROOT, ROWS, Server, _answers
+from test_clair import ROOT, ROWS, Server, _answers, _revise_cmd
 
 from apo_jax.cli import UserError
 from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
@@ -27,24 +26,6 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]  # closed on leaving: nothing listens there
-
-
-def _revise_cmd(answers, out, base_url, *extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "apo_jax.data.clair",
-        "revise",
-        "--input",
-        str(answers),
-        "--output",
-        str(out),
-        "--base-url",
-        base_url,
-        "--model",
-        "gpt-4-0125-preview",
-        *extra,
-    ]
 
 
 def _env(**set_vars) -> dict:
