@@ -1,5 +1,5 @@
 """Hugging Face checkpoints in and out: config.json + safetensors <-> (Llama, params), for the
-families one Llama-shaped model covers: llama, mistral, qwen2 and qwen3 (`_family_fields` says what
+families one Llama-shaped model covers: llama, mistral, qwen2, qwen3 and gemma2 (`_family_fields` says what
 each adds; `ARCHITECTURES` names their transformers classes on export).
 
 Only safetensors are read: a pickle-based `pytorch_model.bin` could run code when loaded. Each
@@ -39,6 +39,7 @@ _ST_DTYPES = {
 }
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _SUPPORTED_ACT = ("silu", "gelu_pytorch_tanh")
+_DEFAULT_ACT = {"gemma2": "gelu_pytorch_tanh"}
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -71,7 +72,8 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
         raise CheckpointError(
             f"{cfg_file}: model_type={model_type!r}, this loader reads {', '.join(MODEL_TYPES)} checkpoints"
         )
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")  # Gemma-2 names it the first way
+    # Gemma-2 names it hidden_activation; each family's transformers default where it is left out
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or _DEFAULT_ACT.get(model_type, "silu")
     if act not in _SUPPORTED_ACT:
         raise CheckpointError(
             f"{cfg_file}: hidden_act={act!r} is not supported (supported: {_SUPPORTED_ACT})"
@@ -120,6 +122,7 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
             eos_token_id=eos,
             pad_token_id=cfg.get("pad_token_id"),
             model_type=model_type,
+            hidden_act=act,
             **_family_fields(cfg_file, cfg),
             **llama3,
             **policies,
@@ -146,7 +149,6 @@ def _family_fields(cfg_file, cfg: dict) -> dict:
         n = cfg["num_hidden_layers"]
         alternate = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
         out |= {
-            "hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh"),
             "norm_weight_offset": 1.0,
             "embed_scale": True,
             "sandwich_norms": True,
@@ -164,7 +166,7 @@ def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
     out = {
         "architectures": [ARCHITECTURES[config.model_type]],
         "model_type": config.model_type,
-        "hidden_act": "silu",
+        "hidden_act": config.hidden_act,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -197,8 +199,7 @@ def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
         del out["attention_bias"], out["mlp_bias"]
     elif config.model_type == "gemma2":
         out |= {
-            "hidden_activation": config.hidden_act,
-            "hidden_act": config.hidden_act,
+            "hidden_activation": config.hidden_act,  # Gemma2Config's name for it
             "query_pre_attn_scalar": config.query_pre_attn_scalar,
             "attn_logit_softcapping": config.attn_logit_softcapping,
             "final_logit_softcapping": config.final_logit_softcapping,
