@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -28,13 +27,7 @@ from apo_jax.data.reader import PreferenceReader
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
-from apo_jax.train.state import (
-    build_model,
-    create_state,
-    make_optimizer,
-    model_vocab_size,
-    opt_state_shardings,
-)
+from apo_jax.train.state import build_model, initial_state, make_optimizer, model_vocab_size
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
 
 
@@ -217,8 +210,8 @@ def _reader(path, cfg, batch_size: int, seed: int, grad_accum: int = 1) -> Prefe
 
 
 def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
-    """The train state: the policy, the optimizer, the loss's state and the reference (a frozen copy
-    in the compute dtype, the policy itself for TR-DPO's sync, or a model of its own: reference.path)."""
+    """The train state (`state.initial_state`), with the reference loaded from reference.path when the
+    config names one."""
     ref_loaded = None
     if reference in ("frozen", "sync") and cfg.reference.path:  # a reference other than the start
         ref_cfg = cfg.copy_and_resolve_references()
@@ -229,21 +222,17 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
                 f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
             )
     loss_state = loss.init_state() if loss is not None and loss.stateful else None
-    opt_shardings = opt_state_shardings(model, tx, mesh)
 
     def init(params, ref_loaded):
-        ref = ref_loaded  # a reference loaded apart, or a copy of the starting policy
-        if reference == "frozen":  # in the compute dtype: the same log-probs in less memory
-            ref = models.frozen_copy(model.config, params if ref is None else ref)
-        elif reference == "sync" and ref is None:  # mixed with the policy: keeps the policy's precision
-            ref = jax.tree.map(jnp.copy, params)
-        return create_state(
-            params,
+        return initial_state(
+            model,
             tx,
+            params,
+            reference,
             seed=cfg.train.seed,
-            ref_params=ref,
+            mesh=mesh,
             loss_state=loss_state,
-            opt_shardings=opt_shardings,
+            ref_loaded=ref_loaded,
         )
 
     return jax.jit(init)(params, ref_loaded)

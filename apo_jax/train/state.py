@@ -94,6 +94,22 @@ def opt_state_shardings(model, tx, mesh):
     return sharding.param_shardings(jax.eval_shape(tx.init, models.abstract_params(model)), mesh)
 
 
+def initial_state(model, tx, params, reference: str, *, seed: int, mesh, loss_state=None, ref_loaded=None):
+    """The first train state of a run (traceable: jit it). The reference is `ref_loaded` (a model of
+    its own) or the starting policy: a frozen copy in the compute dtype for `frozen` (the same
+    log-probs in less memory), the policy's own precision for TR-DPO's `sync`, none otherwise.
+    AdamW's moments are split over `mesh` like their parameters."""
+    ref = ref_loaded
+    if reference == "frozen":
+        ref = models.frozen_copy(model.config, params if ref is None else ref)
+    elif reference == "sync" and ref is None:
+        ref = jax.tree.map(jnp.copy, params)
+    opt_shardings = opt_state_shardings(model, tx, mesh)
+    return create_state(
+        params, tx, seed=seed, ref_params=ref, loss_state=loss_state, opt_shardings=opt_shardings
+    )
+
+
 def create_state(
     params, tx, *, seed: int, ref_params=None, loss_state=None, opt_shardings=None
 ) -> TrainState:

@@ -28,7 +28,7 @@ from apo_jax.cli import UserError
 from apo_jax.data import layouts
 from apo_jax.train import config as config_lib
 from apo_jax.train.loop import step_config
-from apo_jax.train.state import create_state, make_optimizer, opt_state_shardings
+from apo_jax.train.state import initial_state, make_optimizer
 from apo_jax.train.step import make_train_step
 from experiments.configs import grid
 
@@ -74,9 +74,8 @@ def step_memory(config, shape: str, length: int) -> dict:
     loss = config_lib.build_loss(config)
     reference = config.reference.mode if loss.uses_reference else "none"
     tx, lr = make_optimizer(config.optimizer, config.train.steps)
-    opt_shardings = opt_state_shardings(model, tx, mesh)
     init = jax.jit(
-        lambda p: create_state(p, tx, seed=0, loss_state=loss.init_state(), opt_shardings=opt_shardings)
+        lambda p: initial_state(model, tx, p, reference, seed=0, mesh=mesh, loss_state=loss.init_state())
     )
     state_shardings = init.lower(params).compile().output_shardings
     state = jax.tree.map(
