@@ -75,6 +75,16 @@ def tiny_checkpoints(tmp_path_factory, tiny_tokenizer):
     }
 
 
+@pytest.fixture(scope="session")
+def records(tmp_path_factory, tiny_tokenizer):
+    """32 tiny preference pairs (TFRecords) for the trainer's tests."""
+    from apo_jax import testing
+
+    return testing.tiny_preference_records(
+        tmp_path_factory.mktemp("data") / "train", tiny_tokenizer, n=32, max_length=64
+    )
+
+
 def first_step(workdir) -> dict:
     """The first training step's metrics (an eval line at step 0 may come before it)."""
     import json

@@ -25,13 +25,6 @@ from apo_jax.train.config import ConfigError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory, tiny_tokenizer):
-    return testing.tiny_preference_records(
-        tmp_path_factory.mktemp("data") / "train", tiny_tokenizer, n=32, max_length=64
-    )
-
-
 def make_config(workdir, train_dir, **overrides):
     cfg = train.default_config()
     cfg.workdir = str(workdir)

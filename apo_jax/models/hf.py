@@ -20,7 +20,15 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
-from apo_jax.models.llama import DTYPES, MODEL_TYPES, Llama, LlamaConfig, abstract_params, dtype_name
+from apo_jax.models.llama import (
+    ADAPTER_KEYS,
+    DTYPES,
+    MODEL_TYPES,
+    Llama,
+    LlamaConfig,
+    abstract_params,
+    dtype_name,
+)
 from apo_jax.sharding import param_shardings
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy
@@ -418,6 +426,15 @@ def to_hf(
     model.safetensors.index.json), config.json in the published form, and the tokenizer if given.
     `dtype`: the stored dtype (default: the parameters' own).
     """
+    paths = [
+        tuple(getattr(k, "key", None) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    if any(path[-1] in ADAPTER_KEYS for path in paths):
+        raise ValueError(
+            "params hold LoRA adapters: export lora.merge(model, params) (a merged checkpoint) "
+            "or write them with lora.save_peft"
+        )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config

@@ -49,6 +49,7 @@ def dtype_name(dtype) -> str:
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
@@ -95,6 +96,10 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see REMAT_POLICIES
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation= ("xla", "cudnn")
+    # LoRA (models/lora.py): rank 0 = none; adapters float32 beside the base, scaled by alpha / rank
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
@@ -116,6 +121,12 @@ class LlamaConfig:
                 raise ValueError(
                     f"layer_types={self.layer_types}: one of sliding_attention/full_attention per layer"
                 )
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS):
+            raise ValueError(
+                f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: a rank >= 0 and "
+                f"targets among {list(LORA_TARGETS)}"
+            )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -136,6 +147,11 @@ class LlamaConfig:
         if self.layer_types is None:
             return (True,) * self.num_hidden_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def lora_scale(self) -> float:
+        """PEFT's `scaling`: the adapters' product is multiplied by alpha / rank."""
+        return self.lora_alpha / self.lora_rank
 
     @property
     def has_o_bias(self) -> bool:
@@ -386,17 +402,27 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _linear(p, x, spec, dtype):
-    y = jnp.einsum(spec, x, p["kernel"].astype(dtype))
-    return y + p["bias"].astype(dtype) if "bias" in p else y
+def _linear(config: LlamaConfig, p, x, spec):
+    """x times the kernel (+ bias), in the compute dtype; + scale · (x A) B where the projection
+    carries LoRA adapters (`lora_a` [in..., r], `lora_b` [r, out...]: PEFT's lora_A/lora_B)."""
+    dt = DTYPES[config.dtype]
+    y = jnp.einsum(spec, x, p["kernel"].astype(dt))
+    if "lora_a" in p:
+        ins, out = spec.split("->")
+        xs, ks = ins.split(",")
+        rows = "".join(c for c in xs if c not in ks)  # B, T
+        contract = "".join(c for c in ks if c in xs)
+        xa = jnp.einsum(f"{xs},{contract}R->{rows}R", x, p["lora_a"].astype(dt))
+        delta = jnp.einsum(f"{rows}R,R{ks[len(contract) :]}->{out}", xa, p["lora_b"].astype(dt))
+        y = y + delta * jnp.asarray(config.lora_scale, dt)
+    return y + p["bias"].astype(dt) if "bias" in p else y
 
 
 def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
     """q [B, T, N, H], k and v [B, T, K, H] of a normed input x [B, T, D], RoPE applied."""
-    dt = DTYPES[config.dtype]
-    q = _linear(p["q_proj"], x, "BTD,DNH->BTNH", dt)
-    k = _linear(p["k_proj"], x, "BTD,DKH->BTKH", dt)
-    v = _linear(p["v_proj"], x, "BTD,DKH->BTKH", dt)
+    q = _linear(config, p["q_proj"], x, "BTD,DNH->BTNH")
+    k = _linear(config, p["k_proj"], x, "BTD,DKH->BTKH")
+    v = _linear(config, p["v_proj"], x, "BTD,DKH->BTKH")
     if config.qk_norm:  # Qwen3: each head of q and k normed over H
         q, k = norm(config, q, p["q_norm"]), norm(config, k, p["k_norm"])
     q = constrain(q, ("batch", "length", "act_heads", "head_dim"))
@@ -405,12 +431,11 @@ def attention_qkv(config: LlamaConfig, p, x, positions, inv_freq):
 
 def attention_out(config: LlamaConfig, p, q, k, v, mask):
     """Grouped-query attention of q [B, T, N, H] over k, v [B, S, K, H]; mask [B, 1, T, S] bool."""
-    dt = DTYPES[config.dtype]
     if config.attn_logit_softcapping is None and config.query_pre_attn_scalar is None:
         o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=config.attention_impl)
     else:
         o = _capped_attention(config, q, k, v, mask)  # [B, T, N, H]
-    return _linear(p["o_proj"], o, "BTNH,NHD->BTD", dt)
+    return _linear(config, p["o_proj"], o, "BTNH,NHD->BTD")
 
 
 def _capped_attention(config: LlamaConfig, q, k, v, mask):
@@ -429,11 +454,12 @@ def _capped_attention(config: LlamaConfig, q, k, v, mask):
 
 def mlp(config: LlamaConfig, p, x):
     """SwiGLU (GeGLU for Gemma): down(act(gate(x)) * up(x)). x [B, T, D]."""
-    dt = DTYPES[config.dtype]
     act = ACTIVATIONS[config.hidden_act]
-    h = act(_linear(p["gate_proj"], x, "BTD,DF->BTF", dt)) * _linear(p["up_proj"], x, "BTD,DF->BTF", dt)
+    h = act(_linear(config, p["gate_proj"], x, "BTD,DF->BTF")) * _linear(
+        config, p["up_proj"], x, "BTD,DF->BTF"
+    )
     h = constrain(h, ("batch", "length", "mlp"))
-    return _linear(p["down_proj"], h, "BTF,FD->BTD", dt)
+    return _linear(config, p["down_proj"], h, "BTF,FD->BTD")
 
 
 def decoder_layer(config: LlamaConfig, p, x, positions, mask, inv_freq, cache=None):
@@ -515,10 +541,17 @@ def _init(axes, scale=0.02):
 
 
 class _Linear(nn.Module):
+    """A projection's kernel (+ bias); with `lora_rank`, LoRA adapters beside it: `lora_a` over the
+    kernel's `n_in` input axes and `lora_b` over its output axes, float32 whatever the base's dtype.
+    They are declared when initialising and read when present: parameters without them (the
+    reference: the base with adapters off) apply the same module as the plain projection."""
+
     kernel_shape: tuple[int, ...]
     kernel_axes: tuple[str, ...]
     bias_axes: tuple[str, ...] | None
     param_dtype: Any
+    n_in: int = 1
+    lora_rank: int = 0
 
     @nn.compact
     def __call__(self):
@@ -527,6 +560,13 @@ class _Linear(nn.Module):
             shape = self.kernel_shape[-len(self.bias_axes) :]
             init = nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes)
             p["bias"] = self.param("bias", init, shape, self.param_dtype)
+        if self.has_variable("params", "lora_a") or (self.lora_rank and self.is_initializing()):
+            n, r = self.n_in, self.lora_rank
+            a_axes, b_axes = (*self.kernel_axes[:n], "lora_rank"), ("lora_rank", *self.kernel_axes[n:])
+            a_shape, b_shape = (*self.kernel_shape[:n], r), (r, *self.kernel_shape[n:])
+            zeros = nn.with_logical_partitioning(nn.initializers.zeros, b_axes)
+            p["lora_a"] = self.param("lora_a", _init(a_axes), a_shape, jnp.float32)
+            p["lora_b"] = self.param("lora_b", zeros, b_shape, jnp.float32)
         return p
 
 
@@ -548,8 +588,8 @@ class _SelfAttention(nn.Module):
         c, pd = self.config, DTYPES[self.config.param_dtype]
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.H
 
-        def linear(name, shape, axes, bias_axes, bias):
-            return _Linear(shape, axes, bias_axes if bias else None, pd, name=name)()
+        def linear(name, shape, axes, bias_axes, bias, n_in=1):
+            return _Linear(shape, axes, bias_axes if bias else None, pd, n_in, _rank(c, name), name=name)()
 
         b = c.attention_bias
         p = {
@@ -560,7 +600,10 @@ class _SelfAttention(nn.Module):
             "v_proj": linear(
                 "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), ("kv_heads", "head_dim"), b
             ),
-            "o_proj": linear("o_proj", (N, H, D), ("heads", "head_dim", "embed"), ("embed",), c.has_o_bias),
+            # o_proj reads heads × head_dim
+            "o_proj": linear(
+                "o_proj", (N, H, D), ("heads", "head_dim", "embed"), ("embed",), c.has_o_bias, 2
+            ),
         }
         if c.qk_norm:
             p |= {"q_norm": _Norm(H, pd, name="q_norm")(), "k_norm": _Norm(H, pd, name="k_norm")()}
@@ -574,11 +617,20 @@ class _MLP(nn.Module):
     def __call__(self):
         c, pd = self.config, DTYPES[self.config.param_dtype]
         D, F, b = c.hidden_size, c.intermediate_size, c.mlp_bias
+
+        def linear(name, shape, axes, bias_axes):
+            return _Linear(shape, axes, bias_axes if b else None, pd, 1, _rank(c, name), name=name)()
+
         return {
-            "gate_proj": _Linear((D, F), ("embed", "mlp"), ("mlp",) if b else None, pd, name="gate_proj")(),
-            "up_proj": _Linear((D, F), ("embed", "mlp"), ("mlp",) if b else None, pd, name="up_proj")(),
-            "down_proj": _Linear((F, D), ("mlp", "embed"), ("embed",) if b else None, pd, name="down_proj")(),
+            "gate_proj": linear("gate_proj", (D, F), ("embed", "mlp"), ("mlp",)),
+            "up_proj": linear("up_proj", (D, F), ("embed", "mlp"), ("mlp",)),
+            "down_proj": linear("down_proj", (F, D), ("mlp", "embed"), ("embed",)),
         }
+
+
+def _rank(config: LlamaConfig, name: str) -> int:
+    """The LoRA rank of projection `name` (0: no adapters)."""
+    return config.lora_rank if name in config.lora_targets else 0
 
 
 class DecoderLayer(nn.Module):
@@ -800,23 +852,44 @@ def init_params(model: Llama, seed: int = 0, mesh=None):
     Each leaf is drawn on the host with numpy (seeded by `seed` and its index) and sent straight
     to its sharding, one parameter at a time, so every process of a multi-host run builds the
     same values and nothing is compiled (XLA's compile of a random init costs seconds on CPU).
+    LoRA adapters (`lora_rank` > 0) are drawn apart from the base (see `init_leaf`), so the base
+    weights are the same with adapters or without.
     """
     abstract = abstract_params(model)
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     paths, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))
     flat_shardings = jax.tree.leaves(shardings) if shardings is not None else [None] * len(paths)
-    leaves = []
+    leaves, base_index = [], 0
     for i, ((path, leaf), sharding) in enumerate(zip(paths, flat_shardings, strict=True)):
         name = getattr(path[-1], "key", None)
-        if name == "weight":
-            host = np.ones(leaf.shape, np.float32)
-        elif name == "bias":
-            host = np.zeros(leaf.shape, np.float32)
-        else:
-            host = 0.02 * np.random.default_rng([seed, i]).standard_normal(leaf.shape, np.float32)
-        host = host.astype(leaf.dtype)
-        if sharding is None:
-            leaves.append(jax.device_put(host))
-        else:
-            leaves.append(jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
+        index = i if name in ADAPTER_KEYS else base_index
+        base_index += name not in ADAPTER_KEYS
+        leaves.append(place(init_leaf(name, leaf, seed, index), sharding))
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+
+
+def init_leaf(name: str, leaf, seed: int, index: int) -> np.ndarray:
+    """The host value of parameter `name` (its last path key) of shape/dtype `leaf`: norms 1, biases 0,
+    weights normal(0.02) seeded by (seed, index); LoRA's `lora_b` 0 and `lora_a` uniform in
+    ±1/√fan_in (PEFT's Kaiming-uniform init with a = √5), seeded by (seed, index, 1)."""
+    shape = leaf.shape
+    if name == "weight":
+        host = np.ones(shape, np.float32)
+    elif name in ("bias", "lora_b"):
+        host = np.zeros(shape, np.float32)
+    elif name == "lora_a":  # [L, in..., r]
+        bound = 1.0 / math.sqrt(math.prod(shape[1:-1]))
+        host = np.random.default_rng([seed, index, 1]).uniform(-bound, bound, shape).astype(np.float32)
+    else:
+        host = 0.02 * np.random.default_rng([seed, index]).standard_normal(shape, np.float32)
+    return host.astype(leaf.dtype)
+
+
+def place(host: np.ndarray, sharding=None) -> jax.Array:
+    """A host array on the default device, or split over `sharding` (each device copies its slice)."""
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])

@@ -20,6 +20,7 @@ from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
+from apo_jax.models.llama import LORA_TARGETS
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 
@@ -94,6 +95,15 @@ def default_config() -> ml_collections.ConfigDict:
             "precompute_batch_size": 8,
         }
     )
+    c.lora = ml_collections.ConfigDict(
+        {
+            "rank": 0,  # 0: full fine-tuning; r > 0: LoRA adapters of rank r on a frozen base
+            "alpha": 16.0,  # the adapters' product is scaled by alpha / rank (PEFT's lora_alpha)
+            "targets": LORA_TARGETS,  # projections: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+            "dropout": 0.0,  # PEFT's lora_dropout: not implemented, must stay 0
+            "path": "",  # a PEFT adapter folder to start from (its rank, alpha and targets must match)
+        }
+    )
     c.online = default_online()  # the online / iterative loop (apo_jax.train.online); train.run ignores it
     return c
 
@@ -123,6 +133,8 @@ RANGES = (
     ("model.vocab_size", 1, math.inf, True),
     ("reference.sync_steps", 1, math.inf, True),
     ("reference.precompute_batch_size", 1, math.inf, True),
+    ("lora.rank", 0, math.inf, True),
+    ("lora.alpha", 0.0, math.inf, False),
 )
 
 
@@ -292,7 +304,8 @@ def validate(config) -> None:
         raise ConfigError(f"optimizer.schedule={o.schedule!r}: use linear, cosine or constant")
     if o.mu_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: use '', 'float32' or 'bfloat16'")
-    if m.param_dtype in ("bfloat16", "float16") and o.lr < 1e-4:
+    check_lora(config)
+    if m.param_dtype in ("bfloat16", "float16") and o.lr < 1e-4 and not config.lora.rank:
         raise ConfigError(
             f"model.param_dtype={m.param_dtype!r} with optimizer.lr={o.lr:g}: an AdamW step moves a weight "
             f"by about lr, below {m.param_dtype}'s resolution (a weight of 0.01 moves in steps of 6e-5), so "
@@ -342,6 +355,38 @@ def validate(config) -> None:
         )
     if not loss.uses_reference and r.mode not in ("none", "frozen"):
         raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
+
+
+def lora_targets(config) -> tuple[str, ...]:
+    """lora.targets as projection names ("q" and "q_proj" alike)."""
+    targets = (config.lora.targets,) if isinstance(config.lora.targets, str) else config.lora.targets
+    names = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in targets)
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names:
+        raise ConfigError(f"lora.targets={tuple(targets)}: name projections among {list(LORA_TARGETS)}")
+    return names
+
+
+def check_lora(config) -> None:
+    """The lora group: a rank with targets, no dropout, no TR-DPO (its reference mixes in the policy's
+    weights, while a LoRA run's reference is the base with adapters off)."""
+    lo = config.lora
+    if not lo.rank:
+        if lo.path:
+            raise ConfigError(f"lora.path={lo.path}: set lora.rank (and alpha, targets) to the adapter's")
+        return
+    lora_targets(config)
+    if lo.dropout:
+        raise ConfigError(
+            f"lora.dropout={lo.dropout}: LoRA dropout is not implemented; adapters train without it (set 0)"
+        )
+    if config.reference.mode == "sync":
+        raise ConfigError(
+            "reference.mode='sync' (TR-DPO) with lora.rank > 0: the reference of a LoRA run is the "
+            "base with its adapters off; use reference.mode frozen, precomputed or none"
+        )
+    if lo.path and not (pathlib.Path(lo.path) / "adapter_config.json").is_file():
+        raise ConfigError(f"lora.path={lo.path}: no adapter_config.json there (a PEFT adapter folder)")
 
 
 def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_size: int) -> None:

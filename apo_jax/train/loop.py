@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from apo_jax import models, outputs, sharding
 from apo_jax.data.reader import PreferenceReader
+from apo_jax.models import lora
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
@@ -216,8 +217,8 @@ def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
     if reference in ("frozen", "sync") and cfg.reference.path:  # a reference other than the start
         ref_cfg = cfg.copy_and_resolve_references()
         ref_cfg.model.path = cfg.reference.path
-        ref_model, ref_loaded = build_model(ref_cfg, mesh)
-        if ref_model.config != model.config:
+        ref_model, ref_loaded = build_model(ref_cfg, mesh, adapters=False)
+        if ref_model.config != lora.plain(model.config):
             raise config_lib.ConfigError(
                 f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
             )
@@ -371,8 +372,17 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             "the model did not change and was not exported"
         )
     if status == "done" and t.export_hf:
-        models.to_hf(model, state.params, workdir / "hf")
+        export(cfg, model, state.params, workdir)
     return {"status": status, "step": step, "metrics": log.last, "state": state}
+
+
+def export(cfg, model, params, workdir: pathlib.Path) -> None:
+    """hf/: the policy as a Hugging Face checkpoint; for a LoRA run, the adapters merged into the
+    base there, and adapter/: the adapters alone as a PEFT folder (on the base `model.path`)."""
+    if lora.has_adapters(params):
+        lora.save_peft(model, params, workdir / "adapter", base_model=cfg.model.path)
+        model, params = lora.merge(model, params)
+    models.to_hf(model, params, workdir / "hf")
 
 
 def _progress(t, start):

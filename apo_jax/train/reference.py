@@ -41,7 +41,7 @@ def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> path
             "loss.ld_alpha with precomputed references needs per-token log-probs: use frozen"
         )
     mesh = sharding.make_mesh(**dict(cfg.mesh))
-    model, params = build_model(cfg, mesh)
+    model, params = build_model(cfg, mesh, adapters=False)  # a LoRA run's reference: the base
     length = cfg.data.length or meta["max_length"]
     step_cfg = StepConfig(layout="padded")
     score = jax.jit(sharding.on_mesh(lambda p, b: sequence_sums(model, p, b, step_cfg), mesh))

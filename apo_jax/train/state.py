@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from apo_jax import models, sharding
+from apo_jax.models import lora
+from apo_jax.train import config as config_lib
 
 
 def model_vocab_size(m) -> int:
@@ -18,14 +20,35 @@ def model_vocab_size(m) -> int:
     return models.read_config(m.path).vocab_size if m.path else m.vocab_size  # a preset takes vocab_size
 
 
-def build_model(cfg, mesh):
-    """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random."""
-    m = cfg.model
+def build_model(cfg, mesh, *, adapters: bool = True):
+    """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random. With
+    `lora.rank` > 0 (and `adapters`), LoRA adapters beside the base: fresh (B = 0, the policy starts
+    as the base) or read from the PEFT folder `lora.path`; `adapters=False` gives the base alone."""
+    m, lo = cfg.model, cfg.get("lora", None)
     policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
+    if lo is not None and lo.rank and adapters:
+        targets = config_lib.lora_targets(cfg)
+        policies |= {"lora_rank": lo.rank, "lora_alpha": float(lo.alpha), "lora_targets": targets}
     if m.path:
-        return models.from_hf(m.path, mesh=mesh, **policies)
-    model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
-    return model, models.init_params(model, m.seed, mesh)
+        model, params = models.from_hf(m.path, mesh=mesh, **policies)
+        if model.config.lora_rank:
+            params = lora.add_adapters(model, params, m.seed, mesh)
+    else:
+        model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
+        params = models.init_params(model, m.seed, mesh)
+    if model.config.lora_rank and lo.path:
+        params = lora.load_peft(model, params, lo.path, mesh)
+    return model, params
+
+
+def trainable(params):
+    """What the optimizer updates: the LoRA adapters when the params have them, else all of them."""
+    return lora.split(params)[0] if lora.has_adapters(params) else params
+
+
+def with_trainable(params, train):
+    """`params` with the part `trainable` gives replaced by `train`."""
+    return lora.join(train, lora.base(params)) if lora.has_adapters(params) else train
 
 
 @flax.struct.dataclass
@@ -90,17 +113,20 @@ def make_optimizer(opt, total_steps: int) -> tuple[optax.GradientTransformation,
 
 def opt_state_shardings(model, tx, mesh):
     """The optimizer state's NamedShardings: each moment split like its parameter by the rules
-    table (read from `tx.init` of the boxed abstract parameters), the counters replicated."""
-    return sharding.param_shardings(jax.eval_shape(tx.init, models.abstract_params(model)), mesh)
+    table (read from `tx.init` of the boxed abstract parameters it updates), the counters replicated."""
+    abstract = trainable(models.abstract_params(model))
+    return sharding.param_shardings(jax.eval_shape(tx.init, abstract), mesh)
 
 
 def initial_state(model, tx, params, reference: str, *, seed: int, mesh, loss_state=None, ref_loaded=None):
     """The first train state of a run (traceable: jit it). The reference is `ref_loaded` (a model of
     its own) or the starting policy: a frozen copy in the compute dtype for `frozen` (the same
-    log-probs in less memory), the policy's own precision for TR-DPO's `sync`, none otherwise.
-    AdamW's moments are split over `mesh` like their parameters."""
+    log-probs in less memory), the policy's own precision for TR-DPO's `sync`, none otherwise; with
+    LoRA adapters, none either: the step reads the base (adapters off) out of the params.
+    AdamW's moments, of what the optimizer updates (`trainable`), are split over `mesh` like their
+    parameters."""
     ref = ref_loaded
-    if reference == "frozen":
+    if reference == "frozen" and not (ref is None and lora.has_adapters(params)):
         ref = models.frozen_copy(model.config, params if ref is None else ref)
     elif reference == "sync" and ref is None:
         ref = jax.tree.map(jnp.copy, params)
@@ -116,7 +142,7 @@ def create_state(
     """The initial state, on the params' devices (call under jit to keep shardings). The optimizer's
     moments are zeros that depend on no input, so the compiler would replicate them on every device:
     pass `opt_shardings` (`opt_state_shardings`) to split them like the parameters."""
-    opt_state = tx.init(params)
+    opt_state = tx.init(trainable(params))
     if opt_shardings is not None:
         opt_state = jax.lax.with_sharding_constraint(opt_state, opt_shardings)
     return TrainState(

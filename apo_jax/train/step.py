@@ -29,8 +29,8 @@ import optax
 
 from apo_jax import losses as losses_lib
 from apo_jax.data.layouts import EXTRA_KEYS, sequence_logps
-from apo_jax.models import token_logps
-from apo_jax.train.state import TrainState
+from apo_jax.models import lora, token_logps
+from apo_jax.train.state import TrainState, trainable, with_trainable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +198,8 @@ def forward(model, loss, cfg: StepConfig, params, ref_params, batch, *, with_ent
     """The policy and, when the loss uses one, the reference on `batch`: what `loss` asks for
     (token log-probs, the per-position KL, lengths), shared by the train and eval steps."""
     tokens = loss.granularity == "token"
+    if not ref_params and lora.has_adapters(params):  # LoRA: the reference is the base, adapters off
+        ref_params = lora.base(params)
     if loss.kl is not None and ref_params:  # policy, reference and their KL in one pass
         return _paired_padded(
             model,
@@ -314,20 +316,20 @@ def micro_batches(batch, A: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _accumulate(grad_fn, state: TrainState, batch, A: int):
-    """((summed loss, summed metrics, loss_state), summed grads) over the A micro-batches of `batch`:
-    one `lax.scan`, so the step body is traced and compiled once whatever A is (MaxText's
+def _accumulate(grad_fn, train, state: TrainState, batch, A: int):
+    """((summed loss, summed metrics, loss_state), summed grads of `train`) over the A micro-batches of
+    `batch`: one `lax.scan`, so the step body is traced and compiled once whatever A is (MaxText's
     gradient accumulation). The loss state (alpha-DPO's running statistics) flows through them."""
     if A == 1:
-        (value, (metrics, loss_state)), grads = grad_fn(state.params, state, batch)
+        (value, (metrics, loss_state)), grads = grad_fn(train, state, batch)
         return (value, metrics, loss_state), grads
     micro = micro_batches(batch, A)
-    shapes = jax.eval_shape(grad_fn, state.params, state, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(grad_fn, train, state, jax.tree.map(lambda x: x[0], micro))
     (value, (metrics, _)), grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(carry, mb):
         (total, summed, loss_state), grads = carry
-        (value, (m, loss_state)), g = grad_fn(state.params, state.replace(loss_state=loss_state), mb)
+        (value, (m, loss_state)), g = grad_fn(train, state.replace(loss_state=loss_state), mb)
         add = functools.partial(jax.tree.map, jnp.add)
         return ((total + value, add(summed, m), loss_state), add(grads, g)), None
 
@@ -341,9 +343,12 @@ def _all_finite(tree) -> jax.Array:
 
 
 def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
-    """`step(state, batch) -> (state, metrics)`; jit it with shardings (see apo_jax.train.loop)."""
+    """`step(state, batch) -> (state, metrics)`; jit it with shardings (see apo_jax.train.loop).
+    Gradients, clipping and the update cover what `trainable` gives: the LoRA adapters when the
+    params hold them (the frozen base gets no gradient at all), else every parameter."""
 
-    def loss_fn(params, state: TrainState, batch):
+    def loss_fn(train, state: TrainState, batch):
+        params = with_trainable(state.params, train)
         if cfg.mode == "sft":
             return sft_loss(model, cfg, params, batch)
         return preference_loss(model, loss, cfg, params, state.ref_params, state.loss_state, batch)
@@ -352,7 +357,8 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
         A = cfg.grad_accum
-        (total, metrics, loss_state), grads = _accumulate(grad_fn, state, batch, A)
+        train = trainable(state.params)
+        (total, metrics, loss_state), grads = _accumulate(grad_fn, train, state, batch, A)
         grads = jax.tree.map(lambda g: g / A, grads)
         loss_value = total / A
         summed = {"tokens", "loss_tokens", "entropy_sum"}
@@ -364,7 +370,8 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
             updates, opt_state = tx.update(grads, current[1], current[0])
             return optax.apply_updates(current[0], updates), opt_state
 
-        params, opt_state = jax.lax.cond(ok, update, lambda current: current, (state.params, state.opt_state))
+        train, opt_state = jax.lax.cond(ok, update, lambda current: current, (train, state.opt_state))
+        params = with_trainable(state.params, train)
 
         def keep(new, old):
             return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

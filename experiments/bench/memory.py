@@ -28,7 +28,7 @@ from apo_jax.cli import UserError
 from apo_jax.data import layouts
 from apo_jax.train import config as config_lib
 from apo_jax.train.loop import step_config
-from apo_jax.train.state import initial_state, make_optimizer
+from apo_jax.train.state import initial_state, make_optimizer, trainable
 from apo_jax.train.step import make_train_step
 from experiments.configs import grid
 
@@ -38,6 +38,10 @@ SETTINGS = {
     "paper": {},
     # README, "The paper's setup": 8 GPUs of 80 GB
     "8gpu": {"optimizer.mu_dtype": "float32", "model.remat_policy": "dots_no_batch", "train.grad_accum": 2},
+    # LoRA r = 16 on every projection, the paper variant otherwise: the frozen base in bfloat16, the
+    # adapters and their AdamW moments in float32, no reference copy (the base is the reference)
+    "lora16": {"lora.rank": 16, "model.param_dtype": "bfloat16", "optimizer.mu_dtype": "float32"},
+    "lora16_f32": {"lora.rank": 16, "optimizer.mu_dtype": "float32"},  # the base in float32
 }
 GIB = 1024**3
 
@@ -61,9 +65,18 @@ def _args(argv):
 def step_memory(config, shape: str, length: int) -> dict:
     """The compiled train step's per-device memory (bytes) and its compile time, for `config` with
     the model preset `shape`, on a mesh of all devices."""
-    m = config.model
+    m, lo = config.model, config.lora
+    adapters = {}
+    if lo.rank:
+        adapters = {
+            "lora_rank": lo.rank,
+            "lora_alpha": lo.alpha,
+            "lora_targets": config_lib.lora_targets(config),
+        }
     model = models.Llama(
-        models.preset(shape, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+        models.preset(
+            shape, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, **adapters
+        )
     )
     mesh = sharding.make_mesh(**dict(config.mesh))
     boxed = models.abstract_params(model)
@@ -118,17 +131,20 @@ def step_memory(config, shape: str, length: int) -> dict:
         "compile_s": seconds,
         "devices": mesh.devices.size,
         "params": sum(x.size for x in jax.tree.leaves(params)),
+        "trained": sum(x.size for x in jax.tree.leaves(trainable(params))),
     }
 
 
 def table(rows: list[dict]) -> str:
-    columns = ("shape", "setting", "A", "remat", "mu", "arguments", "outputs − donated", "temporaries")
-    head = "| " + " | ".join((*columns, "**total**", "compile")) + " |"
-    lines = [head, "|" + "---|" * 10]
+    columns = ("shape", "setting", "devices", "trained", "A", "remat", "mu", "arguments")
+    head = "| " + " | ".join((*columns, "outputs − donated", "temporaries", "**total**", "compile")) + " |"
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        trained = f"{r['trained'] / 1e6:.1f}M" if r["trained"] < r["params"] else "all"
         lines.append(
-            f"| {r['shape']} | {r['setting']} | {r['grad_accum']} | {r['remat']} | {r['mu_dtype']} | "
+            f"| {r['shape']} | {r['setting']} | {r['devices']} | {trained} | {r['grad_accum']} | "
+            f"{r['remat']} | {r['mu_dtype']} | "
             f"{gib(r['arguments'])} | {gib(r['outputs'] - r['aliased'])} | {gib(r['temporaries'])} | "
             f"**{gib(r['total'])}** | {r['compile_s']:.0f} s |"
         )

@@ -1,0 +1,197 @@
+"""LoRA: adapters beside a frozen base, the base (adapters off) as the reference, PEFT folders in and
+out, against transformers and the `peft` library; trained, exported, preempted and resumed."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax import traverse_util
+from test_train import losses_of, make_config, metric
+
+from apo_jax import models, train
+from apo_jax.data.reader import PreferenceReader
+from apo_jax.models import lora
+from apo_jax.train.config import build_loss
+from apo_jax.train.state import build_model
+from apo_jax.train.step import StepConfig, forward, sequence_sums
+
+
+def _batch():
+    ids = np.random.default_rng(0).integers(6, 300, (2, 11))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    return ids, mask
+
+
+def _logits(model, params, ids, mask):
+    return np.asarray(jax.jit(lambda p, i, m: models.logits(model, p, i, m))(params, ids, mask))
+
+
+def _torch_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+def _flat(params):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def test_adapters_merged_and_peft_exports_match_transformers_and_peft(tmp_path, tiny_checkpoints):
+    """B = 0 leaves the base's logits bit for bit; with trained-like adapters, our logits equal the
+    merged export in transformers and the PEFT export loaded by `peft` onto the base; the PEFT
+    folder imports back exactly."""
+    path = tiny_checkpoints["bias_mha"]  # q/k/v/o and MLP biases: the adapters add beside them
+    base_model, base_params = models.from_hf(path)
+    model, params = models.from_hf(
+        path, lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "o_proj", "up_proj")
+    )
+    params = lora.add_adapters(model, params, seed=1)
+    ids, mask = _batch()
+    valid = mask.astype(bool)
+    z_base = _logits(base_model, base_params, ids, mask)
+    np.testing.assert_array_equal(_logits(model, params, ids, mask), z_base)
+    flat = _flat(params)
+    assert {k[-2] for k in flat if k[-1] == "lora_a"} == {"q_proj", "o_proj", "up_proj"}
+    assert all(not v.any() for k, v in flat.items() if k[-1] == "lora_b")  # B = 0: PEFT's init
+    a = flat[("layers", "self_attn", "q_proj", "lora_a")]  # A: uniform in ±1/√fan_in (D = 64)
+    assert a.dtype == np.float32 and 0.1 < np.abs(a).max() <= 1 / 8
+
+    rng = np.random.default_rng(3)
+    adapters, base = lora.split(params)
+    adapters = jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32), adapters)
+    params = lora.join(adapters, base)
+    z = _logits(model, params, ids, mask)
+    assert np.abs(z - z_base)[valid].max() > 0.1  # the adapters act
+    np.testing.assert_array_equal(_logits(model, lora.base(params), ids, mask), z_base)
+
+    plain, merged = lora.merge(model, params)
+    models.to_hf(plain, merged, tmp_path / "merged")
+    lora.save_peft(model, params, tmp_path / "adapter", base_model=str(path))
+    with pytest.raises(ValueError, match="LoRA adapters"):
+        models.to_hf(model, params, tmp_path / "unmerged")  # never the base alone, silently
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    z_merged = _torch_logits(hf_merged, ids, mask)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    z_peft = _torch_logits(peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval(), ids, mask)
+    assert np.abs(z_merged - z)[valid].max() <= 1e-4
+    assert np.abs(z_peft - z_merged)[valid].max() <= 1e-5
+
+    fresh = lora.add_adapters(model, lora.base(params), seed=7)
+    imported = lora.load_peft(model, fresh, tmp_path / "adapter")
+    for key, value in _flat(params).items():
+        np.testing.assert_array_equal(_flat(imported)[key], value, err_msg="/".join(key))
+    other = models.Llama(model.config.replace(lora_rank=8))
+    with pytest.raises(models.CheckpointError, match="r=4 but the run's lora config says 8"):
+        lora.load_peft(other, params, tmp_path / "adapter")
+
+
+def _lora_config(workdir, records, path, **overrides):
+    cfg = make_config(workdir, records, **overrides)
+    cfg.model.preset, cfg.model.path = "", str(path)
+    return cfg
+
+
+class _SigtermAt:
+    """The real SIGTERM, sent to this process as the trainer reads batch `at` (deterministic, unlike
+    a timer): the run's handler saves a checkpoint and stops."""
+
+    def __init__(self, at: int):
+        self.at = at
+        self.original = PreferenceReader.batches_from
+
+    def __enter__(self):
+        original, at = self.original, self.at
+
+        def batches_from(reader, step):
+            for k, batch in enumerate(original(reader, step)):
+                if step + k == at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        PreferenceReader.batches_from = batches_from
+        return self
+
+    def __exit__(self, *exc):
+        PreferenceReader.batches_from = self.original
+
+
+def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
+    """A LoRA APO-zero run: step 0 is full fine-tuning's (policy = reference), the reference is the
+    base model's log-probs, only adapters change (and only they have AdamW moments), both exports
+    load, a SIGTERM mid-run resumes bit for bit, and the PEFT adapter imports into a run that trains
+    on from it (a bfloat16 base under float32 adapters, packed rows, 4 devices)."""
+    path = tiny_checkpoints["gqa"]
+    steps = dict(train__steps=6, train__checkpoint_every=2, lora__rank=4, lora__alpha=8.0)
+    whole = train.run(_lora_config(tmp_path / "whole", records, path, train__export_hf=True, **steps))
+    # step 0: policy = reference = the base model, as in full fine-tuning: APO-zero's loss is 1 and the
+    # policy's log-probs are the base's, from an independent load and forward
+    base_model, base_params = models.from_hf(path)
+    batch = PreferenceReader(records, global_batch_size=8, seed=0).batch(0, 0)
+    base = sequence_sums(base_model, base_params, batch, StepConfig()).policy
+    assert metric(tmp_path / "whole", "loss")[0] == 1.0
+    for side in ("chosen", "rejected"):
+        want = float(np.mean(np.asarray(getattr(base, side))))
+        assert metric(tmp_path / "whole", f"logps/{side}")[0] == pytest.approx(want, rel=1e-6)
+    assert losses_of(tmp_path / "whole")[-1] < 1.0  # and it trains
+
+    # only adapter leaves changed; the optimizer holds moments for them alone
+    state = whole["state"]
+    trained = _flat(state.params)
+    for key, value in _flat(base_params).items():
+        np.testing.assert_array_equal(trained[key], value, err_msg="/".join(key))
+    assert all(trained[k].any() for k in trained if k[-1] == "lora_b")
+    assert state.ref_params == {}  # no copy of the weights: the reference is the base
+    n_adapters = sum(v.size for k, v in trained.items() if lora.is_adapter(k))
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * n_adapters  # mu, nu
+
+    # the reference log-probs the step uses are the base model's (adapters trained, B != 0)
+    model, _ = build_model(_lora_config(tmp_path, records, path, lora__rank=4, lora__alpha=8.0), None)
+    loss = build_loss(_lora_config(tmp_path, records, path))
+    fwd = forward(model, loss, StepConfig(), state.params, state.ref_params, batch)
+    np.testing.assert_allclose(np.asarray(fwd.reference.chosen), np.asarray(base.chosen), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(fwd.reference.rejected), np.asarray(base.rejected), rtol=1e-6)
+    assert np.abs(np.asarray(fwd.policy.chosen) - np.asarray(base.chosen)).max() > 1e-4
+
+    # hf/ (merged) in transformers and adapter/ through peft give the same logits
+    ids, mask = _batch()
+    valid = mask.astype(bool)
+    z_merged = _torch_logits(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "whole/hf"), ids, mask
+    )
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    z_peft = _torch_logits(
+        peft.PeftModel.from_pretrained(hf_base, tmp_path / "whole/adapter").eval(), ids, mask
+    )
+    assert np.abs(z_peft - z_merged)[valid].max() <= 1e-5
+    z_ours = _logits(model, state.params, ids, mask)
+    assert np.abs(z_ours - z_merged)[valid].max() <= 1e-4
+
+    # SIGTERM while reading batch 3: saved, stopped, resumed: the same losses and adapters
+    killed = _lora_config(tmp_path / "killed", records, path, train__export_hf=True, **steps)
+    with _SigtermAt(3):
+        assert train.run(killed)["status"] == "preempted"
+    resumed = train.run(killed)
+    assert resumed["status"] == "done" and losses_of(tmp_path / "killed") == losses_of(tmp_path / "whole")
+    for key, value in trained.items():
+        np.testing.assert_array_equal(_flat(resumed["state"].params)[key], value, err_msg="/".join(key))
+
+    # the PEFT folder imports and trains on: a bfloat16 base, packed rows, (data 2, fsdp 2) devices
+    cont = _lora_config(tmp_path / "cont", records, path, train__steps=2, lora__rank=4, lora__alpha=8.0)
+    cont.lora.path, cont.model.param_dtype = str(tmp_path / "whole/adapter"), "bfloat16"
+    cont.data.layout, cont.data.packed_rows, cont.data.length = "packed", 8, 128
+    cont.mesh.data, cont.mesh.fsdp = 2, 2
+    out = train.run(cont)
+    params = _flat(out["state"].params)
+    assert {params[k].dtype for k in params if lora.is_adapter(k)} == {np.dtype(np.float32)}
+    assert {params[k].dtype for k in params if not lora.is_adapter(k)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(out["state"].opt_state) if x.ndim} == {np.dtype(np.float32)}
+    assert metric(tmp_path / "cont", "loss")[0] < 1.0  # starts from the trained adapters, not B = 0
+    a = ("layers", "mlp", "down_proj", "lora_b")
+    assert np.abs(params[a] - trained[a]).max() > 0  # and moves them
