@@ -92,6 +92,30 @@ def test_adapters_merged_and_peft_exports_match_transformers_and_peft(tmp_path, 
         lora.load_peft(other, params, tmp_path / "adapter")
 
 
+def test_dropout_is_peft_inverted_dropout_on_the_adapter_input():
+    """With a key, the adapter's input goes through inverted dropout: each draw differs, their mean
+    is the undropped x A B (unbiased), the base term is untouched; without a key (eval, the
+    reference) nothing is dropped."""
+    from apo_jax.models.llama import _linear
+
+    config = models.LlamaConfig.tiny(lora_rank=2, lora_alpha=4.0, lora_dropout=0.25)
+    rng = np.random.default_rng(0)
+    p = {
+        k: rng.normal(size=shape).astype(np.float32)
+        for k, shape in (("kernel", (32, 3)), ("lora_a", (32, 2)), ("lora_b", (2, 3)))
+    }
+    x = rng.normal(size=(1, 1, 32)).astype(np.float32)
+    plain = x @ p["kernel"] + 2.0 * (x @ p["lora_a"]) @ p["lora_b"]  # scale alpha / r = 2
+    np.testing.assert_allclose(np.asarray(_linear(config, p, x, "BTD,DF->BTF")), plain, rtol=1e-5)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draws = np.asarray(jax.vmap(lambda k: _linear(config, p | {"dropout_key": k}, x, "BTD,DF->BTF"))(keys))
+    assert len({d.tobytes() for d in draws[:50]}) == 50
+    delta = plain - x @ p["kernel"]
+    sem = draws.std(0) / np.sqrt(len(keys))
+    assert np.all(np.abs(draws.mean(0) - plain) < 5 * sem + 1e-6), (draws.mean(0), plain)
+    assert np.abs(delta).max() > 0.1
+
+
 def _lora_config(workdir, records, path, **overrides):
     cfg = make_config(workdir, records, **overrides)
     cfg.model.preset, cfg.model.path = "", str(path)
@@ -125,10 +149,11 @@ class _SigtermAt:
 def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
     """A LoRA APO-zero run: step 0 is full fine-tuning's (policy = reference), the reference is the
     base model's log-probs, only adapters change (and only they have AdamW moments), both exports
-    load, a SIGTERM mid-run resumes bit for bit, and the PEFT adapter imports into a run that trains
-    on from it (a bfloat16 base under float32 adapters, packed rows, 4 devices)."""
+    load, a SIGTERM mid-run resumes bit for bit (LoRA dropout's keys too), and the PEFT adapter
+    imports into a run that trains on from it (a bfloat16 base under float32 adapters, packed rows,
+    4 devices)."""
     path = tiny_checkpoints["gqa"]
-    steps = dict(train__steps=6, train__checkpoint_every=2, lora__rank=4, lora__alpha=8.0)
+    steps = dict(train__steps=6, train__checkpoint_every=2, lora__rank=4, lora__alpha=8.0, lora__dropout=0.1)
     whole = train.run(_lora_config(tmp_path / "whole", records, path, train__export_hf=True, **steps))
     # step 0: policy = reference = the base model, as in full fine-tuning: APO-zero's loss is 1 and the
     # policy's log-probs are the base's, from an independent load and forward

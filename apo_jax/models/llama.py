@@ -49,6 +49,7 @@ def dtype_name(dtype) -> str:
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+LORA_DROPOUT = "lora_dropout"  # the rng collection of LoRA's dropout
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
@@ -100,6 +101,7 @@ class LlamaConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
 
     def __post_init__(self):
         for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
@@ -122,10 +124,14 @@ class LlamaConfig:
                     f"layer_types={self.layer_types}: one of sliding_attention/full_attention per layer"
                 )
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if self.lora_rank < 0 or not set(self.lora_targets) <= set(LORA_TARGETS):
+        if (
+            self.lora_rank < 0
+            or not 0 <= self.lora_dropout < 1
+            or not set(self.lora_targets) <= set(LORA_TARGETS)
+        ):
             raise ValueError(
-                f"lora_rank={self.lora_rank}, lora_targets={self.lora_targets}: a rank >= 0 and "
-                f"targets among {list(LORA_TARGETS)}"
+                f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}, lora_targets="
+                f"{self.lora_targets}: a rank >= 0, a dropout in [0, 1), targets among {list(LORA_TARGETS)}"
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
@@ -404,10 +410,14 @@ def apply_rope(x, positions, inv_freq):
 
 def _linear(config: LlamaConfig, p, x, spec):
     """x times the kernel (+ bias), in the compute dtype; + scale · (x A) B where the projection
-    carries LoRA adapters (`lora_a` [in..., r], `lora_b` [r, out...]: PEFT's lora_A/lora_B)."""
+    carries LoRA adapters (`lora_a` [in..., r], `lora_b` [r, out...]: PEFT's lora_A/lora_B), with
+    x through (inverted) dropout at `lora_dropout` where the params carry a `dropout_key`."""
     dt = DTYPES[config.dtype]
     y = jnp.einsum(spec, x, p["kernel"].astype(dt))
     if "lora_a" in p:
+        if "dropout_key" in p:  # as PEFT: result + lora_B(lora_A(dropout(x))) * scaling
+            keep = jax.random.bernoulli(p["dropout_key"], 1.0 - config.lora_dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - config.lora_dropout, dt), jnp.zeros((), dt))
         ins, out = spec.split("->")
         xs, ks = ins.split(",")
         rows = "".join(c for c in xs if c not in ks)  # B, T
@@ -567,6 +577,8 @@ class _Linear(nn.Module):
             zeros = nn.with_logical_partitioning(nn.initializers.zeros, b_axes)
             p["lora_a"] = self.param("lora_a", _init(a_axes), a_shape, jnp.float32)
             p["lora_b"] = self.param("lora_b", zeros, b_shape, jnp.float32)
+            if self.has_rng(LORA_DROPOUT):  # one key per projection and layer (scan splits it)
+                p["dropout_key"] = self.make_rng(LORA_DROPOUT)
         return p
 
 
@@ -671,7 +683,7 @@ class Llama(nn.Module):
         stack = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, LORA_DROPOUT: True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -736,16 +748,19 @@ def hidden_states(
     *,
     return_hidden=False,
     shared_segment=None,
+    dropout_rng=None,
 ):
     """Final normed hidden states [B, T, D] (and, with `return_hidden`, per-layer outputs [L, B, T, D]).
 
     `attention_mask` [B, T] is 1 on real tokens. `segment_ids` (default: the attention mask) keep
     packed sequences apart; `positions` default to counting from 0 in every segment, so
-    left-padded rows get the positions an unpadded row would.
+    left-padded rows get the positions an unpadded row would. `dropout_rng` (a key) turns on LoRA's
+    dropout (`lora_dropout`; training only).
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
     mask = _segment_mask(segment_ids, shared_segment, positions, model.config)
-    return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden)
+    rngs = {LORA_DROPOUT: dropout_rng} if dropout_rng is not None and model.config.lora_dropout else None
+    return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden, rngs=rngs)
 
 
 def _segment_mask(segment_ids, shared_segment, positions, config: LlamaConfig):
@@ -807,16 +822,25 @@ def token_logps(
     shared_segment=None,
     ref_params=None,
     kl=None,
+    dropout_rng=None,
 ):
     """Per-token log-probs [B, T] (`token_logps[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0) and
     their sums over `loss_mask`, from chunks of the output projection: no [B, T, V] array is
     built in the forward or the backward pass. With `ref_params` and `kl` ("ref_policy" or
     "policy_ref"), also the reference's log-probs and the per-position KL between the two models'
-    next-token distributions. See `apo_jax.logprobs.token_logps`."""
+    next-token distributions. `dropout_rng`: LoRA's dropout in the policy's pass (not the
+    reference's). See `apo_jax.logprobs.token_logps`."""
 
-    def hidden(p):
+    def hidden(p, rng=None):
         return hidden_states(
-            model, p, input_ids, attention_mask, segment_ids, positions, shared_segment=shared_segment
+            model,
+            p,
+            input_ids,
+            attention_mask,
+            segment_ids,
+            positions,
+            shared_segment=shared_segment,
+            dropout_rng=rng,
         )
 
     ref = {}
@@ -826,7 +850,7 @@ def token_logps(
         ref_params = jax.lax.stop_gradient(ref_params)
         ref = {"ref_hidden": hidden(ref_params), "ref_weight": output_weight(model.config, ref_params)}
     return _from_hidden(
-        hidden(params),
+        hidden(params, dropout_rng),
         output_weight(model.config, params),
         input_ids,
         loss_mask,

@@ -87,7 +87,9 @@ def add_adapters(model: Llama, params, seed: int = 0, mesh=None) -> dict:
 
 def plain(config: LlamaConfig) -> LlamaConfig:
     """`config` without LoRA (the base model's config)."""
-    return config.replace(lora_rank=0, lora_alpha=LlamaConfig.lora_alpha, lora_targets=LORA_TARGETS)
+    return config.replace(
+        lora_rank=0, lora_alpha=LlamaConfig.lora_alpha, lora_targets=LORA_TARGETS, lora_dropout=0.0
+    )
 
 
 def _host(x) -> np.ndarray:
@@ -129,7 +131,7 @@ def adapter_config(config: LlamaConfig, base_model: str = "") -> dict:
         "base_model_name_or_path": base_model or None,
         "r": config.lora_rank,
         "lora_alpha": config.lora_alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": config.lora_dropout,
         "target_modules": sorted(config.lora_targets),
         "bias": "none",
         "fan_in_fan_out": False,

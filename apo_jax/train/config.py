@@ -100,7 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
             "rank": 0,  # 0: full fine-tuning; r > 0: LoRA adapters of rank r on a frozen base
             "alpha": 16.0,  # the adapters' product is scaled by alpha / rank (PEFT's lora_alpha)
             "targets": LORA_TARGETS,  # projections: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
-            "dropout": 0.0,  # PEFT's lora_dropout: not implemented, must stay 0
+            "dropout": 0.0,  # PEFT's lora_dropout: on each adapter's input, in training steps only
             "path": "",  # a PEFT adapter folder to start from (its rank, alpha and targets must match)
         }
     )
@@ -135,6 +135,7 @@ RANGES = (
     ("reference.precompute_batch_size", 1, math.inf, True),
     ("lora.rank", 0, math.inf, True),
     ("lora.alpha", 0.0, math.inf, False),
+    ("lora.dropout", 0.0, 1.0, True),
 )
 
 
@@ -368,18 +369,14 @@ def lora_targets(config) -> tuple[str, ...]:
 
 
 def check_lora(config) -> None:
-    """The lora group: a rank with targets, no dropout, no TR-DPO (its reference mixes in the policy's
-    weights, while a LoRA run's reference is the base with adapters off)."""
+    """The lora group: a rank with targets, no TR-DPO (its reference mixes in the policy's weights,
+    while a LoRA run's reference is the base with adapters off)."""
     lo = config.lora
     if not lo.rank:
         if lo.path:
             raise ConfigError(f"lora.path={lo.path}: set lora.rank (and alpha, targets) to the adapter's")
         return
     lora_targets(config)
-    if lo.dropout:
-        raise ConfigError(
-            f"lora.dropout={lo.dropout}: LoRA dropout is not implemented; adapters train without it (set 0)"
-        )
     if config.reference.mode == "sync":
         raise ConfigError(
             "reference.mode='sync' (TR-DPO) with lora.rank > 0: the reference of a LoRA run is the "

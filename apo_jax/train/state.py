@@ -29,6 +29,7 @@ def build_model(cfg, mesh, *, adapters: bool = True):
     if lo is not None and lo.rank and adapters:
         targets = config_lib.lora_targets(cfg)
         policies |= {"lora_rank": lo.rank, "lora_alpha": float(lo.alpha), "lora_targets": targets}
+        policies["lora_dropout"] = float(lo.dropout)
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
         if model.config.lora_rank:

@@ -81,7 +81,17 @@ class Forward(NamedTuple):
 
 
 def _paired_padded(
-    model, params, batch, cfg: StepConfig, *, tokens, with_entropy, weights, ref_params=None, kl=None
+    model,
+    params,
+    batch,
+    cfg: StepConfig,
+    *,
+    tokens,
+    with_entropy,
+    weights,
+    ref_params=None,
+    kl=None,
+    rng=None,
 ) -> Forward:
     """Chosen and rejected from the padded layout in one forward of [2b, T]. With `ref_params` and
     `kl`, the same pass over the output projection also gives the reference and the KL."""
@@ -99,6 +109,7 @@ def _paired_padded(
         with_sum_sq=weights,
         ref_params=ref_params,
         kl=kl,
+        dropout_rng=rng,
     )
     b = batch["chosen_input_ids"].shape[0]
     c_mask, r_mask = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
@@ -131,7 +142,7 @@ def _paired_padded(
     return fwd
 
 
-def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward:
+def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy, rng=None) -> Forward:
     """The same from packed or prompt-shared rows, summed per sequence by (row, segment)."""
     shared = 1 if cfg.layout == "prompt_shared" else None
     out = token_logps(
@@ -145,6 +156,7 @@ def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forw
         chunk_size=cfg.chunk_size,
         with_entropy=with_entropy,
         shared_segment=shared,
+        dropout_rng=rng,
     )
     seg, mask = batch["segment_ids"], batch["loss_mask"]
     sums, lengths = {}, {}
@@ -163,12 +175,19 @@ def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forw
     )
 
 
-def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward:
+def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy, rng=None) -> Forward:
     ids = jnp.concatenate([batch["input_ids"], batch["kl_input_ids"]])
     attn = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]])
     loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
     out = token_logps(
-        model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, with_entropy=with_entropy
+        model,
+        params,
+        ids,
+        attn,
+        loss_mask,
+        chunk_size=cfg.chunk_size,
+        with_entropy=with_entropy,
+        dropout_rng=rng,
     )
     b = batch["input_ids"].shape[0]
     return Forward(
@@ -181,22 +200,26 @@ def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy) -> Forward
 
 
 def sequence_sums(
-    model, params, batch, cfg: StepConfig, *, tokens=False, with_entropy=False, weights=False
+    model, params, batch, cfg: StepConfig, *, tokens=False, with_entropy=False, weights=False, rng=None
 ) -> Forward:
     """One model's per-sequence log-prob sums (and lengths, token counts) for the batch's layout;
-    `tokens` adds the [B, T] token log-probs (padded layout), `weights` WPO's weights."""
+    `tokens` adds the [B, T] token log-probs (padded layout), `weights` WPO's weights, `rng` LoRA's
+    dropout."""
     if "kl_input_ids" in batch:
-        return _unpaired(model, params, batch, cfg, with_entropy=with_entropy)
+        return _unpaired(model, params, batch, cfg, with_entropy=with_entropy, rng=rng)
     if cfg.layout == "padded":
         return _paired_padded(
-            model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=weights
+            model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=weights, rng=rng
         )
-    return _paired_rows(model, params, batch, cfg, with_entropy=with_entropy)
+    return _paired_rows(model, params, batch, cfg, with_entropy=with_entropy, rng=rng)
 
 
-def forward(model, loss, cfg: StepConfig, params, ref_params, batch, *, with_entropy=False) -> Forward:
+def forward(
+    model, loss, cfg: StepConfig, params, ref_params, batch, *, with_entropy=False, rng=None
+) -> Forward:
     """The policy and, when the loss uses one, the reference on `batch`: what `loss` asks for
-    (token log-probs, the per-position KL, lengths), shared by the train and eval steps."""
+    (token log-probs, the per-position KL, lengths), shared by the train and eval steps. `rng`:
+    LoRA's dropout in the policy's pass (training)."""
     tokens = loss.granularity == "token"
     if not ref_params and lora.has_adapters(params):  # LoRA: the reference is the base, adapters off
         ref_params = lora.base(params)
@@ -211,9 +234,17 @@ def forward(model, loss, cfg: StepConfig, params, ref_params, batch, *, with_ent
             weights=cfg.use_weighting,
             ref_params=ref_params,
             kl=loss.kl,
+            rng=rng,
         )
     fwd = sequence_sums(
-        model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=cfg.use_weighting
+        model,
+        params,
+        batch,
+        cfg,
+        tokens=tokens,
+        with_entropy=with_entropy,
+        weights=cfg.use_weighting,
+        rng=rng,
     )
     if not loss.uses_reference or cfg.reference == "none":
         return fwd
@@ -279,16 +310,16 @@ def trl_metrics(loss, fwd: Forward, out: losses_lib.LossOutput, batch) -> dict[s
     return metrics | (out.metrics or {})
 
 
-def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch):
+def preference_loss(model, loss, cfg: StepConfig, params, ref_params, loss_state, batch, rng=None):
     """(scalar loss, (metrics, new loss_state)) of one micro-batch."""
-    fwd = forward(model, loss, cfg, params, ref_params, batch, with_entropy=cfg.with_entropy)
+    fwd = forward(model, loss, cfg, params, ref_params, batch, with_entropy=cfg.with_entropy, rng=rng)
     out = apply_loss(loss, fwd, batch, loss_state)
     metrics = trl_metrics(loss, fwd, out, batch)
     metrics |= {"tokens": fwd.tokens, "entropy_sum": fwd.entropy_sum, "loss_tokens": fwd.loss_tokens}
     return jnp.mean(out.loss), (metrics, out.loss_state or {})
 
 
-def sft_loss(model, cfg: StepConfig, params, batch):
+def sft_loss(model, cfg: StepConfig, params, batch, rng=None):
     """Token-mean NLL of the chosen completions: the SFT objective."""
     out = token_logps(
         model,
@@ -298,6 +329,7 @@ def sft_loss(model, cfg: StepConfig, params, batch):
         batch["chosen_loss_mask"],
         chunk_size=cfg.chunk_size,
         with_entropy=cfg.with_entropy,
+        dropout_rng=rng,
     )
     n = jnp.maximum(jnp.sum(out["lengths"]), 1.0)
     loss = -jnp.sum(out["logps"]) / n
@@ -316,24 +348,27 @@ def micro_batches(batch, A: int):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
 
-def _accumulate(grad_fn, train, state: TrainState, batch, A: int):
+def _accumulate(grad_fn, train, state: TrainState, batch, A: int, rng=None):
     """((summed loss, summed metrics, loss_state), summed grads of `train`) over the A micro-batches of
     `batch`: one `lax.scan`, so the step body is traced and compiled once whatever A is (MaxText's
-    gradient accumulation). The loss state (alpha-DPO's running statistics) flows through them."""
+    gradient accumulation). The loss state (alpha-DPO's running statistics) flows through them;
+    micro-batch k's dropout key is `rng` folded with k."""
     if A == 1:
-        (value, (metrics, loss_state)), grads = grad_fn(train, state, batch)
+        (value, (metrics, loss_state)), grads = grad_fn(train, state, batch, rng)
         return (value, metrics, loss_state), grads
     micro = micro_batches(batch, A)
-    shapes = jax.eval_shape(grad_fn, train, state, jax.tree.map(lambda x: x[0], micro))
+    shapes = jax.eval_shape(grad_fn, train, state, jax.tree.map(lambda x: x[0], micro), rng)
     (value, (metrics, _)), grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    def body(carry, mb):
+    def body(carry, xs):
+        mb, k = xs
         (total, summed, loss_state), grads = carry
-        (value, (m, loss_state)), g = grad_fn(train, state.replace(loss_state=loss_state), mb)
+        key = None if rng is None else jax.random.fold_in(rng, k)
+        (value, (m, loss_state)), g = grad_fn(train, state.replace(loss_state=loss_state), mb, key)
         add = functools.partial(jax.tree.map, jnp.add)
         return ((total + value, add(summed, m), loss_state), add(grads, g)), None
 
-    carry, _ = jax.lax.scan(body, ((value, metrics, state.loss_state), grads), micro)
+    carry, _ = jax.lax.scan(body, ((value, metrics, state.loss_state), grads), (micro, jnp.arange(A)))
     return carry
 
 
@@ -347,18 +382,21 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
     Gradients, clipping and the update cover what `trainable` gives: the LoRA adapters when the
     params hold them (the frozen base gets no gradient at all), else every parameter."""
 
-    def loss_fn(train, state: TrainState, batch):
+    def loss_fn(train, state: TrainState, batch, rng):
         params = with_trainable(state.params, train)
         if cfg.mode == "sft":
-            return sft_loss(model, cfg, params, batch)
-        return preference_loss(model, loss, cfg, params, state.ref_params, state.loss_state, batch)
+            return sft_loss(model, cfg, params, batch, rng)
+        return preference_loss(model, loss, cfg, params, state.ref_params, state.loss_state, batch, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
         A = cfg.grad_accum
         train = trainable(state.params)
-        (total, metrics, loss_state), grads = _accumulate(grad_fn, train, state, batch, A)
+        rng = None  # LoRA's dropout: a key per step (and micro-batch) from the state's, so resumes replay it
+        if model.config.lora_dropout:
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (total, metrics, loss_state), grads = _accumulate(grad_fn, train, state, batch, A, rng)
         grads = jax.tree.map(lambda g: g / A, grads)
         loss_value = total / A
         summed = {"tokens", "loss_tokens", "entropy_sum"}
