@@ -3,14 +3,22 @@ against transformers' PyTorch models of each family (tiny random configs with th
 
 from __future__ import annotations
 
+import json
+import pathlib
+import types
+
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
+from datasets import Dataset
 from test_models import _padded_batch
+from trl.trainer.dpo_trainer import DPOTrainer
 
-from apo_jax import models, testing
+from apo_jax import data, models, testing
+from apo_jax.data.preprocess import preprocess
+from apo_jax.data.tfrecords import read_records
 
 FAMILIES = {
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},  # q/k/v biases, none on o; tied
@@ -139,3 +147,40 @@ def test_gradients_under_full_remat_equal_transformers_autograd(family_checkpoin
         theirs = theirs.numpy()
         assert np.abs(theirs).max() > 1e-3  # the gradient is not trivially zero
         np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_each_familys_chat_template_tokenizes_pairs_as_trl(tmp_path):
+    """Conversational pairs under each family's template shape (testing.FAMILY_CHAT: Qwen2.5's default
+    system turn, Qwen3's think block opening the answer, Mistral's [INST] with no generation prompt,
+    Gemma's `model` turns): apo_jax's prompt/chosen/rejected ids are TRL 1.16's, run here; and
+    preprocessing writes those ids."""
+    src = pathlib.Path(__file__).parent / "data" / "clair_pairs_hybrid_format.jsonl"
+    hybrid = [json.loads(line) for line in src.open()][:4]
+    rows = [
+        {"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]} for r in hybrid
+    ]
+    args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
+    for family in ("qwen2", "qwen3", "mistral", "gemma2"):
+        tok = testing.tiny_tokenizer(family=family)
+        trainer = object.__new__(DPOTrainer)
+        trainer._tokenizer = tok
+        theirs = list(DPOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tok, args, "train"))
+        ours = [data.tokenize_example(tok, data.normalize_pair(r, i)) for i, r in enumerate(hybrid)]
+        for t, want in zip(ours, theirs, strict=True):
+            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                assert getattr(t, key) == want[key], (family, key)
+        # the boundary: Qwen3's answers open with its (empty) think block, inside the completion
+        assert tok.decode(ours[0].chosen_ids).startswith("<think>") == (family == "qwen3")
+        end = {
+            "qwen2": "<|im_end|>\n",
+            "qwen3": "<|im_end|>\n",
+            "mistral": "</s>",
+            "gemma2": "<end_of_turn>\n",
+        }
+        assert tok.decode(ours[0].chosen_ids).endswith(end[family])
+        if family == "qwen3":  # and preprocessing writes those ids
+            jsonl = tmp_path / "qwen3.jsonl"
+            jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            preprocess(str(jsonl), tmp_path / "qwen3", tok, max_length=4096)
+            records, _ = read_records(tmp_path / "qwen3")
+            assert [list(r["chosen_ids"]) for r in records] == [list(t.chosen_ids) for t in ours]
