@@ -38,6 +38,12 @@ def _args(argv):
     p.add_argument(
         "--no-trl-checkpointing", action="store_true", help="skip TRL with gradient checkpointing on"
     )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank (alpha 16, all seven projections) on both sides: TRL through PEFT, the same adapters",
+    )
     p.add_argument("--smoke", action="store_true", help="CI: tiny shape, few steps, every part")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
@@ -49,7 +55,7 @@ def _args(argv):
             f"--parts: unknown {sorted(args.part_set - set(PARTS))}; use some of {','.join(PARTS)}"
         )
     for flag in ("length", "batch", "steps"):
-        if getattr(args, flag) <= 0:
+        if getattr(args, flag) <= 0 or args.lora < 0:
             raise cli.UserError(f"--{flag} {getattr(args, flag)}: must be positive")
     return args
 
@@ -142,13 +148,16 @@ def main(argv=None) -> int:
     args = _args(argv)
 
     config = shape_config(args.shape, args.dtype, args.remat, args.attention)
+    if args.lora:  # the same adapters on both sides: TRL loads them as a PEFT folder
+        config = config.replace(lora_rank=args.lora, lora_alpha=16.0)
     model = models.Llama(config)
     params = models.init_params(model, 0)
     records = synthetic_pairs(args.batch, args.length, config.vocab_size, seed=0)
     report, parts = _Report(args), args.part_set
     report.say(
         f"{args.shape} ({sum(param_counts(config).values()) / 1e6:.1f}M parameters), T={args.length}, "
-        f"{args.batch} pairs, {args.dtype}, on {jax.devices()[0].device_kind}"
+        f"{args.batch} pairs, {args.dtype}{f', LoRA r = {args.lora}' if args.lora else ''}, "
+        f"on {jax.devices()[0].device_kind}"
     )
     if "step" in parts:
         for reference in ("frozen", "precomputed"):

@@ -40,7 +40,9 @@ class JaxStep:
         self.model = models.Llama(config)
         opt = bench_optimizer(lr)
         tx, sched = make_optimizer(opt, steps)
-        ref = models.frozen_copy(config, params) if reference == "frozen" else None  # as train.run stores it
+        ref = None  # as train.run stores it: a frozen copy, or none with LoRA (the base is the reference)
+        if reference == "frozen" and not config.lora_rank:
+            ref = models.frozen_copy(config, params)
         self.state = create_state(params, tx, seed=0, ref_params=ref)
         cfg = StepConfig(layout=layout, reference=reference, with_entropy=False)
         self.step = jax.jit(
@@ -121,12 +123,14 @@ def bench_step(
     second = {k: float(v) for k, v in step(batch).items()}
     timing = timed(lambda: step(batch)["loss"], args.steps, max(0, args.warmup - 2), block_until_ready)
     tokens = real_tokens(records)
-    flops = tokens * flops_per_token(config, args.length) * (3 + (reference == "frozen"))
+    passes = 2 if config.lora_rank else 3  # forward, backward (LoRA: no weight gradients of the base)
+    flops = tokens * flops_per_token(config, args.length) * (passes + (reference == "frozen"))
     row = {
         "part": "step",
         "impl": "apo_jax",
         "reference": reference,
         "layout": layout,
+        "lora": bool(config.lora_rank),
         "row_length": length,
         "rows": int(batch["input_ids"].shape[0]) if "input_ids" in batch else 2 * len(records),
         "compile_s": compile_s,

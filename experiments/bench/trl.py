@@ -10,6 +10,7 @@ import tempfile
 import time
 
 from apo_jax import models, testing
+from apo_jax.models import lora
 from experiments.bench.common import bench_optimizer
 from experiments.bench.step import real_tokens
 
@@ -123,6 +124,11 @@ def bench_trl(
         )
         # float32 master weights, bf16 autocast when asked: the same mixed precision as apo_jax's
         model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        adapter = pathlib.Path(model_dir) / "adapter"
+        if adapter.is_dir():  # LoRA: TRL's reference is this model with its adapters disabled
+            import peft
+
+            model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
         tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         t0 = time.perf_counter()
         dataset, timer = datasets.Dataset.from_list(rows), _timer(times, logs, cuda)
@@ -157,13 +163,19 @@ def bench_trl(
         "step0_logps_rejected": by_step[1]["logps/rejected"],
         "step0_loss": losses_seen[0],
         "step1_loss": losses_seen[1],
+        "lora": adapter.is_dir(),
         "trl": trl.__version__,
         "torch": torch.__version__,
     }
 
 
 def export_model(config, params, out: pathlib.Path, vocab: int) -> tuple[str, str]:
-    """The same weights as a Hugging Face directory for TRL, with a tokenizer TRL can load."""
+    """The same weights as a Hugging Face directory for TRL, with a tokenizer TRL can load; LoRA
+    adapters, if any, beside it in `out/adapter` (a PEFT folder)."""
     tok = testing.tiny_tokenizer(vocab_size=min(vocab, 320))
-    models.to_hf(models.Llama(config), params, out, tokenizer=tok)
+    model = models.Llama(config)
+    if lora.has_adapters(params):
+        lora.save_peft(model, params, out / "adapter")
+        model, params = models.Llama(lora.plain(config)), lora.base(params)
+    models.to_hf(model, params, out, tokenizer=tok)
     return str(out), str(out)
