@@ -39,6 +39,7 @@ def token_logps(
     chunk_size: int = 256,
     with_entropy: bool = False,
     with_sum_sq: bool = False,
+    with_greedy: bool = False,
     ref_hidden=None,
     ref_weight=None,
     kl: str | None = None,
@@ -54,6 +55,7 @@ def token_logps(
       chunk_size: positions per chunk of the output projection.
       with_entropy: also return per-token entropy of the predictive distribution (no gradient).
       with_sum_sq: also return per-token log Σ_v p_v² (WPO's weighting statistic; no gradient).
+      with_greedy: also return per-token whether the token is the argmax of its logits (bool).
       ref_hidden, ref_weight: the reference model's [B, T, D] hidden states and [D, V] output
         projection (no gradient flows into them); needed by `kl`.
       kl: the per-position KL over the vocabulary between policy π and reference π_ref:
@@ -63,9 +65,10 @@ def token_logps(
 
     Returns:
       dict with `token_logps` [B, T] (`[:, t] = log p(ids[t] | ids[:t])`, 0 at t = 0), `logps` [B]
-      = Σ_t token_logps·loss_mask, `lengths` [B] = Σ_t loss_mask, and on request `entropy` and
-      `log_sum_sq_probs` [B, T] aligned the same way (0 at t = 0). With `kl`, also `kl` [B, T]
-      (gradient through π only), `ref_token_logps` [B, T] and `ref_logps` [B] (no gradient).
+      = Σ_t token_logps·loss_mask, `lengths` [B] = Σ_t loss_mask, and on request `entropy`,
+      `log_sum_sq_probs` and `greedy` [B, T] aligned the same way (0 / False at t = 0). With `kl`,
+      also `kl` [B, T] (gradient through π only), `ref_token_logps` [B, T] and `ref_logps` [B] (no
+      gradient).
     """
     if kl not in (None, "ref_policy", "policy_ref"):
         raise ValueError(f"kl={kl!r}: use 'ref_policy' (KL(π_ref ‖ π)) or 'policy_ref' (KL(π ‖ π_ref))")
@@ -93,6 +96,8 @@ def token_logps(
         if with_entropy:
             p = jnp.exp(z - lse[..., None])
             out["entropy"] = jax.lax.stop_gradient(lse - jnp.sum(p * z, axis=-1))
+        if with_greedy:  # the first maximum, as torch's argmax (lm-eval's is_greedy)
+            out["greedy"] = jnp.argmax(z, axis=-1) == tc
         if with_sum_sq:
             out["log_sum_sq_probs"] = jax.lax.stop_gradient(jax.nn.logsumexp(2 * z, axis=-1) - 2 * lse)
         if kl is not None:

@@ -270,6 +270,9 @@ class LoopbackServer:
             def do_POST(self):
                 owner.handle(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
 
+            def do_GET(self):
+                owner.handle_get(self)
+
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -277,6 +280,9 @@ class LoopbackServer:
 
     def handle(self, h, body) -> None:
         raise NotImplementedError
+
+    def handle_get(self, h) -> None:
+        self.send(h, 404, {"error": {"message": f"no GET {h.path}"}})
 
     @staticmethod
     def send(h, code: int, payload, headers=None) -> None:
@@ -332,5 +338,71 @@ class ChatServer(LoopbackServer):
                     "completion_tokens": completion,
                     "total_tokens": prompt + completion,
                 },
+            },
+        )
+
+
+class ModelServer(LoopbackServer):
+    """An OpenAI-compatible inference server for a Hugging Face checkpoint, on transformers' PyTorch
+    model (the independent side of tests, needs the test extra): /v1/chat/completions (greedy at
+    temperature 0, else sampled with the request's seed), /v1/models (the served path as `root`, as
+    vLLM and SGLang report it) and SGLang's /update_weights_from_disk {"model_path"} to reload."""
+
+    def __init__(self, model_path, name: str = "policy"):
+        self.name, self.reloads = name, []
+        self._load(model_path)
+        super().__init__()
+
+    def _load(self, path) -> None:
+        import transformers
+
+        self.path = str(path)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(self.path).eval()
+        self.tok = transformers.AutoTokenizer.from_pretrained(self.path)
+
+    def handle_get(self, h) -> None:
+        if h.path.rstrip("/").endswith("/models"):
+            self.send(
+                h, 200, {"object": "list", "data": [{"id": self.name, "object": "model", "root": self.path}]}
+            )
+        else:
+            super().handle_get(h)
+
+    def handle(self, h, body) -> None:
+        import torch
+
+        if h.path.rstrip("/").endswith("/update_weights_from_disk"):
+            with self.lock:
+                self._load(body["model_path"])
+                self.reloads.append(self.path)
+            self.send(h, 200, {"success": True, "message": f"loaded {self.path}"})
+            return
+        with self.lock:
+            ids = self.tok.apply_chat_template(
+                body["messages"], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+            temperature = float(body.get("temperature", 1.0))
+            if temperature > 0:
+                torch.manual_seed(int(body.get("seed", 0) or 0))
+            with torch.no_grad():
+                out = self.model.generate(
+                    **ids,
+                    max_new_tokens=int(body.get("max_tokens", 16)),
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_p=float(body.get("top_p", 1.0)),
+                )
+            text = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "finish_reason": "stop", "message": message}
+        self.send(
+            h,
+            200,
+            {
+                "id": "loopback",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [choice],
             },
         )

@@ -12,6 +12,7 @@ directory behind each time.
 
 import os
 import pathlib
+import signal
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -92,3 +93,28 @@ def first_step(workdir) -> dict:
 
     rows = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return next(r for r in rows if "loss" in r)
+
+
+class SigtermAt:
+    """The real SIGTERM, sent to this process as the trainer reads batch `at` (deterministic, unlike
+    a timer): the run's handler saves a checkpoint and stops."""
+
+    def __init__(self, at: int):
+        from apo_jax.data.reader import PreferenceReader
+
+        self.at, self.reader, self.original = at, PreferenceReader, PreferenceReader.batches_from
+
+    def __enter__(self):
+        original, at = self.original, self.at
+
+        def batches_from(reader, step):
+            for k, batch in enumerate(original(reader, step)):
+                if step + k == at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        self.reader.batches_from = batches_from
+        return self
+
+    def __exit__(self, *exc):
+        self.reader.batches_from = self.original

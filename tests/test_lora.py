@@ -3,15 +3,13 @@ out, against transformers and the `peft` library; trained, exported, preempted a
 
 from __future__ import annotations
 
-import os
-import signal
-
 import jax
 import numpy as np
 import peft
 import pytest
 import torch
 import transformers
+from conftest import SigtermAt
 from flax import traverse_util
 from test_train import losses_of, make_config, metric
 
@@ -122,30 +120,6 @@ def _lora_config(workdir, records, path, **overrides):
     return cfg
 
 
-class _SigtermAt:
-    """The real SIGTERM, sent to this process as the trainer reads batch `at` (deterministic, unlike
-    a timer): the run's handler saves a checkpoint and stops."""
-
-    def __init__(self, at: int):
-        self.at = at
-        self.original = PreferenceReader.batches_from
-
-    def __enter__(self):
-        original, at = self.original, self.at
-
-        def batches_from(reader, step):
-            for k, batch in enumerate(original(reader, step)):
-                if step + k == at:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                yield batch
-
-        PreferenceReader.batches_from = batches_from
-        return self
-
-    def __exit__(self, *exc):
-        PreferenceReader.batches_from = self.original
-
-
 def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
     """A LoRA APO-zero run: step 0 is full fine-tuning's (policy = reference), the reference is the
     base model's log-probs, only adapters change (and only they have AdamW moments), both exports
@@ -200,7 +174,7 @@ def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
 
     # SIGTERM while reading batch 3: saved, stopped, resumed: the same losses and adapters
     killed = _lora_config(tmp_path / "killed", records, path, train__export_hf=True, **steps)
-    with _SigtermAt(3):
+    with SigtermAt(3):
         assert train.run(killed)["status"] == "preempted"
     resumed = train.run(killed)
     assert resumed["status"] == "done" and losses_of(tmp_path / "killed") == losses_of(tmp_path / "whole")

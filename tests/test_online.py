@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import pathlib
 
 import numpy as np
 import pytest
@@ -290,3 +291,40 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
         assert [(p["chosen"], p["rejected"]) for p in pairs] == [("A", "a"), ("ZZ", "zz"), ("SAME", "same")]
     finally:
         server.close()
+
+
+def test_server_sampler_samples_each_rounds_policy_from_an_inference_server(tmp_path, start):
+    """online.sampler = "server" against a loopback OpenAI-compatible server on transformers' model:
+    each round tells it to load that round's policy (SGLang's /update_weights_from_disk) and checks
+    /v1/models before sampling; the round's samples are the server's, with explicit sampling
+    parameters; and at temperature 0 the server's samples of round 1's policy equal apo_jax's own
+    greedy sampler on it (while π_0's differ: they come from the current round's weights)."""
+    root, m0, prompts, _ = start
+    longest = lambda row, response: float(len(response))  # noqa: E731
+    with testing.ModelServer(m0) as server:
+        cfg = _config(tmp_path / "run", m0, prompts, sampler="server", server_url=server.url)
+        cfg.online.server_model = "policy"
+        out = online.run_online(cfg, scorer=longest)
+        pi1 = pathlib.Path(out["rounds"][0]["policy"])
+        assert server.reloads == [str(m0), str(pi1)]
+        sent = read_jsonl(tmp_path / "run" / "round_1" / "samples.jsonl.responses.jsonl")
+        assert {r["request"]["temperature"] for r in sent} == {1.0} and {
+            r["request"]["max_tokens"] for r in sent
+        } == {8}
+        # temperature 0: the server (torch) and apo_jax's sampler agree on π_1, and π_1 is not π_0
+        greedy = _config(
+            tmp_path / "greedy", m0, prompts, sampler="server", server_url=server.url, temperature=0.0
+        )
+        greedy.online.server_model = "policy"
+        batch = read_jsonl(prompts)
+        served = online._sample(greedy, batch, pi1, pi1, tmp_path / "served.jsonl", 0)
+    rows = [dict(p, index=i) for i, p in enumerate(batch)]
+    ours = {}
+    for name, policy in (("pi1", pi1), ("pi0", m0)):
+        out_path = tmp_path / f"{name}.jsonl"
+        generate_with_model(
+            rows, out_path, policy, max_tokens=8, temperature=0.0, batch_size=16, progress=False
+        )
+        by = {r["index"]: r["response"] for r in read_jsonl(out_path)}
+        ours[name] = [[by[i]] * 2 for i in range(len(batch))]  # greedy: both samples alike
+    assert served == ours["pi1"] != ours["pi0"]

@@ -89,8 +89,10 @@ def generate_with_server(
     top_p=1.0,
     client=None,
     progress=True,
+    seed=None,
 ) -> dict:
-    """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping."""
+    """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping. With
+    `seed`, each request carries seed + its index (vLLM's and SGLang's per-request seed)."""
     output = pathlib.Path(output)
     requests = {
         row_id: {
@@ -101,7 +103,8 @@ def generate_with_server(
             "top_p": top_p,
             "n": 1,
         }
-        for row_id, i, _ in _jobs(prompts, samples)
+        | ({} if seed is None else {"seed": seed + k})
+        for k, (row_id, i, _) in enumerate(_jobs(prompts, samples))
     }
     log_path = output.with_name(output.name + ".responses.jsonl")
     responses, failures, counters = run_requests(cfg, requests, log_path, client=client, progress=progress)
@@ -116,8 +119,9 @@ def generate_with_server(
 
 def prompt_ids(tok, row: dict, kwargs: dict) -> list[int]:
     """The chat-templated prompt of a row, continued by its `prefix` (the answer so far) if it has one,
-    tokenized as preprocess tokenizes step-level pairs (apo_jax.data.tokenize)."""
-    messages = [{"role": "user", "content": row["prompt"]}]
+    tokenized as preprocess tokenizes step-level pairs (apo_jax.data.tokenize). A row with `messages`
+    (a conversation ending in a user turn: a later turn of MT-Bench) is templated whole."""
+    messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
     if not row.get("prefix"):
         return tok.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=True, **kwargs

@@ -4,7 +4,8 @@
         --mode winrate --reference reference_answers.jsonl --base-url URL --judge-model gpt-4-turbo
 
 `answers.jsonl` comes from `python -m apo_jax.data.generate` with the trained model (its `hf/`
-export). Modes:
+export); AlpacaEval's model_outputs.json (`python -m apo_jax.eval.answers`) is read as well, for
+the answers and the reference, and then `--prompts` may be left out. Modes:
   - `winrate`: a judge compares each answer with a reference model's answer to the same prompt
     (both orders, to cancel position bias); win = 1, tie = 0.5.
   - `score`: a judge grades each answer from 1 to 10.
@@ -125,11 +126,29 @@ def judged(
     }
 
 
+def load_answers(path) -> list[dict]:
+    """{prompt, response} rows from apo_jax's answers.jsonl or an AlpacaEval outputs file (what
+    `apo_jax.eval.judge` compares)."""
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        rows = json.loads(text)
+        if rows and "instruction" in rows[0]:
+            return [{"prompt": r["instruction"], "response": r.get("output", "")} for r in rows]
+        return rows
+    return [json.loads(x) for x in text.splitlines() if x.strip()]
+
+
 @cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m apo_jax.eval.judge", description=__doc__.split("\n")[0])
-    p.add_argument("--prompts", required=True, help="JSONL with `prompt` (and `answer` for --mode exact)")
-    p.add_argument("--answers", required=True, help="the evaluated model's answers (apo_jax.data.generate)")
+    p.add_argument(
+        "--prompts", help="JSONL with `prompt` (and `answer` for --mode exact); default: the answers' prompts"
+    )
+    p.add_argument(
+        "--answers",
+        required=True,
+        help="the evaluated model's answers: apo_jax.data.generate's JSONL or an AlpacaEval outputs file",
+    )
     p.add_argument("--output", required=True, help="a directory for the judge's responses and summary.json")
     p.add_argument("--mode", choices=["winrate", "score", "exact"], default="winrate")
     p.add_argument("--reference", help="the reference model's answers (--mode winrate)")
@@ -138,7 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--concurrency", type=int, default=8)
     args = p.parse_args(argv)
-    prompts, answers = read_jsonl(args.prompts), read_jsonl(args.answers)
+    answers = load_answers(args.answers)
+    prompts = read_jsonl(args.prompts) if args.prompts else [{"prompt": a["prompt"]} for a in answers]
     if args.mode == "exact":
         summary = exact_match(prompts, answers)
     else:
@@ -154,7 +174,7 @@ def main(argv=None) -> int:
             api_key_env=args.api_key_env,
             concurrency=args.concurrency,
         )
-        reference = read_jsonl(args.reference) if args.reference else None
+        reference = load_answers(args.reference) if args.reference else None
         summary = judged(args.mode, prompts, answers, pathlib.Path(args.output), cfg, reference=reference)
     pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -21,6 +21,7 @@ from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
 from apo_jax.models.llama import LORA_TARGETS
+from apo_jax.train import trackers
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 
@@ -83,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
             "export_hf": True,
             "progress": True,
             "peak_flops": 0.0,  # per device, for mfu; 0: looked up from the device kind
+            "trackers": ("jsonl", "tensorboard"),  # + "wandb", "trackio" (apo_jax.train.trackers)
+            "wandb_project": "apo_jax",  # the W&B / Trackio project
+            "wandb_entity": "",  # the W&B entity (team); "" = the logged-in user's default
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -152,7 +156,7 @@ def check_ranges(config) -> None:
 
 
 LABELERS = ("scorer", "judge", "clair", "dice")
-SAMPLERS = ("uniform", "mixed")
+SAMPLERS = ("uniform", "mixed", "server")
 
 
 def default_online() -> ml_collections.ConfigDict:
@@ -162,7 +166,13 @@ def default_online() -> ml_collections.ConfigDict:
             "prompts": "",  # a JSONL file of rows with `prompt` (other fields reach the scorer)
             "prompts_per_round": 0,  # 0: every prompt each round; else consecutive slices
             "samples": 4,  # K samples per prompt
-            "sampler": "uniform",  # uniform | mixed
+            "sampler": "uniform",  # uniform | mixed | server (an OpenAI-compatible inference server)
+            "server_url": "",  # sampler server: its base URL (http://host:8000/v1), serving the policy ...
+            "server_reload": "update_weights_from_disk",  # ... reloaded each round (SGLang's), or ""
+            "server_command": "",  # ... or started each round: e.g. "vllm serve {model} --port {port}"
+            "server_port": 8000,  # {port} of server_command
+            "server_model": "",  # the model name requests carry; "" = the policy's path (vLLM's default)
+            "server_start_timeout": 900.0,  # seconds server_command may take to answer /v1/models
             "temperature": 0.7,
             "max_tokens": 512,
             "sample_batch_size": 32,  # rows per sampler call
@@ -206,6 +216,13 @@ def validate_online(o, reference_path: str = "") -> None:
         )
     if o.rounds < 1:
         raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
+    if o.sampler == "server" and bool(o.server_url) == bool(o.server_command):
+        raise ConfigError(
+            "online.sampler='server' needs exactly one of online.server_url (a running server, reloaded "
+            "each round) and online.server_command (started each round with the round's policy)"
+        )
+    if o.server_reload not in ("", "update_weights_from_disk"):
+        raise ConfigError(f"online.server_reload={o.server_reload!r}: use 'update_weights_from_disk' or ''")
 
 
 def _check_keys(config, schema, prefix=""):
@@ -306,6 +323,10 @@ def validate(config) -> None:
     if o.mu_dtype not in ("", "float32", "bfloat16"):
         raise ConfigError(f"optimizer.mu_dtype={o.mu_dtype!r}: use '', 'float32' or 'bfloat16'")
     check_lora(config)
+    try:
+        trackers.check(t.trackers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if m.param_dtype in ("bfloat16", "float16") and o.lr < 1e-4 and not config.lora.rank:
         raise ConfigError(
             f"model.param_dtype={m.param_dtype!r} with optimizer.lr={o.lr:g}: an AdamW step moves a weight "

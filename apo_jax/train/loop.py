@@ -1,8 +1,8 @@
 """`run(config)`: the training loop, from named parts (mesh, model, data, state, step, checkpoints).
 
 Everything it writes lives in `config.workdir`: config.json (the run's whole config, written at each
-start), metrics.jsonl (one JSON object per logged step),
-TensorBoard events (when TensorFlow is installed), checkpoints/ (orbax, asynchronous, the
+start), metrics.jsonl (one JSON object per logged step) and the other `train.trackers`
+(apo_jax.train.trackers: TensorBoard events, W&B's offline files), checkpoints/ (orbax, asynchronous, the
 reader's cursor beside the state) and hf/ (the final policy). A restarted run resumes from the
 latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import pathlib
 import signal
@@ -30,6 +29,7 @@ from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
 from apo_jax.train.state import build_model, initial_state, make_optimizer, model_vocab_size
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
+from apo_jax.train.trackers import Trackers
 
 
 class NonFiniteError(RuntimeError):
@@ -37,41 +37,6 @@ class NonFiniteError(RuntimeError):
 
 
 # --- parts ------------------------------------------------------------------------------------
-
-
-class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard when available), first process only; resumable."""
-
-    def __init__(self, workdir: pathlib.Path, resume_step: int):
-        self.main = jax.process_index() == 0
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if not self.main:
-            return
-        if self.path.exists():  # drop lines past the checkpoint we resume from: they will be redone
-            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        try:
-            from flax.metrics import tensorboard
-
-            self.tb = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # GPU images without TensorFlow: metrics.jsonl only
-            self.tb = None
-
-    def write(self, step: int, metrics: dict):
-        if not self.main:
-            return
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in metrics.items():
-                self.tb.scalar(k, float(v), step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.flush()
 
 
 def _checkpoint_manager(workdir: pathlib.Path, keep: int):
@@ -334,7 +299,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     mngr = _checkpoint_manager(workdir, t.keep_checkpoints)
     state = _restore(mngr, state, reader, workdir)
     start = int(_host(state.step))
-    writer = MetricsWriter(workdir, start)
+    writer = Trackers(workdir, start, cfg)
     evaluate = _eval_fn(cfg, model, loss, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
     peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)

@@ -32,19 +32,27 @@ policy); `<workdir>/online.json` records finished rounds, so a killed run resume
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
 import pathlib
 import random
+import shlex
+import signal
+import subprocess
+import time
+import urllib.request
 
 import jax
 import numpy as np
 
 from apo_jax import models, outputs
+from apo_jax.cli import UserError
 from apo_jax.client import ClientConfig, run_requests
 from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
 from apo_jax.data.clair.revise import revise
-from apo_jax.data.generate import generate_with_model, read_prompts
+from apo_jax.data.generate import generate_with_model, generate_with_server, read_prompts
 from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.tfrecords import read_records
@@ -218,14 +226,103 @@ def _round_prompts(prompts, o, t):
     return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
 
 
+class ServerError(UserError, RuntimeError):
+    """The inference server did not come up, reload, or serve the round's policy; the message says which."""
+
+
+def _get_json(url: str, timeout: float = 10.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _post_json(url: str, body: dict, timeout: float = 600.0):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _check_serves(base: str, policy: pathlib.Path) -> None:
+    """The server's /v1/models must name the round's policy as its `root` (vLLM and SGLang report the
+    served path there): samples from last round's weights would be mislabeled silently."""
+    served = [m.get("root") for m in _get_json(f"{base}/models").get("data", [])]
+    if any(served) and str(policy) not in served:
+        raise ServerError(f"{base} serves {served}, not this round's policy {policy}")
+
+
+@contextlib.contextmanager
+def serving(o, policy: pathlib.Path):
+    """The base URL of a server that serves `policy`: `online.server_url` told to load it (SGLang's
+    /update_weights_from_disk) and checked, or `online.server_command` started with it (`{model}`,
+    `{port}`) and stopped afterwards."""
+    if o.server_url:
+        base = o.server_url.rstrip("/")
+        if o.server_reload:
+            root = base[: -len("/v1")] if base.endswith("/v1") else base
+            try:
+                answer = _post_json(f"{root}/{o.server_reload}", {"model_path": str(policy)})
+            except OSError as e:
+                raise ServerError(f"{root}/{o.server_reload}: the reload of {policy} failed: {e}") from None
+            if not answer.get("success", True):
+                raise ServerError(f"{root}/{o.server_reload} refused {policy}: {answer.get('message')}")
+        _check_serves(base, policy)
+        yield base
+        return
+    command = o.server_command.format(model=shlex.quote(str(policy)), port=o.server_port)
+    base = f"http://127.0.0.1:{o.server_port}/v1"
+    proc = subprocess.Popen(command, shell=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + o.server_start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise ServerError(f"online.server_command exited with {proc.returncode}: {command}")
+            try:
+                _check_serves(base, policy)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"{command}: no answer at {base}/models in {o.server_start_timeout:g} s"
+                    ) from None
+                time.sleep(1.0)
+        yield base
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     """`online.samples` answers of the policy to each prompt of the round (resumable: generate skips
-    the rows it wrote), mixed with the reference's logits for the `mixed` sampler."""
+    the rows it wrote), mixed with the reference's logits for the `mixed` sampler, or from an
+    inference server serving the policy for `server` (explicit sampling parameters: vLLM would apply
+    the model's generation defaults otherwise)."""
     o, mixing = cfg.online, {}
+    rows = [dict(p, index=i) for i, p in enumerate(batch)]
+    if o.sampler == "server":
+        with serving(o, policy) as base:
+            client = ClientConfig(
+                base_url=base,
+                model=o.server_model or str(policy),
+                api_key_env=o.api_key_env,
+                concurrency=o.concurrency,
+            )
+            generate_with_server(
+                rows,
+                out,
+                client,
+                samples=o.samples,
+                max_tokens=o.max_tokens,
+                temperature=o.temperature,
+                progress=cfg.train.progress,
+                seed=cfg.train.seed + t,
+            )
+        return _by_index(out, len(batch), o.samples)
     if o.sampler == "mixed":
         _, ref_params = models.from_hf(ref)
         mixing = {"ref_params": ref_params, "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)]}
-    rows = [dict(p, index=i) for i, p in enumerate(batch)]
     generate_with_model(
         rows,
         out,
@@ -238,10 +335,14 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
         batch_size=o.sample_batch_size,
         **mixing,
     )
+    return _by_index(out, len(batch), o.samples)
+
+
+def _by_index(path, n: int, samples: int) -> list[list[str]]:
     by: dict = {}
-    for s in read_jsonl(out):
+    for s in read_jsonl(path):
         by.setdefault(s["index"], {})[s["sample"]] = s["response"]
-    return [[by[i][k] for k in range(o.samples)] for i in range(len(batch))]
+    return [[by[i][k] for k in range(samples)] for i in range(n)]
 
 
 def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
