@@ -257,7 +257,7 @@ class LoopbackServer:
     """An HTTP server on 127.0.0.1 (a free port) that hands every POST's JSON body to
     `handle(handler, body)`; `url` is its OpenAI-style base URL. Use `with` or call `close()`."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.lock = threading.Lock()
         owner = self
 
@@ -273,7 +273,7 @@ class LoopbackServer:
             def do_GET(self):
                 owner.handle_get(self)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -348,10 +348,10 @@ class ModelServer(LoopbackServer):
     temperature 0, else sampled with the request's seed), /v1/models (the served path as `root`, as
     vLLM and SGLang report it) and SGLang's /update_weights_from_disk {"model_path"} to reload."""
 
-    def __init__(self, model_path, name: str = "policy"):
+    def __init__(self, model_path, name: str = "policy", port: int = 0):
         self.name, self.reloads = name, []
         self._load(model_path)
-        super().__init__()
+        super().__init__(port)
 
     def _load(self, path) -> None:
         import transformers
@@ -406,3 +406,22 @@ class ModelServer(LoopbackServer):
                 "choices": [choice],
             },
         )
+
+
+def _serve(argv=None) -> None:
+    """`python -m apo_jax.testing serve MODEL PORT`: a ModelServer in the foreground (the stand-in
+    for `vllm serve` in tests of online.server_command)."""
+    import signal
+    import sys
+
+    _, model, port = sys.argv[1:] if argv is None else argv
+    server = ModelServer(model, port=int(port))
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    try:
+        threading.Event().wait()
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    _serve()

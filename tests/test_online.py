@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -328,3 +329,37 @@ def test_server_sampler_samples_each_rounds_policy_from_an_inference_server(tmp_
         by = {r["index"]: r["response"] for r in read_jsonl(out_path)}
         ours[name] = [[by[i]] * 2 for i in range(len(batch))]  # greedy: both samples alike
     assert served == ours["pi1"] != ours["pi0"]
+
+
+def test_server_command_starts_a_server_on_the_policy_and_stops_it(tmp_path, start):
+    """online.server_command: a server started with the round's policy ({model}, {port}), waited for
+    until /v1/models names that policy, answering as transformers' greedy model does, and stopped
+    (its whole process group) when sampling is done."""
+    import socket
+
+    root, m0, prompts, _ = start
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _config(
+        tmp_path / "run", m0, prompts, sampler="server", temperature=0.0, samples=2, server_port=port
+    )
+    cfg.online.server_command = f"{sys.executable} -m apo_jax.testing serve {{model}} {{port}}"
+    batch = read_jsonl(prompts)[:2]
+    samples = online._sample(cfg, batch, m0, m0, tmp_path / "served.jsonl", 0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(m0).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(m0)
+    for row, got in zip(batch, samples, strict=True):
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        want = tok.decode(
+            hf.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :],
+            skip_special_tokens=True,
+        )
+        assert got == [want, want]
+    with pytest.raises(OSError):  # stopped
+        online._get_json(f"http://127.0.0.1:{port}/v1/models", timeout=2)
