@@ -299,6 +299,29 @@ class LoopbackServer:
         except (BrokenPipeError, ConnectionResetError):
             pass
 
+    @classmethod
+    def send_chat(cls, h, model: str, content: str, usage: tuple[int, int] = (0, 0)) -> None:
+        """A chat.completion answer with `content`; `usage` = (prompt, completion) tokens."""
+        prompt, completion = usage
+        message = {"role": "assistant", "content": content}
+        tokens = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        cls.send(
+            h,
+            200,
+            {
+                "id": "loopback",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
+                "usage": tokens,
+            },
+        )
+
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
@@ -321,25 +344,7 @@ class ChatServer(LoopbackServer):
     def handle(self, h, body) -> None:
         with self.lock:
             self.bodies.append(body)
-        content = self.respond(body)
-        prompt, completion = self.usage
-        message = {"role": "assistant", "content": content}
-        self.send(
-            h,
-            200,
-            {
-                "id": "loopback",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop", "message": message}],
-                "usage": {
-                    "prompt_tokens": prompt,
-                    "completion_tokens": completion,
-                    "total_tokens": prompt + completion,
-                },
-            },
-        )
+        self.send_chat(h, body["model"], self.respond(body), self.usage)
 
 
 class ModelServer(LoopbackServer):
@@ -393,19 +398,7 @@ class ModelServer(LoopbackServer):
                     top_p=float(body.get("top_p", 1.0)),
                 )
             text = self.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "finish_reason": "stop", "message": message}
-        self.send(
-            h,
-            200,
-            {
-                "id": "loopback",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [choice],
-            },
-        )
+        self.send_chat(h, body["model"], text)
 
 
 def _serve(argv=None) -> None:

@@ -80,6 +80,16 @@ class Forward(NamedTuple):
     wpo: jax.Array | None = None  # [B] WPO weights (use_weighting)
 
 
+def _stacked_logps(model, params, batch, cfg: StepConfig, first: str, second: str, **kw):
+    """(token_logps' outputs, attention mask, loss mask) of two row groups of the batch (by key prefix)
+    stacked into one forward."""
+    ids, attn, loss_mask = (
+        jnp.concatenate([batch[f"{first}{k}"], batch[f"{second}{k}"]])
+        for k in ("input_ids", "attention_mask", "loss_mask")
+    )
+    return token_logps(model, params, ids, attn, loss_mask, chunk_size=cfg.chunk_size, **kw), attn, loss_mask
+
+
 def _paired_padded(
     model,
     params,
@@ -95,16 +105,13 @@ def _paired_padded(
 ) -> Forward:
     """Chosen and rejected from the padded layout in one forward of [2b, T]. With `ref_params` and
     `kl`, the same pass over the output projection also gives the reference and the KL."""
-    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-    attn = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-    loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-    out = token_logps(
+    out, attn, loss_mask = _stacked_logps(
         model,
         params,
-        ids,
-        attn,
-        loss_mask,
-        chunk_size=cfg.chunk_size,
+        batch,
+        cfg,
+        "chosen_",
+        "rejected_",
         with_entropy=with_entropy,
         with_sum_sq=weights,
         ref_params=ref_params,
@@ -176,18 +183,8 @@ def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy, rng=Non
 
 
 def _unpaired(model, params, batch, cfg: StepConfig, *, with_entropy, rng=None) -> Forward:
-    ids = jnp.concatenate([batch["input_ids"], batch["kl_input_ids"]])
-    attn = jnp.concatenate([batch["attention_mask"], batch["kl_attention_mask"]])
-    loss_mask = jnp.concatenate([batch["loss_mask"], batch["kl_loss_mask"]])
-    out = token_logps(
-        model,
-        params,
-        ids,
-        attn,
-        loss_mask,
-        chunk_size=cfg.chunk_size,
-        with_entropy=with_entropy,
-        dropout_rng=rng,
+    out, attn, loss_mask = _stacked_logps(
+        model, params, batch, cfg, "", "kl_", with_entropy=with_entropy, dropout_rng=rng
     )
     b = batch["input_ids"].shape[0]
     return Forward(
@@ -223,29 +220,10 @@ def forward(
     tokens = loss.granularity == "token"
     if not ref_params and lora.has_adapters(params):  # LoRA: the reference is the base, adapters off
         ref_params = lora.base(params)
+    common = {"tokens": tokens, "with_entropy": with_entropy, "weights": cfg.use_weighting, "rng": rng}
     if loss.kl is not None and ref_params:  # policy, reference and their KL in one pass
-        return _paired_padded(
-            model,
-            params,
-            batch,
-            cfg,
-            tokens=tokens,
-            with_entropy=with_entropy,
-            weights=cfg.use_weighting,
-            ref_params=ref_params,
-            kl=loss.kl,
-            rng=rng,
-        )
-    fwd = sequence_sums(
-        model,
-        params,
-        batch,
-        cfg,
-        tokens=tokens,
-        with_entropy=with_entropy,
-        weights=cfg.use_weighting,
-        rng=rng,
-    )
+        return _paired_padded(model, params, batch, cfg, ref_params=ref_params, kl=loss.kl, **common)
+    fwd = sequence_sums(model, params, batch, cfg, **common)
     if not loss.uses_reference or cfg.reference == "none":
         return fwd
     if cfg.reference == "precomputed":
