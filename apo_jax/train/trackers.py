@@ -19,9 +19,14 @@ import sys
 
 import jax
 
+from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 
 TRACKERS = ("jsonl", "tensorboard", "wandb", "trackio")
+
+
+class TrackerError(UserError, RuntimeError):
+    """A tracker that was asked for but cannot start; the message says what to do."""
 
 
 class Jsonl:
@@ -78,15 +83,21 @@ class Wandb:
 
         run_id = _run_ids(workdir).get("wandb") or secrets.token_hex(4)  # W&B ids: [a-z0-9]
         _keep_run_id(workdir, "wandb", run_id)
-        self.run = wandb.init(
-            project=t.get("wandb_project", "") or "apo_jax",
-            entity=t.get("wandb_entity", "") or None,
-            name=workdir.name,
-            id=run_id,
-            resume="allow",
-            dir=str(workdir),
-            config=config,
-        )
+        try:
+            self.run = wandb.init(
+                project=t.get("wandb_project", "") or "apo_jax",
+                entity=t.get("wandb_entity", "") or None,
+                name=workdir.name,
+                id=run_id,
+                resume="allow",
+                dir=str(workdir),
+                config=config,
+            )
+        except Exception as e:  # no login on a batch node, a network error: one line, not a traceback
+            raise TrackerError(
+                f"W&B did not start ({' '.join(str(e).split())[:200]}): log in (WANDB_API_KEY), or set "
+                "WANDB_MODE=offline to write the run locally and `wandb sync` it later"
+            ) from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
