@@ -127,7 +127,8 @@ class ApoJaxLM(TemplateLM):
             logps, greedy = np.asarray(logps), np.asarray(greedy)
             for row, i in enumerate(idx):
                 results[i] = (float(logps[row]), bool(greedy[row]))
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                if requests[i][0] is not None:  # rolling windows are not cached as requests (HFLM's rule)
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
             bar.update(len(idx))
         bar.close()
         return results
@@ -145,7 +146,7 @@ class ApoJaxLM(TemplateLM):
                     context_len=1,
                 ),
             ):
-                windows.append(((string, ""), context, continuation))
+                windows.append((None, context, continuation))
                 owners.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
         totals = [0.0] * len(requests)
