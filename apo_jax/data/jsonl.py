@@ -40,6 +40,22 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
+def read_json_rows(path) -> list[dict]:
+    """A JSON list of objects (AlpacaEval's files) or JSONL (`read_jsonl`); bad JSON is a ValueError
+    naming the file (and line)."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        return read_jsonl(path)
+    try:
+        rows = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: a JSON list whose items are not all objects")
+    return rows
+
+
 def write_atomic(path, text: str) -> pathlib.Path:
     """Writes `text` to `path` through a temporary file renamed into place."""
     path = pathlib.Path(path)

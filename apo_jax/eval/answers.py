@@ -31,6 +31,7 @@ import uuid
 
 from apo_jax import cli
 from apo_jax.data.generate import generate_with_model
+from apo_jax.data.jsonl import read_json_rows
 
 BENCHMARKS = ("alpaca_eval", "mt_bench")
 # FastChat's llm_judge/common.py temperature_config, by category
@@ -53,12 +54,10 @@ class QuestionsError(cli.UserError, ValueError):
 def read_questions(path, benchmark: str) -> list[dict]:
     """AlpacaEval's JSON list (or JSONL) of {instruction, dataset?}; MT-Bench's JSONL of
     {question_id, category, turns}."""
-    text = pathlib.Path(path).read_text(encoding="utf-8")
-    rows = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(x) for x in text.splitlines() if x.strip()]
-    )
+    try:
+        rows = read_json_rows(path)
+    except ValueError as e:
+        raise QuestionsError(str(e)) from None
     need = {"alpaca_eval": ("instruction",), "mt_bench": ("question_id", "turns")}[benchmark]
     for i, row in enumerate(rows):
         missing = [k for k in need if k not in row]

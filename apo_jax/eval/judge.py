@@ -34,7 +34,7 @@ from apo_jax.data.clair.baselines import (
     parse_score,
     parse_verdict,
 )
-from apo_jax.data.jsonl import read_jsonl
+from apo_jax.data.jsonl import read_json_rows, read_jsonl
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -129,13 +129,10 @@ def judged(
 def load_answers(path) -> list[dict]:
     """{prompt, response} rows from apo_jax's answers.jsonl or an AlpacaEval outputs file (what
     `apo_jax.eval.judge` compares)."""
-    text = pathlib.Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        rows = json.loads(text)
-        if rows and "instruction" in rows[0]:
-            return [{"prompt": r["instruction"], "response": r.get("output", "")} for r in rows]
-        return rows
-    return [json.loads(x) for x in text.splitlines() if x.strip()]
+    rows = read_json_rows(path)
+    if rows and "instruction" in rows[0]:
+        return [{"prompt": r["instruction"], "response": r.get("output", "")} for r in rows]
+    return rows
 
 
 @cli.command
