@@ -21,13 +21,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from apo_jax.models.llama import (
-    ADAPTER_KEYS,
     DTYPES,
     MODEL_TYPES,
     Llama,
     LlamaConfig,
     abstract_params,
     dtype_name,
+    has_adapters,
 )
 from apo_jax.sharding import param_shardings
 
@@ -411,6 +411,13 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
     return model, params
 
 
+def host_array(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array whole on this host, as numpy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def to_hf(
     model: Llama,
     params,
@@ -426,11 +433,7 @@ def to_hf(
     model.safetensors.index.json), config.json in the published form, and the tokenizer if given.
     `dtype`: the stored dtype (default: the parameters' own).
     """
-    paths = [
-        tuple(getattr(k, "key", None) for k in path)
-        for path, _ in jax.tree_util.tree_leaves_with_path(params)
-    ]
-    if any(path[-1] in ADAPTER_KEYS for path in paths):
+    if has_adapters(params):
         raise ValueError(
             "params hold LoRA adapters: export lora.merge(model, params) (a merged checkpoint) "
             "or write them with lora.save_peft"
@@ -441,10 +444,7 @@ def to_hf(
     store = np.dtype(DTYPES[dtype_name(dtype)]) if dtype else None
 
     def host(keys):
-        x = _get(params, keys)
-        if not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
-        x = np.asarray(x)
+        x = host_array(_get(params, keys))
         return x.astype(store) if store is not None else x
 
     plan = []  # (hf name, keys, layer index or None, to_hf, nbytes)

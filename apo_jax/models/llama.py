@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -881,20 +882,39 @@ def init_params(model: Llama, seed: int = 0, mesh=None):
     LoRA adapters (`lora_rank` > 0) are drawn apart from the base (see `init_leaf`), so the base
     weights are the same with adapters or without.
     """
+    slots, treedef = param_slots(model, mesh)
+    leaves = [place(init_leaf(path[-1], leaf, seed, i), sharding) for path, leaf, sharding, i in slots]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def param_slots(model: Llama, mesh=None):
+    """([(path, abstract leaf, sharding or None, init index)] of every parameter in tree order, treedef):
+    where `init_params` puts each leaf and the index that seeds it. Base leaves count among the base
+    only and adapters by their place in the whole tree, so adding adapters moves no base seed."""
     abstract = abstract_params(model)
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     paths, treedef = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))
     flat_shardings = jax.tree.leaves(shardings) if shardings is not None else [None] * len(paths)
-    leaves, base_index = [], 0
+    slots, base_index = [], 0
     for i, ((path, leaf), sharding) in enumerate(zip(paths, flat_shardings, strict=True)):
-        name = getattr(path[-1], "key", None)
-        index = i if name in ADAPTER_KEYS else base_index
-        base_index += name not in ADAPTER_KEYS
-        leaves.append(place(init_leaf(name, leaf, seed, index), sharding))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+        keys = tuple(getattr(k, "key", None) for k in path)
+        adapter = is_adapter(keys)
+        slots.append((keys, leaf, sharding, i if adapter else base_index))
+        base_index += not adapter
+    return slots, treedef
 
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
+
+
+def is_adapter(path: tuple[str, ...]) -> bool:
+    """Whether the parameter at `path` (its keys) is a LoRA adapter leaf."""
+    return path[-1] in ADAPTER_KEYS
+
+
+def has_adapters(params) -> bool:
+    """Whether `params` hold LoRA adapters (a structural test: free under jit)."""
+    return any(is_adapter(k) for k in flax.traverse_util.flatten_dict(params))
 
 
 def init_leaf(name: str, leaf, seed: int, index: int) -> np.ndarray:

@@ -26,26 +26,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jax.experimental import multihost_utils
 
-from apo_jax.models.hf import CheckpointError, _mapping, _Safetensors
+from apo_jax.models.hf import CheckpointError, _mapping, _Safetensors, host_array
 from apo_jax.models.llama import (
     ADAPTER_KEYS,
     LORA_TARGETS,
     Llama,
     LlamaConfig,
-    abstract_params,
     init_leaf,
+    is_adapter,
+    param_slots,
     place,
 )
-from apo_jax.sharding import param_shardings
+from apo_jax.models.llama import (
+    has_adapters as has_adapters,  # re-exported: lora.has_adapters(params)
+)
 
 PEFT_PREFIX = "base_model.model."
 _A, _B = ADAPTER_KEYS
-
-
-def is_adapter(path: tuple[str, ...]) -> bool:
-    return path[-1] in ADAPTER_KEYS
 
 
 def split(params) -> tuple[dict, dict]:
@@ -68,20 +66,13 @@ def base(params) -> dict:
     return split(params)[1]
 
 
-def has_adapters(params) -> bool:
-    return any(is_adapter(k) for k in traverse_util.flatten_dict(params))
-
-
 def add_adapters(model: Llama, params, seed: int = 0, mesh=None) -> dict:
     """`params` (a base, e.g. from `from_hf`) with freshly initialised adapters for `model`'s
     `lora_rank`/`lora_targets`: A uniform (PEFT's init), B zero; split over `mesh` like their kernels."""
-    abstract = abstract_params(model)
-    flat = traverse_util.flatten_dict(abstract)
-    shardings = traverse_util.flatten_dict(param_shardings(abstract, mesh)) if mesh is not None else {}
     out = traverse_util.flatten_dict(params)
-    for i, (path, boxed) in enumerate(sorted(flat.items())):
+    for path, leaf, sharding, index in param_slots(model, mesh)[0]:  # as init_params draws them
         if is_adapter(path):
-            out[path] = place(init_leaf(path[-1], boxed.value, seed, i), shardings.get(path))
+            out[path] = place(init_leaf(path[-1], leaf, seed, index), sharding)
     return traverse_util.unflatten_dict(out)
 
 
@@ -90,12 +81,6 @@ def plain(config: LlamaConfig) -> LlamaConfig:
     return config.replace(
         lora_rank=0, lora_alpha=LlamaConfig.lora_alpha, lora_targets=LORA_TARGETS, lora_dropout=0.0
     )
-
-
-def _host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
 
 
 def _targets(config: LlamaConfig):
@@ -159,7 +144,7 @@ def save_peft(model: Llama, params, out_dir: str | os.PathLike, *, base_model: s
     for module, path in _targets(config):
         if path + (_A,) not in flat:
             raise ValueError(f"params have no adapters at {'/'.join(path)}: nothing to save as PEFT")
-        a, b = _host(flat[path + (_A,)]), _host(flat[path + (_B,)])
+        a, b = host_array(flat[path + (_A,)]), host_array(flat[path + (_B,)])
         r = a.shape[-1]
         for i in range(a.shape[0]):
             name = PEFT_PREFIX + module.format(i=i)
@@ -231,13 +216,11 @@ def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
     if not weights.is_file():
         raise CheckpointError(f"{path}: no adapter_model.safetensors")
     st = _Safetensors(weights)
-    abstract = abstract_params(model)
-    shardings = traverse_util.flatten_dict(param_shardings(abstract, mesh)) if mesh is not None else {}
-    shapes = traverse_util.flatten_dict(abstract)
+    slots = {path: (leaf, sharding) for path, leaf, sharding, _ in param_slots(model, mesh)[0]}
     out = traverse_util.flatten_dict(params)
     for module, mpath in _targets(config):
         for key, side in ((_A, "lora_A"), (_B, "lora_B")):
-            leaf = shapes[mpath + (key,)].value
+            leaf, sharding = slots[mpath + (key,)]
             r, size = leaf.shape[-1] if key == _A else leaf.shape[1], int(np.prod(leaf.shape[1:]))
             expected = (r, size // r) if key == _A else (size // r, r)
             layers = []
@@ -251,5 +234,5 @@ def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
                         f"{weights}: {name} has shape {tuple(w.shape)}, expected {expected}"
                     )
                 layers.append(np.asarray(w, np.float32).T.reshape(leaf.shape[1:]))  # [in..., r] / [r, out...]
-            out[mpath + (key,)] = place(np.stack(layers).astype(leaf.dtype), shardings.get(mpath + (key,)))
+            out[mpath + (key,)] = place(np.stack(layers).astype(leaf.dtype), sharding)
     return traverse_util.unflatten_dict(out)

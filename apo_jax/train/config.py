@@ -20,7 +20,9 @@ from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
+from apo_jax.models.hf import CheckpointError
 from apo_jax.models.llama import LORA_TARGETS
+from apo_jax.models.lora import read_adapter_config
 from apo_jax.train import trackers
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
@@ -403,8 +405,11 @@ def check_lora(config) -> None:
             "reference.mode='sync' (TR-DPO) with lora.rank > 0: the reference of a LoRA run is the "
             "base with its adapters off; use reference.mode frozen, precomputed or none"
         )
-    if lo.path and not (pathlib.Path(lo.path) / "adapter_config.json").is_file():
-        raise ConfigError(f"lora.path={lo.path}: no adapter_config.json there (a PEFT adapter folder)")
+    if lo.path:  # the adapter's own config, before any weight is read (load_peft reads it again)
+        try:
+            read_adapter_config(lo.path)
+        except CheckpointError as e:
+            raise ConfigError(f"lora.path: {e}") from None
 
 
 def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_size: int) -> None:

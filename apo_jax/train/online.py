@@ -301,6 +301,8 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     the model's generation defaults otherwise)."""
     o, mixing = cfg.online, {}
     rows = [dict(p, index=i) for i, p in enumerate(batch)]
+    sampling = {"samples": o.samples, "max_tokens": o.max_tokens, "temperature": o.temperature}
+    sampling |= {"seed": cfg.train.seed + t, "progress": cfg.train.progress}
     if o.sampler == "server":
         with serving(o, policy) as base:
             client = ClientConfig(
@@ -309,32 +311,12 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
                 api_key_env=o.api_key_env,
                 concurrency=o.concurrency,
             )
-            generate_with_server(
-                rows,
-                out,
-                client,
-                samples=o.samples,
-                max_tokens=o.max_tokens,
-                temperature=o.temperature,
-                progress=cfg.train.progress,
-                seed=cfg.train.seed + t,
-            )
+            generate_with_server(rows, out, client, **sampling)
         return _by_index(out, len(batch), o.samples)
     if o.sampler == "mixed":
         _, ref_params = models.from_hf(ref)
         mixing = {"ref_params": ref_params, "mix": [MIXES[int(s >= o.samples / 2)] for s in range(o.samples)]}
-    generate_with_model(
-        rows,
-        out,
-        policy,
-        samples=o.samples,
-        max_tokens=o.max_tokens,
-        temperature=o.temperature,
-        seed=cfg.train.seed + t,
-        progress=cfg.train.progress,
-        batch_size=o.sample_batch_size,
-        **mixing,
-    )
+    generate_with_model(rows, out, policy, batch_size=o.sample_batch_size, **sampling, **mixing)
     return _by_index(out, len(batch), o.samples)
 
 

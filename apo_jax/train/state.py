@@ -32,7 +32,7 @@ def build_model(cfg, mesh, *, adapters: bool = True):
         policies["lora_dropout"] = float(lo.dropout)
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
-        if model.config.lora_rank:
+        if model.config.lora_rank and not lo.path:  # lora.path's adapters are read below
             params = lora.add_adapters(model, params, m.seed, mesh)
     else:
         model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
