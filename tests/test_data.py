@@ -267,13 +267,13 @@ def test_reader_is_deterministic_resumable_and_process_independent():
     for x in first:
         y = next(b)
         assert all(np.array_equal(x[k], y[k]) for k in x)
-    assert a.state_dict() == {"epoch": 2, "step": 2}
+    assert a.state_dict() == {"epoch": 2, "row": 16}  # batch 2 of epoch 2: rows 16-23
     # an epoch is a permutation: every record once
     seen = np.concatenate([a.global_indices(0, k) for k in range(a.steps_per_epoch)])
     assert sorted(seen) == list(range(40))
     # restored at (epoch, k), it continues with the same batches
     c = data.PreferenceReader(records, process_index=0, process_count=1, **kw)
-    c.load_state_dict({"epoch": 1, "step": 3})
+    c.load_state_dict({"epoch": 1, "step": 3})  # a cursor saved before cursors counted rows
     for x in first[8:]:
         y = next(c)
         assert all(np.array_equal(x[k], y[k]) for k in x)

@@ -1,10 +1,11 @@
 """The reader: exact, resumable global batches that do not depend on the number of processes.
 
-Every epoch, all record indices are permuted with a generator seeded by (seed, epoch). Global
-batch k is rows [kG, (k+1)G) of that permutation; process p of P reads its contiguous slice
-[kG + pG/P, kG + (p+1)G/P). The cursor (epoch, k) is the whole state: saved with the train state,
-it resumes on the very next batch, on any number of processes. A last partial batch of an epoch
-is dropped, so every step has the same shape. Prefetch to the device is the trainer's job.
+Every epoch, all record indices are permuted with a generator seeded by (seed, epoch). The batch at
+cursor (epoch, r) is rows [r, r + G) of that permutation; process p of P reads its contiguous slice
+[r + pG/P, r + (p+1)G/P). The cursor counts rows, not batches, so it is the whole state whatever the
+batch size: saved with the train state, it resumes on the very next row, on any number of processes,
+and a resume at another batch size neither replays nor skips a row. A last partial batch of an
+epoch is dropped, so every step has the same shape. Prefetch to the device is the trainer's job.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from apo_jax.data.tfrecords import read_records
 @dataclasses.dataclass
 class ReaderState:
     epoch: int = 0
-    step: int = 0  # the next global batch within the epoch
+    row: int = 0  # the first row of the next global batch, in the epoch's permutation
 
 
 class PreferenceReader:
@@ -89,6 +90,7 @@ class PreferenceReader:
         self.p, self.P, self.pad_id, self.packed_rows = process_index, process_count, pad_id, packed_rows
         self.A = grad_accum
         self.state = ReaderState()
+        self.origin = (0, ReaderState())  # (step, cursor): where `cursor(step)` counts from
 
     @property
     def steps_per_epoch(self) -> int:
@@ -98,16 +100,20 @@ class PreferenceReader:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
 
     def global_indices(self, epoch: int, step: int) -> np.ndarray:
-        """The G record indices of global batch `step` of `epoch`."""
-        return self.permutation(epoch)[step * self.G : (step + 1) * self.G]
+        """The G record indices of global batch `step` of `epoch` (from the epoch's start)."""
+        return self._rows(ReaderState(epoch, step * self.G))
 
-    def local_indices(self, epoch: int, step: int) -> np.ndarray:
-        local = self.G // self.P
-        return self.global_indices(epoch, step)[self.p * local : (self.p + 1) * local]
+    def _rows(self, at: ReaderState) -> np.ndarray:
+        return self.permutation(at.epoch)[at.row : at.row + self.G]
 
     def batch(self, epoch: int, step: int) -> dict[str, np.ndarray]:
-        """This process's part of global batch (epoch, step), in the layout."""
-        records = [self.records[i] for i in self.local_indices(epoch, step)]
+        """This process's part of global batch `step` of `epoch`, in the layout."""
+        return self.batch_at(ReaderState(epoch, step * self.G))
+
+    def batch_at(self, at: ReaderState) -> dict[str, np.ndarray]:
+        """This process's part of the global batch at cursor `at`, in the layout."""
+        local = self.G // self.P
+        records = [self.records[i] for i in self._rows(at)[self.p * local : (self.p + 1) * local]]
         if self.layout == "padded" or self.A == 1:
             return self._build(records, self.packed_rows)
         rows = self.packed_rows // self.A if self.packed_rows else None
@@ -125,26 +131,43 @@ class PreferenceReader:
                 out[key][:, 0] += self.p * out["input_ids"].shape[0]
         return out
 
+    def advance(self, at: ReaderState, steps: int) -> ReaderState:
+        """The cursor `steps` global batches after `at`: a batch that would run past the epoch's
+        last full batch starts the next epoch instead."""
+        left = (len(self.records) - at.row) // self.G  # batches still in at's epoch
+        if steps < left:
+            return ReaderState(at.epoch, at.row + steps * self.G)
+        epochs, steps = divmod(steps - left, self.steps_per_epoch)
+        return ReaderState(at.epoch + 1 + epochs, steps * self.G)
+
+    def resume(self, step: int, at: dict) -> None:
+        """Counts steps from a saved cursor: global batch `step` is read at `at` (a `state_dict`,
+        which may come from a run at another batch size)."""
+        self.origin = (step, self._state(at))
+
     def cursor(self, step: int) -> ReaderState:
-        """Where global batch number `step` (from the start of training) lies: (epoch, k)."""
-        return ReaderState(step // self.steps_per_epoch, step % self.steps_per_epoch)
+        """Where global batch number `step` (from the start of training) lies."""
+        origin_step, origin = self.origin
+        if step < origin_step:
+            raise ValueError(f"step {step} lies before the resumed cursor's step {origin_step}")
+        return self.advance(origin, step - origin_step)
 
     def batches_from(self, step: int):
         """This process's batches for steps `step`, `step + 1`, ...: the cursor follows the step."""
         while True:
             c = self.cursor(step)
             self.state = c
-            yield self.batch(c.epoch, c.step)
+            yield self.batch_at(c)
             step += 1
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.state.step >= self.steps_per_epoch:
+        if self.state.row + self.G > len(self.records):
             self.state = ReaderState(self.state.epoch + 1, 0)
-        out = self.batch(self.state.epoch, self.state.step)
-        self.state = ReaderState(self.state.epoch, self.state.step + 1)
+        out = self.batch_at(self.state)
+        self.state = self.advance(self.state, 1)
         return out
 
     def state_dict(self) -> dict[str, int]:
@@ -152,4 +175,10 @@ class PreferenceReader:
         return dataclasses.asdict(self.state)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.state = ReaderState(int(state["epoch"]), int(state["step"]))
+        self.state = self._state(state)
+
+    def _state(self, saved: dict) -> ReaderState:
+        """A saved cursor; one from before cursors counted rows ({"epoch", "step"}) counted batches
+        of this reader's size (a batch-size change was refused then)."""
+        row = saved["row"] if "row" in saved else int(saved["step"]) * self.G
+        return ReaderState(int(saved["epoch"]), int(row))

@@ -12,8 +12,10 @@ import hashlib
 import json
 import math
 import pathlib
+import sys
 
 import ml_collections
+import numpy as np
 
 from apo_jax import losses
 from apo_jax.cli import UserError
@@ -89,6 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
             "trackers": ("jsonl", "tensorboard"),  # + "wandb", "trackio" (apo_jax.train.trackers)
             "wandb_project": "apo_jax",  # the W&B / Trackio project
             "wandb_entity": "",  # the W&B entity (team); "" = the logged-in user's default
+            "resume_changed": False,  # resume checkpoints under a changed config (apo_jax.train.record)
         }
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -264,10 +267,14 @@ def fill_loss(config) -> ml_collections.ConfigDict:
     return config
 
 
+def config_text(config) -> str:
+    """The whole config (command-line overrides included) as config.json holds it."""
+    return config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+
+
 def save_config(config, workdir) -> pathlib.Path:
-    """Writes `<workdir>/config.json`, the whole config (command-line overrides included), atomically."""
-    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
-    return write_atomic(pathlib.Path(workdir) / "config.json", text)
+    """Writes `<workdir>/config.json` atomically."""
+    return write_atomic(pathlib.Path(workdir) / "config.json", config_text(config))
 
 
 def build_loss(config, *, bind: bool = True):
@@ -434,6 +441,7 @@ def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_siz
     if loss is None:
         return
     check_against_data(config, loss, metadata)
+    check_signal(config.data.train, records, loss)
     if loss.uses_reference and config.reference.mode == "precomputed":
         saved = metadata.get("reference", {}).get("fingerprint")
         if saved is None:
@@ -446,6 +454,39 @@ def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_siz
                 f"data.train={config.data.train}: its reference log-probs were computed for another "
                 "reference model or other settings (fingerprint mismatch); precompute them again"
             )
+
+
+def check_signal(path, records: list[dict], loss) -> None:
+    """Pairs that carry no preference: ties, for a loss that cannot use them (it would train each as
+    chosen over rejected), and pairs whose two answers are the same tokens (no gradient between
+    them). Data that is all of them is refused; some of them are counted on stderr."""
+    if loss.kind != "paired":
+        return
+    n = len(records)
+    ties = 0 if "is_tie" in loss.needs else sum(bool(r.get("is_tie", 0)) for r in records)
+    same = sum(np.array_equal(r["chosen_ids"], r["rejected_ids"]) for r in records)
+    if ties == n:
+        raise ConfigError(
+            f"data.train={path}: every one of its {n} pairs is a tie (is_tie), but loss {loss.name!r} "
+            "cannot use ties and would train each as a preference: use a loss made for ties (todo) or "
+            "leave the ties out of the pairs"
+        )
+    if same == n:
+        raise ConfigError(
+            f"data.train={path}: in every one of its {n} pairs chosen and rejected are the same tokens: "
+            "there is no preference to learn"
+        )
+    if ties:
+        print(
+            f"warning: data.train={path}: {ties} of {n} pairs are ties (is_tie) that loss {loss.name!r} "
+            "trains as preferences",
+            file=sys.stderr,
+        )
+    if same:
+        print(
+            f"warning: data.train={path}: {same} of {n} pairs have chosen == rejected (no signal)",
+            file=sys.stderr,
+        )
 
 
 def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:

@@ -1,7 +1,8 @@
 """`run(config)`: the training loop, from named parts (mesh, model, data, state, step, checkpoints).
 
-Everything it writes lives in `config.workdir`: config.json (the run's whole config, written at each
-start), metrics.jsonl (one JSON object per logged step) and the other `train.trackers`
+Everything it writes lives in `config.workdir`: config.json (the run's whole config) with
+sources.json and config_history.jsonl (apo_jax.train.record: a resume must continue the same run),
+metrics.jsonl (one JSON object per logged step) and the other `train.trackers`
 (apo_jax.train.trackers: TensorBoard events, W&B's offline files), checkpoints/ (orbax, asynchronous, the
 reader's cursor beside the state) and hf/ (the final policy). A restarted run resumes from the
 latest checkpoint; SIGTERM/SIGINT save and exit cleanly.
@@ -27,6 +28,7 @@ from apo_jax.models import lora
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
+from apo_jax.train import record
 from apo_jax.train.state import build_model, initial_state, make_optimizer, model_vocab_size
 from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
 from apo_jax.train.trackers import Trackers
@@ -65,10 +67,11 @@ def _save(mngr, step: int, state, reader: PreferenceReader):
 
 
 def _restore(mngr, state, reader: PreferenceReader, workdir: pathlib.Path):
-    """The newest checkpoint that restores. One that does not (a truncated array file, an empty
-    `_METADATA`) while an older one does is damaged: it is moved to `checkpoints.damaged/` (kept, not
-    deleted) and the run says so. When none restores, nothing is moved and the run stops naming each
-    checkpoint's error (a changed config fails them all alike)."""
+    """The newest checkpoint that restores, with the reader resumed at its data cursor (in rows, so
+    a resume at another batch size neither replays nor skips rows). One that does not (a truncated
+    array file, an empty `_METADATA`) while an older one does is damaged: it is moved to
+    `checkpoints.damaged/` (kept, not deleted) and the run says so. When none restores, nothing is
+    moved and the run stops naming each checkpoint's error (a changed config fails them all alike)."""
     import orbax.checkpoint as ocp
 
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -95,12 +98,14 @@ def _restore(mngr, state, reader: PreferenceReader, workdir: pathlib.Path):
             )
         return state
     state = restored["state"]
-    if dataclasses.asdict(reader.cursor(int(_host(state.step)))) != restored["reader"]:
-        raise ValueError(
-            f"checkpoint {step}: its data cursor {restored['reader']} does not follow from its step; "
-            "the data or train.batch_size changed since it was written"
-        )
+    reader.resume(int(_host(state.step)), restored["reader"])  # the saved cursor counts rows
     return state
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+    """Whether the workdir holds a saved step (orbax's unfinished saves have other names)."""
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _set_aside(mngr, workdir: pathlib.Path, step: int, why: str) -> None:
@@ -277,13 +282,13 @@ class _StepLog:
 
 
 def _run(cfg, workdir: pathlib.Path) -> dict:
-    if jax.process_index() == 0:
-        config_lib.save_config(cfg, workdir)
     t = cfg.train
     mesh = sharding.make_mesh(**dict(cfg.mesh))
     loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
     reader = _reader(cfg.data.train, cfg, t.batch_size, t.seed, t.grad_accum)
     config_lib.check_run(cfg, loss, mesh, reader.records, reader.metadata, model_vocab_size(cfg.model))
+    found = record.sources(cfg, reader.metadata, len(reader.records))
+    start_record = record.check(cfg, workdir, _has_checkpoints(workdir), found)  # before any write
     reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
     model, params = build_model(cfg, mesh)
     tx, lr = make_optimizer(cfg.optimizer, t.steps)
@@ -299,6 +304,8 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     mngr = _checkpoint_manager(workdir, t.keep_checkpoints)
     state = _restore(mngr, state, reader, workdir)
     start = int(_host(state.step))
+    if jax.process_index() == 0:
+        start_record.write(start)
     writer = Trackers(workdir, start, cfg)
     evaluate = _eval_fn(cfg, model, loss, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
