@@ -83,6 +83,23 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _PRECOMPUTE = flags.DEFINE_string(
     "precompute_reference", None, "write records with reference log-probs here, then exit"
 )
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "tracebacks for errors reported in one line, and orbax's logs of its failures"
+)
+
+
+def _quiet_orbax() -> None:
+    """Leaves out orbax's logged failures (each with a traceback from a background thread, hundreds
+    of lines for one full disk): the run reports the same failure itself, in one line."""
+
+    import logging as std_logging
+
+    from absl import logging
+
+    def keep(record) -> bool:
+        return not ("orbax" in record.pathname and record.levelno >= std_logging.ERROR)
+
+    logging.get_absl_logger().addFilter(keep)
 
 
 def _run(config) -> dict | None:
@@ -129,6 +146,8 @@ def main(argv):
     from absl import logging
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    if not _DEBUG.value:
+        _quiet_orbax()
 
     if _COORDINATOR.value or _DISTRIBUTED.value:
         # Before anything touches a backend (jax.devices() would): initialize() must come first.
@@ -153,12 +172,16 @@ def main(argv):
         with lock or contextlib.nullcontext():
             result = _run(config)
     except ConfigError as e:
+        if _DEBUG.value:
+            raise
         print(f"config error: {one_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
     except expected_errors() as e:
+        if _DEBUG.value:
+            raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     if result is None:

@@ -3,13 +3,16 @@ config.json and sources.json are the run's record; a changed loss, learning rate
 size is refused in one line naming the keys before anything is written, and an explicit
 `train.resume_changed` continues with the change recorded in config_history.jsonl; the data cursor
 counts rows, so a batch-size change neither replays nor skips a pair; data without a preference
-(all ties, or chosen == rejected) is refused."""
+(all ties, or chosen == rejected) is refused; a checkpoint that cannot be written is one line."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -157,3 +160,47 @@ def test_data_with_no_preference_is_refused(tmp_path, records, capfd):
     with pytest.raises(ConfigError, match=r"every one of its 32 pairs chosen and rejected are the same"):
         train.run(make_config(tmp_path / "b", same))
     assert [p for p in (tmp_path / "a").rglob("*")] == [] == [p for p in (tmp_path / "b").rglob("*")]
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(tmp_path, records):
+    """Found: the right line came after 324 lines of orbax's background-thread tracebacks."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 1.2 MB: the run's record and metrics fit, the tiny model's checkpoint (1.8 MB) does not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        overrides = tmp_path / "o.json"
+        overrides.write_text(
+            json.dumps(
+                {
+                    "workdir": str(disk / "w"),
+                    "data.train": str(records),
+                    "train.steps": 2,
+                    "train.batch_size": 8,
+                    "mesh.data": 1,
+                    "train.trackers": ["jsonl"],
+                }
+            )
+        )
+        root = pathlib.Path(__file__).resolve().parents[1]
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.run",
+                f"--config={root}/tests/configs/tiny_train.py:{overrides}",
+            ],
+            cwd=root,
+            env=os.environ,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        subprocess.run(["umount", str(disk)])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {disk / 'w' / 'checkpoints'}: the checkpoint of step 2 could not be written (no space "
+        "left on the device); no complete checkpoint exists"
+    ]

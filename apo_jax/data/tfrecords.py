@@ -65,7 +65,10 @@ UNPAIRED_FIELDS = ("prompt_ids", "completion_ids", "label", "kl_completion_ids",
 
 
 def _tf():
+    """TensorFlow, imported quietly: a command's stderr holds its own lines, and TensorFlow only
+    reads and writes records here (its oneDNN kernels, which announce themselves, do no math)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     import tensorflow as tf
 
     return tf

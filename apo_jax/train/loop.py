@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from apo_jax import models, outputs, sharding
+from apo_jax.cli import UserError, expected_errors, one_line
 from apo_jax.data.reader import PreferenceReader
 from apo_jax.models import lora
 from apo_jax.models.flops import flops_per_token, peak_flops
@@ -52,15 +53,41 @@ def _checkpoint_manager(workdir: pathlib.Path, keep: int):
     return ocp.CheckpointManager(workdir / "checkpoints", options=options)
 
 
-def _save(mngr, step: int, state, reader: PreferenceReader):
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder): the message names the
+    folder and the newest complete checkpoint, which is intact."""
+
+
+@contextlib.contextmanager
+def _writing(mngr, workdir: pathlib.Path, step: int):
+    """Turns orbax's failure to write a checkpoint (raised by this save, or by an earlier asynchronous
+    one when this call checks on it) into one line naming the folder."""
+    try:
+        yield
+    except expected_errors() as e:
+        if isinstance(e, UserError):
+            raise
+        done = [s for s in mngr.all_steps() if s != step]
+        with contextlib.suppress(Exception):  # its threads would log the failure again at exit
+            mngr.close()
+        kept = f"the newest complete one is step {max(done)}" if done else "no complete checkpoint exists"
+        reason = "no space left on the device" if "No space left" in str(e) else one_line(e)[:240]
+        raise CheckpointWriteError(
+            f"{workdir / 'checkpoints'}: the checkpoint of step {step} could not be written ({reason}); "
+            f"{kept}"
+        ) from e
+
+
+def _save(mngr, step: int, state, reader: PreferenceReader, workdir: pathlib.Path):
     import orbax.checkpoint as ocp
 
-    cursor = dataclasses.asdict(reader.cursor(step))  # the next batch to read, for inspection
-    mngr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(cursor)),
-        force=True,
-    )
+    cursor = dataclasses.asdict(reader.cursor(step))  # the next row to read
+    with _writing(mngr, workdir, step):
+        mngr.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(cursor)),
+            force=True,
+        )
     if os.environ.get("APO_JAX_TEST_BLOCK_IN_SAVE") == str(step):  # test hook: be killed mid-save
         print(f"blocking inside the save of step {step}", flush=True)
         time.sleep(3600)
@@ -329,14 +356,15 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             if evaluating:
                 writer.write(step, evaluate(state))
             if saving:
-                _save(mngr, step, state, reader)
+                _save(mngr, step, state, reader, workdir)
             if stopping:
                 status = "preempted"
                 break
         log.flush()
     if mngr.latest_step() != step:
-        _save(mngr, step, state, reader)
-    mngr.wait_until_finished()
+        _save(mngr, step, state, reader, workdir)
+    with _writing(mngr, workdir, step):
+        mngr.wait_until_finished()
     log.close()
     if status == "done" and step > start and log.skipped_run >= step - start:  # no update took effect
         raise NonFiniteError(
