@@ -254,14 +254,24 @@ def iter_rows(source: str | pathlib.Path, split: str = "train") -> Iterator[dict
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split]
+            ds = _split(ds, split, source)
     else:
         ds = _load_offline(datasets, source, split)
     yield from ds
 
 
+def _split(splits, split: str, source):
+    """`splits[split]`, or a one-line error naming the splits there are."""
+    if split not in splits:
+        raise ValueError(
+            f"{source}: no split {split!r} (--split); its splits are {', '.join(map(repr, splits))}"
+        )
+    return splits[split]
+
+
 def _load_offline(datasets, source, split):
-    """A local dataset directory or a hub name already in the local cache; never the network."""
+    """The split of a local dataset directory or of a hub name already in the local cache; never the
+    network. A slice such as `train[:100]` is datasets' own syntax."""
     path = pathlib.Path(source)
     if not path.exists() and (path.suffix or str(source).startswith((".", "/", "~"))):
         raise FileNotFoundError(f"{source}: no such file or folder")
@@ -276,7 +286,9 @@ def _load_offline(datasets, source, split):
     for module, name in flags:
         setattr(module, name, True)
     try:
-        return datasets.load_dataset(str(source), split=split)
+        splits = datasets.load_dataset(str(source))  # every split: datasets prepares them all anyway
+        if split not in splits and split.split("[")[0] in splits:
+            return datasets.load_dataset(str(source), split=split)
     except (ConnectionError, FileNotFoundError, ValueError, OSError) as e:
         raise FileNotFoundError(
             f"{source}: not a file or folder here, and not a dataset in the local Hugging Face cache "
@@ -285,6 +297,7 @@ def _load_offline(datasets, source, split):
     finally:
         for (module, name), value in zip(flags, saved, strict=True):
             setattr(module, name, value)
+    return _split(splits, split, source)
 
 
 class _BadLine(dict):

@@ -125,6 +125,7 @@ def preprocess(
     or with `overwrite` (apo_jax.outputs)."""
     started = time.time()
     check_lengths(max_length, max_prompt_length, kl_block=kl_block, num_shards=num_shards)
+    check_ches(ches_model, ches_drop, unpaired)
     out_dir = outputs.check_output(out_dir, TOOL, overwrite=overwrite, inputs=[source])  # before the work
     examples, report = formats.read_examples(source, unpaired=unpaired, split=split, chat=as_chat)
     kwargs = chat_kwargs(tokenizer, chat_template_kwargs)
@@ -144,10 +145,10 @@ def preprocess(
         first = f"; first problem: {report.errors[0]}" if report.errors else ""
         raise ValueError(f"{source}: no usable rows ({why}){first}")
     ches = None
-    if ches_model and ches_drop > 0:
-        if unpaired or not 0 < ches_drop < 1:
-            raise ValueError(f"ches_drop={ches_drop}: a fraction in (0, 1) of paired records")
+    if ches_model:
         records, ches = _drop_high_ches(records, ches_model, ches_drop)
+    if not unpaired:  # identical tokens (as written, or cut so) give the pair no gradient at all
+        counts["identical_pairs"] = sum(r["chosen_ids"] == r["rejected_ids"] for r in records)
     num_shards = num_shards or max(1, -(-len(records) // rows_per_shard))
     with outputs.replacing(out_dir, TOOL, overwrite=overwrite, inputs=[source]) as tmp:
         meta = _metadata(
@@ -184,6 +185,16 @@ def _drop_high_ches(records: list[dict], ches_model, ches_drop: float) -> tuple[
         "threshold": float(np.sort(scores)[len(records) - drop - 1]) if drop else None,
     }
     return [records[i] for i in keep], report
+
+
+def check_ches(ches_model, ches_drop: float, unpaired: bool) -> None:
+    """The CHES filter's settings, before any row is read: both or neither, a fraction of pairs."""
+    if ches_drop and not ches_model:
+        raise ValueError(f"--ches-drop {ches_drop} needs --ches-model (the model that scores the pairs)")
+    if ches_model and unpaired:
+        raise ValueError("--ches-model scores pairs: it does not apply to --unpaired rows")
+    if ches_model and not 0 < ches_drop < 1:
+        raise ValueError(f"--ches-drop {ches_drop}: give the fraction in (0, 1) of pairs to leave out")
 
 
 def check_lengths(max_length, max_prompt_length, **positive) -> None:
@@ -267,6 +278,8 @@ def summary(meta: dict) -> str:
         f"prompt/completion boundary not a token boundary (completion starts at the common prefix, "
         f"as in TRL): {r['prefix_mismatch']}",
     ]
+    if "identical_pairs" in r:
+        lines.append(f"chosen identical to rejected (no preference signal): {r['identical_pairs']}")
     hist = meta["length_histogram"]
     edges = hist["bins"]
     labels = [
@@ -308,7 +321,7 @@ def main(argv=None) -> int:
         "--chat-template-kwargs", type=json.loads, default=None, help='JSON, e.g. {"date_string": "..."}'
     )
     p.add_argument("--ches-model", default=None, help="a Llama (same tokenizer) to score pairs by CHES")
-    p.add_argument("--ches-drop", type=float, default=0.0, help="fraction of highest-CHES pairs left out")
+    p.add_argument("--ches-drop", type=float, default=0.0, help="with --ches-model: fraction left out")
     p.add_argument("--overwrite", action="store_true", help="replace --output even if another tool wrote it")
     args = p.parse_args(argv)
 
@@ -330,6 +343,13 @@ def main(argv=None) -> int:
         overwrite=args.overwrite,
     )
     print(summary(meta))
+    identical, written = meta["rows"].get("identical_pairs"), meta["rows"]["written"]
+    if identical:
+        print(
+            f"warning: {identical} of {written} pairs have chosen identical to rejected: they carry no "
+            "preference signal (metadata.json rows.identical_pairs)",
+            file=sys.stderr,
+        )
     return 0
 
 

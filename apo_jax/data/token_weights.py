@@ -256,6 +256,8 @@ def add_weights(
 ) -> pathlib.Path:
     """Writes `output`: the records of `records_dir` with chosen_weights / rejected_weights added
     (over an earlier output of this tool only, unless `overwrite`: apo_jax.outputs)."""
+    if method == "d2po" and not 0 < gamma <= 1:  # above 1, γ^k grows without bound (inf in float32)
+        raise ValueError(f"--gamma {gamma}: D²PO's decay must lie in (0, 1]")
     outputs.check_output(output, TOOL, overwrite=overwrite, inputs=[records_dir])  # before the work
     records, meta = read_records(records_dir)
     if meta.get("kind") != "paired":
@@ -288,6 +290,7 @@ def add_weights(
     else:
         raise ValueError(f"unknown --method {method!r}: use tis, mask or d2po")
     how = {"method": method, "source": str(records_dir)} | how
+    _check_finite(records, weights, records_dir, how)
     new = [
         dict(r, chosen_weights=c, rejected_weights=j)
         for r, c, j in zip(records, weights["chosen"], weights["rejected"], strict=True)
@@ -295,6 +298,17 @@ def add_weights(
     return rewrite_records(
         new, meta, output, {"token_weights": how}, tool=TOOL, overwrite=overwrite, inputs=[records_dir]
     )
+
+
+def _check_finite(records, weights: dict, records_dir, how: dict) -> None:
+    """Refuses weights that are inf or nan (a loss over them is nan), naming the first record."""
+    for side, per_record in weights.items():
+        for record, w in zip(records, per_record, strict=True):
+            if not np.all(np.isfinite(w)):
+                raise ValueError(
+                    f"{records_dir}: the record of source row {record['source_index']} gets non-finite "
+                    f"{side} weights with {how}; nothing written, choose other settings"
+                )
 
 
 @cli.command

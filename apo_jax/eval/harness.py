@@ -1,6 +1,6 @@
 """lm-evaluation-harness on apo_jax's models, without converting them: the `apo_jax` model type.
 
-    python -m apo_jax.eval.harness --model_args path=workdirs/x/hf,batch_size=16 --tasks gsm8k,ifeval
+    python -m apo_jax.eval.harness --model_args path=workdirs/x/hf --batch_size 16 --tasks gsm8k,ifeval
     # any lm_eval CLI flag; `--model apo_jax` is implied. Or in Python:
     import lm_eval, apo_jax.eval.harness   # registers "apo_jax"
     lm_eval.simple_evaluate(model="apo_jax", model_args="path=workdirs/x/hf", tasks=["hellaswag"])
@@ -17,6 +17,8 @@ lm-eval's own (`TemplateLM`, its utils), the same as its `hf` model, so the numb
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 
 import jax
@@ -28,7 +30,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from apo_jax import models, sharding
+from apo_jax import cli, models, sharding
 
 _BUCKET = 64  # padded lengths are multiples of this: few shapes, few compiles
 
@@ -205,16 +207,40 @@ class ApoJaxLM(TemplateLM):
         return out
 
 
-def main(argv=None) -> None:
+def _checkpoint_path(argv: list[str]) -> str | None:
+    """The `path` in `--model_args` (`k=v,k=v`, several `k=v`, or JSON) when the model is apo_jax:
+    checked before lm-eval spends seconds indexing its tasks."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--model", default="apo_jax")
+    p.add_argument("--model_args", "-a", nargs="+", default=[])
+    p.add_argument("-h", "--help", action="store_true")
+    known, _ = p.parse_known_args(argv)
+    if known.model != "apo_jax" or known.help or argv[:1] in (["ls"], ["validate"]):
+        return None
+    try:
+        args = json.loads(known.model_args[0]) if known.model_args else {}
+    except json.JSONDecodeError:
+        args = dict(kv.split("=", 1) for item in known.model_args for kv in item.split(",") if "=" in kv)
+    if not isinstance(args, dict) or not args.get("path"):
+        raise cli.UserError("--model_args needs path=DIR, a Hugging Face directory (e.g. a run's hf/)")
+    return str(args["path"])
+
+
+@cli.command
+def main(argv=None) -> int:
     """lm-eval's command line with the `apo_jax` model registered (`--model apo_jax` by default)."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    path = _checkpoint_path(argv)
+    if path is not None:
+        models.read_config(path)  # a wrong path is one line now, not a traceback after the task index
     if "--model" not in argv:
         argv = ["--model", "apo_jax", *argv]
     sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,6 +15,8 @@ import os
 import pathlib
 from collections.abc import Callable
 
+import flax.linen as nn
+import flax.traverse_util
 import jax
 import ml_dtypes
 import numpy as np
@@ -26,6 +28,7 @@ from apo_jax.models.llama import (
     Llama,
     LlamaConfig,
     abstract_params,
+    check_fits,
     dtype_name,
     has_adapters,
 )
@@ -306,17 +309,64 @@ def _mapping(c: LlamaConfig) -> list[Mapping]:
 # --- safetensors --------------------------------------------------------------------------
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+_MAX_HEADER = 100 * 2**20  # the safetensors library's own limit on a header's length
+
+
 class _Safetensors:
-    """One .safetensors file, memory-mapped; tensors are numpy views (no copy until sliced)."""
+    """One .safetensors file, memory-mapped; tensors are numpy views (no copy until sliced).
+
+    The header is checked against the file before any tensor is read: a Git LFS pointer (a clone
+    without `git lfs pull`), a truncated download or a header whose offsets leave the file is named
+    in one line, instead of failing later with an allocation or reshape error."""
 
     def __init__(self, path: pathlib.Path):
         self.path = path
+        size = path.stat().st_size
         with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+            if head == LFS_POINTER:
+                raise CheckpointError(
+                    f"{path}: a Git LFS pointer file, not the weights: fetch them with `git lfs pull` in "
+                    f"{path.parent} (or download the files with huggingface_hub)"
+                )
+            f.seek(0)
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+            if size < 8 or n > min(size - 8, _MAX_HEADER):
+                raise CheckpointError(
+                    f"{path}: not a complete safetensors file ({size} bytes, header length {n}): "
+                    "truncated or damaged, download it again"
+                )
+            try:
+                header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{path}: its safetensors header is not valid ({e})") from None
         header.pop("__metadata__", None)
         self.header, self.offset = header, 8 + n
+        for name, info in header.items():
+            self._check(name, info, size - self.offset)
         self.map = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def _check(self, name: str, info, data_bytes: int) -> None:
+        """Tensor `name`'s entry: its bytes lie inside the file and match its shape and dtype."""
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape, dtype = [int(x) for x in info["shape"]], info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: the header entry of tensor {name} is malformed") from None
+        if not 0 <= start <= end <= data_bytes:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} lies at bytes {start}..{end} of the data, but the file holds "
+                f"{data_bytes}: truncated, download it again"
+            )
+        need = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize if dtype in _ST_DTYPES else None
+        if need is not None and end - start != need:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} ({dtype}, shape {tuple(shape)}) needs {need} bytes, "
+                f"its header offsets give {end - start}"
+            )
 
     def __getitem__(self, name: str) -> np.ndarray:
         info = self.header[name]
@@ -329,11 +379,27 @@ class _Safetensors:
         return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
+def _shard_map(path: pathlib.Path, index: pathlib.Path) -> dict[str, str]:
+    """An index's tensor -> shard file map, every shard inside `path`. The check is on the names, not
+    on resolved paths: the Hugging Face cache links a snapshot's files to blobs outside the folder."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map is not a JSON object")
+    for fname in set(weight_map.values()):
+        name = os.path.normpath(str(fname))
+        if not isinstance(fname, str) or os.path.isabs(name) or name.split(os.sep)[0] == os.pardir:
+            raise CheckpointError(f"{index}: shard {fname!r} lies outside {path}; refusing to open it")
+    return weight_map
+
+
 def _open_weights(path: pathlib.Path) -> dict[str, _Safetensors]:
     """Tensor name -> the file holding it, from model.safetensors or its sharded index."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _shard_map(path, index)
         files = {}
         for fname in sorted(set(weight_map.values())):
             if not (path / fname).is_file():
@@ -382,26 +448,18 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
         raise CheckpointError(str(e)) from None
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, **policies)
     model = Llama(config)
-    tensors = _open_weights(path)
     abstract = abstract_params(model)
+    try:
+        check_fits(config, flax.traverse_util.flatten_dict(nn.unbox(abstract), sep="/"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    tensors = _open_weights(path)
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
     target_dtype = np.dtype(DTYPES[param_dtype])
     params: dict = {}
-    for hf_name, keys, to_ours, _ in _mapping(config):
-        names = (
-            [hf_name.format(i=i) for i in range(config.num_hidden_layers)] if "{i}" in hf_name else [hf_name]
-        )
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint")
-        parts = [to_ours(tensors[n][n]) for n in names]
-        expected = _get(abstract, keys).value.shape
-        host = np.stack(parts) if "{i}" in hf_name else parts[0]
-        if host.shape != tuple(expected):
-            raise CheckpointError(
-                f"{path}: {names[0]} gives shape {host.shape} for {'/'.join(keys)}, "
-                f"config.json implies {tuple(expected)}"
-            )
+    for hf_name, keys, to_ours, to_theirs in _mapping(config):
+        leaf_shape = _get(abstract, keys).value.shape
+        host = _read_param(path, tensors, config, hf_name, leaf_shape, to_ours, to_theirs)
         host = host.astype(target_dtype, copy=False)
         if shardings is None:
             _set(params, keys, jax.device_put(host))
@@ -409,6 +467,26 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
             sharding = _get(shardings, keys)
             _set(params, keys, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
     return model, params
+
+
+def _read_param(path, tensors, config, hf_name, leaf_shape, to_ours, to_theirs) -> np.ndarray:
+    """One parameter on the host (stacked over layers where `hf_name` has `{i}`), each tensor's shape
+    checked against what config.json implies before anything is converted or stacked."""
+    layered = "{i}" in hf_name
+    names = [hf_name.format(i=i) for i in range(config.num_hidden_layers)] if layered else [hf_name]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint")
+    per_tensor = leaf_shape[1:] if layered else leaf_shape
+    want = tuple(jax.eval_shape(to_theirs, jax.ShapeDtypeStruct(per_tensor, np.float32)).shape)
+    for n in names:
+        got = tuple(tensors[n].header[n]["shape"])
+        if got != want:
+            raise CheckpointError(
+                f"{tensors[n].path}: tensor {n} has shape {got}, config.json implies {want}"
+            )
+    parts = [to_ours(tensors[n][n]) for n in names]
+    return np.stack(parts) if layered else parts[0]
 
 
 def host_array(x) -> np.ndarray:

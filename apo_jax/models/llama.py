@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -53,6 +55,16 @@ MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 LORA_DROPOUT = "lora_dropout"  # the rng collection of LoRA's dropout
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +119,10 @@ class LlamaConfig:
     def __post_init__(self):
         for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
             object.__setattr__(self, key, dtype_name(getattr(self, key)))
+        for key in SIZE_FIELDS:  # token ids and traced shapes are int32; whether it fits: check_fits
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 < value < 2**31:
+                raise ValueError(f"{key}={value!r}: must be a whole number from 1 to 2**31 - 1")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {sorted(REMAT_POLICIES)}")
         if self.rope_type not in ("default", "llama3"):
@@ -883,8 +899,52 @@ def init_params(model: Llama, seed: int = 0, mesh=None):
     weights are the same with adapters or without.
     """
     slots, treedef = param_slots(model, mesh)
+    check_fits(model.config, {"/".join(path): leaf for path, leaf, _, _ in slots})
     leaves = [place(init_leaf(path[-1], leaf, seed, i), sharding) for path, leaf, sharding, i in slots]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def host_memory() -> int:
+    """This host's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def device_memory() -> int:
+    """The memory of all devices of the run: each accelerator's limit, or the hosts' memory where
+    the devices are CPUs (which share it); 0 where unknown."""
+
+    def limit(device):
+        try:
+            return (device.memory_stats() or {}).get("bytes_limit")
+        except (RuntimeError, NotImplementedError):  # a backend without memory statistics
+            return None
+
+    limits = [limit(d) for d in jax.local_devices()]
+    return (sum(limits) if all(limits) else host_memory()) * jax.process_count()
+
+
+def check_fits(config: LlamaConfig, leaves: dict[str, Any]) -> None:
+    """Refuses parameters (`leaves`: name -> shape and dtype) that cannot fit this machine, before any
+    is allocated: each one is built whole in host memory (drawn by `init_params`, stacked over layers
+    by `from_hf`), and all of them must fit in the devices' memory. A ValueError naming the sizes."""
+    sizes = {name: math.prod(x.shape) * np.dtype(x.dtype).itemsize for name, x in leaves.items()}
+    name, largest = max(sizes.items(), key=lambda kv: kv[1])
+    host, devices, total = host_memory(), device_memory(), sum(sizes.values())
+    fields = ", ".join(f"{k}={getattr(config, k)}" for k in SIZE_FIELDS[:4])
+    gib = "{:.1f} GiB".format
+    if host and largest > host:
+        raise ValueError(
+            f"the model ({fields}) cannot fit: its parameter {name} alone takes {gib(largest / 2**30)}, "
+            f"more than this host's {gib(host / 2**30)} of memory"
+        )
+    if devices and total > devices:
+        raise ValueError(
+            f"the model ({fields}) cannot fit: its parameters take {gib(total / 2**30)}, more than the "
+            f"{gib(devices / 2**30)} of memory of the devices"
+        )
 
 
 def param_slots(model: Llama, mesh=None):

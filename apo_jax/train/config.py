@@ -139,7 +139,7 @@ RANGES = (
     ("data.length", 0, math.inf, True),
     ("data.packed_rows", 0, math.inf, True),
     ("data.pad_id", 0, math.inf, True),
-    ("model.vocab_size", 1, math.inf, True),
+    ("model.vocab_size", 1, 2**31, True),  # token ids are int32
     ("reference.sync_steps", 1, math.inf, True),
     ("reference.precompute_batch_size", 1, math.inf, True),
     ("lora.rank", 0, math.inf, True),

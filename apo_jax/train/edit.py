@@ -89,6 +89,9 @@ def edit_checkpoint(
 ) -> dict:
     """Reads a Hugging Face Llama and preprocessed pairs, writes the ProFS-edited model and `edit.json`
     (what was done); an existing `output` is replaced only if this tool wrote it, or with `overwrite`."""
+    for flag, value in (("--rank", rank), ("--max-pairs", max_pairs)):
+        if value < 1:  # as a slice bound, -1 keeps all but one direction (or pair) and 0 none
+            raise ValueError(f"{flag} {value}: must be at least 1")
     where = {"overwrite": overwrite, "inputs": [model_dir, records_dir], "manifest_name": "edit.json"}
     outputs.check_output(output, TOOL, **where)  # before the work
     model, params = from_hf(model_dir)
