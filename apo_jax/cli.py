@@ -55,3 +55,59 @@ def command(main):
         return guard(main, *args, **kwargs)
 
     return wrapper
+
+
+# --- progress -------------------------------------------------------------------------------------
+
+LOG_INTERVAL = 60.0  # seconds between progress lines where the output is a log, not a terminal
+
+
+def progress_bar(**tqdm_kwargs):
+    """A tqdm bar (`tqdm_kwargs` as tqdm's) on a terminal. Where its output (`file`, by default
+    stderr) is not one (a log file, a batch job's output), tqdm would add a line per update: there it
+    writes one plain line at most every LOG_INTERVAL seconds, `set_postfix` included, and a last one
+    at `close`."""
+    from tqdm import tqdm
+
+    file = tqdm_kwargs.get("file") or sys.stderr
+    try:
+        terminal = file.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        terminal = False
+    if terminal:
+        return tqdm(**tqdm_kwargs)
+    kwargs = tqdm_kwargs | {"file": _Lines(file), "mininterval": LOG_INTERVAL, "dynamic_ncols": False}
+    return _log_bar()(**kwargs)
+
+
+class _Lines:
+    """A log stream for tqdm: each status it would draw over the last one (after a carriage return)
+    becomes a line of its own; the blank ones are dropped."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@functools.cache
+def _log_bar():
+    from tqdm import tqdm
+
+    class LogBar(tqdm):
+        """tqdm whose every refresh (an update's, `set_postfix`'s) waits for `mininterval`."""
+
+        def refresh(self, nolock=False, lock_args=None):
+            now, last = self._time(), getattr(self, "last_print_t", None)  # none yet: the first line
+            if last is not None and now - last < self.mininterval:
+                return False
+            self.last_print_t = now
+            return super().refresh(nolock=nolock, lock_args=lock_args)
+
+    return LogBar

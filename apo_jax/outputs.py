@@ -4,24 +4,29 @@
   complete. An existing `out_dir` is replaced only when it holds exactly a previous output of the same
   tool (its manifest, `metadata.json` by default, names the tool and lists every other file) or when
   the user said `overwrite`; never the working directory, a folder above it, the home folder or a
-  folder holding an input.
+  folder holding an input. A symlinked `out_dir` has its target replaced; what a killed swap left
+  beside it is put right by the next run there.
 - `WorkdirLock(workdir)`: one live run per workdir; a second is refused naming the holder's host and
-  pid; a lock left by a process that no longer exists on this host is taken over.
+  pid; a lock left by a process that no longer exists on this host is taken over. `OutputLock(file)`
+  does the same for one output file (an API job's); both are a `PathLock`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import pathlib
+import re
+import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import time
 
-from apo_jax.cli import UserError
+from apo_jax.cli import UserError, one_line
 
 MANIFEST = "metadata.json"
 
@@ -60,9 +65,10 @@ def check_output(
     manifest_name: str = MANIFEST,
     flag: str = "--output",
 ) -> pathlib.Path:
-    """Raises UserError if writing `out_dir` could destroy anything but `tool`'s own earlier output."""
+    """Raises UserError if writing `out_dir` could destroy anything but `tool`'s own earlier output.
+    What killed runs on this host left beside it is put right first (`_recover`)."""
     out = pathlib.Path(out_dir).absolute()
-    real = out.resolve()
+    real = pathlib.Path(os.path.realpath(out))  # a symlink's target is what gets replaced
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out_dir}: is a file; give a folder (a new one, or one {tool} wrote)")
     cwd = pathlib.Path.cwd().resolve()
@@ -75,6 +81,7 @@ def check_output(
         path = pathlib.Path(given).resolve()
         if path.exists() and (path == real or real in path.parents):
             raise UserError(f"{flag} {out_dir}: holds the input {given}; name another folder for the output")
+    _recover(real)
     if overwrite or not out.exists() or not any(out.iterdir()):
         return out
     if previous_output(out, tool, manifest_name):
@@ -101,13 +108,67 @@ def _partial_prefix(out: pathlib.Path) -> str:
     return f".{out.name}.partial-{socket.gethostname()}-"
 
 
-def _remove_dead_partials(out: pathlib.Path) -> None:
-    """Temporary siblings left by our own killed runs on this host (their pid is gone)."""
+def _old_name(out: pathlib.Path) -> str:
+    return f".{out.name}.old-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+
+
+def _dead_olds(out: pathlib.Path) -> list[pathlib.Path]:
+    """Earlier outputs that a swap on this host set aside before its process ended, newest first
+    (names without a host come from versions that did not write one)."""
+    own = re.compile(rf"\.{re.escape(out.name)}\.old-(?:{re.escape(socket.gethostname())}-)?(\d+)-(\d+)")
+    found = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.old-*"):
+        m = own.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m[1])):
+            found.append((int(m[2]), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _recover(out: pathlib.Path) -> None:
+    """Puts right what killed runs on this host left beside `out`. A kill between `publish`'s two
+    renames leaves no `out` and the old output set aside: it is moved back (the new one is not
+    trusted: it may be incomplete). An old output whose swap went through is a superseded copy, and a
+    partial folder is unfinished work: both are removed."""
+    olds = _dead_olds(out)
+    if olds and not os.path.lexists(out):
+        olds.pop(0).rename(out)
+        print(f"{out}: put back the previous output, set aside by a run that was killed", file=sys.stderr)
+    for p in olds:
+        shutil.rmtree(p, ignore_errors=True)
     prefix = _partial_prefix(out)
-    for p in out.parent.glob(prefix + "*"):
+    for p in out.parent.glob(glob.escape(prefix) + "*"):
         pid = p.name[len(prefix) :].split("-", 1)[0]
-        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if p.is_dir() and not p.is_symlink() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _fresh_dir(parent: pathlib.Path, prefix: str) -> pathlib.Path:
+    """A new empty folder `parent/prefix…` made with the user's umask (mkdtemp's are always 0700, and
+    this folder becomes the output)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_failure(e: BaseException, tmp: pathlib.Path | None, write_errors: tuple) -> bool:
+    """Whether `e` is the output's file system refusing the writes (full, read-only...), rather than
+    an error of the work itself; with no `tmp` yet, any OSError is (making it failed)."""
+    if isinstance(e, write_errors):
+        return True
+    if not isinstance(e, OSError):
+        return False
+    if tmp is None:
+        return True
+    name = e.filename
+    inside = isinstance(name, (str, bytes, os.PathLike)) and tmp in pathlib.Path(os.fsdecode(name)).parents
+    return e.errno in _WRITE_ERRNOS or inside
 
 
 @contextlib.contextmanager
@@ -119,57 +180,72 @@ def replacing(
     inputs=(),
     manifest_name: str = MANIFEST,
     flag: str = "--output",
+    write_errors: tuple[type[BaseException], ...] = (),
 ):
     """Yields a fresh temporary folder beside `out_dir`; when the block ends without an error it
-    replaces `out_dir` (checked first by `check_output`), otherwise it is removed. A killed job leaves
-    only a hidden `.NAME.partial-HOST-PID-…` folder, removed by the next run on this host."""
+    replaces `out_dir` (checked first by `check_output`), otherwise it is removed. A symlink is
+    followed: its target is replaced and the link kept. A killed job leaves only hidden
+    `.NAME.partial-HOST-PID-…` and `.NAME.old-HOST-PID-…` folders, which the next run on this host
+    puts right. A file system that refuses the writes (full, read-only; or any of `write_errors`,
+    e.g. a writer library's own error type) is a UserError naming `out_dir`."""
     out = check_output(
         out_dir, tool, overwrite=overwrite, inputs=inputs, manifest_name=manifest_name, flag=flag
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_partials(out)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{_partial_prefix(out)}{os.getpid()}-"))
+    target = pathlib.Path(os.path.realpath(out))
+    existed = target.exists()
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _fresh_dir(target.parent, f"{_partial_prefix(target)}{os.getpid()}-")
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish(tmp, target)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _write_failure(e, tmp, write_errors):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+            kept = f"the previous {out.name}/ is unchanged" if existed else "nothing was written"
+            raise UserError(f"{out}: could not write it ({reason}); {kept}") from e
         raise
-    publish(tmp, out)
 
 
 def publish(tmp: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
-    """Moves the complete `tmp` to `out`, the old `out` (already checked) aside first, then removed."""
-    out = pathlib.Path(out)
+    """Moves the complete `tmp` to `out` (a symlink's target), the old `out` (already checked) aside
+    first, then removed; if the move fails, the old `out` is put back."""
+    out = pathlib.Path(os.path.realpath(out))
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
+        old = out.with_name(_old_name(out))
         out.rename(old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
 
 
-# --- one run per workdir --------------------------------------------------------------------------
+# --- one writer per workdir or output file ------------------------------------------------------
 
 _HELD: dict[pathlib.Path, int] = {}  # lock path -> how many times this process holds it
 
 
-class WorkdirLock:
-    """`<workdir>/.lock` (JSON: host, pid, start time, command), held while a run writes the workdir.
-    Re-entrant within one process (`experiments.run` and the trainer under it both take it)."""
+class PathLock:
+    """A lock file `path` (JSON: host, pid, start time, command), held while one process writes `what`
+    (a workdir, an output file): a second process is refused in one line naming the holder and
+    `hint` (what else to do); a lock left by a process that no longer exists on this host is taken
+    over. Re-entrant within one process."""
 
-    def __init__(self, workdir):
-        self.workdir = pathlib.Path(workdir).absolute()
-        self.path = self.workdir / ".lock"
+    def __init__(self, path, what: str, hint: str):
+        self.path, self.what, self.hint = pathlib.Path(path).absolute(), what, hint
 
-    def acquire(self) -> WorkdirLock:
+    def acquire(self) -> PathLock:
         if self.path in _HELD:
             _HELD[self.path] += 1
             return self
-        if self.workdir.exists() and not self.workdir.is_dir():
-            raise UserError(f"workdir {self.workdir}: is a file, not a folder")
-        self.workdir.mkdir(parents=True, exist_ok=True)
         me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -186,7 +262,7 @@ class WorkdirLock:
                 json.dump(me, f)
             _HELD[self.path] = 1
             return self
-        raise UserError(f"workdir {self.workdir}: could not take its lock {self.path}")
+        raise UserError(f"{self.what}: could not take its lock {self.path}")
 
     def _take_over_if_stale(self) -> None:
         try:
@@ -197,15 +273,13 @@ class WorkdirLock:
             held = {}
         host, pid = held.get("host"), held.get("pid")
         if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-            print(
-                f"workdir {self.workdir}: taking over the lock of pid {pid}, which has ended", file=sys.stderr
-            )
+            print(f"{self.what}: taking over the lock of pid {pid}, which has ended", file=sys.stderr)
             self.path.unlink(missing_ok=True)
             return
         raise UserError(
-            f"workdir {self.workdir} is in use by pid {pid} on host {host} (since {held.get('started')}: "
-            f"{held.get('command')}); wait for that run, give another --config.workdir, or remove "
-            f"{self.path} if that run is gone"
+            f"{self.what} is in use by pid {pid} on host {host} (since {held.get('started')}: "
+            f"{held.get('command')}); wait for that run, {self.hint}, or remove {self.path} if that run "
+            "is gone"
         )
 
     def release(self) -> None:
@@ -216,8 +290,35 @@ class WorkdirLock:
             del _HELD[self.path]
             self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> WorkdirLock:
+    def __enter__(self) -> PathLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class WorkdirLock(PathLock):
+    """`<workdir>/.lock`, held while a run writes the workdir (`experiments.run` and the trainer under
+    it both take it)."""
+
+    def __init__(self, workdir):
+        self.workdir = pathlib.Path(workdir).absolute()
+        super().__init__(self.workdir / ".lock", f"workdir {self.workdir}", "give another --config.workdir")
+
+    def acquire(self) -> WorkdirLock:
+        if self.path not in _HELD:
+            if self.workdir.exists() and not self.workdir.is_dir():
+                raise UserError(f"workdir {self.workdir}: is a file, not a folder")
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        super().acquire()
+        return self
+
+
+class OutputLock(PathLock):
+    """`<output>.lock` beside an output file a job appends to (an API job's responses, a sampler's
+    answers), so that two jobs on one output never pay for, or write, the same rows twice. The
+    output's folder must exist (`apo_jax.data.jsonl.check_output_file`)."""
+
+    def __init__(self, output, flag: str = "--output"):
+        output = pathlib.Path(output).absolute()
+        super().__init__(output.with_name(output.name + ".lock"), f"{flag} {output}", f"give another {flag}")

@@ -9,6 +9,7 @@ Every worker runs the same command; only its process id differs. On a Cloud TPU 
 under SLURM JAX finds the coordinator, the process count and the id itself (`--distributed`);
 over plain SSH and locally the launcher passes `--coordinator_address` (the first host),
 `--num_processes` and `--process_id`. `--dry-run` prints the commands instead of running them.
+When a worker fails, the launcher stops the others (`supervise`) and exits with its status.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 RUN = ("python", "-m", "experiments.run")
 
@@ -145,9 +147,37 @@ def main(argv=None) -> int:
     if a.dry_run:
         print("\n".join(shlex.join(c) for c in commands))
         return 0
-    procs = [subprocess.Popen(c, env=env) for c in commands]
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    return supervise([subprocess.Popen(c, env=env) for c in commands])
+
+
+def supervise(procs: list[subprocess.Popen], grace: float = 10.0, poll: float = 0.2) -> int:
+    """Waits for every worker; when one fails, stops the others (SIGTERM, then SIGKILL after `grace`
+    seconds: with a peer gone they cannot save, and would wait on it until JAX's own timeout).
+    Returns the first failure's exit status (128 + N for signal N), 0 when all succeed."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next((i for i, c in enumerate(codes) if c), None)
+        if failed is not None or None not in codes:
+            break
+        time.sleep(poll)
+    if failed is None:
+        return 0
+    alive = [p for p in procs if p.poll() is None]
+    if alive:
+        print(
+            f"worker {failed} exited with status {codes[failed]}: stopping the other {len(alive)}",
+            file=sys.stderr,
+        )
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace
+    for p in alive:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return codes[failed] if codes[failed] > 0 else 128 - codes[failed]
 
 
 if __name__ == "__main__":

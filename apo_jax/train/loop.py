@@ -378,19 +378,37 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
 
 def export(cfg, model, params, workdir: pathlib.Path) -> None:
     """hf/: the policy as a Hugging Face checkpoint; for a LoRA run, the adapters merged into the
-    base there, and adapter/: the adapters alone as a PEFT folder (on the base `model.path`)."""
+    base there, and adapter/: the adapters alone as a PEFT folder (on the base `model.path`).
+
+    Each folder is written beside its place and moved there when complete (apo_jax.outputs.replacing):
+    a full disk leaves the previous export as it was, in one line naming the folder. Every process
+    gathers the weights; only the first writes."""
+    import tempfile
+
+    from safetensors import SafetensorError
+
+    def folder(name: str):
+        if jax.process_index() != 0:  # they write nothing: a scratch folder of their own
+            return tempfile.TemporaryDirectory()
+        # the workdir is this run's (it holds the lock): its own earlier export is replaced
+        return outputs.replacing(
+            workdir / name, "apo_jax.train", overwrite=True, write_errors=(SafetensorError,)
+        )
+
     if lora.has_adapters(params):
-        lora.save_peft(model, params, workdir / "adapter", base_model=cfg.model.path)
+        with folder("adapter") as tmp:
+            lora.save_peft(model, params, tmp, base_model=cfg.model.path)
         model, params = lora.merge(model, params)
-    models.to_hf(model, params, workdir / "hf")
+    with folder("hf") as tmp:
+        models.to_hf(model, params, tmp)
 
 
 def _progress(t, start):
     if not t.progress or jax.process_index() != 0:
         return None
-    from tqdm import tqdm
+    from apo_jax.cli import progress_bar
 
-    return tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+    return progress_bar(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
 
 
 def _eval_fn(cfg, model, loss, step_cfg, mesh):

@@ -1,13 +1,13 @@
 """Where a run's metrics go: `train.trackers`, any of jsonl (always), tensorboard, wandb, trackio.
 
 Every tracker gets the same metric names at the same steps. metrics.jsonl is the run's own record
-(experiments and the sweep read it); TensorBoard events need TensorFlow; Weights & Biases
-(`pip install -e ".[wandb]"`) and Trackio (`.[trackio]`) are imported only when asked for. W&B's run
-gets the resolved config, and its id is kept in `<workdir>/trackers.json`, so a resumed run (a
-restart after SIGTERM, a crash) continues the same W&B run rather than starting another; the step
-is logged as the `step` metric, W&B's x-axis for every other metric, so the steps a resumed run
-redoes after its checkpoint are accepted. `WANDB_MODE=offline` writes the run locally
-(`<workdir>/wandb/offline-run-*`) for `wandb sync` later.
+(experiments and the sweep read it); TensorBoard events are written with TensorFlow (viewing them
+takes `pip install tensorboard`); Weights & Biases (`pip install -e ".[wandb]"`) and Trackio
+(`.[trackio]`) are imported only when asked for. W&B's run gets the resolved config, and its id is
+kept in `<workdir>/trackers.json`, so a resumed run (a restart after SIGTERM, a crash) continues the
+same W&B run rather than starting another; the step is logged as the `step` metric, W&B's x-axis for
+every other metric, so the steps a resumed run redoes after its checkpoint are accepted.
+`WANDB_MODE=offline` writes the run locally (`<workdir>/wandb/offline-run-*`) for `wandb sync` later.
 """
 
 from __future__ import annotations
@@ -49,19 +49,27 @@ class Jsonl:
 
 
 class TensorBoard:
-    """TensorBoard event files in <workdir>/tensorboard (flax's writer, on TensorFlow)."""
+    """TensorBoard event files in <workdir>/tensorboard, written by TensorFlow alone: the scalars in
+    the form `tensorboard` reads (`tf.summary.scalar` and flax's writer need the `tensorboard` package
+    installed, the viewer; it is not needed to write them)."""
 
     def __init__(self, workdir: pathlib.Path, **_):
-        from flax.metrics import tensorboard
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
 
-        self.tb = tensorboard.SummaryWriter(str(workdir / "tensorboard"))
+        self.tf = tf
+        self.writer = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+        plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+        self.metadata = summary_pb2.SummaryMetadata(plugin_data=plugin)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.tb.scalar(k, v, step)
+        tf = self.tf
+        with self.writer.as_default():
+            for k, v in metrics.items():
+                tf.summary.write(k, tf.constant(v, tf.float32), step=step, metadata=self.metadata)
 
     def close(self) -> None:
-        self.tb.flush()
+        self.writer.close()
 
 
 def _run_ids(workdir: pathlib.Path) -> dict:
@@ -160,10 +168,14 @@ class Trackers:
         for name in names:
             try:
                 tracker = _CLASSES[name](workdir=workdir, resume_step=resume_step, config=resolved, t=t)
-            except ImportError:
+            except ImportError as e:
                 if name != "tensorboard":
                     raise
-                print("no TensorFlow: no TensorBoard events (metrics.jsonl has the metrics)", file=sys.stderr)
+                print(
+                    f"train.trackers: no TensorBoard events: {e.name or 'tensorflow'} is not installed "
+                    "(metrics.jsonl has the metrics; pip install tensorflow-cpu, or drop 'tensorboard')",
+                    file=sys.stderr,
+                )
                 continue
             self.trackers.append(tracker)
 
