@@ -96,10 +96,21 @@ def _quiet_orbax() -> None:
 
     from absl import logging
 
-    def keep(record) -> bool:
-        return not ("orbax" in record.pathname and record.levelno >= std_logging.ERROR)
+    def keep(record) -> bool:  # orbax's own, and asyncio's about orbax's tasks at exit
+        about_orbax = "orbax" in record.pathname or "orbax" in record.getMessage()
+        return not (about_orbax and record.levelno >= std_logging.ERROR)
 
     logging.get_absl_logger().addFilter(keep)
+    std_logging.getLogger("asyncio").addFilter(keep)
+    # After a failed save, tensorstore's threads still call back into orbax's closed event loops; each
+    # call's RuntimeError is "unraisable" (a traceback apiece, hundreds) while the run reports it once
+    plain = sys.unraisablehook
+
+    def unraisable(info):
+        if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+            plain(info)
+
+    sys.unraisablehook = unraisable
 
 
 def _run(config) -> dict | None:
