@@ -1,12 +1,22 @@
 """A resumable, money-aware job of chat requests to any OpenAI-compatible server.
 
 Built for 32K paid requests: a bounded number in flight; retries with exponential backoff and
-full jitter on 429 (honouring Retry-After), 5xx, timeouts and dropped connections; no retry of
-permanent errors (400, 401, 403, 404, 422). Every received response is appended, with fsync, to
-`<output>.responses.jsonl` before anything else happens, and a row whose response is recorded is
-never requested again: a restart skips it. The `openai` client is used with its own retries off
-(it retries twice by default and sends no idempotency key), so the bookkeeping here is the only
-retry policy.
+full jitter on 429 (honouring Retry-After in seconds or as an HTTP date; any other value is
+ignored), 5xx, timeouts, dropped connections and answers with nothing to use (no choices, an empty
+content: never recorded as an answer); no retry of permanent errors (400, 401, 403, 404, 422).
+
+What was paid for is kept. Each response is appended, flushed and fsync'd, to
+`<output>.responses.jsonl` as it arrives (`ResponseLog`); a request whose response is recorded is
+never sent again. Responses are keyed by a hash of the request's content (`request_key`: model,
+messages, settings, and a sample number where several answers to one request are wanted), never by
+row number, so a rerun with other input, another model or other settings cannot reuse an answer to
+another request. The log's folder is created, and the log opened, before the first request; a last
+line cut by a crash or a full disk is removed on start (`repair_tail`), and a failed append is
+undone and stops the job naming the file. A row that failed has no recorded response, so the same
+command asks for it again. Callers hold `outputs.OutputLock` on their output while they run, so two
+jobs on one output never pay twice. The `openai` client is used with its own retries off (it
+retries twice by default and sends no idempotency key), so the bookkeeping here is the only retry
+policy.
 
 Double charges. A request lost to a timeout, or to a connection dropped once it was sent, may
 still be billed by the provider (it may have completed): the retry is logged, and each later
@@ -23,8 +33,8 @@ the same way: the endpoint unreachable on `max_consecutive_failures` (N) consecu
 consecutive requests (a wrong base URL or model); or N consecutive rows that used up their retries.
 Requests in flight when it trips may finish (their responses are kept); no new one starts.
 `run_requests` reports the stop in `Counters.stop` and lists the rows it left undone among its
-failures ("not done: ..."); `revise` raises it (`CircuitOpen`, a `cli.UserError`: one line, exit
-status 2) after writing what it has. The rows answered so far stay in the response log, so running
+failures ("not done: ..."); the jobs raise it (`CircuitOpen`, a `cli.UserError`: one line, exit
+status 2) after writing what they have. The rows answered so far stay in the response log, so running
 the same command again resumes.
 
 The API key is read from the variable named by `api_key_env` (OPENAI_API_KEY). Without it, a
@@ -37,14 +47,18 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import datetime
 import email.utils
+import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import pathlib
 import random
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -133,18 +147,51 @@ def make_client(cfg: ClientConfig):
     return openai.OpenAI(base_url=cfg.base_url, api_key=resolve_api_key(cfg), max_retries=0, timeout=timeout)
 
 
-def _retry_after(err) -> float | None:
-    headers = getattr(getattr(err, "response", None), "headers", None) or {}
-    if headers.get("retry-after-ms"):
-        return float(headers["retry-after-ms"]) / 1000
-    value = headers.get("retry-after")
-    if value is None:
-        return None
+def _seconds(value) -> float | None:
     try:
-        return float(value)
-    except ValueError:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _retry_after(err) -> float | None:
+    """The wait a 429 or 5xx asks for: `retry-after-ms`, or `Retry-After` in seconds or as an HTTP
+    date; None (the usual backoff) for a value that is neither: a server's garbage is no reason to
+    stop a job."""
+    headers = getattr(getattr(err, "response", None), "headers", None) or {}
+    ms = _seconds(headers.get("retry-after-ms"))
+    if ms is not None:
+        return ms / 1000
+    value = headers.get("retry-after")
+    if value is None or _seconds(value) is not None:
+        return _seconds(value)
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        log.info("ignoring Retry-After %r: neither seconds nor an HTTP date", value)
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, by RFC 5322
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def answer_text(response) -> str | None:
+    """The first choice's message content, or None when the response has none to use (no `choices`,
+    an empty list, a missing, empty or blank content): such a response is retried, never recorded."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return None
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) and content.strip() else None
+
+
+def request_key(request: dict, sample: int = 0) -> str:
+    """The identity of a request's content: a hash of the whole request (model, messages, sampling
+    settings) and, for `sample` > 0, of the sample number (several answers wanted to one request)."""
+    content = request if not sample else {"request": request, "sample": sample}
+    text = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def never_sent(err: BaseException) -> str | None:
@@ -216,6 +263,11 @@ class Breaker:
             self.reason = reason
             self.tripped.set()
 
+    def halt(self, reason: str) -> None:
+        """Stops the job for a reason of our own (its log cannot be written)."""
+        with self.lock:
+            self._trip(reason)
+
     def request(self, kind: str | None, detail: str = "", status: int | None = None) -> None:
         """One attempt's outcome: None for an answer or a failure that shows the endpoint and key work,
         "answered" for an HTTP response that does not (a 5xx), else the failure's kind."""
@@ -273,8 +325,9 @@ def request_with_retries(
             raise RequestFailed(f"stopped: {breaker.reason}", permanent=False) from None
     import openai
 
-    # `lost`: an earlier attempt was lost after it was sent, so it may have been billed; every later
-    # attempt that may be billed too (an answer, or another lost one) is a possible double charge
+    # `lost`: an earlier attempt was lost after it was sent, or answered with nothing to use, so it may
+    # have been billed; every later attempt that may be billed too (an answer, or another lost one) is
+    # a possible double charge
     last, lost, unreachable_retries = "no attempt", False, 0
 
     def maybe_billed_again() -> None:
@@ -291,15 +344,19 @@ def request_with_retries(
                     counters.retries += 1
             if lost:
                 log.warning(
-                    "retrying after %s: the lost request may still be billed (possible double charge)", last
+                    "retrying after %s: the earlier attempt may be billed too (possible double charge)", last
                 )
             wait, unreachable = None, None
             try:
                 response = client.chat.completions.create(**request)
                 result = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-                breaker.request(None, status=200)
                 maybe_billed_again()
-                return result
+                if answer_text(result) is not None:
+                    breaker.request(None, status=200)
+                    return result
+                empty = "an empty content" if result.get("choices") else "no choices"
+                last, lost = f"an answer with nothing to use ({empty})", True
+                breaker.request("answered", status=200)
             except openai.RateLimitError as e:
                 last, wait = f"429 rate limited: {_one_line(e)}", _retry_after(e)
                 breaker.request("answered", status=429)
@@ -343,30 +400,138 @@ def request_with_retries(
     raise RequestFailed(f"gave up after {cfg.max_retries + 1} attempts; last error: {last}", permanent=False)
 
 
+# --- the append-only record ------------------------------------------------------------------------
+
+
+def check_output_file(path, flag: str = "--output") -> pathlib.Path:
+    """Makes sure a job can write the file `path` before it does any work (or pays for any request):
+    its folder is created; a path that is a folder, or a folder that cannot be made or written, is a
+    UserError naming it."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / 'out.jsonl'})")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create its folder {folder} ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: its folder {folder} is not writable")
+    return path
+
+
+def repair_tail(path) -> int:
+    """Cuts the last line of `path` if a crash or a full disk left it incomplete (no newline at its
+    end), keeping every complete line, and says so on stderr; returns the number of bytes removed. A
+    last line that is a whole JSON object only lacking its newline gets the newline instead."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep = pos = size
+        while pos > 0:  # the last newline, read backwards in blocks
+            step = min(1 << 16, pos)
+            pos -= step
+            f.seek(pos)
+            found = f.read(step).rfind(b"\n")
+            if found >= 0:
+                keep = pos + found + 1
+                break
+        else:
+            keep = 0
+        f.seek(keep)
+        try:
+            whole = isinstance(json.loads(f.read().decode("utf-8")), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            whole = False
+        if whole:
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    if whole:
+        return 0
+    print(
+        f"{path}: removed its cut last line ({size - keep} bytes without a newline, left by a crash or a "
+        "full disk); every complete line is kept",
+        file=sys.stderr,
+    )
+    return size - keep
+
+
+def append_lines(path, rows) -> None:
+    """Appends `rows`, one JSON line each, flushed and fsync'd. A write that fails (a full disk) is
+    undone, the file cut back to its old size so no partial line stays, and raised as an OSError
+    naming the file."""
+    data = memoryview("".join(json.dumps(r) + "\n" for r in rows).encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # the next start's repair_tail cuts what is left
+            raise OSError(e.errno, e.strerror, str(path)) from None
+    finally:
+        os.close(fd)
+
+
 class ResponseLog:
-    """The append-only record of received responses: one JSON line per row id, fsync'd."""
+    """The append-only record of received responses, one JSON line each ({id, key, request,
+    response}): `done` maps a request's content key (`request_key`) to its recorded line. Opening it
+    creates its folder and the file (a job that cannot write it stops before its first request) and
+    removes a cut last line. Lines with nothing to use (written before such answers were retried)
+    are kept in the file but not counted as done."""
 
     def __init__(self, path: pathlib.Path):
-        self.path = path
+        self.path = pathlib.Path(path)
         self.lock = threading.Lock()
         self.done: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
+        check_output_file(self.path, flag="the response log")
+        repair_tail(self.path)
+        with open(self.path, "a"):  # the folder is writable: found now, not after the first answer
+            pass
+        with open(self.path, "rb") as f:
+            for line in f:
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by a crash mid-write: its row is redone
-                    continue
-                self.done.setdefault(row["id"], row)
+                    key = row.get("key") or request_key(row["request"])
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue  # a line damaged by hand: its request is sent again
+                if answer_text(row.get("response")) is not None:
+                    self.done.setdefault(key, row)
 
-    def append(self, row: dict) -> None:
+    def append(self, row_id: str, key: str, request: dict, response: dict) -> None:
         with self.lock:
-            if row["id"] in self.done:
+            if key in self.done:
                 return
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self.done[row["id"]] = row
+            row = {"id": row_id, "key": key, "request": request, "response": response}
+            append_lines(self.path, [row])
+            self.done[key] = row
+
+
+def rerun_note(failed: int) -> str | None:
+    """What a summary says about failed rows: the same command asks again for those without a
+    response (a recorded answer, even an unreadable one, is not bought twice)."""
+    if not failed:
+        return None
+    return (
+        f"{failed} rows failed; run the same command again to retry those without a recorded response "
+        "(the failures file gives each reason)"
+    )
 
 
 def run_requests(
@@ -374,30 +539,38 @@ def run_requests(
     requests: dict[str, dict],
     log_path: pathlib.Path,
     *,
+    keys: dict[str, str] | None = None,
     client=None,
     progress: bool = True,
-) -> tuple[ResponseLog, dict[str, str], Counters]:
-    """Sends the requests whose ids have no recorded response; returns (log, {id: failure}, counters).
-    If the circuit breaker stopped the job, `counters.stop` says why, and the rows it left undone are
-    failures ("not done: the job was stopped ...")."""
+) -> tuple[dict[str, dict], dict[str, str], Counters]:
+    """Sends the requests (by row id) whose content has no recorded response; returns ({id: recorded
+    line}, {id: failure}, counters). `keys` gives a row's content key where it is not
+    `request_key(request)` (several samples of one request); rows with one key share one request. If
+    the circuit breaker stopped the job, `counters.stop` says why, and the rows it left undone are
+    failures ("not done: the job was stopped ..."); a response that cannot be recorded (a full
+    disk) stops the job the same way."""
+    responses = ResponseLog(log_path)  # before the client: a log that cannot be written costs nothing
     client = client or make_client(cfg)
-    responses = ResponseLog(log_path)
-    todo = {k: v for k, v in requests.items() if k not in responses.done}
-    counters, lock, failures, breaker = Counters(), threading.Lock(), {}, Breaker(cfg)
-    bar = None
+    keys = {rid: (keys or {}).get(rid) or request_key(request) for rid, request in requests.items()}
+    todo: dict[str, tuple[str, dict]] = {}  # key -> (the first row id with it, its request)
+    for rid, request in requests.items():
+        if keys[rid] not in responses.done:
+            todo.setdefault(keys[rid], (rid, request))
+    counters, lock, failed, breaker = Counters(), threading.Lock(), {}, Breaker(cfg)
+    bar, distinct = None, len(set(keys.values()))
     if progress:
         from tqdm import tqdm
 
         # disable=None: a bar only on a terminal (a log file or a pipe gets no lines of \r updates)
         bar = tqdm(
-            total=len(requests),
-            initial=len(requests) - len(todo),
+            total=distinct,
+            initial=distinct - len(todo),
             desc="requests",
             dynamic_ncols=True,
             disable=None,
         )
 
-    def work(row_id: str, request: dict):
+    def work(key: str, row_id: str, request: dict):
         breaker.check()
         try:
             response = request_with_retries(client, cfg, request, counters, lock, breaker)
@@ -405,7 +578,11 @@ def run_requests(
             if not e.permanent:
                 breaker.row(e.reason)
             raise
-        responses.append({"id": row_id, "request": request, "response": response})
+        try:
+            responses.append(row_id, key, request, response)
+        except OSError as e:  # paid for but not kept: no further request may start
+            breaker.halt(f"cannot record responses in {log_path} ({e.strerror or e})")
+            raise _Stopped from None
         breaker.row(None)
         usage = response.get("usage") or {}
         with lock:
@@ -413,34 +590,41 @@ def run_requests(
             counters.completion_tokens += usage.get("completion_tokens") or 0
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        futures = {pool.submit(work, k, v): k for k, v in todo.items()}
+        futures = {pool.submit(work, k, rid, request): k for k, (rid, request) in todo.items()}
         cancelled = False
-        for future in concurrent.futures.as_completed(futures):
-            if breaker.tripped.is_set() and not cancelled:
-                cancelled = True
-                for f in futures:
-                    f.cancel()  # those not started; those in flight may finish
-            row_id = futures[future]
-            try:
-                future.result()
-            except RequestFailed as e:
-                failures[row_id] = e.reason
-            except (_Stopped, concurrent.futures.CancelledError):
-                continue
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    tokens=counters.prompt_tokens + counters.completion_tokens, failed=len(failures)
-                )
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                if breaker.tripped.is_set() and not cancelled:
+                    cancelled = True
+                    for f in futures:
+                        f.cancel()  # those not started; those in flight may finish
+                try:
+                    future.result()
+                except RequestFailed as e:
+                    failed[futures[future]] = e.reason
+                except (_Stopped, concurrent.futures.CancelledError):
+                    continue
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        tokens=counters.prompt_tokens + counters.completion_tokens, failed=len(failed)
+                    )
+        except BaseException:  # a bug or Ctrl-C: start no further request
+            breaker.halt("interrupted")
+            for f in futures:
+                f.cancel()
+            raise
     if bar is not None:
         bar.close()
     if breaker.reason is not None:
         for k in todo:  # as before the breaker: every row is answered or has a failure
-            if k not in responses.done and k not in failures:
-                failures[k] = f"not done: the job was stopped ({breaker.reason})"
-        done = sum(k in responses.done for k in requests)
+            if k not in responses.done and k not in failed:
+                failed[k] = f"not done: the job was stopped ({breaker.reason})"
+        done = sum(keys[rid] in responses.done for rid in requests)
         counters.stop = CircuitOpen(
             f"{breaker.reason}; stopped. {done} of {len(requests)} rows done, kept in {log_path}; "
             "run the same command again to resume."
         )
-    return responses, failures, counters
+    answered = {rid: responses.done[keys[rid]] for rid in requests if keys[rid] in responses.done}
+    failures = {rid: failed[keys[rid]] for rid in requests if keys[rid] in failed}
+    return answered, failures, counters

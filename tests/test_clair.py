@@ -293,7 +293,9 @@ def test_generate_through_a_server_sends_sampling_parameters_explicitly(tmp_path
         assert all(
             b["temperature"] == 0.9 and b["top_p"] == 0.95 and b["max_tokens"] == 64 for b in server.bodies
         )
-        generate.generate_with_server(prompts, out, cfg, samples=2, progress=False)  # resumed: nothing to do
+        generate.generate_with_server(  # the same job resumed: nothing to do
+            prompts, out, cfg, samples=2, max_tokens=64, temperature=0.9, top_p=0.95, progress=False
+        )
         assert len(server.bodies) == 6
     finally:
         server.close()

@@ -10,14 +10,20 @@
 Input rows have `prompt` (other fields are carried along); output rows have `prompt`, `response`,
 `sample` (0..n-1 with `--samples n`, as the on-policy judge baseline needs two) and `generator`.
 Sampling parameters are always sent explicitly (vLLM would otherwise apply the model's own
-generation defaults). A finished row is never generated again: rerun the command to resume.
+generation defaults). A finished row is never generated again: rerun the command to resume. What
+counts as finished is keyed by content (`client.request_key`: the prompt, the model, the sampling
+settings, the sample number), never by row number: with the own sampler the output holds a `key`
+per row, and an output holding answers of another job (other prompts, model or settings) is refused
+rather than mixed in; through a server the response log is keyed the same way. The output's folder
+is made before any work, a cut last line (a crash, a full disk) is removed on start, and one job at a
+time writes an output (`outputs.OutputLock`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import os
 import pathlib
 import sys
 
@@ -25,45 +31,56 @@ import jax
 import numpy as np
 
 from apo_jax import cli, models
-from apo_jax.client import ClientConfig, run_requests
-from apo_jax.data.jsonl import write_jsonl
+from apo_jax.client import (
+    ClientConfig,
+    answer_text,
+    append_lines,
+    check_output_file,
+    repair_tail,
+    request_key,
+    rerun_note,
+    run_requests,
+)
+from apo_jax.data.jsonl import parse_lines, write_jsonl
 from apo_jax.data.tokenize import chat_kwargs
+from apo_jax.outputs import OutputLock
 
 
 def read_prompts(path) -> list[dict]:
+    """Rows with a string `prompt` (JSON Lines, or one JSON array); a bad row is a ValueError naming
+    the file and row."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}: row {index}: needs a string field 'prompt'")
-            rows.append(row)
+    for index, (row, problem) in enumerate(parse_lines(path)):
+        if problem is not None:
+            raise ValueError(problem)
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"{path}: row {index}: needs a string field 'prompt'")
+        rows.append(row)
     return rows
 
 
-def _done_ids(path: pathlib.Path) -> set[str]:
-    if not path.exists():
-        return set()
-    ids = set()
-    for line in path.read_text().splitlines():
-        try:
-            ids.add(json.loads(line)["id"])
-        except (json.JSONDecodeError, KeyError):
-            continue  # a line cut by a crash: that row is generated again
-    return ids
+def _jobs(contents: list[dict], samples: int) -> list[tuple[str, int, int, str]]:
+    """(row id "i:s", prompt index i, sample s, content key) per answer wanted. `contents[i]` is what
+    decides prompt i's answer; a repeated prompt's answers are keyed apart (each row gets its own)."""
+    seen: collections.Counter = collections.Counter()
+    jobs = []
+    for i, content in enumerate(contents):
+        base = request_key(content)
+        n, seen[base] = seen[base], seen[base] + 1
+        jobs += [(f"{i}:{s}", i, s, request_key(content, sample=n * samples + s)) for s in range(samples)]
+    return jobs
 
 
-def _append(path: pathlib.Path, rows: list[dict]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _jobs(prompts, samples):
-    return [(f"{i}:{s}", i, s) for i, _ in enumerate(prompts) for s in range(samples)]
+def model_identity(model_dir) -> list:
+    """What names a checkpoint in a resume key: its resolved path and its config's and weight files'
+    sizes and modification times (a folder trained again in place holds another model)."""
+    root = pathlib.Path(model_dir).resolve()
+    files = [root]
+    if root.is_dir():
+        weights = (".safetensors", ".gguf", ".bin")
+        files = sorted(p for p in root.iterdir() if p.suffix in weights or p.name == "config.json")
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
+    return [str(root), stats]
 
 
 def _row(prompts, i, s, response, generator, row_id):
@@ -92,28 +109,39 @@ def generate_with_server(
     seed=None,
 ) -> dict:
     """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping. With
-    `seed`, each request carries seed + its index (vLLM's and SGLang's per-request seed)."""
-    output = pathlib.Path(output)
-    requests = {
-        row_id: {
+    `seed`, each request carries seed + its index (vLLM's and SGLang's per-request seed). Raises
+    `client.CircuitOpen` after writing what it has if the job was stopped."""
+    output = check_output_file(output)
+    contents = [
+        {
             "model": cfg.model,
-            "messages": [{"role": "user", "content": prompts[i]["prompt"]}],
+            "messages": [{"role": "user", "content": p["prompt"]}],
             "max_tokens": max_tokens,
             "temperature": temperature,
             "top_p": top_p,
             "n": 1,
         }
-        | ({} if seed is None else {"seed": seed + k})
-        for k, (row_id, i, _) in enumerate(_jobs(prompts, samples))
+        for p in prompts
+    ]
+    jobs = _jobs(contents, samples)
+    requests = {
+        row_id: contents[i] | ({} if seed is None else {"seed": seed + k})
+        for k, (row_id, i, _, _) in enumerate(jobs)
     }
+    keys = {row_id: key for row_id, _, _, key in jobs} if seed is None else None  # a seed tells them apart
     log_path = output.with_name(output.name + ".responses.jsonl")
-    responses, failures, counters = run_requests(cfg, requests, log_path, client=client, progress=progress)
-    rows = []
-    for row_id, i, s in _jobs(prompts, samples):
-        if row_id in responses.done:
-            message = responses.done[row_id]["response"]["choices"][0]["message"]
-            rows.append(_row(prompts, i, s, message.get("content") or "", cfg.model, row_id))
-    write_jsonl(output, rows)
+    with OutputLock(output):
+        done, failures, counters = run_requests(
+            cfg, requests, log_path, keys=keys, client=client, progress=progress
+        )
+        rows = [
+            _row(prompts, i, s, answer_text(done[row_id]["response"]), cfg.model, row_id)
+            for row_id, i, s, _ in jobs
+            if row_id in done
+        ]
+        write_jsonl(output, rows)
+    if counters.stop:
+        raise counters.stop
     return {"rows": len(requests), "written": len(rows), "failed": len(failures), "failures": failures}
 
 
@@ -147,6 +175,36 @@ def _left_padded(ids: list[list[int]], batch_size: int, pad: int) -> tuple[np.nd
     return out, mask
 
 
+def _own_jobs(prompts, model_dir, samples, settings: dict) -> list[tuple[str, int, int, str]]:
+    """`_jobs` for the own sampler: an answer's content is its prompt (or conversation and prefix),
+    the checkpoint (`model_identity`) and the sampling settings."""
+    common = {"model": model_identity(model_dir), **settings}
+    contents = [
+        common | {"prompt": p.get("messages") or p["prompt"], "prefix": p.get("prefix")} for p in prompts
+    ]
+    return _jobs(contents, samples)
+
+
+def _pending(output: pathlib.Path, jobs) -> tuple[list, int]:
+    """(the jobs `output` does not hold yet, how many it holds); an output holding answers of another
+    job is a UserError (they would be mixed into this one's)."""
+    repair_tail(output)
+    wanted, held, foreign = {job[3] for job in jobs}, set(), 0
+    if output.exists():
+        for row, _ in parse_lines(output):
+            key = row.get("key") if isinstance(row, dict) else None
+            if key in wanted:
+                held.add(key)
+            else:
+                foreign += 1
+    if foreign:
+        raise cli.UserError(
+            f"--output {output}: {foreign} of its rows are answers of another job (other prompts, another "
+            "model or other sampling settings); give another --output, or move that file away"
+        )
+    return [job for job in jobs if job[3] not in held], len(held)
+
+
 def generate_with_model(
     prompts,
     output,
@@ -170,59 +228,59 @@ def generate_with_model(
     Rows with a `prefix` continue it (the response is the continuation). `temperature_step` raises the
     temperature by that much after each line the row writes, up to `temperature_max` (Step-Controlled
     DPO). `ref_params` with `mix` ([2], or [samples, 2]: one pair per sample index) samples from mixed
-    logits (online DPO's samplers)."""
-    output = pathlib.Path(output)
-    model, params = models.from_hf(model_dir, mesh=mesh)
-    tok = models.load_tokenizer(model_dir)
-    schedule = {"temperature_step": temperature_step, "temperature_max": temperature_max}
-    if temperature_step:
-        schedule["step_end_ids"] = step_end_ids(tok)
-    kwargs = chat_kwargs(tok)
-    done = _done_ids(output)
-    todo = [j for j in _jobs(prompts, samples) if j[0] not in done]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos = tuple(model.config.eos_token_id) or ((tok.eos_token_id,) if tok.eos_token_id is not None else ())
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
-    for start in range(0, len(todo), batch_size):
-        jobs = todo[start : start + batch_size]
-        ids_, mask_ = _left_padded([prompt_ids(tok, prompts[i], kwargs) for _, i, _ in jobs], batch_size, pad)
-        # one key per batch of the remaining rows: a resumed run samples what is left afresh
-        key = jax.random.fold_in(jax.random.key(seed), len(done) + start)
-        mixing = {}
-        if ref_params is not None:
-            per_sample = np.broadcast_to(np.asarray(mix, np.float32), (samples, 2))
-            m = np.ones((batch_size, 2), np.float32)
-            m[: len(jobs)] = per_sample[[s for _, _, s in jobs]]
-            mixing = {"ref_params": ref_params, "mix": m}
-        out = models.generate(
-            model,
-            params,
-            ids_,
-            mask_,
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            eos_ids=eos,
-            pad_id=pad,
-            rng=key,
-            **schedule,
-            **mixing,
+    logits (online DPO's samplers; the reference's weights are not part of the resume key)."""
+    output = check_output_file(output)
+    sampling = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    sampling |= {"temperature_step": temperature_step, "temperature_max": temperature_max}
+    mixed = None if mix is None else np.broadcast_to(np.asarray(mix, np.float32), (samples, 2))
+    settings = sampling | {"seed": seed, "mix": None if mixed is None else mixed.tolist()}
+    jobs = _own_jobs(prompts, model_dir, samples, settings)
+    with OutputLock(output):
+        todo, held = _pending(output, jobs)
+        if not todo:
+            return {"rows": len(jobs), "written": len(jobs), "failed": 0}
+        model, params = models.from_hf(model_dir, mesh=mesh)
+        tok = models.load_tokenizer(model_dir)
+        if temperature_step:
+            sampling["step_end_ids"] = step_end_ids(tok)
+        kwargs = chat_kwargs(tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        eos = tuple(model.config.eos_token_id) or (
+            (tok.eos_token_id,) if tok.eos_token_id is not None else ()
         )
-        tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
-        rows = []
-        for r, (row_id, i, s) in enumerate(jobs):
-            text = tok.decode([t for t in tokens[r, : lengths[r]] if t not in eos], skip_special_tokens=True)
-            rows.append(_row(prompts, i, s, text, str(model_dir), row_id))
-        _append(output, rows)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            ids_, mask_ = _left_padded(
+                [prompt_ids(tok, prompts[i], kwargs) for _, i, _, _ in batch], batch_size, pad
+            )
+            # one key per batch of the remaining rows: a resumed run samples what is left afresh
+            key = jax.random.fold_in(jax.random.key(seed), held + start)
+            mixing = {}
+            if ref_params is not None:
+                m = np.ones((batch_size, 2), np.float32)
+                m[: len(batch)] = mixed[[s for _, _, s, _ in batch]]
+                mixing = {"ref_params": ref_params, "mix": m}
+            out = models.generate(
+                model, params, ids_, mask_, eos_ids=eos, pad_id=pad, rng=key, **sampling, **mixing
+            )
+            tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+            rows = []
+            for r, (row_id, i, s, content_key) in enumerate(batch):
+                text = tok.decode(
+                    [t for t in tokens[r, : lengths[r]] if t not in eos], skip_special_tokens=True
+                )
+                rows.append(_row(prompts, i, s, text, str(model_dir), row_id) | {"key": content_key})
+            append_lines(output, rows)
+            if bar is not None:
+                bar.update(len(batch))
         if bar is not None:
-            bar.update(len(jobs))
-    if bar is not None:
-        bar.close()
-    return {"rows": len(_jobs(prompts, samples)), "written": len(_done_ids(output)), "failed": 0}
+            bar.close()
+    return {"rows": len(jobs), "written": len(jobs), "failed": 0}
 
 
 @cli.command
@@ -273,7 +331,13 @@ def main(argv=None) -> int:
             top_p=args.top_p,
             batch_size=args.batch_size,
         )
-    print(json.dumps({k: v for k, v in summary.items() if k != "failures"}))
+    shown = {k: v for k, v in summary.items() if k != "failures"}
+    if summary["failed"]:
+        shown |= {
+            "first_failure": next(iter(summary["failures"].values())),
+            "retry": rerun_note(summary["failed"]),
+        }
+    print(json.dumps(shown))
     return 0 if summary["failed"] == 0 else 1
 
 

@@ -11,7 +11,9 @@
     python -m fastchat.llm_judge.gen_judgment --model-list clair_apo_zero   # FastChat's judge
 
 Generation is apo_jax's own sampler on the exported checkpoint (`apo_jax.data.generate`): chat-
-templated, batched, resumable (a killed job continues from the answers it wrote). AlpacaEval's
+templated, batched, resumable (a killed job continues from the answers it wrote, kept in
+`<output>.work/<job>/`, one folder per checkpoint and sampling settings, so another model's answers
+are never reused under this one's name). AlpacaEval's
 files are a JSON list of {instruction, output, generator, dataset}; MT-Bench's are JSONL of
 {question_id, answer_id, model_id, choices: [{index, turns}], tstamp}, the second turn answered
 after the first in one conversation, at FastChat's per-category temperatures (0 for math, coding,
@@ -30,7 +32,8 @@ import time
 import uuid
 
 from apo_jax import cli
-from apo_jax.data.generate import generate_with_model
+from apo_jax.client import request_key
+from apo_jax.data.generate import generate_with_model, model_identity
 from apo_jax.data.jsonl import read_json_rows
 
 BENCHMARKS = ("alpaca_eval", "mt_bench")
@@ -122,6 +125,14 @@ def mt_bench(questions, model_dir, output, *, name: str, work: pathlib.Path, **s
     return out
 
 
+def work_dir(output, model_dir, settings: dict) -> pathlib.Path:
+    """`<output>.work/<job>`: the answers written so far by this checkpoint (`model_identity`) with
+    these settings; another model or other settings get a folder of their own."""
+    output = pathlib.Path(output)
+    job = request_key({"model": model_identity(model_dir), **settings})[:16]
+    return output.with_name(output.name + ".work") / job
+
+
 def _read(path) -> list[dict]:
     """The answers generate_with_model wrote, in prompt order (it appends batches as they finish)."""
     rows = [json.loads(x) for x in pathlib.Path(path).read_text().splitlines() if x.strip()]
@@ -143,10 +154,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     questions = read_questions(args.questions, args.benchmark)[: args.limit]
     name = args.name or pathlib.Path(args.model_dir).absolute().parent.name
-    work = pathlib.Path(args.output).with_name(pathlib.Path(args.output).name + ".work")
-    work.mkdir(parents=True, exist_ok=True)
     default_tokens = 2048 if args.benchmark == "alpaca_eval" else 1024
     sampling = {"max_tokens": args.max_tokens or default_tokens, "batch_size": args.batch_size}
+    settings = {"benchmark": args.benchmark, "temperature": args.temperature, **sampling}
+    work = work_dir(args.output, args.model_dir, settings)
+    work.mkdir(parents=True, exist_ok=True)
     if args.benchmark == "alpaca_eval":
         out = alpaca_eval(
             questions,

@@ -12,7 +12,10 @@ the answers and the reference, and then `--prompts` may be left out. Modes:
   - `exact`: the prompt rows carry `answer`; the last number of the response must equal it (the
     miniature's verifiable task) - no judge, the same interface.
 Judge calls go through the CLAIR client: concurrency, retries, one recorded response per request,
-a restart asks only for what is missing, and the summary reports the tokens used.
+a restart asks only for what is missing, and the summary reports the tokens used. Responses are
+matched by the request's content (`client.request_key`: the prompt, both answers, the judge), never
+by row number, so other answers or another judge into the same --output are judged afresh; one job
+at a time holds the output (`outputs.OutputLock`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import statistics
 import sys
 
 from apo_jax import cli
-from apo_jax.client import ClientConfig, run_requests
+from apo_jax.client import ClientConfig, answer_text, rerun_note, run_requests
 from apo_jax.data.clair.baselines import (
     JUDGE_TEMPLATE,
     SCORE_TEMPLATE,
@@ -35,6 +38,7 @@ from apo_jax.data.clair.baselines import (
     parse_verdict,
 )
 from apo_jax.data.jsonl import read_json_rows, read_jsonl
+from apo_jax.outputs import OutputLock
 
 _NUMBER = re.compile(r"-?\d+")
 
@@ -75,7 +79,8 @@ def judged(
     client=None,
     progress=True,
 ) -> dict:
-    """Win rate against `reference` answers, or graded scores, through the judge."""
+    """Win rate against `reference` answers, or graded scores, through the judge. Raises
+    `client.CircuitOpen` if the job was stopped (the responses so far are kept for the rerun)."""
     by = first_by_prompt(answers)
     ref = first_by_prompt(reference or [])
     requests, keys = {}, []
@@ -96,15 +101,17 @@ def judged(
                 cfg.model, SCORE_TEMPLATE.format(prompt=prompt, answer=answer)
             )
         keys.append(i)
+    if output.exists() and not output.is_dir():
+        raise cli.UserError(f"--output {output}: is a file; give a folder for the judge's responses")
     output.mkdir(parents=True, exist_ok=True)
-    log, failures, counters = run_requests(
-        cfg, requests, output / "judge.responses.jsonl", client=client, progress=progress
-    )
+    log_path = output / "judge.responses.jsonl"
+    with OutputLock(log_path):
+        done, failures, counters = run_requests(cfg, requests, log_path, client=client, progress=progress)
+    if counters.stop:
+        raise counters.stop
     values, unreadable = [], 0
-    for rid, row in log.done.items():
-        if rid not in requests:
-            continue
-        text = row["response"]["choices"][0]["message"].get("content")
+    for rid, row in done.items():
+        text = answer_text(row["response"])
         try:
             if mode == "winrate":
                 verdict = parse_verdict(text)
@@ -115,7 +122,7 @@ def judged(
         except ValueError:
             unreadable += 1
     key = "win_rate" if mode == "winrate" else "mean_score"
-    usage = [row["response"].get("usage") or {} for rid, row in log.done.items() if rid in requests]
+    usage = [row["response"].get("usage") or {} for row in done.values()]
     return {
         "mode": mode,
         "n": len(values),
@@ -173,6 +180,8 @@ def main(argv=None) -> int:
         )
         reference = load_answers(args.reference) if args.reference else None
         summary = judged(args.mode, prompts, answers, pathlib.Path(args.output), cfg, reference=reference)
+    if summary.get("failed_requests"):
+        summary["retry"] = rerun_note(summary["failed_requests"])
     pathlib.Path(args.output).mkdir(parents=True, exist_ok=True)
     (pathlib.Path(args.output) / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

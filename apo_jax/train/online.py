@@ -49,11 +49,11 @@ import numpy as np
 
 from apo_jax import models, outputs
 from apo_jax.cli import UserError
-from apo_jax.client import ClientConfig, run_requests
+from apo_jax.client import ClientConfig, answer_text, run_requests
 from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
 from apo_jax.data.clair.revise import revise
 from apo_jax.data.generate import generate_with_model, generate_with_server, read_prompts
-from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
+from apo_jax.data.jsonl import parse_lines, read_jsonl, write_atomic, write_jsonl
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.tfrecords import read_records
 from apo_jax.data.token_weights import answer_token_logps
@@ -158,21 +158,25 @@ def _client(o):
 
 
 def _judge_pairs(o, prompts, samples, workdir):
+    """Each sample graded by the judge (responses matched by the request's content, so a resumed
+    round reuses only grades of these very samples); best over worst."""
     requests = {
         f"{i}:{j}": judge_request(o.api_model, SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s))
         for i, (p, ss) in enumerate(zip(prompts, samples, strict=True))
         for j, s in enumerate(ss)
     }
-    log, _, _ = run_requests(_client(o), requests, workdir / "judge.responses.jsonl", progress=False)
+    log_path = workdir / "judge.responses.jsonl"
+    with outputs.OutputLock(log_path, flag="the online judge's log"):
+        done, _, counters = run_requests(_client(o), requests, log_path, progress=False)
+    if counters.stop:
+        raise counters.stop
     pairs = []
     for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)):
         scores = []
         for j in range(len(ss)):
-            row = log.done.get(f"{i}:{j}")
+            row = done.get(f"{i}:{j}")
             try:
-                scores.append(
-                    parse_score(row["response"]["choices"][0]["message"].get("content")) if row else None
-                )
+                scores.append(parse_score(answer_text(row["response"])) if row else None)
             except ValueError:
                 scores.append(None)
         kept = [(s, x) for s, x in zip(ss, scores, strict=True) if x is not None]  # unjudged samples sit out
@@ -320,6 +324,18 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     return _by_index(out, len(batch), o.samples)
 
 
+def _final_loss(result: dict, train_dir: pathlib.Path) -> float | None:
+    """The round's last logged training loss: the run's own, or the last in its metrics.jsonl when
+    the run had nothing left to train (killed after training, before the round was booked)."""
+    loss = result["metrics"].get("loss")
+    if loss is None and (train_dir / "metrics.jsonl").exists():
+        logged = [
+            r for r, _ in parse_lines(train_dir / "metrics.jsonl") if isinstance(r, dict) and "loss" in r
+        ]
+        loss = max(logged, key=lambda r: r.get("step", 0))["loss"] if logged else None
+    return loss
+
+
 def _by_index(path, n: int, samples: int) -> list[list[str]]:
     by: dict = {}
     for s in read_jsonl(path):
@@ -394,7 +410,7 @@ def run_online(cfg, *, scorer=None) -> dict:
                 "samples": len(batch) * o.samples,
                 "pairs": len(generated),
                 "replayed": len(replayed),
-                "final_loss": result["metrics"].get("loss"),
+                "final_loss": _final_loss(result, rd / "train"),
                 "mean_sample_score": float(np.mean(scored)) if scored else None,
                 "policy": str(policy),
                 "hat": str(hat),

@@ -7,12 +7,14 @@ revise --input answers.jsonl --output pairs.jsonl --base-url URL --model NAME
        it only a loopback endpoint is tried, with a placeholder key)
 stats  --input pairs.jsonl [--input other.jsonl ...] [--tokenizer DIR] [--json stats.json]
        [--model DIR [--as-chat]]    (adds CHES under that model: apo_jax.data.ches)
-judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE   (on_policy_judge;
-       answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`)
+judge  --input answers.jsonl --output pairs.jsonl --base-url URL --model JUDGE [--drop-ties]
+       (on_policy_judge; answers with samples 0 and 1: `python -m apo_jax.data.generate --samples 2`;
+       ties are written as `is_tie` pairs, and the summary warns of them, unless --drop-ties)
 stronger --answers answers.jsonl --stronger stronger.jsonl --output pairs.jsonl  (stronger_preferred)
 off-policy --input ultrafeedback.jsonl --output pairs.jsonl [--seed 0]           (off_policy_judge)
 
-Exit status: 0 done; 1 some rows failed (listed in <output>.failures.jsonl); 2 an error you can fix,
+Exit status: 0 done; 1 some rows failed (listed in <output>.failures.jsonl; the same command asks
+again for those without a recorded response, and the summary says so); 2 an error you can fix,
 in one line on stderr: bad input, no API key, or a job stopped by the client's circuit breaker (a
 dead endpoint, a wrong key: apo_jax.client), whose answered rows are kept, so the same
 command resumes.
@@ -26,7 +28,7 @@ import pathlib
 import sys
 
 from apo_jax import cli
-from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
+from apo_jax.client import CircuitOpen, ClientConfig, rerun_note, resolve_api_key
 from apo_jax.data.clair import baselines
 from apo_jax.data.clair import stats as stats_lib
 from apo_jax.data.clair.revise import revise
@@ -93,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--output", required=True)
     j.add_argument("--base-url", required=True)
     j.add_argument("--model", required=True)
+    j.add_argument(
+        "--drop-ties",
+        action="store_true",
+        help="leave tie verdicts out (by default they are written as is_tie pairs, which only "
+        "tie-aware losses use)",
+    )
     _client_args(j)
     st = sub.add_parser("stronger", help="stronger_preferred: the stronger model's answer is chosen")
     st.add_argument("--answers", required=True)
@@ -128,20 +136,33 @@ def _revise(args) -> int:
         if e.summary is not None:
             print(json.dumps(e.summary))
         raise
-    print(json.dumps(summary))
+    print(json.dumps(_noted(summary)))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _noted(summary: dict) -> dict:
+    """The summary with what the user should know: failed rows are asked again by a rerun; ties are
+    pairs that only tie-aware losses can use."""
+    if summary.get("failed"):
+        summary = summary | {"retry": rerun_note(summary["failed"])}
+    if summary.get("ties"):
+        summary = summary | {
+            "warning": f"{summary['ties']} of {summary['pairs']} pairs are ties (is_tie=true): train on "
+            "them only with a tie-aware loss, or run again with --drop-ties to leave them out"
+        }
+    return summary
 
 
 def _baseline(args) -> int:
     if args.command == "judge":
         cfg = _config(args)
         resolve_api_key(cfg)  # no key for a remote endpoint: refused before reading the answers
-        summary = baselines.on_policy_judge(args.input, args.output, cfg)
+        summary = baselines.on_policy_judge(args.input, args.output, cfg, drop_ties=args.drop_ties)
     elif args.command == "stronger":
         summary = baselines.stronger_preferred(args.answers, args.stronger, args.output)
     else:
         summary = baselines.off_policy_judge(args.input, args.output, seed=args.seed)
-    print(json.dumps(summary))
+    print(json.dumps(_noted(summary)))
     return 0 if not summary.get("failed") else 1
 
 

@@ -5,8 +5,12 @@ revisions); other fields are carried along. Output rows (TRL's standard format):
 `chosen` (the revision), `rejected` (the original answer), `reviser_reasoning`, `reviser_model`,
 `usage`, and the carried fields. Rows that fail (a permanent error, retries exhausted, or a
 response with no parsable revision) go to `<output>.failures.jsonl` with the reason; they are never
-written as empty or unrevised pairs. A job the client's circuit breaker stops (a dead endpoint, a
-wrong key: see `client`) writes what it has, then raises `client.CircuitOpen` with the summary.
+written as empty or unrevised pairs, and the same command asks again for those without a recorded
+response. A job the client's circuit breaker stops (a dead endpoint, a wrong key: see `client`)
+writes what it has, then raises `client.CircuitOpen` with the summary. Responses are matched to rows
+by the request's content (`client.request_key`: the answer, the prompt, the reviser, the settings);
+the output's folder is made before the first request, and one job at a time holds the output
+(`outputs.OutputLock`).
 """
 
 from __future__ import annotations
@@ -15,34 +19,32 @@ import hashlib
 import json
 import pathlib
 
-from apo_jax.client import ClientConfig, resolve_api_key, run_requests
+from apo_jax.client import ClientConfig, answer_text, check_output_file, resolve_api_key, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
-from apo_jax.data.jsonl import write_jsonl
+from apo_jax.data.jsonl import parse_lines, write_jsonl
+from apo_jax.outputs import OutputLock
 
 
 def row_id(index: int, prompt: str, answer: str) -> str:
-    """The row's identity across restarts: its index and a hash of its content."""
+    """The row's name in the failures file and the response log: its index and a hash of its content
+    (responses are matched by the request's content, `client.request_key`)."""
     digest = hashlib.sha256(json.dumps([prompt, answer]).encode()).hexdigest()[:16]
     return f"{index}:{digest}"
 
 
 def read_answers(path) -> list[tuple[str, dict]]:
-    """[(id, row)] from answers JSONL; a row without prompt or answer is an error naming it."""
+    """[(id, row)] from answers JSONL (or one JSON array); a row that is not JSON, or has no prompt or
+    answer, is an error naming it."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {index}: not valid JSON ({e.msg})") from None
-            answer = row.get("response", row.get("rejected"))
-            if not isinstance(row.get("prompt"), str) or not isinstance(answer, str):
-                raise ValueError(
-                    f"{path}: row {index}: needs string fields 'prompt' and 'response' (or 'rejected')"
-                )
-            out.append((row_id(index, row["prompt"], answer), row))
+    for index, (row, problem) in enumerate(parse_lines(path)):
+        if problem is not None:
+            raise ValueError(problem)
+        answer = row.get("response", row.get("rejected")) if isinstance(row, dict) else None
+        if not isinstance(answer, str) or not isinstance(row.get("prompt"), str):
+            raise ValueError(
+                f"{path}: row {index}: needs string fields 'prompt' and 'response' (or 'rejected')"
+            )
+        out.append((row_id(index, row["prompt"], answer), row))
     return out
 
 
@@ -53,6 +55,39 @@ def _paths(output) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
         output.with_name(output.name + ".responses.jsonl"),
         output.with_name(output.name + ".failures.jsonl"),
     )
+
+
+def _pairs(rows, done, request_failures, model) -> tuple[list[dict], list[dict]]:
+    """(pairs, failures) from the rows and their recorded responses."""
+    pairs, failures = [], []
+    for rid, row in rows:
+        if rid not in done:
+            failures.append(
+                {"id": rid, "prompt": row["prompt"], "reason": request_failures.get(rid, "not requested")}
+            )
+            continue
+        response = done[rid]["response"]
+        try:
+            reasoning, revision = parse_revision(
+                answer_text(response), response["choices"][0].get("finish_reason")
+            )
+        except ParseError as e:
+            failures.append({"id": rid, "prompt": row["prompt"], "reason": f"unparsable response: {e}"})
+            continue
+        answer = row.get("response", row.get("rejected"))
+        carried = {k: v for k, v in row.items() if k not in ("prompt", "response", "rejected", "chosen")}
+        pairs.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": revision,
+                "rejected": answer,
+                "reviser_reasoning": reasoning,
+                "reviser_model": response.get("model", model),
+                "usage": response.get("usage"),
+                **carried,
+            }
+        )
+    return pairs, failures
 
 
 def revise(
@@ -68,54 +103,29 @@ def revise(
 ) -> dict:
     """Runs (or resumes) the revision job and rewrites the pairs and failures files; returns a summary.
     Raises `client.CircuitOpen` (its `summary` set) after writing them if the job was stopped, and
-    `cli.UserError` before reading anything if there is no API key for a remote endpoint."""
+    `cli.UserError` before reading anything if there is no API key for a remote endpoint, and before
+    any request if the output cannot be written or another job holds it."""
     out_path, log_path, fail_path = _paths(output)
     if client is None:
         resolve_api_key(cfg)
-    rows = read_answers(input_path)[:limit]
-    requests = {
-        rid: {
-            "model": cfg.model,
-            "messages": revision_messages(row["prompt"], row.get("response", row.get("rejected"))),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-        }
-        for rid, row in rows
-    }
-    responses, request_failures, counters = run_requests(
-        cfg, requests, log_path, client=client, progress=progress
-    )
-    pairs, failures = [], []
-    for rid, row in rows:
-        if rid not in responses.done:
-            failures.append(
-                {"id": rid, "prompt": row["prompt"], "reason": request_failures.get(rid, "not requested")}
-            )
-            continue
-        response = responses.done[rid]["response"]
-        choice = (response.get("choices") or [{}])[0]
-        try:
-            reasoning, revision = parse_revision(
-                (choice.get("message") or {}).get("content"), choice.get("finish_reason")
-            )
-        except ParseError as e:
-            failures.append({"id": rid, "prompt": row["prompt"], "reason": f"unparsable response: {e}"})
-            continue
-        answer = row.get("response", row.get("rejected"))
-        carried = {k: v for k, v in row.items() if k not in ("prompt", "response", "rejected", "chosen")}
-        pairs.append(
-            {
-                "prompt": row["prompt"],
-                "chosen": revision,
-                "rejected": answer,
-                "reviser_reasoning": reasoning,
-                "reviser_model": response.get("model", cfg.model),
-                "usage": response.get("usage"),
-                **carried,
+    check_output_file(out_path)
+    with OutputLock(out_path):
+        rows = read_answers(input_path)[:limit]
+        requests = {
+            rid: {
+                "model": cfg.model,
+                "messages": revision_messages(row["prompt"], row.get("response", row.get("rejected"))),
+                "max_tokens": max_tokens,
+                "temperature": temperature,
             }
+            for rid, row in rows
+        }
+        done, request_failures, counters = run_requests(
+            cfg, requests, log_path, client=client, progress=progress
         )
-    write_jsonl(out_path, pairs)
-    write_jsonl(fail_path, failures)
+        pairs, failures = _pairs(rows, done, request_failures, cfg.model)
+        write_jsonl(out_path, pairs)
+        write_jsonl(fail_path, failures)
     usage = [p["usage"] or {} for p in pairs]
     stop = counters.stop
     summary = {
