@@ -58,12 +58,12 @@ import os
 import pathlib
 import random
 import socket
-import sys
 import threading
 import time
 import urllib.parse
 
 from apo_jax.cli import UserError
+from apo_jax.outputs import append_lines, check_output_file, repair_tail
 
 log = logging.getLogger("apo_jax.clair")
 PERMANENT = {400, 401, 403, 404, 422}
@@ -401,92 +401,6 @@ def request_with_retries(
 
 
 # --- the append-only record ------------------------------------------------------------------------
-
-
-def check_output_file(path, flag: str = "--output") -> pathlib.Path:
-    """Makes sure a job can write the file `path` before it does any work (or pays for any request):
-    its folder is created; a path that is a folder, or a folder that cannot be made or written, is a
-    UserError naming it."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; name a file in it (e.g. {path / 'out.jsonl'})")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot create its folder {folder} ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: its folder {folder} is not writable")
-    return path
-
-
-def repair_tail(path) -> int:
-    """Cuts the last line of `path` if a crash or a full disk left it incomplete (no newline at its
-    end), keeping every complete line, and says so on stderr; returns the number of bytes removed. A
-    last line that is a whole JSON object only lacking its newline gets the newline instead."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        keep = pos = size
-        while pos > 0:  # the last newline, read backwards in blocks
-            step = min(1 << 16, pos)
-            pos -= step
-            f.seek(pos)
-            found = f.read(step).rfind(b"\n")
-            if found >= 0:
-                keep = pos + found + 1
-                break
-        else:
-            keep = 0
-        f.seek(keep)
-        try:
-            whole = isinstance(json.loads(f.read().decode("utf-8")), dict)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            whole = False
-        if whole:
-            f.seek(size)
-            f.write(b"\n")
-        else:
-            f.truncate(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    if whole:
-        return 0
-    print(
-        f"{path}: removed its cut last line ({size - keep} bytes without a newline, left by a crash or a "
-        "full disk); every complete line is kept",
-        file=sys.stderr,
-    )
-    return size - keep
-
-
-def append_lines(path, rows) -> None:
-    """Appends `rows`, one JSON line each, flushed and fsync'd. A write that fails (a full disk) is
-    undone, the file cut back to its old size so no partial line stays, and raised as an OSError
-    naming the file."""
-    data = memoryview("".join(json.dumps(r) + "\n" for r in rows).encode())
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-            os.fsync(fd)
-        except OSError as e:
-            try:
-                os.ftruncate(fd, size)
-            except OSError:
-                pass  # the next start's repair_tail cuts what is left
-            raise OSError(e.errno, e.strerror, str(path)) from None
-    finally:
-        os.close(fd)
 
 
 class ResponseLog:

@@ -31,19 +31,10 @@ import jax
 import numpy as np
 
 from apo_jax import cli, models
-from apo_jax.client import (
-    ClientConfig,
-    answer_text,
-    append_lines,
-    check_output_file,
-    repair_tail,
-    request_key,
-    rerun_note,
-    run_requests,
-)
+from apo_jax.client import ClientConfig, answer_text, request_key, rerun_note, run_requests
 from apo_jax.data.jsonl import parse_lines, write_jsonl
 from apo_jax.data.tokenize import chat_kwargs
-from apo_jax.outputs import OutputLock
+from apo_jax.outputs import OutputLock, append_lines, check_output_file, repair_tail
 
 
 def read_prompts(path) -> list[dict]:
@@ -250,9 +241,7 @@ def generate_with_model(
         )
         bar = None
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(todo), desc="generate", dynamic_ncols=True)
+            bar = cli.progress_bar(total=len(todo), desc="generate", dynamic_ncols=True)
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             ids_, mask_ = _left_padded(

@@ -1,7 +1,7 @@
 """JSON Lines files: read all rows (`parse_lines` names each bad line, for readers that skip it; a
 file that is one JSON array is read as its items), write all rows atomically (a crash leaves the old
 file or the new; `write_atomic` does the same for any text file). The append-only logs of long jobs
-are `apo_jax.client`'s (`append_lines`, `repair_tail`)."""
+are `apo_jax.outputs`' (`append_lines`, `repair_tail`)."""
 
 from __future__ import annotations
 

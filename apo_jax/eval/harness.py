@@ -28,7 +28,6 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from apo_jax import cli, models, sharding
 
@@ -114,7 +113,7 @@ class ApoJaxLM(TemplateLM):
             seqs.append((whole, min(len(continuation_enc), len(whole) - 1)))
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))  # similar lengths batch together
         results: list = [None] * len(seqs)
-        bar = tqdm(total=len(seqs), disable=disable_tqdm, desc="apo_jax loglikelihood")
+        bar = cli.progress_bar(total=len(seqs), disable=disable_tqdm, desc="apo_jax loglikelihood")
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             T = _bucket(max(len(seqs[i][0]) for i in idx), self.max_length + 1)
@@ -169,7 +168,7 @@ class ApoJaxLM(TemplateLM):
         for i, req in enumerate(requests):  # the same generation settings batch together
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
         out: list = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="apo_jax generate_until")
+        bar = cli.progress_bar(total=len(requests), disable=disable_tqdm, desc="apo_jax generate_until")
         for members in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self._max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)

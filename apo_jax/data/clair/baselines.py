@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 import re
 
-from apo_jax.client import ClientConfig, answer_text, check_output_file, run_requests
+from apo_jax.client import ClientConfig, answer_text, run_requests
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
-from apo_jax.outputs import OutputLock
+from apo_jax.outputs import OutputLock, check_output_file
 
 JUDGE_TEMPLATE = (
     "Which response answers the user's instruction better: more helpful, correct and clear? "

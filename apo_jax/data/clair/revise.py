@@ -19,10 +19,10 @@ import hashlib
 import json
 import pathlib
 
-from apo_jax.client import ClientConfig, answer_text, check_output_file, resolve_api_key, run_requests
+from apo_jax.client import ClientConfig, answer_text, resolve_api_key, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
 from apo_jax.data.jsonl import parse_lines, write_jsonl
-from apo_jax.outputs import OutputLock
+from apo_jax.outputs import OutputLock, check_output_file
 
 
 def row_id(index: int, prompt: str, answer: str) -> str:
