@@ -154,6 +154,16 @@ def _fresh_dir(parent: pathlib.Path, prefix: str) -> pathlib.Path:
             continue
 
 
+def _as_umask(folder: pathlib.Path) -> None:
+    """Gives the files a tool wrote into `folder` the user's umask: some writers create theirs private
+    (safetensors' save_file makes 0600 files), and the output is the user's to share."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+
+
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
@@ -198,6 +208,7 @@ def replacing(
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = _fresh_dir(target.parent, f"{_partial_prefix(target)}{os.getpid()}-")
         yield tmp
+        _as_umask(tmp)
         publish(tmp, target)
     except BaseException as e:
         if tmp is not None:

@@ -16,6 +16,7 @@ import sys
 import time
 
 import ml_collections
+import numpy as np
 import pytest
 
 from apo_jax import models, outputs
@@ -103,13 +104,17 @@ def test_a_symlinked_output_replaces_its_target_and_keeps_the_link(tmp_path):
 
 
 def test_output_folders_get_the_users_umask(tmp_path):
+    from safetensors.numpy import save_file
+
     old = os.umask(0o027)
     try:
         with outputs.replacing(tmp_path / "out", TOOL) as tmp:
             _write_output(tmp, "x")
+            save_file({"w": np.zeros(3, np.float32)}, str(tmp / "model.safetensors"))  # made 0600
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 def _killed_swap(out: pathlib.Path, at: str) -> None:
