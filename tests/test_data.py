@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -348,6 +349,14 @@ def test_reference_fingerprint_ties_log_probs_to_weights_and_settings(tiny_check
     base = reference_fingerprint(tiny_checkpoints["gqa"], **kw)
     assert base == reference_fingerprint(tiny_checkpoints["gqa"], **kw)
     assert base != reference_fingerprint(tiny_checkpoints["bias_mha"], **kw)  # other weights
+    # the same architecture with one weight changed: safetensors headers are identical, and used to
+    # be all that was hashed, so another model's log-probs passed as this one's
+    other = tmp_path / "one_weight"
+    shutil.copytree(tiny_checkpoints["gqa"], other)
+    raw = bytearray((other / "model.safetensors").read_bytes())
+    raw[-1] ^= 0x01  # the last byte of the last tensor
+    (other / "model.safetensors").write_bytes(bytes(raw))
+    assert base != reference_fingerprint(other, **kw)
     for key, value in (
         ("max_length", 1024),
         ("ld_alpha", 0.5),

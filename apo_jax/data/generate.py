@@ -62,16 +62,11 @@ def _jobs(contents: list[dict], samples: int) -> list[tuple[str, int, int, str]]
     return jobs
 
 
-def model_identity(model_dir) -> list:
-    """What names a checkpoint in a resume key: its resolved path and its config's and weight files'
-    sizes and modification times (a folder trained again in place holds another model)."""
-    root = pathlib.Path(model_dir).resolve()
-    files = [root]
-    if root.is_dir():
-        weights = (".safetensors", ".gguf", ".bin")
-        files = sorted(p for p in root.iterdir() if p.suffix in weights or p.name == "config.json")
-    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]
-    return [str(root), stats]
+def model_identity(model_dir) -> str:
+    """What names a checkpoint in a resume key: its weights' fingerprint
+    (`models.hf.checkpoint_fingerprint`), so a folder trained again in place is another model and a
+    copy of one is the same."""
+    return models.hf.checkpoint_fingerprint(model_dir)
 
 
 def _row(prompts, i, s, response, generator, row_id):

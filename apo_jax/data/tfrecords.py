@@ -27,6 +27,7 @@ import pathlib
 import numpy as np
 
 from apo_jax import outputs
+from apo_jax.models.hf import checkpoint_fingerprint
 
 SCHEMA_VERSION = 1
 INT_FIELDS = (
@@ -205,18 +206,15 @@ def reference_fingerprint(
     granularity: str,
 ) -> str:
     """What ties precomputed reference log-probs to one reference: sha256 over the checkpoint's
-    safetensors headers and file sizes (not a hash of 16 GB of weights), the tokenizer and data
-    fingerprints, max_length, ld_alpha, the compute dtype and the granularity ("sequence" or
-    "token"). Stored as metadata.json["reference"]["fingerprint"]; a mismatch means a stale cache."""
+    fingerprint (`models.hf.checkpoint_fingerprint`: sampled bytes of its weights, not 16 GB read,
+    and not the safetensors headers alone, which two checkpoints of one architecture share), the
+    tokenizer and data fingerprints, max_length, ld_alpha, the compute dtype and the granularity
+    ("sequence" or "token"). Stored as metadata.json["reference"]["fingerprint"]; a mismatch means a
+    stale cache."""
     path = pathlib.Path(checkpoint_dir)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors to fingerprint the reference by")
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(f.name.encode() + fh.read(n) + str(f.stat().st_size).encode())
+    h = hashlib.sha256(checkpoint_fingerprint(path).encode())
     settings = {
         "tokenizer": tokenizer_fingerprint,
         "data": data_fingerprint,

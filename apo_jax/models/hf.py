@@ -9,6 +9,7 @@ device holds are copied), so the model is never in host memory twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -416,6 +417,32 @@ def _open_weights(path: pathlib.Path) -> dict[str, _Safetensors]:
             "since unpickling a downloaded file can run code. Convert with transformers' save_pretrained."
         )
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+_BLOCK, _BLOCKS = 1 << 16, 16  # a weight file is fingerprinted by 16 blocks of 64 KiB spread over it
+
+
+def checkpoint_fingerprint(path) -> str:
+    """sha256 naming a checkpoint's weights without reading all of them: config.json whole, and each
+    weight file's name, size and 16 blocks of 64 KiB spread over it (a small file is read whole).
+    Headers alone would not do: two checkpoints of one architecture share them. `path` is a model
+    folder or one weight file (a GGUF)."""
+    path = pathlib.Path(path)
+    weights = (".safetensors", ".gguf", ".bin")
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in weights or p.name == "config.json")
+        if path.is_dir()
+        else [path]
+    )
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for k in range(_BLOCKS):
+                fh.seek(size * k // _BLOCKS)
+                h.update(fh.read(_BLOCK))
+    return h.hexdigest()
 
 
 def _get(d: dict, keys: tuple[str, ...]):

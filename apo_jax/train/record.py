@@ -3,7 +3,7 @@
 - config.json: the config the run started with (a resume that changes only `FREE` keys, such as
   the run's length, rewrites it with them while there is no history);
 - sources.json: fingerprints of what the config names but does not hold: the weights of model.path,
-  reference.path and lora.path, and the data of data.train;
+  reference.path and lora.path (`models.hf.checkpoint_fingerprint`), and the data of data.train;
 - config_history.jsonl: one line per resume that was told to accept a change
   (`--config.train.resume_changed=true`): the step, each changed key's old and new value, and the
   whole config from then on. While it exists, config.json stays as the run started.
@@ -22,6 +22,7 @@ import json
 import pathlib
 
 from apo_jax.data.jsonl import write_atomic
+from apo_jax.models.hf import checkpoint_fingerprint
 from apo_jax.train.config import ConfigError, config_text
 
 RECORD, SOURCES, HISTORY = "config.json", "sources.json", "config_history.jsonl"
@@ -51,8 +52,6 @@ FREE = (
     "experiment.",
     "online.",
 )
-_BLOCK = 1 << 16  # bytes read at each of `_SAMPLES` places of a weights file
-_SAMPLES = 16
 
 
 def flat(tree, prefix: str = "") -> dict:
@@ -70,30 +69,13 @@ def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
 
 
-def weights_fingerprint(path) -> str:
-    """sha256 over a model folder's weight files: each safetensors header (names, shapes, offsets),
-    its size, and 16 blocks of 64 KiB spread over the file. Two checkpoints of one architecture
-    share their headers; sampled bytes tell them apart without reading 16 GB."""
-    path = pathlib.Path(path)
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.gguf")) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            for k in range(_SAMPLES):
-                fh.seek(size * k // _SAMPLES)
-                h.update(fh.read(_BLOCK))
-    return h.hexdigest()
-
-
 def sources(cfg, metadata: dict, rows: int) -> dict:
     """The fingerprints the record keeps beside the config (see the module docstring)."""
     out = {}
     for key in ("model.path", "reference.path", "lora.path"):
         group, name = key.split(".")
         if cfg[group][name]:
-            out[key] = weights_fingerprint(cfg[group][name])
+            out[key] = checkpoint_fingerprint(cfg[group][name])
     data = {
         "source": metadata.get("source", {}).get("fingerprint"),
         "tokenizer": metadata.get("tokenizer", {}).get("fingerprint"),
