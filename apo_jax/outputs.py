@@ -416,9 +416,18 @@ class WorkdirLock(PathLock):
 
 class OutputLock(PathLock):
     """`<output>.lock` beside an output file a job appends to (an API job's responses, a sampler's
-    answers), so that two jobs on one output never pay for, or write, the same rows twice. The
-    output's folder must exist (`check_output_file`)."""
+    answers), so that two jobs on one output never pay for, or write, the same rows twice. Taking it
+    makes the output's folder, or refuses an output that cannot be written (`check_output_file`), as
+    `WorkdirLock` makes its workdir: a job holds it before its first request."""
 
     def __init__(self, output, flag: str = "--output"):
-        output = pathlib.Path(output).absolute()
-        super().__init__(output.with_name(output.name + ".lock"), f"{flag} {output}", f"give another {flag}")
+        self.output, self.flag = pathlib.Path(output).absolute(), flag
+        super().__init__(
+            self.output.with_name(self.output.name + ".lock"), f"{flag} {self.output}", f"give another {flag}"
+        )
+
+    def acquire(self) -> OutputLock:
+        if self.path not in _HELD:
+            check_output_file(self.output, self.flag)
+        super().acquire()
+        return self

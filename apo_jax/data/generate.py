@@ -34,7 +34,7 @@ from apo_jax import cli, models
 from apo_jax.client import ClientConfig, answer_text, request_key, rerun_note, run_requests
 from apo_jax.data.jsonl import parse_lines, write_jsonl
 from apo_jax.data.tokenize import chat_kwargs
-from apo_jax.outputs import OutputLock, append_lines, check_output_file, repair_tail
+from apo_jax.outputs import OutputLock, append_lines, repair_tail
 
 
 def read_prompts(path) -> list[dict]:
@@ -97,7 +97,7 @@ def generate_with_server(
     """Through an OpenAI-compatible chat endpoint, with the revise job's retries and bookkeeping. With
     `seed`, each request carries seed + its index (vLLM's and SGLang's per-request seed). Raises
     `client.CircuitOpen` after writing what it has if the job was stopped."""
-    output = check_output_file(output)
+    output = pathlib.Path(output)
     contents = [
         {
             "model": cfg.model,
@@ -215,7 +215,7 @@ def generate_with_model(
     temperature by that much after each line the row writes, up to `temperature_max` (Step-Controlled
     DPO). `ref_params` with `mix` ([2], or [samples, 2]: one pair per sample index) samples from mixed
     logits (online DPO's samplers; the reference's weights are not part of the resume key)."""
-    output = check_output_file(output)
+    output = pathlib.Path(output)
     sampling = {"max_new_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
     sampling |= {"temperature_step": temperature_step, "temperature_max": temperature_max}
     mixed = None if mix is None else np.broadcast_to(np.asarray(mix, np.float32), (samples, 2))

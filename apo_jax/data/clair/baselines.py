@@ -12,12 +12,13 @@ All write TRL-standard pair rows (`prompt`, `chosen`, `rejected` and carried fie
 
 from __future__ import annotations
 
+import pathlib
 import random
 import re
 
 from apo_jax.client import ClientConfig, answer_text, run_requests
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
-from apo_jax.outputs import OutputLock, check_output_file
+from apo_jax.outputs import OutputLock
 
 JUDGE_TEMPLATE = (
     "Which response answers the user's instruction better: more helpful, correct and clear? "
@@ -101,7 +102,7 @@ def on_policy_judge(
     """Two samples of M per prompt, judged; the better is chosen, ties become `is_tie` pairs (or, with
     `drop_ties`, are left out and counted as `ties_left_out`). Raises `client.CircuitOpen` after
     writing what it has if the job was stopped."""
-    output = check_output_file(output)
+    output = pathlib.Path(output)
     with OutputLock(output):
         by_prompt: dict[str, dict[int, dict]] = {}
         for row in read_jsonl(answers_path):

@@ -22,7 +22,7 @@ import pathlib
 from apo_jax.client import ClientConfig, answer_text, resolve_api_key, run_requests
 from apo_jax.data.clair.prompts import ParseError, parse_revision, revision_messages
 from apo_jax.data.jsonl import parse_lines, write_jsonl
-from apo_jax.outputs import OutputLock, check_output_file
+from apo_jax.outputs import OutputLock
 
 
 def row_id(index: int, prompt: str, answer: str) -> str:
@@ -108,7 +108,6 @@ def revise(
     out_path, log_path, fail_path = _paths(output)
     if client is None:
         resolve_api_key(cfg)
-    check_output_file(out_path)
     with OutputLock(out_path):
         rows = read_answers(input_path)[:limit]
         requests = {
