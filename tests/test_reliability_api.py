@@ -343,37 +343,6 @@ def test_a_cut_last_line_of_generated_answers_is_removed_and_that_row_sampled_ag
 # --- the online loop's record ---------------------------------------------------------------------
 
 
-def test_a_round_booked_after_a_kill_at_its_end_keeps_its_final_loss(tmp_path, tiny_tokenizer, monkeypatch):
-    """Killed after a round's training finished, before the round was booked: the rerun's training
-    has no step left (the real loop then reports no metrics), and the round's final loss is the last
-    one its metrics.jsonl holds. Sampling, labeling and training are stand-ins (a real round costs
-    20 s); the bookkeeping under test is run_online's own."""
-    from apo_jax import train
-    from apo_jax.train import online
-
-    m0 = tmp_path / "m0"
-    tiny_tokenizer.save_pretrained(m0)
-    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "p"}) + "\n")
-    cfg = train.default_config()
-    cfg.workdir, cfg.model.path = str(tmp_path / "run"), str(m0)
-    cfg.online.prompts, cfg.online.rounds = str(tmp_path / "prompts.jsonl"), 1
-
-    def trained(rc, metrics):
-        out = tmp_path / "run" / "round_0" / "train"
-        (out / "hf").mkdir(parents=True, exist_ok=True)
-        lines = [{"step": 0, "eval/loss": 0.7}, {"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.61}]
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-        return {"status": "done", "step": 2, "metrics": metrics, "state": None}
-
-    monkeypatch.setattr(online, "_sample", lambda *a: [["a", "bb"]])
-    monkeypatch.setattr(online, "_pairs", lambda *a: ([{"prompt": "p", "chosen": "bb", "rejected": "a"}], []))
-    monkeypatch.setattr(online.loop, "run", lambda rc: trained(rc, {"loss": 0.61}))
-    assert online.run_online(cfg)["rounds"][0]["final_loss"] == 0.61
-    (tmp_path / "run" / "online.json").write_text(json.dumps({"rounds": []}))  # the kill came before booking
-    monkeypatch.setattr(online.loop, "run", lambda rc: trained(rc, {}))  # nothing left to train
-    assert online.run_online(cfg)["rounds"][0]["final_loss"] == 0.61  # was: None
-
-
 # --- Retry-After, failed rows, input files, ties -------------------------------------------------
 
 

@@ -124,6 +124,15 @@ def test_resume_changed_continues_records_the_change_and_reads_the_next_rows(wor
     assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 1
 
 
+def test_a_finished_run_started_again_reports_its_last_logged_metrics(workdir, records):
+    """Found: an online round killed after its training, before it was booked, recorded its
+    final_loss as null: the rerun had no step left, and the loop reported no metrics."""
+    logged = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if "loss" in r][-1]
+    out = train.run(make_config(workdir, records, train__steps=3))
+    assert out["step"] == 3 and out["metrics"] == last and last["step"] == 3
+
+
 def test_a_resumed_reader_reads_the_rows_after_the_last_one_read_at_any_batch_size():
     # record i answers with the one token i + 5, so a batch's third column names its records
     rows = [

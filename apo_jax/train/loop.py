@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from apo_jax import models, outputs, sharding
 from apo_jax.cli import UserError, expected_errors, one_line
+from apo_jax.data.jsonl import parse_lines
 from apo_jax.data.reader import PreferenceReader
 from apo_jax.models import lora
 from apo_jax.models.flops import flops_per_token, peak_flops
@@ -373,7 +374,16 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
         )
     if status == "done" and t.export_hf:
         export(cfg, model, state.params, workdir)
-    return {"status": status, "step": step, "metrics": log.last, "state": state}
+    metrics = log.last if step > start else _last_logged(workdir)  # a finished run, started again
+    return {"status": status, "step": step, "metrics": metrics, "state": state}
+
+
+def _last_logged(workdir: pathlib.Path) -> dict:
+    """The last training step's metrics in metrics.jsonl ({} if none): what a run reports when it was
+    started again with no step left to train (killed after its last step, before its caller booked it)."""
+    path = workdir / "metrics.jsonl"
+    rows = [r for r, _ in parse_lines(path) if isinstance(r, dict) and "loss" in r] if path.exists() else []
+    return max(rows, key=lambda r: r.get("step", 0)) if rows else {}
 
 
 def export(cfg, model, params, workdir: pathlib.Path) -> None:

@@ -53,7 +53,7 @@ from apo_jax.client import ClientConfig, answer_text, run_requests
 from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
 from apo_jax.data.clair.revise import revise
 from apo_jax.data.generate import generate_with_model, generate_with_server, read_prompts
-from apo_jax.data.jsonl import parse_lines, read_jsonl, write_atomic, write_jsonl
+from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.tfrecords import read_records
 from apo_jax.data.token_weights import answer_token_logps
@@ -324,18 +324,6 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     return _by_index(out, len(batch), o.samples)
 
 
-def _final_loss(result: dict, train_dir: pathlib.Path) -> float | None:
-    """The round's last logged training loss: the run's own, or the last in its metrics.jsonl when
-    the run had nothing left to train (killed after training, before the round was booked)."""
-    loss = result["metrics"].get("loss")
-    if loss is None and (train_dir / "metrics.jsonl").exists():
-        logged = [
-            r for r, _ in parse_lines(train_dir / "metrics.jsonl") if isinstance(r, dict) and "loss" in r
-        ]
-        loss = max(logged, key=lambda r: r.get("step", 0))["loss"] if logged else None
-    return loss
-
-
 def _by_index(path, n: int, samples: int) -> list[list[str]]:
     by: dict = {}
     for s in read_jsonl(path):
@@ -410,7 +398,7 @@ def run_online(cfg, *, scorer=None) -> dict:
                 "samples": len(batch) * o.samples,
                 "pairs": len(generated),
                 "replayed": len(replayed),
-                "final_loss": _final_loss(result, rd / "train"),
+                "final_loss": result["metrics"].get("loss"),
                 "mean_sample_score": float(np.mean(scored)) if scored else None,
                 "policy": str(policy),
                 "hat": str(hat),
