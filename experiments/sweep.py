@@ -1,15 +1,18 @@
 """The miniature's grid over seeds: `python -m experiments.sweep [--variant mini] [--seeds 0,1,2]
-[--workdir workdirs/sweep]`.
+[--workdir workdirs/sweep] [--lr-choice per_objective|shared]`.
 
-Runs every cell `<data>_<loss>` (four ways of building pairs × APO-zero, APO-down, DPO) once per seed
-of the preference stage (`train.seed`: the order of the pairs; M, its answers and the pairs are the
-same for every seed), sharing the cached tokenizer, M, M's answers and the positive control. Then it
-writes `comparison.md`: M and the positive control, each cell's contrastiveness and mean ± standard
-error over seeds of greedy and sampled accuracy, held-out margin and reward accuracy, and the paper's
-three claims marked held or not held with their numbers; `grid.png` (held-out log-likelihood of the
-chosen and rejected answers over training, mean ± standard error over seeds, per cell) and
-`accuracy.png` (every cell's accuracy with error bars beside M and the positive control).
-A run already finished (its results.json exists) is not run again.
+Runs every cell `<data>_<loss>` (four ways of building pairs × APO-zero, APO-down, DPO) once per seed.
+A seed is the whole pipeline's (`experiment.seed` and `train.seed`): the tokenizer, M's initialisation
+and SFT data, the training problems, M's sampled answers and so the pairs, the stand-in models, the
+order of the pairs and the evaluation sampling; the scored problems are the same for every seed, so
+cells are compared paired by seed and problem (apo_jax.eval.stats). Each cell trains at its objective's
+learning rate chosen on validation problems (experiments/select.py), or the shared one. Then it writes
+`comparison.md`: M and the positive control, each cell's contrastiveness, epochs, accuracy (mean over
+seeds, 95% t interval over seeds), accuracy by step count and held-out reward metrics, and the paper's
+three claims marked from paired 95% intervals; `grid.png` (held-out log-likelihood of the chosen and
+rejected answers over training, mean ± standard error over seeds, per cell) and `accuracy.png`.
+A run already finished (its results.json exists) is not run again; one written by another code version
+(`experiments.mini.model.code_version`) stops the sweep: a table never mixes code versions.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ import sys
 import numpy as np
 
 from apo_jax import cli
+from apo_jax.eval import stats
 from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
+from experiments.mini.model import code_version
 from experiments.mini.pipeline import run as run_mini
 from experiments.run import compilation_cache
+
+METRICS = ("greedy", "sampled")
 
 
 def run_dir(root: pathlib.Path, name: str, seed: int) -> pathlib.Path:
@@ -42,16 +49,54 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), se
 
 
+def scores(run: dict, who: str, metric: str) -> np.ndarray:
+    """One model's per-problem scores in one run: the greedy answer's 0/1, or its samples' mean."""
+    acc = run["accuracy"][who]
+    if metric == "greedy":
+        return np.array([int(c) for c in acc["greedy_correct"]], dtype=np.float64)
+    return np.array([statistics.fmean(int(c) for c in s) for s in acc["sampled_correct"]])
+
+
+def table_of(runs: list[dict], who: str, metric: str) -> np.ndarray:
+    """[seeds, problems] scores of one model over a cell's runs (sorted by seed)."""
+    return np.stack([scores(r, who, metric) for r in runs])
+
+
+def check_pairable(results: dict[str, list[dict]]) -> None:
+    """Every run scored on the same problems by the same code, and every cell over the same seeds."""
+    runs = [r for rs in results.values() for r in rs]
+    for field, what in (("code", "code versions"), ("problems", "problem sets")):
+        found = {r.get(field) for r in runs}
+        if len(found) > 1:
+            raise cli.UserError(
+                f"the runs mix {what} ({sorted(map(str, found))}): rerun them in one --workdir"
+            )
+    seeds = {name: [r["seed"] for r in rs] for name, rs in results.items()}
+    if len({tuple(s) for s in seeds.values()}) > 1:
+        raise cli.UserError(f"the cells ran different seeds: {seeds}")
+
+
 def summarize(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """{cell: per-cell means and standard errors over its seeds}."""
+    """{cell: its contrastiveness and epochs (mean over seeds), its accuracy (mean and 95% t interval
+    over seeds; by step count), the held-out reward metrics (mean ± standard error over seeds)}."""
     out = {}
     for name, runs in results.items():
         r0 = runs[0]
-        c = r0["contrastiveness"][r0["data"]]
+        contrast = [r["contrastiveness"][r["data"]] for r in runs]
         row = {"data": r0["data"], "loss": r0["loss"], "seeds": [r["seed"] for r in runs]}
-        row |= {"pairs": c["pairs"], "jaccard": c["jaccard_mean"], "levenshtein": c["levenshtein_mean"]}
-        for m in ("greedy", "sampled"):
-            row[m] = mean_se([r["accuracy"]["after"][m] for r in runs])
+        row |= {
+            "pairs": statistics.fmean(c["pairs"] for c in contrast),
+            "jaccard": statistics.fmean(c["jaccard_mean"] for c in contrast),
+            "levenshtein": statistics.fmean(c["levenshtein_mean"] for c in contrast),
+            "epochs": statistics.fmean(r["epochs"] for r in runs),
+            "lr": r0["lr"],
+        }
+        for m in METRICS:
+            row[m] = stats.t_interval(table_of(runs, "after", m).mean(axis=1))
+            for steps in (2, 3):
+                row[f"{m}_{steps}"] = statistics.fmean(
+                    r["accuracy"]["after"][f"{m}_{steps}_steps"] for r in runs
+                )
         for key in (
             "eval/rewards/chosen",
             "eval/rewards/rejected",
@@ -68,79 +113,131 @@ def _fmt(ms: tuple[float, float], digits: int = 3, sign: bool = False) -> str:
     return f"{m:{'+' if sign else ''}.{digits}f} ± {se:.{digits}f}"
 
 
-def claims(cells: dict[str, dict]) -> list[str]:
-    """The APO paper's three claims, each marked held or not held on these numbers (greedy accuracy;
-    "more than two standard errors" uses the standard error of the difference of two means)."""
-    lines = []
-    datas = [d for d in grid.DATA if any(c["data"] == d for c in cells.values())]
-    stats = {d: next(c for c in cells.values() if c["data"] == d) for d in datas}
-    if "clair" in stats and len(stats) > 1:
-        j = max(stats, key=lambda d: stats[d]["jaccard"])
-        lv = min(stats, key=lambda d: stats[d]["levenshtein"])
-        held = j == "clair" and lv == "clair"
-        lines.append(
-            f"1. **CLAIR's pairs are the most contrastive** (Table 1): **{'held' if held else 'not held'}**. "
-            "Jaccard "
-            + ", ".join(f"{d} {stats[d]['jaccard']:.3f}" for d in datas)
-            + "; Levenshtein "
-            + ", ".join(f"{d} {stats[d]['levenshtein']:.1f}" for d in datas)
-            + "."
-        )
+def _interval(t: tuple[float, float, float]) -> str:
+    """'0.742 [0.713, 0.771]': a mean and its 95% t interval over seeds (the mean alone for one seed)."""
+    mean, low, high = t
+    return f"{mean:.3f}" if math.isnan(low) else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
-    def diff(a, b, m="greedy"):
-        (ma, sa), (mb, sb) = cells[a][m], cells[b][m]
-        return ma - mb, math.hypot(sa, sb)
 
-    apo = [c for c in ("clair_apo_zero", "clair_apo_down") if c in cells]
-    if apo and "clair_dpo" in cells:
-        best = max(apo, key=lambda c: cells[c]["greedy"][0])
-        d, se = diff(best, "clair_dpo")
-        held = d > -2 * se
+def _contrast_claim(results: dict[str, list[dict]]) -> str | None:
+    """Claim 1 at every seed: CLAIR's pairs have the highest Jaccard and the lowest Levenshtein."""
+    runs = next(iter(results.values()))  # every run holds every dataset's contrastiveness for its seed
+    datas = [d for d in grid.DATA if all(r["contrastiveness"].get(d) for r in runs)]
+    if "clair" not in datas or len(datas) < 2:
+        return None
+    held_at = sum(
+        max(datas, key=lambda d, r=r: r["contrastiveness"][d]["jaccard_mean"]) == "clair"
+        and min(datas, key=lambda d, r=r: r["contrastiveness"][d]["levenshtein_mean"]) == "clair"
+        for r in runs
+    )
+    held = held_at == len(runs)
+
+    def mean(d, k):
+        return statistics.fmean(r["contrastiveness"][d][k] for r in runs)
+
+    return (
+        f"1. **CLAIR's pairs are the most contrastive** (Table 1): **{'held' if held else 'not held'}** "
+        f"(highest Jaccard and lowest Levenshtein at {held_at} of {len(runs)} seeds). Mean Jaccard "
+        + ", ".join(f"{d} {mean(d, 'jaccard_mean'):.3f}" for d in datas)
+        + "; Levenshtein "
+        + ", ".join(f"{d} {mean(d, 'levenshtein_mean'):.1f}" for d in datas)
+        + "."
+    )
+
+
+def compare(results: dict[str, list[dict]], a: str, b: str, metric: str = "greedy") -> dict:
+    """Cell a − cell b, paired by seed and problem (apo_jax.eval.stats.paired)."""
+    return stats.paired(table_of(results[a], "after", metric), table_of(results[b], "after", metric))
+
+
+def claims(results: dict[str, list[dict]], margin: float = stats.MARGIN) -> list[str]:
+    """The APO paper's three claims, each marked from paired 95% intervals (greedy accuracy; sampled
+    beside it): "A beats B" only when the t interval over seeds and the bootstrap over seeds and
+    problems both exclude 0; "at least as good" when both lower ends are above −margin."""
+    lines = [line] if (line := _contrast_claim(results)) else []
+    if "clair_apo_zero" in results and "clair_dpo" in results:
+        g, sm = (compare(results, "clair_apo_zero", "clair_dpo", m) for m in METRICS)
+        held = stats.at_least_as_good(g, margin)
         lines.append(
-            f"2. **APO is at least as good as DPO on CLAIR pairs**: **{'held' if held else 'not held'}** "
-            f"(not worse by more than two standard errors). Greedy accuracy {best} "
-            f"{_fmt(cells[best]['greedy'])} vs clair_dpo {_fmt(cells['clair_dpo']['greedy'])}: "
-            f"difference {d:+.3f} ± {se:.3f}."
+            "2. **APO-zero is at least as good as DPO on CLAIR pairs**: "
+            f"**{'held' if held else 'not held'}** "
+            f"(non-inferiority margin {margin}: both intervals' lower ends above −{margin}). "
+            f"clair_apo_zero − clair_dpo, greedy: {stats.describe(g)}; sampled: {stats.describe(sm)}. "
+            f"Verdict on greedy accuracy: {_verdict_words(g, 'clair_apo_zero', 'clair_dpo')}."
         )
-    if "clair_apo_zero" in cells and len(cells) > 1:
-        ranked = sorted(cells, key=lambda c: cells[c]["greedy"][0], reverse=True)
-        top = ranked[0]
-        runner = ranked[1] if top == "clair_apo_zero" else top
-        d, se = diff("clair_apo_zero", runner)
-        held = top == "clair_apo_zero"
+    others = [c for c in results if c != "clair_apo_zero"]
+    if "clair_apo_zero" in results and others:
+        comparisons = {c: compare(results, "clair_apo_zero", c) for c in others}
+        verdicts = {c: stats.verdict(r) for c, r in comparisons.items()}
+        beaten_by = [c for c, v in verdicts.items() if v == "B beats A"]
+        tied = [c for c, v in verdicts.items() if v == "no difference shown"]
+        mark = "not held" if beaten_by else ("held" if not tied else "not shown")
+        closest = min(others, key=lambda c: comparisons[c]["diff"])  # the cell nearest above or below
         lines.append(
-            f"3. **CLAIR × APO-zero is the best cell**: **{'held' if held else 'not held'}**. clair_apo_zero "
-            f"{_fmt(cells['clair_apo_zero']['greedy'])} greedy; the {'next' if held else 'best'} cell "
-            f"{runner} "
-            f"{_fmt(cells[runner]['greedy'])}: difference {d:+.3f} ± {se:.3f} "
-            f"({'more' if abs(d) > 2 * se else 'not more'} than two standard errors)."
+            f"3. **CLAIR × APO-zero is the best cell**: **{mark}**"
+            + (f" ({', '.join(beaten_by)} beat{'s' if len(beaten_by) == 1 else ''} it)" if beaten_by else "")
+            + (f" (no difference shown against {', '.join(tied)})" if tied and not beaten_by else "")
+            + f". Against the closest cell, clair_apo_zero − {closest}, greedy: "
+            f"{stats.describe(comparisons[closest])}."
         )
     return lines
 
 
-def table(cells: dict[str, dict], reference: dict) -> str:
-    """The comparison table: M and the positive control first, then every cell."""
-    before, control = reference["before"], reference["control"]
+def _verdict_words(result: dict, a: str, b: str) -> str:
+    v = stats.verdict(result)
+    return {"A beats B": f"{a} beats {b}", "B beats A": f"{b} beats {a}"}.get(v, "no difference shown")
 
-    def point(a, m):
-        return f"{a[m]:.3f} ± {a[f'{m}_se']:.3f}"
 
+def table(results: dict[str, list[dict]], cells: dict[str, dict]) -> str:
+    """The comparison table: M and the positive control first, then every cell; accuracy is the mean
+    over seeds with its 95% t interval over seeds, and the gain over M paired by seed and problem."""
+    runs = next(iter(results.values()))
     lines = [
-        "| cell | pairs | Jaccard | Levenshtein | greedy accuracy | sampled accuracy | held-out reward "
-        "chosen / rejected | margin | reward accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| M (before) | | | | {point(before, 'greedy')} | {point(before, 'sampled')} | | | |",
-        f"| positive control (SFT on the CLAIR revisions) | | | | {point(control, 'greedy')} | "
-        f"{point(control, 'sampled')} | | | |",
+        "| cell | lr | pairs | epochs | Jaccard | Levenshtein | greedy accuracy | sampled accuracy | "
+        "greedy gain over M (95%, paired) | greedy 2-step / 3-step | held-out reward chosen / rejected | "
+        "margin | reward accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for label, who in (
+        ("M (before)", "before"),
+        ("positive control (SFT on the CLAIR revisions)", "control"),
+    ):
+        acc = [_interval(stats.t_interval(table_of(runs, who, m).mean(axis=1))) for m in METRICS]
+        by = [statistics.fmean(r["accuracy"][who][f"greedy_{k}_steps"] for r in runs) for k in (2, 3)]
+        lines.append(f"| {label} | | | | | | {acc[0]} | {acc[1]} | | {by[0]:.3f} / {by[1]:.3f} | | | |")
     for name, c in cells.items():
+        gain = stats.paired(
+            table_of(results[name], "after", "greedy"), table_of(results[name], "before", "greedy")
+        )
+        low, high = gain["t"] if len(results[name]) > 1 else gain["bootstrap"]
         lines.append(
-            f"| {name} | {c['pairs']} | {c['jaccard']:.3f} | {c['levenshtein']:.1f} | {_fmt(c['greedy'])} | "
-            f"{_fmt(c['sampled'])} | {c['eval/rewards/chosen'][0]:+.3f} / "
-            f"{c['eval/rewards/rejected'][0]:+.3f} | "
+            f"| {name} | {c['lr']:g} | {c['pairs']:.0f} | {c['epochs']:.2f} | {c['jaccard']:.3f} | "
+            f"{c['levenshtein']:.1f} | {_interval(c['greedy'])} | {_interval(c['sampled'])} | "
+            f"{gain['diff']:+.3f} [{low:+.3f}, {high:+.3f}] | {c['greedy_2']:.3f} / {c['greedy_3']:.3f} | "
+            f"{c['eval/rewards/chosen'][0]:+.3f} / {c['eval/rewards/rejected'][0]:+.3f} | "
             f"{_fmt(c['eval/rewards/margins'], sign=True)} | {c['eval/rewards/accuracies'][0]:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _run_cell(config, done: pathlib.Path, name: str, seed: int) -> bool:
+    """Run one cell at one seed unless finished; False when it cannot run (e.g. no pairs of its kind)."""
+    if done.exists():
+        found = json.loads(done.read_text()).get("code")
+        if found != code_version():
+            raise cli.UserError(
+                f"{done} was written by code version {found}, this is {code_version()}: a table never "
+                "mixes code versions; use a new --workdir (or remove that folder yourself)"
+            )
+        return True
+    print(f"[sweep] {name}, seed {seed}", flush=True)
+    try:
+        with WorkdirLock(config.workdir):  # a cell run by another sweep is refused
+            run_mini(config)
+    except ValueError as e:  # e.g. no pairs of this kind: report, go on
+        print(f"[sweep] {name}: {e}", flush=True)
+        return False
+    return True
 
 
 @cli.command
@@ -150,7 +247,19 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="workdirs/sweep")
     p.add_argument("--losses", default=",".join(grid.PAPER_LOSSES))
     p.add_argument("--data", default=",".join(grid.DATA), help="ways of building pairs (default: all four)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds of the preference stage (train.seed)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the whole pipeline (experiment.seed)")
+    p.add_argument(
+        "--lr-choice",
+        default="per_objective",
+        choices=["per_objective", "shared"],
+        help="each objective's learning rate chosen on validation problems, or the one shared rate",
+    )
+    p.add_argument(
+        "--epochs",
+        type=float,
+        default=0.0,
+        help="train each cell for this many passes over its pairs (equal data) instead of train.steps",
+    )
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir)
     compilation_cache(root / "cell")  # <workdir>/jax_cache
@@ -159,42 +268,52 @@ def main(argv=None) -> int:
     except ValueError:
         raise cli.UserError(f"--seeds {args.seeds!r}: integers separated by commas, e.g. 0,1,2") from None
     results: dict[str, list[dict]] = {}
-    for data in args.data.split(","):
-        for loss in args.losses.split(","):
-            name = f"{data}_{loss}"
-            for seed in seeds:
+    for seed in seeds:  # seed by seed: each seed's M, answers and control are made once, then reused
+        for data in args.data.split(","):
+            for loss in args.losses.split(","):
+                name = f"{data}_{loss}"
                 config = grid.get_config(f"{name}:{args.variant}")
+                config.optimizer.lr = grid.selected_lr(loss, args.lr_choice)
                 config.workdir = str(run_dir(root, name, seed))
-                config.train.seed = seed
+                config.experiment.seed = config.train.seed = seed
+                config.experiment.epochs = args.epochs
                 config.train.progress = False
                 done = pathlib.Path(config.workdir) / "results.json"
-                if not done.exists():
-                    print(f"[sweep] {name}, seed {seed}", flush=True)
-                    try:
-                        with WorkdirLock(config.workdir):  # a cell run by another sweep is refused
-                            run_mini(config)
-                    except ValueError as e:  # e.g. no pairs of this kind: report, go on
-                        print(f"[sweep] {name}: {e}", flush=True)
-                        continue
-                results.setdefault(name, []).append(json.loads(done.read_text()))
+                if _run_cell(config, done, name, seed):
+                    results.setdefault(name, []).append(json.loads(done.read_text()))
+    results = {k: v for k, v in results.items() if len(v) == len(seeds)}  # cells with every seed
     if not results:
-        print("[sweep] no cell finished", file=sys.stderr)
+        print("[sweep] no cell finished at every seed", file=sys.stderr)
         return 1
+    check_pairable(results)
     cells = summarize(results)
-    reference = next(iter(results.values()))[0]["accuracy"]
     n_seeds = ", ".join(str(s) for s in seeds)
+    runs = next(iter(results.values()))
     text = [
-        f"Mean ± standard error over the seeds of the preference stage ({n_seeds}); M's and the positive "
-        "control's ± is the standard error over the held-out problems.\n",
-        table(cells, reference),
+        f"Seeds {n_seeds} (each the whole pipeline's); {runs[0]['eval_set']} problems: "
+        f"{len(runs[0]['accuracy']['before']['greedy_correct'])}, the same at every seed; code version "
+        f"{runs[0]['code']}; learning rates: {args.lr_choice} (experiments/configs/selected_lr.json).\n",
+        "Accuracy: mean over seeds [95% t interval over seeds, seeds − 1 degrees of freedom]. The gain over "
+        "M: the cell's accuracy minus M's at the same seed on the same problems, 95% t interval over seeds. "
+        "Held-out reward metrics: mean ± standard error over seeds. Epochs: steps × batch / pairs.\n",
+        table(results, cells),
         "",
-        *claims(cells),
+        *claims(results),
     ]
     (root / "comparison.md").write_text("\n".join(text) + "\n")
+    (root / "comparison.json").write_text(
+        json.dumps({name: [_compact(r) for r in rs] for name, rs in results.items()}) + "\n"
+    )
     _grid_plot(root, results)
-    _accuracy_plot(root, cells, reference)
+    _accuracy_plot(root, cells, results)
     print("\n".join(text))
     return 0
+
+
+def _compact(run: dict) -> dict:
+    """What the claims are computed from, for a committed record of a sweep (docs/miniature/)."""
+    keep = ("data", "loss", "seed", "code", "problems", "lr", "epochs", "contrastiveness", "final_eval")
+    return {k: run[k] for k in keep} | {"accuracy": run["accuracy"]}
 
 
 def _curves(runs: list[dict], root: pathlib.Path, name: str, key: str):
@@ -239,7 +358,7 @@ def _grid_plot(root: pathlib.Path, results: dict[str, list[dict]]) -> None:
     plt.close(fig)
 
 
-def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], reference: dict) -> None:
+def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], results: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,19 +366,23 @@ def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], reference: dict) 
 
     names = list(cells)
     x = np.arange(len(names))
+    runs = next(iter(results.values()))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(names) + 4), 4), sharey=True)
-    for ax, m in zip(axes, ("greedy", "sampled"), strict=True):
+    for ax, m in zip(axes, METRICS, strict=True):
+        means = [cells[n][m][0] for n in names]
+        half = [np.nan_to_num(np.array(cells[n][m][1:]) - cells[n][m][0]) for n in names]
+        low, high = [-h[0] for h in half], [h[1] for h in half]
         ax.bar(
             x,
-            [cells[n][m][0] for n in names],
-            yerr=[cells[n][m][1] for n in names],
+            means,
+            yerr=[low, high],
             capsize=3,
             color=["tab:green" if n.startswith("clair_") else "tab:gray" for n in names],
         )
-        for key, style, label in (("before", "--", "M"), ("control", ":", "positive control")):
-            ax.axhline(reference[key][m], color="black", linestyle=style, label=label)
+        for who, style, label in (("before", "--", "M"), ("control", ":", "positive control")):
+            ax.axhline(table_of(runs, who, m).mean(), color="black", linestyle=style, label=label)
         ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{m} accuracy (mean ± s.e. over seeds)")
+        ax.set_title(f"{m} accuracy (mean, 95% t interval over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "accuracy.png", dpi=100)

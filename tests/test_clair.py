@@ -413,6 +413,7 @@ def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
         "samples": 3,
         "accuracy": 2 / 3,
         "stderr": pytest.approx(1 / 3),
+        "correct": [[1], [0], [1]],
     }
     # sampled accuracy: q0 right in 1 of 2 samples, q1 in 2 of 2, q2 unanswered -> (0.5 + 1 + 0) / 3
     sampled = [
@@ -422,6 +423,7 @@ def test_judge_win_rate_both_orders_scores_and_exact_match(tmp_path):
         {"prompt": "q1", "response": "x 1"},
     ]
     assert judge.exact_match(prompts, sampled)["accuracy"] == (0.5 + 1 + 0) / 3
+    assert judge.exact_match(prompts, sampled)["correct"] == [[1, 0], [1, 1], []]
 
     def respond(body):
         text = body["messages"][0]["content"]

@@ -187,72 +187,136 @@ def test_the_tiny_miniature_runs_end_to_end(mini_root):
 
 
 def test_the_sweep_tabulates_each_cell_over_seeds_and_marks_the_claims(mini_root):
-    """Two seeds of two cells: the table holds each cell's mean ± standard error over its seeds
-    (recomputed here from the runs' results.json), M and the positive control, and the claims."""
+    """Two seeds of two cells: each seed has its own M and the same scored problems; the table holds
+    each cell's mean and 95% t interval over its seeds (recomputed here from the runs' results.json),
+    M and the positive control, and the claims; a run by other code stops the sweep."""
     import statistics
+
+    from safetensors.numpy import load_file
 
     from experiments import sweep
 
     root = mini_root
-    args = [
-        "--variant",
-        "tiny",
-        "--workdir",
-        str(root),
-        "--losses",
-        "apo_zero",
-        "--data",
-        "clair,stronger_preferred",
-        "--seeds",
-        "0,1",
-    ]
+    args = ["--variant", "tiny", "--workdir", str(root), "--losses", "apo_zero"]
+    args += ["--data", "clair,stronger_preferred", "--seeds", "0,1"]
     assert sweep.main(args) == 0
     text = (root / "comparison.md").read_text()
     rows = {}
     for line in (x for x in text.splitlines() if x.startswith("| ")):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         rows[cells[0]] = cells
+    t_1 = 12.706204736174707  # Student's t, 97.5% quantile, 1 degree of freedom (a t table)
     for cell in ("clair_apo_zero", "stronger_preferred_apo_zero"):
         runs = [json.loads((root / f"{cell}_seed{s}" / "results.json").read_text()) for s in (0, 1)]
         assert [r["seed"] for r in runs] == [0, 1]
         greedy = [r["accuracy"]["after"]["greedy"] for r in runs]
-        se = statistics.stdev(greedy) / math.sqrt(2)
-        assert rows[cell][4] == f"{statistics.fmean(greedy):.3f} ± {se:.3f}"
-        assert rows[cell][1] == str(runs[0]["contrastiveness"][runs[0]["data"]]["pairs"])
-    before = runs[0]["accuracy"]["before"]
-    assert rows["M (before)"][4] == f"{before['greedy']:.3f} ± {before['greedy_se']:.3f}"
-    assert "positive control (SFT on the CLAIR revisions)" in rows
+        mean, half = statistics.fmean(greedy), t_1 * statistics.stdev(greedy) / math.sqrt(2)
+        assert rows[cell][6] == f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+        pairs = statistics.fmean(r["contrastiveness"][r["data"]]["pairs"] for r in runs)
+        assert rows[cell][2] == f"{pairs:.0f}"
+        assert float(rows[cell][3]) == pytest.approx(4 * 8 / pairs, abs=0.01)  # steps × batch / pairs
+    # the seeds vary M (its weights differ), never the scored problems
+    assert runs[0]["problems"] == runs[1]["problems"] and runs[0]["m"] != runs[1]["m"]
+    w0, w1 = (load_file(pathlib.Path(r["m"]) / "model.safetensors") for r in runs)
+    assert any(not np.array_equal(w0[k], w1[k]) for k in w0)
+    assert "positive control (SFT on the CLAIR revisions)" in rows and "M (before)" in rows
     # stronger-preferred chosen answers are written from scratch: far less word overlap than CLAIR's
-    assert float(rows["clair_apo_zero"][2]) > float(rows["stronger_preferred_apo_zero"][2])
+    assert float(rows["clair_apo_zero"][4]) > float(rows["stronger_preferred_apo_zero"][4])
     assert "1. **CLAIR's pairs are the most contrastive** (Table 1): **held**" in text
     assert (root / "grid.png").stat().st_size > 10_000 and (root / "accuracy.png").stat().st_size > 10_000
     stamp = (root / "clair_apo_zero_seed0" / "results.json").stat().st_mtime_ns
     assert sweep.main(args) == 0  # finished runs are not run again
     assert (root / "clair_apo_zero_seed0" / "results.json").stat().st_mtime_ns == stamp
+    done = root / "stronger_preferred_apo_zero_seed1" / "results.json"
+    done.write_text(json.dumps(json.loads(done.read_text()) | {"code": "0123456789ab"}))
+    assert sweep.main(args) == 2  # written by other code: refused, in one line
 
 
-def test_claims_are_marked_from_the_numbers():
-    """The three claims on hand-made cells: each held or not held as the numbers say."""
+def _run(data, loss, seed, right, contrast=None):
+    """A hand-made results.json: greedy correctness over 40 problems, the first `right` of them right."""
+    correct = "1" * right + "0" * (40 - right)
+    acc = {"greedy_correct": correct, "sampled_correct": list(correct), "greedy_2_steps": 0.0}
+    return {
+        "data": data,
+        "loss": loss,
+        "seed": seed,
+        "contrastiveness": contrast or {},
+        "accuracy": {"after": acc, "before": acc},
+    }
+
+
+def test_claims_are_marked_from_paired_intervals():
+    """The three claims on hand-made runs (3 seeds × 40 problems) whose differences are worked by hand."""
     from experiments.sweep import claims
 
-    def cell(data, loss, greedy, se, jaccard=0.5, lev=10.0):
-        return {"data": data, "loss": loss, "greedy": (greedy, se), "jaccard": jaccard, "levenshtein": lev}
+    c = {"clair": {"jaccard_mean": 0.9, "levenshtein_mean": 2.0}}
+    c["on_policy_judge"] = {"jaccard_mean": 0.6, "levenshtein_mean": 8.0}
+    base = (10, 20, 30)  # M's level at each seed moves every cell together
 
-    cells = {
-        "clair_apo_zero": cell("clair", "apo_zero", 0.80, 0.01, 0.9, 2.0),
-        "clair_dpo": cell("clair", "dpo", 0.78, 0.01, 0.9, 2.0),
-        "on_policy_judge_dpo": cell("on_policy_judge", "dpo", 0.70, 0.01, 0.6, 8.0),
-    }
-    text = "\n".join(claims(cells))
-    assert "contrastive** (Table 1): **held**" in text
-    assert "DPO on CLAIR pairs**: **held**" in text and "difference +0.020 ± 0.014" in text
-    assert "best cell**: **held**" in text and "the next cell clair_dpo" in text
-    assert "(not more than two standard errors)" in text  # 0.020 < 2 × 0.014
-    cells["clair_dpo"]["greedy"] = (0.90, 0.01)  # DPO now beats APO-zero by 0.10 ± 0.014
-    text = "\n".join(claims(cells))
-    assert "DPO on CLAIR pairs**: **not held**" in text and "best cell**: **not held**" in text
-    cells["on_policy_judge_dpo"]["levenshtein"] = 1.0  # the judge's pairs now closer by edit distance
-    assert "contrastive** (Table 1): **not held**" in claims(cells)[0]
+    def grid_of(apo, dpo, judge):
+        return {
+            "clair_apo_zero": [_run("clair", "apo_zero", s, b + apo[s], c) for s, b in enumerate(base)],
+            "clair_dpo": [_run("clair", "dpo", s, b + dpo[s], c) for s, b in enumerate(base)],
+            "on_policy_judge_dpo": [
+                _run("on_policy_judge", "dpo", s, b + judge[s], c) for s, b in enumerate(base)
+            ],
+        }
+
+    # APO-zero right on 8 more problems than DPO at every seed (+0.2), 9 to 10 more than the judge's cell
+    text = "\n".join(claims(grid_of((8, 8, 8), (0, 0, 0), (-1, -2, -1))))
+    assert (
+        "contrastive** (Table 1): **held** (highest Jaccard and lowest Levenshtein at 3 of 3 seeds)" in text
+    )
+    assert "DPO on CLAIR pairs**: **held**" in text and "clair_apo_zero beats clair_dpo" in text
+    assert "greedy: +0.200 (95%: t, 2 dof [+0.200, +0.200]" in text  # no spread over seeds
+    assert "best cell**: **held**. Against the closest cell, clair_apo_zero − clair_dpo" in text
+    # DPO right on 8 more than APO-zero at every seed: APO-zero is worse by 0.2, beyond the margin
+    text = "\n".join(claims(grid_of((0, 0, 0), (8, 8, 8), (-1, -2, -1))))
+    assert "DPO on CLAIR pairs**: **not held**" in text and "clair_dpo beats clair_apo_zero" in text
+    assert "best cell**: **not held** (clair_dpo beats it)" in text
+    # DPO one problem ahead at one seed (-1/120 on average, t interval [-0.044, +0.027]): no difference
+    # shown, and not within the 0.02 margin either; the judge's cell one problem behind at one seed
+    text = "\n".join(claims(grid_of((0, 0, 0), (1, 0, 0), (-1, 0, 0))))
+    assert "DPO on CLAIR pairs**: **not held**" in text and "no difference shown." in text
+    assert "best cell**: **not shown** (no difference shown against clair_dpo, on_policy_judge_dpo)" in text
+    c["on_policy_judge"]["levenshtein_mean"] = 1.0  # the judge's pairs now closer by edit distance
+    assert (
+        "contrastive** (Table 1): **not held** (highest Jaccard and lowest Levenshtein at 0 of 3"
+        in claims(grid_of((8, 8, 8), (0, 0, 0), (0, 0, 0)))[0]
+    )
+
+
+def test_the_grid_reads_the_selected_learning_rates_and_selection_scores_validation(mini_root):
+    """Each objective trains at its own rate from experiments/configs/selected_lr.json (the shared
+    rate for an objective the selection did not try); experiments.select trains on the training
+    problems and scores the validation ones, never the test set."""
+    from experiments import select
+    from experiments.mini import model
+
+    table = json.loads((ROOT / "experiments" / "configs" / "selected_lr.json").read_text())
+    for loss in grid.PAPER_LOSSES:
+        assert grid.get_config(f"clair_{loss}").optimizer.lr == table["per_objective"][loss]
+    assert grid.get_config("clair_simpo").optimizer.lr == table["shared"]
+    assert grid.selected_lr("dpo", "shared") == table["shared"]
+    # the choice: the best mean over datasets, a tie to the smaller rate
+    best, shared = select.choose(
+        {
+            "dpo": {"1e-05": {"a": 0.5, "b": 0.7}, "3e-05": {"a": 0.7, "b": 0.6}},
+            "apo_zero": {"1e-05": {"a": 0.6, "b": 0.6}, "3e-05": {"a": 0.7, "b": 0.5}},
+        }
+    )
+    assert best == {"dpo": 3e-05, "apo_zero": 1e-05} and shared == 3e-05  # 0.6 vs 0.625
+    out = mini_root / "selected.json"
+    args = ["--variant", "tiny", "--workdir", str(mini_root / "select"), "--output", str(out)]
+    assert select.main([*args, "--losses", "apo_zero", "--data", "clair", "--lrs", "1e-4"]) == 0
+    written = json.loads(out.read_text())
+    assert written["per_objective"] == {"apo_zero": 1e-4} and written["shared"] == 1e-4
+    run = json.loads((mini_root / "select" / "clair_apo_zero_lr0.0001" / "results.json").read_text())
+    mini = grid.get_config("clair_apo_zero:tiny").experiment
+    mini.eval_set, mini.eval_prompts = "validation", select.VALIDATION_PROBLEMS["tiny"]
+    _, validation = model.problem_sets(mini)
+    assert run["eval_set"] == "validation" and run["problems"] == model.key([p["prompt"] for p in validation])
+    assert written["validation_greedy"]["apo_zero"]["0.0001"]["clair"] == run["accuracy"]["after"]["greedy"]
 
 
 def test_profs_edits_m_instead_of_training_it(mini_root):

@@ -51,9 +51,22 @@ def test_the_teacher_slips_in_its_careless_share_of_answers():
     assert task.line_labels(PROBLEM, answer) == [1] * len(answer.split("\n"))
 
 
-def test_held_out_problems_are_distinct_and_unseen():
-    seen = [p["prompt"] for p in task.problems(3000, seed=1)]
-    held = task.held_out(300, seed=2, seen=seen)
-    prompts = [p["prompt"] for p in held]
-    assert len(set(prompts)) == 300 and not set(prompts) & set(seen)
-    assert all(0 <= r <= task.MAX_TOTAL for p in held for *_, r in task.solve(p))
+def test_the_splits_are_disjoint_and_the_scored_sets_stratified_and_seed_independent():
+    from experiments.mini import model
+
+    # the split of a prompt is a pure function of its text: the same problem never lands in two splits
+    drawn = {name: task.draw(name, 2000, seed=7) for name in ("sft", "train")}
+    drawn |= {name: task.draw_distinct(name, 200, seed=8) for name in ("test", "validation")}
+    prompts = {name: {p["prompt"] for p in rows} for name, rows in drawn.items()}
+    names = list(prompts)
+    assert all(not prompts[a] & prompts[b] for i, a in enumerate(names) for b in names[i + 1 :])
+    test = drawn["test"]
+    assert len(prompts["test"]) == 200 and sum(len(p["ops"]) == 2 for p in test) == 100  # half two-step
+    assert all(0 <= r <= task.MAX_TOTAL for p in test for *_, r in task.solve(p))
+    # the grid's sets: training problems follow the seed, the scored ones do not
+    mini = {"seed": 0, "sft_examples": 300, "train_prompts": 200, "eval_prompts": 64}
+    train0, test0 = model.problem_sets(mini)
+    train1, test1 = model.problem_sets(mini | {"seed": 1})
+    assert test0 == test1 and train0 != train1
+    _, validation = model.problem_sets(mini | {"eval_set": "validation"})
+    assert not {p["prompt"] for p in validation} & {p["prompt"] for p in test0}

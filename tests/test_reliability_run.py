@@ -56,10 +56,11 @@ def test_bad_flags_and_settings_are_one_line_before_any_work(tmp_path):
 
 def test_sweep_bench_and_generate_refuse_bad_flags_in_one_line(tmp_path, capsys):
     from apo_jax.data import generate
-    from experiments import bench, sweep
+    from experiments import bench, select, sweep
 
     probes = [
         (sweep.main, ["--seeds", "0,one", "--workdir", str(tmp_path / "s")], "--seeds '0,one': integers"),
+        (select.main, ["--lrs", "1e-5,fast", "--workdir", str(tmp_path / "l")], "--lrs '1e-5,fast': numbers"),
         (bench.main, ["--shape", "huge", "--out", str(tmp_path / "b.json")], "error: unknown shape 'huge'"),
         (bench.main, ["--parts", "step,speed"], "error: --parts: unknown ['speed']"),
         (bench.main, ["--steps", "0"], "error: --steps 0: must be positive"),

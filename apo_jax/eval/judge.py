@@ -47,17 +47,17 @@ def exact_match(prompts, answers) -> dict:
     """Share of answers whose last number equals the prompt row's `answer`. With several samples per
     prompt (`generate --samples K`), each prompt scores the share of its samples that are right
     (sampled accuracy); a prompt without an answer scores 0. `stderr` is the standard error of the
-    accuracy over prompts."""
+    accuracy over prompts; `correct` holds, per prompt, each answer's 1 (right) or 0 in file order
+    (for paired comparisons, apo_jax.eval.stats)."""
     by: dict[str, list[bool]] = {}
     for a in answers:
         numbers = _NUMBER.findall(a.get("response") or "")
         by.setdefault(a["prompt"], []).append(numbers[-1] if numbers else None)
-    scores = []
+    scores, correct = [], []
     for p in prompts:
-        found = by.get(p["prompt"], [])
-        scores.append(
-            statistics.fmean(x is not None and int(x) == int(p["answer"]) for x in found) if found else 0.0
-        )
+        found = [int(x is not None and int(x) == int(p["answer"])) for x in by.get(p["prompt"], [])]
+        correct.append(found)
+        scores.append(statistics.fmean(found) if found else 0.0)
     return {
         "mode": "exact",
         "n": len(scores),
@@ -65,6 +65,7 @@ def exact_match(prompts, answers) -> dict:
         "accuracy": statistics.fmean(scores) if scores else 0.0,
         # standard error of that mean over prompts (the per-prompt scores' spread / sqrt(n))
         "stderr": statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0,
+        "correct": correct,
     }
 
 
@@ -165,6 +166,7 @@ def main(argv=None) -> int:
     prompts = read_jsonl(args.prompts) if args.prompts else [{"prompt": a["prompt"]} for a in answers]
     if args.mode == "exact":
         summary = exact_match(prompts, answers)
+        summary.pop("correct")  # per prompt: for apo_jax.eval.stats, not for the printed summary
     else:
         if not (args.base_url and args.judge_model):
             print("error: --mode winrate/score need --base-url and --judge-model", file=sys.stderr)

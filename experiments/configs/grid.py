@@ -11,6 +11,10 @@ Variants after a colon: the default (alias `mini`) is the CPU miniature of the w
 
 from __future__ import annotations
 
+import functools
+import json
+import pathlib
+
 from apo_jax import losses
 from apo_jax.train.config import default_config, fill_loss
 
@@ -21,6 +25,29 @@ DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
 MINI_DATA = ("clair_steps", "anchor", "scdpo")
 PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
 VARIANTS = ("mini", "tiny", "paper")
+# The miniature's learning rates, chosen on validation problems by `python -m experiments.select`
+SELECTED = pathlib.Path(__file__).with_name("selected_lr.json")
+
+
+@functools.cache
+def _selected() -> dict:
+    if not SELECTED.exists():
+        raise ValueError(
+            f"{SELECTED} is missing: run `python -m experiments.select` to choose the learning rates"
+        )
+    return json.loads(SELECTED.read_text())
+
+
+def selected_lr(loss: str, choice: str = "per_objective") -> float:
+    """The miniature's learning rate for `loss` from experiments/select.py's table: the objective's own
+    best rate on the validation problems (`per_objective`), or the best rate shared by the paper's three
+    objectives (`shared`, also what an objective the selection did not try gets)."""
+    if choice not in ("per_objective", "shared"):
+        raise ValueError(f"learning-rate choice {choice!r}: use 'per_objective' or 'shared'")
+    table = _selected()
+    return table["per_objective"].get(loss, table["shared"]) if choice == "per_objective" else table["shared"]
+
+
 # The paper's four 32K datasets on the Hugging Face hub (Section 4); the off-policy name is unverified
 PAPER_DATASETS = {
     "clair": "ContextualAI/ultrafeedback_clair_32k",
@@ -60,7 +87,9 @@ def miniature_only(name: str, cell: str, arg: str, *, at_scale: str):
     return config
 
 
-def get_config(arg: str):
+def get_config(arg: str, *, selected: bool = True):
+    """The cell's config; `selected=False` leaves the miniature's learning rate unset (NaN) for
+    experiments/select.py, which chooses it."""
     name, _, variant = arg.partition(":")
     variant = variant or "mini"
     if variant not in VARIANTS:
@@ -103,22 +132,23 @@ def get_config(arg: str):
             "eval_prompts": 16 if small else 512,
             "temperature": 0.7,
             "eval_samples": 2 if small else 4,
+            "eval_set": "test",  # or "validation" (experiments/select.py)
+            "epochs": 0.0,  # > 0: train.steps set to this many passes over the cell's pairs
         }
     )
     if loss in ("tis_dpo", "tis_dpo_kl"):  # DPO steps of each contrastive model behind TIS-DPO's weights
         config.experiment.tis_steps = 2 if small else 50
         config.experiment.tis_transform = "exp"  # the paper's form; the code's: rank_based, binary, ...
 
-    # Trainer. β is the paper's; the learning rate was chosen once for every cell, before the grid ran:
-    # the best mean greedy accuracy of DPO (the baseline, not APO) over the four datasets at one pilot
-    # seed (100, not a reported one) among 1e-5, 3e-5 and 1e-4 (README, "What the miniature shows")
-    config.optimizer.lr = 3e-5
+    # Trainer. β is the paper's; the learning rate each objective's best on the validation problems
+    # (experiments/select.py, its table in selected_lr.json; README, "What the miniature shows")
+    config.optimizer.lr = selected_lr(loss) if selected else float("nan")
     config.optimizer.warmup_steps = 0 if small else 10
     config.optimizer.schedule = "linear"
     config.train.steps = 4 if small else 100
     config.train.batch_size = 8 if small else 32
     config.train.eval_every = 2 if small else 25
-    config.train.eval_batches = 2
+    config.train.eval_batches = 2 if small else 8  # 256 held-out pairs of the cell's kind, M's per seed
     config.train.export_hf = True
     config.mesh.data = 1
 

@@ -3,11 +3,19 @@ teacher), its sampled answers, the held-out problems, exact-match accuracy with 
 the positive control (M SFT'd on the CLAIR revisions of its own answers).
 
 Everything is cached under `<workdir>/../mini_cache/<key of M_FIELDS>/`: the tokenizer and M once,
-M's answers, its scores and the positive control once per `ANSWER_FIELDS` in a subfolder.
+M's answers, its scores and the positive control once per `ANSWER_FIELDS` in a subfolder. Both keys
+include `code_version()`, a hash of the source the cached stages run (apo_jax, experiments/mini and
+the grid config), so a change of code never reuses an older stage's output.
+
+`experiment.seed` varies the whole pipeline: the tokenizer's corpus, M's initialisation and SFT data,
+the training problems, M's sampled answers (so the pairs), the stand-in models and the evaluation
+sampling. The scored problems (test and validation) do not depend on it: every cell and seed is scored
+on the same problems, so cells can be compared paired by seed and problem (apo_jax.eval.stats).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import pathlib
@@ -23,24 +31,43 @@ from apo_jax.eval.judge import exact_match
 from apo_jax.models import load_tokenizer
 from experiments.mini import task
 
-SFT_SEED = 2  # M's SFT problems are task.problems(sft_examples, SFT_SEED + seed)
-TRAIN_POOL = 4096  # the training problems are the first `train_prompts` of this many
+SFT_SEED = 2  # M's SFT problems are task.draw("sft", sft_examples, SFT_SEED + seed)
+TRAIN_SEED = 3  # the training problems are task.draw("train", train_prompts, TRAIN_SEED + seed)
+TEST_SEED, VALIDATION_SEED = 1000, 2000  # the scored sets: fixed, whatever experiment.seed
 MAX_TOKENS = 40  # a generated answer: the longest teacher answer is 30 tokens
 SFT_LENGTH = 64  # prompt (about 30 tokens) + M's answer
 M_FIELDS = ("seed", "hidden_size", "layers", "sft_examples", "sft_steps", "careless")  # what defines M
 # what defines M's answers, the pairs built from them and M's own accuracy: shared by every cell
-ANSWER_FIELDS = (*M_FIELDS, "train_prompts", "eval_prompts", "temperature", "eval_samples")
+ANSWER_FIELDS = (*M_FIELDS, "train_prompts", "eval_prompts", "eval_set", "temperature", "eval_samples")
 _START = time.time()
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def key(fields) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+@functools.cache
+def code_version() -> str:
+    """A hash of the source files the miniature's stages run: the apo_jax package, experiments/mini and
+    the grid's config (paths and contents). Part of every cache key and of every results.json."""
+    h = hashlib.sha256()
+    for folder in ("apo_jax", "experiments/mini", "experiments/configs/grid.py"):
+        for path in sorted((_ROOT / folder).rglob("*.py")) if (_ROOT / folder).is_dir() else [_ROOT / folder]:
+            h.update(str(path.relative_to(_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def caches(workdir, mini) -> tuple[pathlib.Path, pathlib.Path]:
-    """(M's folder, its answers' folder) in `<workdir>/../mini_cache/`, created."""
-    m_cache = pathlib.Path(workdir).absolute().parent / "mini_cache" / key({k: mini[k] for k in M_FIELDS})
-    cache = m_cache / key({k: mini[k] for k in ANSWER_FIELDS})
+    """(M's folder, its answers' folder) in `<workdir>/../mini_cache/`, created; keyed by the fields
+    that define them and by the code version."""
+    fields = {k: mini.get(k, "test") for k in ANSWER_FIELDS} | {"code": code_version()}
+    m_cache = (
+        pathlib.Path(workdir).absolute().parent
+        / "mini_cache"
+        / key({k: fields[k] for k in (*M_FIELDS, "code")})
+    )
+    cache = m_cache / key(fields)
     cache.mkdir(parents=True, exist_ok=True)
     return m_cache, cache
 
@@ -56,12 +83,8 @@ def tokenizer(cache: pathlib.Path, seed: int):
     if not (path / "tokenizer.json").exists():
         rng, corpus = random.Random(seed), []
         for p in task.problems(400, seed + 1):
-            corpus += [
-                p["prompt"],
-                task.teacher_answer(p, rng, 0.5),
-                task.other_model_answer(p, rng),
-                task.stronger_answer(p),
-            ]
+            corpus += [p["prompt"], task.teacher_answer(p, rng, 0.5), task.stronger_answer(p)]
+            corpus += [task.other_model_answer(p, rng, name) for name in task.OTHER_MODELS]
         testing.tiny_tokenizer(vocab_size=384, corpus=corpus).save_pretrained(path)
     return load_tokenizer(path)
 
@@ -116,7 +139,7 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
     rng = random.Random(mini.seed + 5)
     rows = [
         {"prompt": p["prompt"], "answer": task.teacher_answer(p, rng, mini.careless)}
-        for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed)
+        for p in task.draw("sft", mini.sft_examples, SFT_SEED + mini.seed)
     ]
     optimizer = {"lr": 3e-3, "schedule": "cosine", "warmup_steps": min(20, mini.sft_steps // 5)}
     return _sft(
@@ -132,15 +155,36 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
 
 
 def problem_sets(mini) -> tuple[list[dict], list[dict]]:
-    """(training problems, held-out problems): no held-out problem is among M's SFT problems or the
-    training pool, so every experiment on one M (whatever its `train_prompts`) scores the same set."""
-    pool = task.problems(max(TRAIN_POOL, mini.train_prompts), mini.seed + 3)
-    seen = [p["prompt"] for p in task.problems(mini.sft_examples, SFT_SEED + mini.seed) + pool]
-    return pool[: mini.train_prompts], task.held_out(mini.eval_prompts, mini.seed + 4, seen)
+    """(training problems, scored problems): the scored set is `mini.eval_set`, "test" (the default)
+    or "validation" (hyperparameter selection, experiments/select.py), `eval_prompts` distinct
+    problems stratified by step count and the same for every seed. The four splits (SFT, training,
+    validation, test) are disjoint by construction (task.split_of); asserted here."""
+    eval_set = mini.get("eval_set", "test")
+    if eval_set not in ("test", "validation"):
+        raise ValueError(f"experiment.eval_set={eval_set!r}: use 'test' or 'validation'")
+
+    def size(name, default):  # the scored set's configured size; the other one's is drawn to check it
+        return mini["eval_prompts"] if name == eval_set else default
+
+    sets = {
+        "sft": task.draw("sft", mini["sft_examples"], SFT_SEED + mini["seed"]),
+        "train": task.draw("train", mini["train_prompts"], TRAIN_SEED + mini["seed"]),
+        "test": task.draw_distinct("test", size("test", 512), TEST_SEED),
+        "validation": task.draw_distinct("validation", size("validation", 256), VALIDATION_SEED),
+    }
+    prompts = {name: {p["prompt"] for p in rows} for name, rows in sets.items()}
+    for a in sets:
+        for b in sets:
+            if a < b and prompts[a] & prompts[b]:
+                raise AssertionError(
+                    f"the {a} and {b} problems overlap: {sorted(prompts[a] & prompts[b])[:3]}"
+                )
+    return sets["train"], sets[eval_set]
 
 
-def sample(folder, model_dir, prompts, name, samples, temperature) -> list[dict]:
-    """`samples` answers of a model to each prompt (`folder/name.jsonl`; finished rows are kept)."""
+def sample(folder, model_dir, prompts, name, samples, temperature, seed=0) -> list[dict]:
+    """`samples` answers of a model to each prompt (`folder/name.jsonl`; finished rows are kept),
+    sampled with `seed`."""
     out = folder / f"{name}.jsonl"
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(prompts)]
     generate_with_model(
@@ -152,29 +196,43 @@ def sample(folder, model_dir, prompts, name, samples, temperature) -> list[dict]
         temperature=temperature,
         batch_size=128,
         progress=False,
+        seed=seed,
     )
     return read_jsonl(out)
 
 
-def accuracy(model_dir, prompts, folder, name, samples=1, temperature=0.0) -> dict:
+def accuracy(model_dir, prompts, folder, name, samples=1, temperature=0.0, seed=0) -> dict:
     """Exact-match accuracy through apo_jax.eval.judge's exact mode (the judged modes' interface, with
     the task's verifiable answer in place of a judge): greedy, or the mean over `samples` samples;
-    `accuracy` and its standard error over prompts, `stderr`."""
-    answers = sample(folder, model_dir, prompts, name, samples, temperature)
+    `accuracy`, its standard error over prompts `stderr`, and `correct`, per prompt the 0/1 of each
+    sample."""
+    answers = sample(folder, model_dir, prompts, name, samples, temperature, seed)
     return exact_match([{"prompt": p["prompt"], "answer": task.solve(p)[-1][3]} for p in prompts], answers)
 
 
 def evaluate(model_dir, prompts, folder, name, mini) -> dict:
     """Held-out accuracy of one model: greedy, and `mini.eval_samples` samples per problem at
-    `mini.temperature` (M's own sampling temperature), each with its standard error."""
+    `mini.temperature` (M's own sampling temperature, seeded by experiment.seed), each with its
+    standard error over problems; per problem, the greedy answer's correctness (`greedy_correct`) and
+    each sample's (`sampled_correct`); and accuracy by the problems' step count."""
     greedy = accuracy(model_dir, prompts, folder, name)
-    sampled = accuracy(model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature)
-    return {
+    sampled = accuracy(
+        model_dir, prompts, folder, f"{name}_sampled", mini.eval_samples, mini.temperature, mini.seed + 7
+    )
+    out = {
         "greedy": greedy["accuracy"],
         "greedy_se": greedy["stderr"],
         "sampled": sampled["accuracy"],
         "sampled_se": sampled["stderr"],
     }
+    for steps in sorted({len(p["ops"]) for p in prompts}):
+        picked = [i for i, p in enumerate(prompts) if len(p["ops"]) == steps]
+        for m, result in (("greedy", greedy), ("sampled", sampled)):
+            scores = [sum(result["correct"][i]) / len(result["correct"][i]) for i in picked]
+            out[f"{m}_{steps}_steps"] = sum(scores) / len(scores)
+    out["greedy_correct"] = "".join(str(c[0]) for c in greedy["correct"])
+    out["sampled_correct"] = ["".join(map(str, c)) for c in sampled["correct"]]
+    return out
 
 
 def positive_control(cache, m_dir, tok, prompts, answers, config) -> pathlib.Path:

@@ -34,7 +34,8 @@ def _sample_score(path) -> float:
 def _offline_dpo(config, m_dir, tok, prompts, workdir) -> tuple[pathlib.Path, pathlib.Path]:
     """DICE starts from a DPO model: M trained on offline CLAIR pairs of its own answers. Returns
     (that model, the offline pairs file)."""
-    answers = model.sample(workdir, m_dir, prompts, "answers_offline", 2, config.experiment.temperature)
+    mini = config.experiment
+    answers = model.sample(workdir, m_dir, prompts, "answers_offline", 2, mini.temperature, mini.seed)
     pairs = write_jsonl(
         workdir / "offline_pairs.jsonl",
         pipeline.build_pairs("clair", prompts, answers, config.experiment.seed, False),

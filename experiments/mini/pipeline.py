@@ -102,8 +102,11 @@ def _on_policy_judge(p, m0, m1, rng, keep_ties) -> list[dict]:
 
 
 def _off_policy_judge(p, m0, m1, rng, keep_ties) -> list[dict]:
-    a = task.other_model_answer(p, rng)
-    return _judged(a, task.other_model_answer(p, rng), p, keep_ties)
+    """Two other LLMs' answers (two of task.OTHER_MODELS, drawn per prompt), judged."""
+    first, second = rng.sample(sorted(task.OTHER_MODELS), 2)
+    return _judged(
+        task.other_model_answer(p, rng, first), task.other_model_answer(p, rng, second), p, keep_ties
+    )
 
 
 # data kind -> pairs of one prompt from M's two samples (m0, m1) and the stand-in models
@@ -342,7 +345,8 @@ def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
     se = {m: math.hypot(acc["after"][f"{m}_se"], acc["before"][f"{m}_se"]) for m in gain}
     md = [
         f"# Miniature: {kind} × {loss}\n",
-        f"Held-out accuracy on {n_eval} problems (exact final answer), ± one standard error over problems:\n",
+        f"Held-out accuracy on {n_eval} {summary['eval_set']} problems (exact final answer; half two-step, "
+        "half three-step; the same problems at every seed), ± one standard error over problems:\n",
         f"| model | greedy | sampled ({mini.eval_samples} per problem, temperature {mini.temperature}) |",
         "|---|---|---|",
         *(
@@ -357,6 +361,14 @@ def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
             for m in gain
         )
         + ".",
+        "By step count (greedy, two-step / three-step): "
+        + "; ".join(
+            f"{label.split(' (')[0]} {acc[k]['greedy_2_steps']:.3f} / {acc[k]['greedy_3_steps']:.3f}"
+            for label, k in rows
+        )
+        + ".\n",
+        f"Epochs over the {kind} pairs: {summary['epochs']} ({summary['steps']} steps × "
+        f"{summary['batch_size']} pairs, learning rate {summary['lr']:g}).\n",
         "The positive control shows how far a training signal the pairs hold can move M in as many steps.\n",
         "## Contrastiveness (Jaccard: higher is more contrastive; Levenshtein: lower is)\n",
         "```\n" + table({k: v for k, v in contrast.items() if v}) + "\n```\n",
@@ -387,12 +399,17 @@ def run(config) -> dict:
         f"sampling M's answers for {len(train_prompts)} + {len(eval_prompts)} prompts (two each, "
         f"temperature {mini.temperature})"
     )
-    answers = model.sample(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature)
-    eval_answers = model.sample(cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature)
+    answers = model.sample(cache, m_dir, train_prompts, "answers_train", 2, mini.temperature, mini.seed)
+    eval_answers = model.sample(
+        cache, m_dir, eval_prompts, "answers_eval", 2, mini.temperature, mini.seed + 1
+    )
     paths, contrast = _datasets(config, cache, m_dir, train_prompts, answers)
     say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
     _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
     control = model.positive_control(cache, m_dir, tok, train_prompts, answers, config)
+    if mini.get("epochs", 0.0):  # equal data: as many passes over each dataset, not as many steps
+        config.train.steps = max(1, round(mini.epochs * contrast[kind]["pairs"] / config.train.batch_size))
+        say(f"{mini.epochs:g} epochs of {contrast[kind]['pairs']} pairs: {config.train.steps} steps")
     result = _align(config, cache, m_dir, paths, train_prompts, tok)
     say(
         f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
@@ -414,7 +431,18 @@ def run(config) -> dict:
     summary = {
         "data": kind,
         "loss": config.loss.name,
-        "seed": config.train.seed,
+        "seed": mini.seed,
+        "train_seed": config.train.seed,
+        "code": model.code_version(),
+        "m": str(m_dir),
+        "eval_set": mini.get("eval_set", "test"),
+        # what pairs the cells: the scored problems (the same for every seed) and the settings
+        "problems": model.key([p["prompt"] for p in eval_prompts]),
+        "lr": config.optimizer.lr,
+        "beta": config.loss.beta,
+        "steps": config.train.steps,
+        "batch_size": config.train.batch_size,
+        "epochs": round(config.train.steps * config.train.batch_size / contrast[kind]["pairs"], 3),
         "accuracy": acc,
         "contrastiveness": contrast,
         "final_eval": final_eval,

@@ -21,6 +21,8 @@ style.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import re
 
@@ -55,15 +57,45 @@ def problems(n: int, seed: int) -> list[dict]:
     return [make_problem(rng) for _ in range(n)]
 
 
-def held_out(n: int, seed: int, seen) -> list[dict]:
-    """`n` distinct problems whose prompts are not in `seen` (the problems a model trained on)."""
-    rng, seen, out = random.Random(seed), set(seen), []
+# Every distinct prompt belongs to one split, by a hash of its text (out of 20 buckets): no problem can
+# be in two splits, whatever the seeds that draw them, and each split has the generator's distribution
+SPLITS = {"test": range(0, 4), "validation": range(4, 6), "sft": range(6, 13), "train": range(13, 20)}
+
+
+def split_of(prompt: str) -> str:
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 20
+    return next(name for name, buckets in SPLITS.items() if bucket in buckets)
+
+
+def draw(split: str, n: int, seed: int) -> list[dict]:
+    """`n` problems of one split (repeats allowed, as a training set's draws), in the generator's
+    distribution restricted to the split."""
+    rng, out = random.Random(seed), []
     while len(out) < n:
         p = make_problem(rng)
-        if p["prompt"] not in seen:
-            seen.add(p["prompt"])
+        if split_of(p["prompt"]) == split:
             out.append(p)
     return out
+
+
+def draw_distinct(split: str, n: int, seed: int) -> list[dict]:
+    """`n` distinct problems of one split, stratified by step count: as many two-step as three-step
+    problems (the generator draws each half the time), interleaved; the scored sets."""
+    rng, seen, by_steps = random.Random(seed), set(), {2: [], 3: []}
+    want = {2: n - n // 2, 3: n // 2}
+    for tries in itertools.count():
+        if all(len(by_steps[k]) >= want[k] for k in want):
+            break
+        if tries > 1000 * n:
+            raise ValueError(
+                f"the {split} split cannot give {want[2]} distinct two-step and {want[3]} three-step problems"
+            )
+        p = make_problem(rng)
+        k = len(p["ops"])
+        if p["prompt"] not in seen and split_of(p["prompt"]) == split and len(by_steps[k]) < want[k]:
+            seen.add(p["prompt"])
+            by_steps[k].append(p)
+    return [p for pair in zip(by_steps[2], by_steps[3], strict=False) for p in pair] + by_steps[2][n // 2 :]
 
 
 def has_carry(a: int, op: str, b: int) -> bool:
@@ -173,16 +205,56 @@ def revise(problem: dict, text: str) -> str:
     return "\n".join(out)
 
 
-def other_model_answer(problem: dict, rng: random.Random, error_rate: float = 0.4) -> str:
-    """Another LLM's answer in its own words, sometimes wrong (the off-policy data's models)."""
-    lines, acc = [], problem["numbers"][0]
+def _slip(rng: random.Random, a: int, op: str, b: int, r: int, kind: str) -> int:
+    """A stand-in model's own kind of mistake at one step (each model has its own)."""
+    if kind == "off_by":  # a digit slip: one or ten off
+        return r + rng.choice([-10, -1, 1, 10])
+    if kind == "sign":  # the operation mixed up
+        return a - b if op == "+" else a + b
+    if kind == "borrow":  # a subtraction one too low, an addition one too high
+        return r - 1 if op == "-" else r + 1
+    return r - 10 if has_carry(a, op, b) else r + rng.choice([-1, 1])  # "carry": M's habit, sometimes
+
+
+# The other LLMs of the off-policy data: each its own wording and its own kind of slips. `error_rate` is
+# the share of its answers with a slip (at one step, later steps going on from the wrong total).
+OTHER_MODELS = {
+    "prose": {"error_rate": 0.4, "slip": "off_by"},
+    "terse": {"error_rate": 0.3, "slip": "sign"},
+    "verbose": {"error_rate": 0.5, "slip": "borrow"},
+    "careful": {"error_rate": 0.2, "slip": "carry"},
+}
+
+
+def _other_lines(name: str, steps: list[tuple[int, str, int, int]]) -> list[str]:
+    out = []
+    for i, (a, op, b, r) in enumerate(steps):
+        if name == "prose":
+            out.append(f"{'First,' if i == 0 else 'Then'} {a} {_WORD[op]} {b} is {r}.")
+        elif name == "terse":
+            out.append(f"{a}{op}{b}={r}")
+        elif name == "verbose":
+            verb = f"Adding {b} to {a} gives {r}." if op == "+" else f"Taking {b} away from {a} leaves {r}."
+            out.append(f"Step {i + 1}. {verb}")
+        else:
+            out.append(f"({i + 1}) {a} {op} {b} -> {r}")
+    return out
+
+
+def other_model_answer(problem: dict, rng: random.Random, name: str = "prose") -> str:
+    """Another LLM's answer (one of OTHER_MODELS) in its own words, with its own kind of slip."""
+    spec = OTHER_MODELS[name]
+    slip_at = rng.randrange(len(problem["ops"])) if rng.random() < spec["error_rate"] else -1
+    steps, acc = [], problem["numbers"][0]
     for i, (op, b) in enumerate(zip(problem["ops"], problem["numbers"][1:], strict=True)):
         r = acc + b if op == "+" else acc - b
-        if rng.random() < error_rate / len(problem["ops"]):
-            r += rng.choice([-10, -1, 1, 10])
-        lines.append(f"{'First,' if i == 0 else 'Then'} {acc} {_WORD[op]} {b} is {r}.")
+        if i == slip_at:
+            r = _slip(rng, acc, op, b, r, spec["slip"])
+        steps.append((acc, op, b, r))
         acc = r
-    return "\n".join(lines) + f"\nSo the result is {acc}.\nAnswer: {acc}"
+    lines = _other_lines(name, steps)
+    ending = {"prose": f"So the result is {acc}.", "terse": "", "verbose": f"The total is {acc}."}
+    return "\n".join(lines + ([ending[name]] if ending.get(name) else [])) + f"\nAnswer: {acc}"
 
 
 def stronger_answer(problem: dict) -> str:
