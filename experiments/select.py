@@ -1,5 +1,5 @@
 """The miniature's learning rate, chosen on validation problems: `python -m experiments.select
-[--variant mini] [--lrs 1e-5,3e-5,1e-4] [--workdir workdirs/select] [--output FILE]`.
+[--variant mini] [--lrs 3e-6,1e-5,3e-5,1e-4] [--workdir workdirs/select] [--output FILE]`.
 
 Trains every cell of the paper's grid (four ways of building pairs × APO-zero, APO-down, DPO) at each
 learning rate (β fixed at the paper's 0.1, the grid's steps and batch), at experiment seed 0, and
@@ -26,7 +26,7 @@ from experiments.mini.model import code_version
 from experiments.mini.pipeline import run as run_mini
 from experiments.run import compilation_cache
 
-LRS = (1e-5, 3e-5, 1e-4)
+LRS = (3e-6, 1e-5, 3e-5, 1e-4)
 VALIDATION_PROBLEMS = {"mini": 256, "tiny": 16}
 
 

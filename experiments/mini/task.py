@@ -15,8 +15,11 @@ model's flaws are behaviours rather than missing knowledge:
   addition whose ones digits sum to ten or more loses its ten ("7 + 5 = 2"), and the following steps
   go on from the wrong total.
 So M's errors are a learned habit at one kind of step, which CLAIR's minimal reviser corrects line by
-line while keeping M's wording. The stand-ins for other LLMs write the same arithmetic in their own
-style.
+line while keeping M's wording. The stand-ins for other LLMs (OTHER_MODELS) write the same arithmetic
+each in its own wording, each with its own kind of slip.
+
+Problems fall into four disjoint splits by a hash of their prompt (SPLITS): M's SFT problems, the
+training problems, validation problems (hyperparameter selection) and test problems.
 """
 
 from __future__ import annotations
