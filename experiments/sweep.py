@@ -11,6 +11,8 @@ learning rate chosen on validation problems (experiments/select.py), or the shar
 seeds, 95% t interval over seeds), accuracy by step count and held-out reward metrics, and the paper's
 three claims marked from paired 95% intervals; `grid.png` (held-out log-likelihood of the chosen and
 rejected answers over training, mean ± standard error over seeds, per cell) and `accuracy.png`.
+`--epochs N` trains every cell for N passes over its own pairs (equal data rather than equal steps);
+its runs and files carry the tag `_epochsN` beside the others, sharing M and its answers.
 A run already finished (its results.json exists) is not run again; one written by another code version
 (`experiments.mini.model.code_version`) stops the sweep: a table never mixes code versions.
 """
@@ -30,15 +32,16 @@ from apo_jax import cli
 from apo_jax.eval import stats
 from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
-from experiments.mini.model import code_version
+from experiments.mini import task
+from experiments.mini.model import code_version, problem_sets
 from experiments.mini.pipeline import run as run_mini
 from experiments.run import compilation_cache
 
 METRICS = ("greedy", "sampled")
 
 
-def run_dir(root: pathlib.Path, name: str, seed: int) -> pathlib.Path:
-    return root / f"{name}_seed{seed}"
+def run_dir(root: pathlib.Path, name: str, seed: int, tag: str = "") -> pathlib.Path:
+    return root / f"{name}_seed{seed}{tag}"
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -220,6 +223,21 @@ def table(results: dict[str, list[dict]], cells: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def testbed(runs: list[dict], problems: list[dict]) -> str:
+    """What the testbed's M gets right, over the seeds: with and without a carry in the problem (the
+    teacher's habit is to forget carries), and how the positive control moves it."""
+    carry = np.array([task.carries(p) > 0 for p in problems])
+
+    def acc(who, mask):
+        return table_of(runs, who, "greedy")[:, mask].mean()
+
+    return (
+        f"{carry.mean():.0%} of the scored problems have a carry. M answers {acc('before', ~carry):.3f} of "
+        f"the problems without one right (greedy, mean over seeds) and {acc('before', carry):.3f} of those "
+        f"with one; the positive control {acc('control', ~carry):.3f} and {acc('control', carry):.3f}.\n"
+    )
+
+
 def _run_cell(config, done: pathlib.Path, name: str, seed: int) -> bool:
     """Run one cell at one seed unless finished; False when it cannot run (e.g. no pairs of its kind)."""
     if done.exists():
@@ -262,6 +280,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir)
+    tag = f"_epochs{args.epochs:g}" if args.epochs else ""  # equal-data runs beside the equal-step ones
     compilation_cache(root / "cell")  # <workdir>/jax_cache
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -274,19 +293,23 @@ def main(argv=None) -> int:
                 name = f"{data}_{loss}"
                 config = grid.get_config(f"{name}:{args.variant}")
                 config.optimizer.lr = grid.selected_lr(loss, args.lr_choice)
-                config.workdir = str(run_dir(root, name, seed))
+                config.workdir = str(run_dir(root, name, seed, tag))
                 config.experiment.seed = config.train.seed = seed
                 config.experiment.epochs = args.epochs
                 config.train.progress = False
                 done = pathlib.Path(config.workdir) / "results.json"
                 if _run_cell(config, done, name, seed):
-                    results.setdefault(name, []).append(json.loads(done.read_text()))
+                    results.setdefault(name, []).append(
+                        json.loads(done.read_text()) | {"_dir": str(done.parent)}
+                    )
     results = {k: v for k, v in results.items() if len(v) == len(seeds)}  # cells with every seed
     if not results:
         print("[sweep] no cell finished at every seed", file=sys.stderr)
         return 1
     check_pairable(results)
     cells = summarize(results)
+    mini = grid.get_config(f"{next(iter(results))}:{args.variant}").experiment
+    _, problems = problem_sets(mini)
     n_seeds = ", ".join(str(s) for s in seeds)
     runs = next(iter(results.values()))
     text = [
@@ -296,31 +319,43 @@ def main(argv=None) -> int:
         "Accuracy: mean over seeds [95% t interval over seeds, seeds − 1 degrees of freedom]. The gain over "
         "M: the cell's accuracy minus M's at the same seed on the same problems, 95% t interval over seeds. "
         "Held-out reward metrics: mean ± standard error over seeds. Epochs: steps × batch / pairs.\n",
+        testbed(next(iter(results.values())), problems),
         table(results, cells),
         "",
         *claims(results),
     ]
-    (root / "comparison.md").write_text("\n".join(text) + "\n")
-    (root / "comparison.json").write_text(
+    (root / f"comparison{tag}.md").write_text("\n".join(text) + "\n")
+    (root / f"comparison{tag}.json").write_text(
         json.dumps({name: [_compact(r) for r in rs] for name, rs in results.items()}) + "\n"
     )
-    _grid_plot(root, results)
-    _accuracy_plot(root, cells, results)
+    _grid_plot(root / f"grid{tag}.png", results)
+    _accuracy_plot(root / f"accuracy{tag}.png", cells, results)
     print("\n".join(text))
     return 0
 
 
 def _compact(run: dict) -> dict:
     """What the claims are computed from, for a committed record of a sweep (docs/miniature/)."""
-    keep = ("data", "loss", "seed", "code", "problems", "lr", "epochs", "contrastiveness", "final_eval")
+    keep = (
+        "data",
+        "loss",
+        "seed",
+        "code",
+        "problems",
+        "lr",
+        "steps",
+        "epochs",
+        "contrastiveness",
+        "final_eval",
+    )
     return {k: run[k] for k in keep} | {"accuracy": run["accuracy"]}
 
 
-def _curves(runs: list[dict], root: pathlib.Path, name: str, key: str):
+def _curves(runs: list[dict], key: str):
     """(steps, mean, standard error) of one eval metric over the seeds of a cell."""
     series = []
     for r in runs:
-        path = run_dir(root, name, r["seed"]) / "metrics.jsonl"
+        path = pathlib.Path(r["_dir"]) / "metrics.jsonl"
         ev = [json.loads(x) for x in path.read_text().splitlines() if key in x] if path.exists() else []
         series.append({e["step"]: e[key] for e in ev if key in e})
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
@@ -329,7 +364,7 @@ def _curves(runs: list[dict], root: pathlib.Path, name: str, key: str):
     return steps, values.mean(axis=0), se
 
 
-def _grid_plot(root: pathlib.Path, results: dict[str, list[dict]]) -> None:
+def _grid_plot(out: pathlib.Path, results: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,18 +382,18 @@ def _grid_plot(root: pathlib.Path, results: dict[str, list[dict]]) -> None:
             if name not in results:
                 continue
             for side, color in (("chosen", "tab:blue"), ("rejected", "tab:red")):
-                steps, mean, se = _curves(results[name], root, name, f"eval/logps/{side}")
+                steps, mean, se = _curves(results[name], f"eval/logps/{side}")
                 ax.plot(steps, mean, color=color, label=side)
                 ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.25)
     axes[0][0].legend(fontsize=8)
     fig.supylabel("held-out log-likelihood (mean ± s.e. over seeds)")
     fig.supxlabel("step")
     fig.tight_layout()
-    fig.savefig(root / "grid.png", dpi=100)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], results: dict[str, list[dict]]) -> None:
+def _accuracy_plot(out: pathlib.Path, cells: dict[str, dict], results: dict[str, list[dict]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,7 +420,7 @@ def _accuracy_plot(root: pathlib.Path, cells: dict[str, dict], results: dict[str
         ax.set_title(f"{m} accuracy (mean, 95% t interval over seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(root / "accuracy.png", dpi=100)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
