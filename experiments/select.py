@@ -20,11 +20,10 @@ import statistics
 import sys
 
 from apo_jax import cli
-from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
 from experiments.mini.model import code_version
-from experiments.mini.pipeline import run as run_mini
 from experiments.run import compilation_cache
+from experiments.sweep import run_cell
 
 LRS = (3e-6, 1e-5, 3e-5, 1e-4)
 VALIDATION_PROBLEMS = {"mini": 256, "tiny": 16}
@@ -71,18 +70,8 @@ def main(argv=None) -> int:
                 config.workdir = str(root / f"{data}_{loss}_lr{lr:g}")
                 config.train.progress = False
                 done = pathlib.Path(config.workdir) / "results.json"
-                if done.exists() and json.loads(done.read_text()).get("code") != code_version():
-                    raise cli.UserError(
-                        f"{done} was written by other code (not {code_version()}): use a new --workdir"
-                    )
-                if not done.exists():
-                    print(f"[select] {data} × {loss} at lr {lr:g}", flush=True)
-                    try:
-                        with WorkdirLock(config.workdir):
-                            run_mini(config)
-                    except ValueError as e:  # e.g. no pairs of this kind: left out of the means
-                        print(f"[select] {data} × {loss}: {e}", flush=True)
-                        continue
+                if not run_cell(config, done, f"{data} × {loss} at lr {lr:g}", prog="select"):
+                    continue  # e.g. no pairs of this kind: left out of the means
                 acc = json.loads(done.read_text())["accuracy"]["after"]
                 table.setdefault(loss, {}).setdefault(repr(lr), {})[data] = acc["greedy"]
                 sampled.setdefault(loss, {}).setdefault(repr(lr), {})[data] = acc["sampled"]

@@ -175,7 +175,7 @@ def claims(results: dict[str, list[dict]], margin: float = stats.MARGIN) -> list
         beaten_by = [c for c, v in verdicts.items() if v == "B beats A"]
         tied = [c for c, v in verdicts.items() if v == "no difference shown"]
         mark = "not held" if beaten_by else ("held" if not tied else "not shown")
-        closest = min(others, key=lambda c: comparisons[c]["diff"])  # the cell nearest above or below
+        closest = min(others, key=lambda c: comparisons[c]["diff"])  # the strongest other cell
         lines.append(
             f"3. **CLAIR × APO-zero is the best cell**: **{mark}**"
             + (f" ({', '.join(beaten_by)} beat{'s' if len(beaten_by) == 1 else ''} it)" if beaten_by else "")
@@ -238,8 +238,9 @@ def testbed(runs: list[dict], problems: list[dict]) -> str:
     )
 
 
-def _run_cell(config, done: pathlib.Path, name: str, seed: int) -> bool:
-    """Run one cell at one seed unless finished; False when it cannot run (e.g. no pairs of its kind)."""
+def run_cell(config, done: pathlib.Path, label: str, prog: str = "sweep") -> bool:
+    """Run one miniature run unless finished (its results.json `done` exists, by this code version);
+    False when it cannot run (e.g. no pairs of its kind). Shared by the sweep and experiments.select."""
     if done.exists():
         found = json.loads(done.read_text()).get("code")
         if found != code_version():
@@ -248,12 +249,12 @@ def _run_cell(config, done: pathlib.Path, name: str, seed: int) -> bool:
                 "mixes code versions; use a new --workdir (or remove that folder yourself)"
             )
         return True
-    print(f"[sweep] {name}, seed {seed}", flush=True)
+    print(f"[{prog}] {label}", flush=True)
     try:
-        with WorkdirLock(config.workdir):  # a cell run by another sweep is refused
+        with WorkdirLock(config.workdir):  # a run started by another process is refused
             run_mini(config)
     except ValueError as e:  # e.g. no pairs of this kind: report, go on
-        print(f"[sweep] {name}: {e}", flush=True)
+        print(f"[{prog}] {label}: {e}", flush=True)
         return False
     return True
 
@@ -298,7 +299,7 @@ def main(argv=None) -> int:
                 config.experiment.epochs = args.epochs
                 config.train.progress = False
                 done = pathlib.Path(config.workdir) / "results.json"
-                if _run_cell(config, done, name, seed):
+                if run_cell(config, done, f"{name}, seed {seed}"):
                     results.setdefault(name, []).append(
                         json.loads(done.read_text()) | {"_dir": str(done.parent)}
                     )
