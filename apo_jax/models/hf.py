@@ -474,19 +474,38 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     config = read_config(path, dtype=dtype, param_dtype=param_dtype, **policies)
+    tensors = _open_weights(path)
+    shapes = {n: tuple(t.header[n]["shape"]) for n, t in tensors.items()}
+    return assemble(config, shapes, lambda n: tensors[n][n], lambda n: tensors[n].path, mesh=mesh, where=path)
+
+
+def assemble(
+    config: LlamaConfig,
+    shapes: dict,
+    read: Callable,
+    file_of: Callable,
+    *,
+    mesh=None,
+    where="",
+    implied_by="config.json",
+) -> tuple:
+    """(Llama, params) from tensors named as in a Hugging Face checkpoint: `shapes[name]` is each
+    tensor's HF shape, `read(name)` its host array (read only once its shape is checked) and
+    `file_of(name)` the file that errors name. Shared by `from_hf` and `gguf.from_gguf`."""
     model = Llama(config)
     abstract = abstract_params(model)
     try:
         check_fits(config, flax.traverse_util.flatten_dict(nn.unbox(abstract), sep="/"))
     except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    tensors = _open_weights(path)
+        raise CheckpointError(f"{where}: {e}") from None
     shardings = param_shardings(abstract, mesh) if mesh is not None else None
-    target_dtype = np.dtype(DTYPES[param_dtype])
+    target_dtype = np.dtype(DTYPES[config.param_dtype])
     params: dict = {}
     for hf_name, keys, to_ours, to_theirs in _mapping(config):
         leaf_shape = _get(abstract, keys).value.shape
-        host = _read_param(path, tensors, config, hf_name, leaf_shape, to_ours, to_theirs)
+        host = _read_param(
+            where, implied_by, shapes, read, file_of, config, hf_name, leaf_shape, to_ours, to_theirs
+        )
         host = host.astype(target_dtype, copy=False)
         if shardings is None:
             _set(params, keys, jax.device_put(host))
@@ -496,23 +515,22 @@ def from_hf(path: str | os.PathLike, *, dtype="float32", param_dtype="float32", 
     return model, params
 
 
-def _read_param(path, tensors, config, hf_name, leaf_shape, to_ours, to_theirs) -> np.ndarray:
+def _read_param(where, implied_by, shapes, read, file_of, config, hf_name, leaf_shape, to_ours, to_theirs):
     """One parameter on the host (stacked over layers where `hf_name` has `{i}`), each tensor's shape
-    checked against what config.json implies before anything is converted or stacked."""
+    checked against what the config implies before anything is converted or stacked; a numpy array."""
     layered = "{i}" in hf_name
     names = [hf_name.format(i=i) for i in range(config.num_hidden_layers)] if layered else [hf_name]
-    missing = [n for n in names if n not in tensors]
+    missing = [n for n in names if n not in shapes]
     if missing:
-        raise CheckpointError(f"{path}: tensor {missing[0]} is missing from the checkpoint")
+        raise CheckpointError(f"{where}: tensor {missing[0]} is missing from the checkpoint")
     per_tensor = leaf_shape[1:] if layered else leaf_shape
     want = tuple(jax.eval_shape(to_theirs, jax.ShapeDtypeStruct(per_tensor, np.float32)).shape)
     for n in names:
-        got = tuple(tensors[n].header[n]["shape"])
-        if got != want:
+        if shapes[n] != want:
             raise CheckpointError(
-                f"{tensors[n].path}: tensor {n} has shape {got}, config.json implies {want}"
+                f"{file_of(n)}: tensor {n} has shape {shapes[n]}, {implied_by} implies {want}"
             )
-    parts = [to_ours(tensors[n][n]) for n in names]
+    parts = [to_ours(read(n)) for n in names]
     return np.stack(parts) if layered else parts[0]
 
 
