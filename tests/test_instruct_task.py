@@ -23,8 +23,7 @@ ROW = {"topic": "the moon", "keyword": "orbit", "reference": "The Moon orbits Ea
 
 
 def make(kind, value=None):
-    made = task.CONSTRAINTS[kind](Pick(value))
-    return made(ROW) if kind == "keyword" else made
+    return task.CONSTRAINTS[kind](Pick(value), ROW)
 
 
 # kind, parameter, answer, IFEval's strict verdict, the minimal revision (None: unchanged)
@@ -91,7 +90,7 @@ def test_checker_and_fix_by_hand(kind, value, answer, verdict, revision):
     c = make(kind, value)
     assert c.kind == kind
     assert c.check(answer) is verdict
-    fixed = answer if verdict else c.fix(answer, ROW)
+    fixed = answer if verdict else c.fix(answer)
     assert fixed == (answer if revision is None else revision)
     assert c.check(fixed)
 

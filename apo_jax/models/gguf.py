@@ -252,9 +252,7 @@ def gguf_tokenizer(path: str | os.PathLike):
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos = token("bos_token_id")
-    if (
-        _field(r, "tokenizer.ggml.add_bos_token", False) and bos is not None
-    ):  # llama.cpp's default is off for BPE
+    if _field(r, "tokenizer.ggml.add_bos_token", False) and bos is not None:  # llama.cpp: off for BPE
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
         )

@@ -122,25 +122,18 @@ class Constraint:
     kind: str
     instruction: str
     check: Callable[[str], bool]
-    fix: Callable[[str, dict], str]  # (answer, topic row) -> the minimally revised answer
+    fix: Callable[[str], str]  # answer -> the minimally revised answer
 
 
-def _lowercase(rng):
-    return Constraint(
-        "lowercase",
-        "Your entire answer must be in lowercase letters. No capital letters are allowed.",
-        lambda t: t == t.lower() and any(c.isalpha() for c in t),
-        lambda t, _: t.lower(),
-    )
+def _case(kind: str, instruction: str, convert: Callable[[str], str]):
+    """lowercase / uppercase: the whole answer already in that case (and some letters in it)."""
 
+    def make(rng, row):
+        return Constraint(
+            kind, instruction, lambda t: t == convert(t) and any(c.isalpha() for c in t), convert
+        )
 
-def _uppercase(rng):
-    return Constraint(
-        "uppercase",
-        "Your entire answer must be in English and in all capital letters.",
-        lambda t: t == t.upper() and any(c.isalpha() for c in t),
-        lambda t, _: t.upper(),
-    )
+    return make
 
 
 END_PHRASES = (
@@ -150,10 +143,10 @@ END_PHRASES = (
 )
 
 
-def _end_phrase(rng):
+def _end_phrase(rng, row):
     phrase = rng.choice(END_PHRASES)
 
-    def fix(t, _):
+    def fix(t):
         t = t.rstrip()
         return t if t.endswith(phrase) else f"{t} {phrase}"
 
@@ -165,7 +158,7 @@ def _end_phrase(rng):
     )
 
 
-def _quotation(rng):
+def _quotation(rng, row):
     def check(t):
         t = t.strip()
         return len(t) > 1 and t[0] == '"' and t[-1] == '"'
@@ -174,15 +167,15 @@ def _quotation(rng):
         "quotation",
         "Wrap your entire answer with double quotation marks.",
         check,
-        lambda t, _: t if check(t) else f'"{t.strip()}"',
+        lambda t: t if check(t) else f'"{t.strip()}"',
     )
 
 
-def _postscript(rng):
+def _postscript(rng, row):
     marker = rng.choice(("P.S.", "P.P.S"))
     pattern = re.compile(r"\s*p\.\s?p\.\s?s.*$" if marker == "P.P.S" else r"\s*p\.\s?s\..*$", re.I | re.M)
 
-    def fix(t, row):
+    def fix(t):
         return (
             t
             if pattern.search(t)
@@ -197,13 +190,13 @@ def _postscript(rng):
     )
 
 
-def _bullets(rng):
+def _bullets(rng, row):
     n = rng.choice((2, 3, 4))
 
     def count(t):
         return sum(bool(_BULLET.match(line)) for line in t.splitlines())
 
-    def fix(t, row):
+    def fix(t):
         if count(t) == n:
             return t
         items = [
@@ -228,10 +221,10 @@ def _bullets(rng):
     )
 
 
-def _max_words(rng):
+def _max_words(rng, row):
     n = rng.choice((15, 20, 30))
 
-    def fix(t, _):
+    def fix(t):
         if len(words(t)) < n:
             return t
         kept = []
@@ -249,11 +242,11 @@ def _max_words(rng):
     return Constraint("max_words", f"Answer with less than {n} words.", lambda t: 0 < len(words(t)) < n, fix)
 
 
-def _max_sentences(rng):
+def _max_sentences(rng, row):
     n = rng.choice((1, 2))
     word = {1: "one sentence", 2: "two sentences"}[n]
 
-    def fix(t, _):
+    def fix(t):
         s = sentences(t)
         return t if len(s) <= n else " ".join(s[:n])
 
@@ -265,16 +258,16 @@ def _max_sentences(rng):
     )
 
 
-def _no_commas(rng):
+def _no_commas(rng, row):
     return Constraint(
         "no_commas",
         "In your entire answer, refrain from the use of any commas.",
         lambda t: "," not in t and bool(t.strip()),
-        lambda t, _: re.sub(r",(\s?)", r"\1", t),
+        lambda t: re.sub(r",(\s?)", r"\1", t),
     )
 
 
-def _json(rng):
+def _json(rng, row):
     def check(t):
         try:
             json.loads(_strip_fences(t))
@@ -286,14 +279,14 @@ def _json(rng):
         "json",
         "Your entire output should be wrapped in JSON format. You can use markdown ticks such as ```.",
         check,
-        lambda t, _: t if check(t) else json.dumps({"answer": _strip_fences(t)}),
+        lambda t: t if check(t) else json.dumps({"answer": _strip_fences(t)}),
     )
 
 
-def _title(rng):
+def _title(rng, row):
     pattern = re.compile(r"<<[^\n]+>>")
 
-    def fix(t, row):
+    def fix(t):
         return t if pattern.search(t) else f"<<{row['topic'].title()}>>\n{t.lstrip()}"
 
     return Constraint(
@@ -304,23 +297,26 @@ def _title(rng):
     )
 
 
-def _keyword(rng):
-    def make(row):
-        kw = row["keyword"]
-        pattern = re.compile(rf"\b{re.escape(kw)}\b", re.I)
-        return Constraint(
-            "keyword",
-            f'Include the keyword "{kw}" in your answer.',
-            lambda t: bool(pattern.search(t)),
-            lambda t, _: t if pattern.search(t) else f"{t.rstrip()} This is about {kw}.",
-        )
-
-    return make
+def _keyword(rng, row):
+    kw = row["keyword"]
+    pattern = re.compile(rf"\b{re.escape(kw)}\b", re.I)
+    return Constraint(
+        "keyword",
+        f'Include the keyword "{kw}" in your answer.',
+        lambda t: bool(pattern.search(t)),
+        lambda t: t if pattern.search(t) else f"{t.rstrip()} This is about {kw}.",
+    )
 
 
 CONSTRAINTS = {
-    "lowercase": _lowercase,
-    "uppercase": _uppercase,
+    "lowercase": _case(
+        "lowercase",
+        "Your entire answer must be in lowercase letters. No capital letters are allowed.",
+        str.lower,
+    ),
+    "uppercase": _case(
+        "uppercase", "Your entire answer must be in English and in all capital letters.", str.upper
+    ),
     "end_phrase": _end_phrase,
     "quotation": _quotation,
     "postscript": _postscript,
@@ -344,8 +340,7 @@ def _topic_row(t) -> dict:
 
 def constraint_of(row: dict) -> Constraint:
     """The constraint of a prompt row, rebuilt from its kind and seed (rows stay plain JSON)."""
-    made = CONSTRAINTS[row["kind"]](random.Random(row["constraint_seed"]))
-    return made(row) if row["kind"] == "keyword" else made
+    return CONSTRAINTS[row["kind"]](random.Random(row["constraint_seed"]), row)
 
 
 def make_prompt(topic: dict, kind: str, constraint_seed: int) -> dict:
@@ -377,7 +372,7 @@ def follows(row: dict, answer: str) -> bool:
 def revise(row: dict, answer: str) -> str:
     """The minimal revision of `answer` that meets the prompt's constraint (unchanged if it does)."""
     c = constraint_of(row)
-    return answer if c.check(answer) else c.fix(answer, row)
+    return answer if c.check(answer) else c.fix(answer)
 
 
 def reference_answer(row: dict) -> str:
