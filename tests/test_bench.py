@@ -42,7 +42,9 @@ def test_smoke_run_is_complete_and_agrees_with_trl(tmp_path):
     trl = [r for r in results if r["part"] == "step" and r["impl"] == "trl"]
     assert all(abs(r["step0_loss"] - 1.0) < 1e-6 and r["step1_loss"] < 0.999 for r in trl)
     assert all(r["memory_ratio"] > 1 for r in results if r["part"] == "logprobs")
-    assert len(report["ratios"]) >= 4 and report["machine"]["commit"]
+    assert len(report["ratios"]) >= 5 and report["machine"]["commit"]
+    sampled = {(r["impl"], r["batch"]) for r in results if r["part"] == "sampling"}
+    assert sampled == {("apo_jax", 4), ("transformers", 4)}  # the same weights and prompts
 
 
 def test_compare_flags_a_device_whose_step_numbers_differ(tmp_path):

@@ -492,17 +492,24 @@ def mlp(config: LlamaConfig, p, x):
 def decoder_layer(config: LlamaConfig, p, x, positions, mask, inv_freq, cache=None):
     """One pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Returns (x, (k, v)).
 
-    With `cache` = (k_cache, v_cache [B, S, K, H], start), this step's keys and values are
-    written at index `start` and attention runs over the whole cache (decoding, models/sample.py);
-    the returned (k, v) are the updated caches. Without, attention is over this input alone.
+    With `cache` = (k_cache, v_cache [L, B, S, K, H], layer, start): every layer's cache, stacked,
+    as the decoding loop carries it (models/sample.py). This step's keys and values are written in
+    place at [layer, :, start], attention runs over that layer's whole cache, and the returned
+    (k, v) are the updated stacked caches: only the new entries are written, where scanning the
+    caches as per-layer inputs and outputs copies all of them on every step. Without, attention is
+    over this input alone and (k, v) are this input's.
     """
     h = norm(config, x, p["input_layernorm"])
     q, k, v = attention_qkv(config, p["self_attn"], h, positions, inv_freq)
     if cache is not None:
-        k_cache, v_cache, start = cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-    a = attention_out(config, p["self_attn"], q, k, v, mask)
+        k_cache, v_cache, layer, start = cache
+        at = (layer, 0, start, 0, 0)
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype)[None], at)
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype)[None], at)
+        a = attention_out(config, p["self_attn"], q, k_cache[layer], v_cache[layer], mask)
+        k, v = k_cache, v_cache
+    else:
+        a = attention_out(config, p["self_attn"], q, k, v, mask)
     if config.sandwich_norms:  # Gemma-2: the attention and the MLP outputs are normed as well
         x = x + norm(config, a, p["post_attention_layernorm"])
         m = mlp(config, p["mlp"], norm(config, x, p["pre_feedforward_layernorm"]))

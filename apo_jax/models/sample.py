@@ -1,7 +1,8 @@
 """Batched sampling with a preallocated KV cache: the model's answers for CLAIR.
 
 Decoding runs the same per-layer function as training (`llama.decoder_layer`), scanned over the
-stacked layer parameters, with each layer's cache as scan input and output. Prompts are
+stacked layer parameters, with the stacked [L, B, S, K, H] caches in the scan's carry so that each
+step writes only its new keys and values. Prompts are
 left-padded; every row stops at its first EOS id and is padded after it.
 """
 
@@ -44,34 +45,76 @@ def _forward(config: LlamaConfig, params, ids, positions, caches, start, kv_vali
 
     masks, inv_freq = layer_masks(config, build), rope_inv_freq(config)
 
-    def layer(x, xs):
-        p, sliding, k_cache, v_cache = xs
+    def layer(carry, xs):
+        x, k_cache, v_cache = carry
+        p, sliding, index = xs
         mask = layer_mask(masks, sliding)
-        x, kv = decoder_layer(config, p, x, positions, mask, inv_freq, cache=(k_cache, v_cache, start))
-        return x, kv
+        cache = (k_cache, v_cache, index, start)
+        x, caches = decoder_layer(config, p, x, positions, mask, inv_freq, cache=cache)
+        return (x, *caches), None
 
-    x, caches = jax.lax.scan(layer, x, (params["layers"], jnp.asarray(config.sliding_layers), *caches))
-    return norm(config, x[:, -1], params["norm"]), caches
+    layers = (params["layers"], jnp.asarray(config.sliding_layers), jnp.arange(config.num_hidden_layers))
+    (x, *caches), _ = jax.lax.scan(layer, (x, *caches), layers)
+    return norm(config, x[:, -1], params["norm"]), tuple(caches)
 
 
-def _sample(logits, rng, temperature, top_p, top_k, greedy):
+def _nucleus(logits, top_p):
+    """Keeps the smallest set of tokens whose probability reaches top_p: the logits at or above the
+    highest threshold τ with P(logit ≥ τ) ≥ top_p, found by bisection over [min, max] logit (40
+    halvings; O(V) each, where a sort of the vocabulary costs most of a decode step on a CPU)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+
+    def halve(_, bounds):
+        lo, hi = bounds  # P(logit ≥ lo) ≥ top_p > P(logit ≥ hi)
+        mid = (lo + hi) / 2
+        enough = jnp.sum(jnp.where(logits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    finite = jnp.where(jnp.isfinite(logits), logits, jnp.inf)
+    bounds = (jnp.min(finite, axis=-1), jnp.max(logits, axis=-1) + 1.0)
+    lo, _ = jax.lax.fori_loop(0, 40, halve, bounds)
+    return jnp.where(logits >= lo[:, None], logits, -jnp.inf)
+
+
+def _categorical(rng, logits, width: int = 256):
+    """One draw per row from softmax(logits) [B, V] by inverting its CDF in two levels (blocks of
+    `width` tokens, then the tokens of the chosen block): one uniform per row and two short cumsums,
+    where jax.random.categorical's Gumbel noise draws V uniforms per row (a fifth of a SmolLM2
+    decode step at batch 64 on a CPU). Each level's index is clamped to its first and last entries
+    with mass, so rounding in the cumsums cannot pick a masked token."""
+    B, V = logits.shape
+    pad = -V % width
+    p = jax.nn.softmax(jnp.pad(logits, ((0, 0), (0, pad)), constant_values=-jnp.inf), axis=-1)
+    p = p.reshape(B, -1, width)
+
+    def invert(mass, u):  # the first index whose running mass exceeds u, within those with mass
+        first = jnp.argmax(mass > 0, axis=-1)
+        last = mass.shape[-1] - 1 - jnp.argmax(jnp.flip(mass > 0, -1), axis=-1)
+        return jnp.clip(jnp.sum(jnp.cumsum(mass, -1) <= u[:, None], axis=-1), first, last)
+
+    block_mass = jnp.sum(p, axis=-1)
+    u = jax.random.uniform(rng, (B,), jnp.float32) * jnp.sum(block_mass, axis=-1)
+    block = invert(block_mass, u)
+    before = jnp.sum(jnp.where(jnp.arange(block_mass.shape[1]) < block[:, None], block_mass, 0.0), axis=-1)
+    row = jnp.take_along_axis(p, block[:, None, None], axis=1)[:, 0]
+    return (block * width + invert(row, u - before)).astype(jnp.int32)
+
+
+def _sample(logits, rng, temperature, top_p, top_k, greedy, nucleus):
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature[:, None]
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # smallest set reaching top_p
-    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if nucleus:
+        logits = _nucleus(logits, top_p)
+    return _categorical(rng, logits)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "max_new_tokens", "top_k", "eos_ids", "greedy", "pad_id", "mesh")
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "top_k", "eos_ids", "greedy", "nucleus", "pad_id", "mesh"),
 )
 def _generate(
     config,
@@ -90,6 +133,7 @@ def _generate(
     top_k,
     eos_ids,
     greedy,
+    nucleus,
     pad_id,
     mesh,
 ):
@@ -132,7 +176,7 @@ def _generate(
             i, tokens, done, caches, kv_valid, logits, rng, steps = state
             rng, key = jax.random.split(rng)
             temp = jnp.minimum(temperature + temperature_step * steps, temperature_max)  # [B]
-            tok = _sample(logits, key, temp, top_p, top_k, greedy)
+            tok = _sample(logits, key, temp, top_p, top_k, greedy, nucleus)
             tok = jnp.where(done, pad_id, tok)
             steps = steps + step_end[tok]
             tokens = tokens.at[:, i].set(tok)
@@ -225,6 +269,7 @@ def generate(
         top_k=top_k,
         eos_ids=eos_ids,
         greedy=temperature == 0,
+        nucleus=top_p < 1,
         pad_id=int(pad_id),
         mesh=mesh_of(params),
     )

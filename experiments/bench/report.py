@@ -87,6 +87,13 @@ def ratios(results: list[dict]) -> dict:
         out["tokens/s best apo_jax ÷ best TRL"] = (
             max(r["tokens_per_s"] for r in steps if r["impl"] == "apo_jax") / best["tokens_per_s"]
         )
+    for r in results:
+        if r["part"] == "sampling" and r.get("impl") == "transformers":
+            ours = [o for o in results if o["part"] == "sampling" and o.get("impl") == "apo_jax"]
+            ours = [o for o in ours if o["batch"] == r["batch"]]
+            if ours:
+                key = f"sampling tokens/s apo_jax ÷ transformers generate ({r['model']}, batch {r['batch']})"
+                out[key] = ours[0]["tokens_per_s"] / r["tokens_per_s"]
     return out
 
 

