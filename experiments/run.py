@@ -7,8 +7,9 @@ default (e.g. `--config=clair_tdpo --config.loss.alpha=0.3 --config.loss.tdpo2=f
 
 NAME is `experiments/configs/NAME.py` when that file exists, otherwise a grid cell
 `<data>_<loss>` built by experiments/configs/grid.py (e.g. `clair_apo_zero`, `on_policy_judge_todo`);
-a path to a config file works too. VARIANT: the default CPU miniature (`mini`), `tiny` (CI-sized)
-or `paper`. Multi-host runs pass `--coordinator_address`, `--num_processes` and `--process_id`, or
+a path to a config file works too. VARIANT: the default CPU miniature (`mini`), `tiny` (CI-sized),
+`paper`, or `smollm2` (SmolLM2-135M-Instruct on this CPU; `smollm2_tiny` its CI cut). Multi-host
+runs pass `--coordinator_address`, `--num_processes` and `--process_id`, or
 `--distributed` where JAX finds them itself (Cloud TPU VM slices, SLURM); `python -m
 experiments.launch` starts the same command on every worker (docs/multihost.md).
 """
@@ -127,6 +128,11 @@ def _run(config) -> dict | None:
         from experiments.mini.pipeline import run as run_mini
 
         run_mini(config)
+        return None
+    if kind == "instruct":
+        from experiments.instruct.pipeline import run as run_instruct
+
+        run_instruct(config)
         return None
     if kind in ("mini_online", "online"):
         from apo_jax.train.online import run_online

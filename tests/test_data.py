@@ -286,6 +286,39 @@ def test_reader_is_deterministic_resumable_and_process_independent():
             np.testing.assert_array_equal(np.concatenate([parts[0][k], parts[1][k]]), x[k])
 
 
+def test_bucketed_rows_are_the_padded_rows_cut_to_the_batch_longest():
+    """data.bucket: each global batch is padded to its longest sequence rounded up to the bucket (the
+    same length on every process), and its rows are the full-length rows with the padding cut off."""
+    records = _synthetic_records()
+    kw = {"global_batch_size": 8, "seed": 3, "length": 16, "process_index": 0, "process_count": 1}
+    full = data.PreferenceReader(records, **kw)
+    cut = data.PreferenceReader(records, bucket=4, **kw)
+    halves = [
+        data.PreferenceReader(records, bucket=4, **kw | {"process_index": p, "process_count": 2})
+        for p in (0, 1)
+    ]
+    lengths = set()
+    for step in range(5):
+        rows = full.global_indices(0, step)
+        longest = max(
+            len(records[i]["prompt_ids"])
+            + max(len(records[i]["chosen_ids"]), len(records[i]["rejected_ids"]))
+            for i in rows
+        )
+        want = min(16, (longest + 3) // 4 * 4)
+        a, b = full.batch(0, step), cut.batch(0, step)
+        for k in b:
+            assert b[k].shape[1] == want, k
+            np.testing.assert_array_equal(b[k], a[k][:, :want])
+            assert not a[k][:, want:].any()  # only padding was cut
+        parts = [h.batch(0, step) for h in halves]
+        assert {p["chosen_input_ids"].shape[1] for p in parts} == {want}
+        lengths.add(want)
+    assert len(lengths) > 1  # the synthetic lengths vary across batches
+    with pytest.raises(ValueError, match="bucketed row lengths are for the padded layout"):
+        data.PreferenceReader(records, bucket=4, layout="packed", **kw)
+
+
 def test_reader_validates_its_configuration():
     records = _synthetic_records(8)
     with pytest.raises(ValueError, match="not divisible by 3 processes"):

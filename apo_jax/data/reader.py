@@ -37,6 +37,9 @@ class PreferenceReader:
       process_index, process_count: default `jax.process_index()` / `jax.process_count()`.
       pad_id: the id written into padding (masked out everywhere).
       packed_rows: rows per packed batch (default 2·G/P).
+      bucket: with the padded layout, each global batch's rows are padded only to its longest
+        sequence rounded up to a multiple of `bucket` (at most `length`), not to `length`: a few
+        shapes (each compiles once), far less padding where lengths vary. 0: always `length`.
       grad_accum: A, micro-batches per global batch: micro-batch k is rows k::A (the train step's
         split). Packed and prompt-shared rows are built per micro-batch and interleaved, so each
         micro-batch's rows hold its own pairs whole.
@@ -55,6 +58,7 @@ class PreferenceReader:
         pad_id: int = 0,
         packed_rows: int | None = None,
         grad_accum: int = 1,
+        bucket: int = 0,
     ):
         if isinstance(data_dir, str | pathlib.Path):
             self.records, self.metadata = read_records(data_dir)
@@ -89,6 +93,9 @@ class PreferenceReader:
             raise ValueError(f"packed_rows={packed_rows} does not split into {grad_accum} micro-batches")
         self.p, self.P, self.pad_id, self.packed_rows = process_index, process_count, pad_id, packed_rows
         self.A = grad_accum
+        if bucket and layout != "padded":
+            raise ValueError(f"bucketed row lengths are for the padded layout, not {layout!r}")
+        self.bucket = bucket
         self.state = ReaderState()
         self.origin = (0, ReaderState())  # (step, cursor): where `cursor(step)` counts from
 
@@ -113,9 +120,10 @@ class PreferenceReader:
     def batch_at(self, at: ReaderState) -> dict[str, np.ndarray]:
         """This process's part of the global batch at cursor `at`, in the layout."""
         local = self.G // self.P
-        records = [self.records[i] for i in self._rows(at)[self.p * local : (self.p + 1) * local]]
+        rows = self._rows(at)
+        records = [self.records[i] for i in rows[self.p * local : (self.p + 1) * local]]
         if self.layout == "padded" or self.A == 1:
-            return self._build(records, self.packed_rows)
+            return self._build(records, self.packed_rows, self._length(rows))
         rows = self.packed_rows // self.A if self.packed_rows else None
         parts = [self._build(records[k :: self.A], rows) for k in range(self.A)]
         # element j·A + k is micro-batch k's element j: the step's rows k::A give micro-batch k back
@@ -124,8 +132,19 @@ class PreferenceReader:
             for key in parts[0]
         }
 
-    def _build(self, records, rows) -> dict[str, np.ndarray]:
-        out = layouts.build(self.layout, records, self.length, pad_id=self.pad_id, rows=rows)
+    def _length(self, rows) -> int:
+        """The row length of the global batch of `rows` (the same on every process)."""
+        if not self.bucket:
+            return self.length
+        longest = max(
+            len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"]))
+            for r in (self.records[i] for i in rows)
+        )
+        return min(self.length, -(-longest // self.bucket) * self.bucket)
+
+    def _build(self, records, rows, length: int | None = None) -> dict[str, np.ndarray]:
+        length = length or self.length
+        out = layouts.build(self.layout, records, length, pad_id=self.pad_id, rows=rows)
         for key in ("chosen_index", "rejected_index"):  # rows of this process's slice -> global rows
             if key in out:
                 out[key][:, 0] += self.p * out["input_ids"].shape[0]

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
             "length": 0,
             "pad_id": 0,
             "packed_rows": 0,
+            "bucket": 0,  # padded layout: rows padded to each batch's longest, rounded up to this
             "probes": "",
         }  # probes: "name=dir,...": pair records whose log-probs are logged at each eval
     )
@@ -138,6 +139,7 @@ RANGES = (
     ("train.peak_flops", 0.0, math.inf, True),
     ("data.length", 0, math.inf, True),
     ("data.packed_rows", 0, math.inf, True),
+    ("data.bucket", 0, math.inf, True),
     ("data.pad_id", 0, math.inf, True),
     ("model.vocab_size", 1, 2**31, True),  # token ids are int32
     ("reference.sync_steps", 1, math.inf, True),
@@ -351,6 +353,8 @@ def validate(config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
+    if d.bucket and d.layout != "padded":
+        raise ConfigError(f"data.bucket={d.bucket}: bucketed row lengths are for data.layout='padded'")
     if d.packed_rows and d.packed_rows % t.grad_accum:
         raise ConfigError(
             f"data.packed_rows={d.packed_rows} does not split into train.grad_accum={t.grad_accum} "

@@ -205,6 +205,7 @@ def _reader(path, cfg, batch_size: int, seed: int, grad_accum: int = 1) -> Prefe
         pad_id=d.pad_id,
         packed_rows=d.packed_rows or None,
         grad_accum=grad_accum,
+        bucket=d.bucket,
     )
 
 

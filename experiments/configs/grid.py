@@ -3,10 +3,12 @@
 data ∈ {clair, on_policy_judge, off_policy_judge, stronger_preferred} (APO paper, Section 4);
 loss: any name in `apo_jax.losses.names()` (the paper's cells: apo_zero, apo_down, dpo).
 Variants after a colon: the default (alias `mini`) is the CPU miniature of the whole paper,
-`tiny` the CI-sized miniature, `paper` the paper's setup on Llama-3-8B-Instruct.
+`tiny` the CI-sized miniature, `paper` the paper's setup on Llama-3-8B-Instruct, `smollm2` the
+recipe on the real SmolLM2-135M-Instruct (experiments/instruct; `smollm2_tiny` its CI cut).
 
     python -m experiments.run --config=clair_apo_zero            # the miniature, ~5 min on 2 CPU cores
     python -m experiments.run --config=clair_apo_zero:paper      # a TPU host or 8 GPUs (README)
+    python -m experiments.run --config=clair_apo_zero:smollm2    # SmolLM2-135M-Instruct, on this CPU
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ DATA = ("clair", "on_policy_judge", "off_policy_judge", "stronger_preferred")
 # Step-Controlled DPO pairs (apo_jax.data.steps.scdpo_*) from M's continuations of its right answers
 MINI_DATA = ("clair_steps", "anchor", "scdpo")
 PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
-VARIANTS = ("mini", "tiny", "paper")
+VARIANTS = ("mini", "tiny", "paper", "smollm2", "smollm2_tiny")
+SMOLLM2_DATA = ("clair", "on_policy_judge", "stronger_preferred")  # experiments/instruct/pipeline.py
 # The miniature's learning rates, chosen on validation problems by `python -m experiments.select`
 SELECTED = pathlib.Path(__file__).with_name("selected_lr.json")
 
@@ -116,6 +119,12 @@ def get_config(arg: str, *, selected: bool = True):
         if data not in PAPER_DATASETS:
             raise ValueError(f"{name}: {data!r} pairs exist in the miniature only (no paper dataset)")
         return fill_loss(_paper(config))
+    if variant.startswith("smollm2"):
+        if data not in SMOLLM2_DATA:
+            raise ValueError(
+                f"{name}: {data!r} pairs are not built for SmolLM2; use one of {list(SMOLLM2_DATA)}"
+            )
+        return fill_loss(_smollm2(config, small=variant == "smollm2_tiny"))
 
     # Model: the miniature's M is trained by the pipeline (experiments/mini) and put in model.path
     config.model.preset = "tiny"
@@ -186,4 +195,37 @@ def _paper(config):
         # TDPO its whole next-token distribution, every step: a frozen bf16 copy (~17 GB more) instead
         config.reference.mode = "frozen"
         config.data.train = f"data/{config.experiment.data}"
+    return config
+
+
+def _smollm2(config, *, small: bool):
+    """SmolLM2-135M-Instruct on the instruction-following task, LoRA on this CPU (experiments/instruct).
+    `small`: the CI cut, two prompts of two kinds M always breaks, two steps."""
+    config.experiment.kind = "instruct"
+    config.experiment.update(
+        {
+            "seed": 0,
+            "per_pair": 1,  # training prompts: every train topic × constraint kind, this many times
+            "train_prompts": 2 if small else 0,  # 0: all of them
+            "kinds": "end_phrase,quotation" if small else "",  # "" = every constraint kind
+            "eval_set": "test",  # or "validation" (the learning-rate choice)
+            "eval_per_pair": 1,
+            "eval_prompts": 2 if small else 0,
+            "max_tokens": 16 if small else 128,  # M's answers and the scored ones
+            "temperature": 0.7,  # M's sampling temperature, the paper's
+            "batch_size_generate": 2 if small else 64,
+            "epochs": 0.0,
+        }
+    )
+    config.lora.rank, config.lora.alpha = 16, 16.0
+    config.data.bucket = 32  # rows padded to each batch's longest pair: about 220 tokens, not 336
+    config.optimizer.lr = 3e-4
+    config.optimizer.warmup_steps = 0 if small else 2
+    config.optimizer.schedule = "linear"
+    config.train.steps = 2 if small else 20  # about 40 s a step here: 20 steps, 160 pairs, ~15 min
+    config.train.batch_size = 2 if small else 8
+    config.train.eval_every = 0
+    config.train.checkpoint_every = 0 if small else 5
+    config.train.export_hf = True
+    config.mesh.data = 1
     return config

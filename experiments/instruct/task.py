@@ -3,9 +3,9 @@
 task of the real-model experiment, where a small instruct model's flaws are habits (it ignores format
 instructions it could follow) and a minimal revision fixes each one, exactly CLAIR's setting.
 
-A prompt is a topic question plus one constraint:
+A prompt is a topic question, a request for brevity and one constraint:
 
-    "Describe the moon in two or three sentences. Your entire answer must be in lowercase letters."
+    "Describe what the brain does. Keep your answer short. Your entire answer must be in lowercase letters."
 
 Each constraint kind (CONSTRAINTS) has IFEval's wording, a strict checker (IFEval's prompt-level
 strict accuracy is the fraction of prompts whose checker passes) and a minimal fix: what the reviser
@@ -343,9 +343,14 @@ def constraint_of(row: dict) -> Constraint:
     return CONSTRAINTS[row["kind"]](random.Random(row["constraint_seed"]), row)
 
 
+# Asked of every prompt: SmolLM2's median answer falls from about 90 tokens to about 41 (greedy, 64
+# validation prompts), so answers end before the 128-token cap and rows stay short on a CPU
+BREVITY = "Keep your answer short."
+
+
 def make_prompt(topic: dict, kind: str, constraint_seed: int) -> dict:
     row = {**topic, "kind": kind, "constraint_seed": constraint_seed}
-    row["prompt"] = f"{topic['question']} {constraint_of(row).instruction}"
+    row["prompt"] = f"{topic['question']} {BREVITY} {constraint_of(row).instruction}"
     return row
 
 

@@ -272,7 +272,7 @@ def _datasets(config, cache, m_dir, prompts, answers) -> tuple[dict, dict]:
     return paths, contrast
 
 
-def _row_length(tok, rows) -> int:
+def row_length(tok, rows) -> int:
     """The shortest row length (a multiple of 16) that holds every pair of `rows` whole: the chat-
     templated prompt, any prefix, the longer answer and the end-of-turn token. Rows no longer than
     needed make the cheap cells (CLAIR's answers are M-sized) cheaper than the long ones (the
@@ -296,7 +296,7 @@ def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> No
         eval_pairs = scdpo_pairs(cache, m_dir, eval_prompts, eval_answers, "scdpo_eval", mini.seed + 9)
     else:
         eval_pairs = build_pairs(kind, eval_prompts, eval_answers, mini.seed + 9, config.loss.name == "todo")
-    length = _row_length(tok, read_jsonl(paths[kind]) + eval_pairs)
+    length = row_length(tok, read_jsonl(paths[kind]) + eval_pairs)
     preprocess(str(paths[kind]), train_dir, tok, max_length=length, as_chat=True, **ches)
     preprocess(
         str(write_jsonl(cache / f"eval_{kind}.jsonl", eval_pairs)),

@@ -1,0 +1,57 @@
+"""The real-model path's CI cut (`clair_apo_zero:smollm2_tiny`): SmolLM2-135M-Instruct's own answers,
+CLAIR revisions through `clair revise` over HTTP, preprocess with its tokenizer, LoRA APO-zero, and
+the scoring, checked against values recomputed here from the files each stage wrote."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from experiments.configs import grid
+
+
+def test_the_smollm2_cut_runs_the_whole_real_model_pipeline(tmp_path, smollm2_hf):
+    from experiments.instruct import pipeline, task
+
+    config = grid.get_config("clair_apo_zero:smollm2_tiny")
+    config.workdir = str(tmp_path / "clair_apo_zero")
+    config.train.progress = False
+    (tmp_path / "smollm2_cache").mkdir()
+    (tmp_path / "smollm2_cache" / "m").symlink_to(smollm2_hf)  # M, converted once per session
+    summary = pipeline.run(config)
+    run = pathlib.Path(config.workdir)
+    cache = next(p for p in (tmp_path / "smollm2_cache").iterdir() if (p / "answers.jsonl").exists())
+
+    # M's answers: two per training prompt, sampled from the real model
+    rows, scored = pipeline.prompt_sets(config.experiment)
+    by_prompt = {r["prompt"]: r for r in rows}
+    answers = [json.loads(x) for x in (cache / "answers.jsonl").read_text().splitlines()]
+    assert sorted((a["prompt"], a["sample"]) for a in answers) == sorted(
+        (r["prompt"], s) for r in rows for s in (0, 1)
+    )
+    # CLAIR: each first answer against the task's own minimal fix of it, unchanged answers left out
+    first = {a["prompt"]: a["response"] for a in answers if a["sample"] == 0}
+    expected = [
+        (p, task.revise(by_prompt[p], a), a) for p, a in first.items() if task.revise(by_prompt[p], a) != a
+    ]
+    pairs = [json.loads(x) for x in (cache / "pairs_clair.jsonl").read_text().splitlines()]
+    assert sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs) == sorted(expected)
+    assert summary["pairs"] == len(expected) > 0
+
+    # training: APO-zero at policy = reference is 1.0 at the first step
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert next(m for m in metrics if "loss" in m)["loss"] == pytest.approx(1.0, abs=1e-5)
+
+    # scoring: strict accuracy and per-prompt correctness recomputed from the answers' files
+    after = {a["index"]: a["response"] for a in map(json.loads, (run / "answers_after.jsonl").open())}
+    correct = [int(task.follows(r, after[i])) for i, r in enumerate(scored)]
+    acc = summary["accuracy"]
+    assert acc["after"]["greedy_correct"] == "".join(map(str, correct))
+    assert acc["after"]["greedy"] == pytest.approx(sum(correct) / len(correct))
+    assert acc["before"]["kl_to_m_per_token"] == pytest.approx(0.0, abs=1e-6)  # M against itself
+    assert acc["after"]["kl_to_m_per_token"] > 0 and acc["control"]["kl_to_m_per_token"] > 0
+    text = (run / "results.md").read_text()
+    for who in ("before", "after", "control"):
+        assert f"{acc[who]['greedy']:.3f} ± {acc[who]['greedy_se']:.3f}" in text
