@@ -20,7 +20,6 @@ control per seed and code version) and resumes where it stopped.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import pathlib
@@ -39,11 +38,13 @@ from apo_jax.data.preprocess import preprocess
 from apo_jax.data.tfrecords import read_records
 from apo_jax.models.convert import convert, smollm2_path
 from experiments.instruct import server, task
+from experiments.mini import model as mini_model
+from experiments.mini.model import key
 from experiments.mini.pipeline import row_length
 
 DATA_KINDS = ("clair", "on_policy_judge", "stronger_preferred")
 EVAL_SEED = 0  # the scored prompts' constraint parameters: the same at every seed
-_ROOT = pathlib.Path(__file__).resolve().parents[2]
+SOURCES = ("apo_jax", "experiments/instruct", "experiments/mini", "experiments/configs/grid.py")
 _START = time.time()
 
 
@@ -52,20 +53,11 @@ def say(msg: str) -> None:
     print(f"[smollm2 {minutes}:{seconds:02d}] {msg}", flush=True)
 
 
-def key(fields) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-@functools.cache
 def code_version() -> str:
-    """A hash of the sources the stages run (apo_jax, experiments/instruct, experiments/mini, the grid
-    config): part of every cache key, so changed code never reuses an older stage's output."""
-    h = hashlib.sha256()
-    for folder in ("apo_jax", "experiments/instruct", "experiments/mini", "experiments/configs/grid.py"):
-        path = _ROOT / folder
-        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
-            h.update(str(f.relative_to(_ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
+    """The hash of the sources the stages run (experiments.mini.model.code_version over apo_jax,
+    experiments/instruct, experiments/mini and the grid config): part of every cache key, so changed
+    code never reuses an older stage's output."""
+    return mini_model.code_version(SOURCES)
 
 
 def m_model(root: pathlib.Path) -> pathlib.Path:
@@ -190,12 +182,11 @@ def _score_fn(config):
     return jax.jit(score)
 
 
-def general_ability(model_dir, m_dir, records) -> dict:
+def general_ability(model_dir, m_params, records) -> dict:
     """Per-token NLL of the reference answers to the plain (unconstrained) questions, and the mean
     per-token KL(π ‖ M) over the vocabulary at the same positions: how far the model moved from M
     where the constraints do not apply."""
     model, params = models.from_hf(model_dir)
-    _, m_params = models.from_hf(m_dir)
     score = _score_fn(model.config)
     logp, kl, count = 0.0, 0.0, 0.0
     for batch, n in layouts.padded_batches(records, 8, multiple=16):
@@ -204,7 +195,7 @@ def general_ability(model_dir, m_dir, records) -> dict:
     return {"nll_per_token": float(-logp / count), "kl_to_m_per_token": float(kl / count)}
 
 
-def evaluate(model_dir, m_dir, scored, folder, name, exp, ability_records) -> dict:
+def evaluate(model_dir, m_params, scored, folder, name, exp, ability_records) -> dict:
     """Greedy answers to the scored prompts (cached in `folder/name.jsonl`): IFEval's prompt-level
     strict accuracy (`greedy`) with its standard error, per prompt correctness (`greedy_correct`, for
     paired comparisons), accuracy per constraint kind; and general ability."""
@@ -229,19 +220,20 @@ def evaluate(model_dir, m_dir, scored, folder, name, exp, ability_records) -> di
         "greedy_se": math.sqrt(acc * (1 - acc) / max(1, n - 1)),
         "greedy_correct": "".join(map(str, correct)),
         "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-    } | general_ability(model_dir, m_dir, ability_records)
+    } | general_ability(model_dir, m_params, ability_records)
 
 
-def _ability_records(cache, tok, scored) -> list[dict]:
-    """The scored topics' plain questions with their reference answers, tokenized as chat pairs."""
+def _ability_records(eval_cache, tok, scored) -> list[dict]:
+    """The scored topics' plain questions with their reference answers, tokenized as chat pairs (in
+    the scored set's cache: another set of scored prompts has other topics)."""
     topics = {r["topic"]: r for r in scored}
     rows = [
         {"prompt": r["question"], "chosen": r["reference"], "rejected": r["reference"]}
         for r in topics.values()
     ]
-    out = cache.parent / "ability_records"
+    out = eval_cache / "ability_records"
     if not out.exists():
-        source = str(write_jsonl(cache.parent / "ability.jsonl", rows))
+        source = str(write_jsonl(eval_cache / "ability.jsonl", rows))
         preprocess(source, out, tok, max_length=row_length(tok, rows), as_chat=True)
     return read_records(out)[0]
 
@@ -320,15 +312,18 @@ def run(config) -> dict:
     after = workdir / "hf"
     tok.save_pretrained(after)
     (workdir / "answers_after.jsonl").unlink(missing_ok=True)
-    ability = _ability_records(cache, tok, scored)
     say(f"scoring M, the positive control and the aligned model on {len(scored)} {exp.eval_set} prompts")
     scoring = [exp.eval_set, exp.eval_per_pair, exp.eval_prompts, exp.kinds, exp.max_tokens, code_version()]
     eval_cache = root / f"eval_{key(scoring)}"
     eval_cache.mkdir(parents=True, exist_ok=True)
+    ability = _ability_records(eval_cache, tok, scored)
+    _, m_params = models.from_hf(m_dir)  # the KL's reference, loaded once for the three models
     acc = {
-        "before": evaluate(m_dir, m_dir, scored, eval_cache, "answers_m", exp, ability),
-        "control": evaluate(control, m_dir, scored, control.parent, f"answers_{exp.eval_set}", exp, ability),
-        "after": evaluate(after, m_dir, scored, workdir, "answers_after", exp, ability),
+        "before": evaluate(m_dir, m_params, scored, eval_cache, "answers_m", exp, ability),
+        "control": evaluate(
+            control, m_params, scored, control.parent, f"answers_{exp.eval_set}", exp, ability
+        ),
+        "after": evaluate(after, m_params, scored, workdir, "answers_after", exp, ability),
     }
     summary = {
         "model": "SmolLM2-135M-Instruct",

@@ -47,12 +47,16 @@ def key(fields) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+SOURCES = ("apo_jax", "experiments/mini", "experiments/configs/grid.py")  # what the miniature runs
+
+
 @functools.cache
-def code_version() -> str:
-    """A hash of the source files the miniature's stages run: the apo_jax package, experiments/mini and
-    the grid's config (paths and contents). Part of every cache key and of every results.json."""
+def code_version(sources: tuple[str, ...] = SOURCES) -> str:
+    """A hash of the source files a pipeline's stages run (paths and contents; by default the
+    miniature's: the apo_jax package, experiments/mini and the grid's config). Part of every cache
+    key and of every results.json."""
     h = hashlib.sha256()
-    for folder in ("apo_jax", "experiments/mini", "experiments/configs/grid.py"):
+    for folder in sources:
         for path in sorted((_ROOT / folder).rglob("*.py")) if (_ROOT / folder).is_dir() else [_ROOT / folder]:
             h.update(str(path.relative_to(_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:12]
