@@ -90,6 +90,64 @@ def test_adapters_merged_and_peft_exports_match_transformers_and_peft(tmp_path, 
         lora.load_peft(other, params, tmp_path / "adapter")
 
 
+def test_top_layers_only_match_peft_gradients(tmp_path, tiny_checkpoints):
+    """lora_layers = K: the top K layers' adapters get exactly PEFT's gradients (torch autograd through
+    `peft` on the same weights), the lower layers' get none and their B = 0 leaves the base; a PEFT
+    folder with trained lower adapters is refused rather than skipped."""
+    path = tiny_checkpoints["tied_llama3"]  # 3 layers: the bottom one frozen, the top two trained
+    model, params = models.from_hf(path, lora_rank=4, lora_alpha=8.0, lora_layers=2)
+    params = lora.add_adapters(model, params, seed=1)
+    rng = np.random.default_rng(5)
+    adapters, base = lora.split(params)
+    adapters = jax.tree.map(lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32), adapters)
+    adapters = traverse_util.flatten_dict(adapters)
+    for k in adapters:
+        if k[-1] == "lora_b":
+            adapters[k][0] = 0.0  # the frozen layer's B stays at its initial zero
+    adapters = traverse_util.unflatten_dict(adapters)
+    lora.save_peft(model, lora.join(adapters, base), tmp_path / "adapter", base_model=str(path))
+    ids = rng.integers(6, 300, (2, 13))
+    mask, loss_mask = np.ones_like(ids), np.ones_like(ids)
+    loss_mask[:, :5] = 0
+
+    def total(a):
+        return models.token_logps(model, lora.join(a, base), ids, mask, loss_mask)["logps"].sum()
+
+    value, grads = jax.jit(jax.value_and_grad(total))(adapters)
+    plain_model, plain_params = models.from_hf(path)  # the reference (no adapters) in two scans = the base
+    np.testing.assert_allclose(
+        np.asarray(models.token_logps(model, base, ids, mask, loss_mask)["logps"]),
+        np.asarray(models.token_logps(plain_model, plain_params, ids, mask, loss_mask)["logps"]),
+        rtol=1e-6,
+    )
+    hf = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(path), tmp_path / "adapter", is_trainable=True
+    )
+    logp = torch.log_softmax(hf(input_ids=torch.tensor(ids)).logits[:, :-1].float(), -1)
+    picked = logp.gather(-1, torch.tensor(ids)[:, 1:, None])[..., 0]
+    torch_total = (picked * torch.tensor(loss_mask[:, 1:])).sum()
+    torch_total.backward()
+    assert abs(float(value) - torch_total.item()) <= 1e-4 * abs(torch_total.item())
+    torch_grads = {n: p.grad.numpy() for n, p in hf.named_parameters() if "lora_" in n}
+    checked = 0
+    for (*module, leaf), g in traverse_util.flatten_dict(grads).items():
+        g = np.asarray(g)
+        r = g.shape[-1] if leaf == "lora_a" else g.shape[1]
+        np.testing.assert_array_equal(g[0], 0.0, err_msg=f"{module} {leaf}: the frozen layer trains")
+        for i in (1, 2):
+            side = {"lora_a": "lora_A", "lora_b": "lora_B"}[leaf]
+            name = f"base_model.model.model.layers.{i}.{'.'.join(module[1:])}.{side}.default.weight"
+            ours = g[i].reshape(-1, r).T if leaf == "lora_a" else g[i].reshape(r, -1).T
+            np.testing.assert_allclose(ours, torch_grads[name], rtol=2e-3, atol=2e-5, err_msg=name)
+            checked += 1
+    assert checked == 2 * 2 * 7  # two layers × (A, B) × seven projections
+
+    trained = jax.tree.map(lambda x: x + 0.1, adapters)  # B of the frozen layer no longer zero
+    lora.save_peft(model, lora.join(trained, base), tmp_path / "all_layers")
+    with pytest.raises(models.CheckpointError, match="below the top lora_layers=2"):
+        lora.load_peft(model, params, tmp_path / "all_layers")
+
+
 def test_dropout_is_peft_inverted_dropout_on_the_adapter_input():
     """With a key, the adapter's input goes through inverted dropout: each draw differs, their mean
     is the undropped x A B (unbiased), the base term is untouched; without a key (eval, the

@@ -89,6 +89,9 @@ def test_config_errors_name_the_key(tmp_path, records):
     cfg = make_config(tmp_path, records, loss__name="tdpo", reference__mode="none")
     with pytest.raises(ConfigError, match="'tdpo' takes the KL .* needs reference.mode frozen or sync"):
         train.validate(cfg)
+    cfg = make_config(tmp_path, records, lora__rank=4, lora__layers=3)  # the tiny preset has 2 layers
+    with pytest.raises(ConfigError, match="lora.layers=3: the model has 2 layers"):
+        train.validate(cfg)
     cfg = make_config(tmp_path, records, loss__name="tdpo", loss__ld_alpha=0.5)
     with pytest.raises(ConfigError, match="ld_alpha aggregates sequence log-probs; the token-level loss"):
         train.validate(cfg)

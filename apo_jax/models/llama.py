@@ -115,6 +115,10 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
+    # 0: adapters train on every layer; K: only the top K layers' do (PEFT's layers_to_transform =
+    # L-K .. L-1). The layers below run once, without gradients (`hidden_states`), so a step costs the
+    # forward pass plus the top K layers' backward; the lower layers' adapters stay at B = 0.
+    lora_layers: int = 0
 
     def __post_init__(self):
         for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
@@ -149,6 +153,10 @@ class LlamaConfig:
             raise ValueError(
                 f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}, lora_targets="
                 f"{self.lora_targets}: a rank >= 0, a dropout in [0, 1), targets among {list(LORA_TARGETS)}"
+            )
+        if not 0 <= self.lora_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"lora_layers={self.lora_layers}: 0 (every layer) up to {self.num_hidden_layers} (the layers)"
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
@@ -783,8 +791,52 @@ def hidden_states(
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
     mask = _segment_mask(segment_ids, shared_segment, positions, model.config)
-    rngs = {LORA_DROPOUT: dropout_rng} if dropout_rng is not None and model.config.lora_dropout else None
+    c = model.config
+    dropout_rng = dropout_rng if c.lora_dropout else None
+    if 0 < c.lora_layers < c.num_hidden_layers:  # the reference (no adapters) too: see below
+        return _top_layers_trained(c, params, input_ids, positions, mask, return_hidden, dropout_rng)
+    rngs = {LORA_DROPOUT: dropout_rng} if dropout_rng is not None else None
     return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden, rngs=rngs)
+
+
+def _top_layers_trained(config: LlamaConfig, params, input_ids, positions, mask, return_hidden, dropout_rng):
+    """`Llama.__call__` with adapters on the top `lora_layers` layers only: the layers below run as
+    the base (their adapters, at B = 0, are skipped) under stop_gradient, so the backward pass stops
+    at the first adapted layer. The same per-layer module (`DecoderLayer`), scanned in two parts.
+    The reference of a LoRA run (the base: no adapters) takes this path too, so that its lower part
+    is the same computation as the policy's and XLA computes it once for both in a jitted step."""
+    c = config
+    L, K = c.num_hidden_layers, c.lora_layers
+    layer = DecoderLayer(c, collect_hidden=return_hidden)
+    sliding = jnp.asarray(c.sliding_layers)
+
+    def scan(x, layers, first, rng):
+        def body(x, xs):
+            p, index = xs
+            rngs = None if rng is None else {LORA_DROPOUT: jax.random.fold_in(rng, index)}
+            return layer.apply({"params": p}, x, positions, mask, sliding[index], rngs=rngs)
+
+        if c.remat_policy != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+        n = jax.tree.leaves(layers)[0].shape[0]
+        return jax.lax.scan(body, x, (layers, first + jnp.arange(n)))
+
+    def part(tree, lo, hi):
+        return jax.tree.map(lambda a: a[lo:hi], tree)
+
+    x = embed(c, params["embed_tokens"]["embedding"], input_ids)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    lower = jax.lax.stop_gradient(part(_without_adapters(params["layers"]), 0, L - K))
+    x, below = jax.lax.stop_gradient(scan(x, lower, 0, None))
+    x, above = scan(x, part(params["layers"], L - K, L), L - K, dropout_rng)
+    x = norm(c, x, params["norm"])
+    return (x, jnp.concatenate([below, above])) if return_hidden else x
+
+
+def _without_adapters(tree):
+    if not isinstance(tree, dict):
+        return tree
+    return {k: _without_adapters(v) for k, v in tree.items() if k not in ADAPTER_KEYS}
 
 
 def _segment_mask(segment_ids, shared_segment, positions, config: LlamaConfig):

@@ -234,5 +234,12 @@ def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
                         f"{weights}: {name} has shape {tuple(w.shape)}, expected {expected}"
                     )
                 layers.append(np.asarray(w, np.float32).T.reshape(leaf.shape[1:]))  # [in..., r] / [r, out...]
-            out[mpath + (key,)] = place(np.stack(layers).astype(leaf.dtype), sharding)
+            stacked = np.stack(layers)
+            lower = config.num_hidden_layers - config.lora_layers if config.lora_layers else 0
+            if key == _B and np.any(stacked[:lower]):
+                raise CheckpointError(
+                    f"{weights}: {module.format(i='*')} has trained adapters below the top "
+                    f"lora_layers={config.lora_layers} layers, which such a run skips: set lora.layers to 0"
+                )
+            out[mpath + (key,)] = place(stacked.astype(leaf.dtype), sharding)
     return traverse_util.unflatten_dict(out)

@@ -22,8 +22,8 @@ from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import EXTRA_KEYS
 from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
-from apo_jax.models.hf import CheckpointError
-from apo_jax.models.llama import LORA_TARGETS
+from apo_jax.models.hf import CheckpointError, read_config
+from apo_jax.models.llama import LORA_TARGETS, PRESETS, preset
 from apo_jax.models.lora import read_adapter_config
 from apo_jax.train import trackers
 
@@ -111,6 +111,7 @@ def default_config() -> ml_collections.ConfigDict:
             "alpha": 16.0,  # the adapters' product is scaled by alpha / rank (PEFT's lora_alpha)
             "targets": LORA_TARGETS,  # projections: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
             "dropout": 0.0,  # PEFT's lora_dropout: on each adapter's input, in training steps only
+            "layers": 0,  # 0: adapters on every layer; K: the top K only (the backward pass stops there)
             "path": "",  # a PEFT adapter folder to start from (its rank, alpha and targets must match)
         }
     )
@@ -147,6 +148,7 @@ RANGES = (
     ("lora.rank", 0, math.inf, True),
     ("lora.alpha", 0.0, math.inf, False),
     ("lora.dropout", 0.0, 1.0, True),
+    ("lora.layers", 0, math.inf, True),
 )
 
 
@@ -416,6 +418,16 @@ def check_lora(config) -> None:
             "reference.mode='sync' (TR-DPO) with lora.rank > 0: the reference of a LoRA run is the "
             "base with its adapters off; use reference.mode frozen, precomputed or none"
         )
+    if lo.get("layers", 0) and (config.model.path or config.model.preset):
+        m = config.model
+        if not m.path:
+            total = preset(m.preset).num_hidden_layers if m.preset in PRESETS else math.inf
+        elif (pathlib.Path(m.path) / "config.json").is_file():
+            total = read_config(m.path).num_hidden_layers
+        else:
+            total = math.inf  # a missing checkpoint is reported where it is read
+        if lo.layers > total:
+            raise ConfigError(f"lora.layers={lo.layers}: the model has {total} layers (0 adapts them all)")
     if lo.path:  # the adapter's own config, before any weight is read (load_peft reads it again)
         try:
             read_adapter_config(lo.path)

@@ -30,6 +30,7 @@ def build_model(cfg, mesh, *, adapters: bool = True):
         targets = config_lib.lora_targets(cfg)
         policies |= {"lora_rank": lo.rank, "lora_alpha": float(lo.alpha), "lora_targets": targets}
         policies["lora_dropout"] = float(lo.dropout)
+        policies["lora_layers"] = int(lo.get("layers", 0))
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
         if model.config.lora_rank and not lo.path:  # lora.path's adapters are read below

@@ -28,6 +28,7 @@ MINI_DATA = ("clair_steps", "anchor", "scdpo")
 PAPER_LOSSES = ("apo_zero", "apo_down", "dpo")
 VARIANTS = ("mini", "tiny", "paper", "smollm2", "smollm2_tiny")
 SMOLLM2_DATA = ("clair", "on_policy_judge", "stronger_preferred")  # experiments/instruct/pipeline.py
+SMOLLM2_LORA_LAYERS = 8  # LoRA on SmolLM2's top 8 of 30 layers (README, "On a real model")
 # The miniature's learning rates, chosen on validation problems by `python -m experiments.select`
 SELECTED = pathlib.Path(__file__).with_name("selected_lr.json")
 
@@ -218,6 +219,9 @@ def _smollm2(config, *, small: bool):
         }
     )
     config.lora.rank, config.lora.alpha = 16, 16.0
+    # adapters on the top 8 of 30 layers: the backward pass stops there, and the frozen reference's
+    # lower 22 layers are the policy's, computed once for both (models.llama._top_layers_trained)
+    config.lora.layers = SMOLLM2_LORA_LAYERS
     config.data.bucket = 32  # rows padded to each batch's longest pair: about 220 tokens, not 336
     config.optimizer.lr = 3e-4
     config.optimizer.warmup_steps = 0 if small else 2

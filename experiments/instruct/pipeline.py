@@ -154,7 +154,7 @@ def positive_control(cache, m_dir, tok, revisions_path, config) -> pathlib.Path:
     preprocess(sft, records, tok, max_length=row_length(tok, rows), as_chat=True)
     cfg = config.copy_and_resolve_references()
     cfg.workdir, cfg.data.train, cfg.data.eval, cfg.data.probes = str(folder / "run"), str(records), "", ""
-    cfg.train.mode = "sft"
+    cfg.train.mode, cfg.reference.mode = "sft", "none"
     say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} answers, {t.steps} steps")
     train.run(cfg)
     (folder / "run" / "hf").rename(folder / "hf")
