@@ -71,7 +71,7 @@ def select(args, root: pathlib.Path, lrs: list[float]) -> dict:
     table: dict[str, dict[str, float]] = {}
     for loss in args.losses.split(","):
         for lr in lrs:
-            config = _config(f"clair_{loss}", args.variant, root / "select" / f"clair_{loss}_lr{lr:g}", 0, lr)
+            config = _config(f"clair_{loss}", args.variant, root / f"select_clair_{loss}_lr{lr:g}", 0, lr)
             config.experiment.eval_set = "validation"
             config.experiment.eval_per_pair = 2  # 6 topics × 12 kinds × 2: as many prompts as the test set
             if (result := run_cell(config, "select")) is not None:
