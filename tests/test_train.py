@@ -424,16 +424,31 @@ def test_damaged_checkpoints_are_set_aside_and_the_run_resumes_from_one_that_res
 # --- preemption and processes -------------------------------------------------------------------
 
 
-def _spawn(overrides: dict, tmp_path, name, env=None, extra=()):
+# `python -m experiments.run` with the trainer's checkpoint save patched, in the spawned process only,
+# to block after writing step {step}: a run to be killed inside an asynchronous save
+_BLOCK_IN_SAVE = """
+import runpy, time
+from apo_jax.train import loop
+save = loop._save
+def blocking(mngr, step, *args):
+    save(mngr, step, *args)
+    if step == {step}:
+        print("blocking inside the save of step {step}", flush=True)
+        time.sleep(3600)
+loop._save = blocking
+runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
+"""
+
+
+def _spawn(overrides: dict, tmp_path, name, env=None, extra=(), block_in_save=None):
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(overrides))
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.run",
-        f"--config={ROOT}/tests/configs/tiny_train.py:{path}",
-        *extra,
-    ]
+    run = (
+        ["-m", "experiments.run"]
+        if block_in_save is None
+        else ["-c", _BLOCK_IN_SAVE.format(step=block_in_save)]
+    )
+    cmd = [sys.executable, *run, f"--config={ROOT}/tests/configs/tiny_train.py:{path}", *extra]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -485,7 +500,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path, records):
     assert proc.wait(timeout=180) == 0, proc.stdout.read()
     # SIGKILL while blocked inside an asynchronous save: the previous or the new step restores
     blocked = {**common, "workdir": str(tmp_path / "blocked")}
-    proc = _spawn(blocked, tmp_path, "blocked", env={"APO_JAX_TEST_BLOCK_IN_SAVE": "6"})
+    proc = _spawn(blocked, tmp_path, "blocked", block_in_save=6)
     for line in proc.stdout:
         if "blocking inside the save of step 6" in line:
             break

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import pathlib
 import signal
 import sys
@@ -89,9 +88,6 @@ def _save(mngr, step: int, state, reader: PreferenceReader, workdir: pathlib.Pat
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), reader=ocp.args.JsonSave(cursor)),
             force=True,
         )
-    if os.environ.get("APO_JAX_TEST_BLOCK_IN_SAVE") == str(step):  # test hook: be killed mid-save
-        print(f"blocking inside the save of step {step}", flush=True)
-        time.sleep(3600)
 
 
 def _restore(mngr, state, reader: PreferenceReader, workdir: pathlib.Path):
