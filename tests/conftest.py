@@ -43,7 +43,7 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
-# Tiny Hugging Face Llamas, written once per test session (see apo_jax.testing.tiny_hf_llama).
+# Tiny Hugging Face Llamas, written once per test session (see tests/helpers.py: tiny_hf_llama).
 TINY_CONFIGS = {
     "gqa": {},
     "tied_llama3": {
@@ -59,19 +59,19 @@ TINY_CONFIGS = {
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from apo_jax import testing
+    from apo_jax.data import tiny
 
-    return testing.tiny_tokenizer()
+    return tiny.tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory, tiny_tokenizer):
     """{name: directory} of tiny random transformers Llamas saved with save_pretrained."""
-    from apo_jax import testing
+    import helpers
 
     root = tmp_path_factory.mktemp("hf")
     return {
-        name: testing.tiny_hf_llama(root / name, seed=i, tokenizer=tiny_tokenizer, **kw)
+        name: helpers.tiny_hf_llama(root / name, seed=i, tokenizer=tiny_tokenizer, **kw)
         for i, (name, kw) in enumerate(TINY_CONFIGS.items())
     }
 
@@ -79,9 +79,10 @@ def tiny_checkpoints(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def records(tmp_path_factory, tiny_tokenizer):
     """32 tiny preference pairs (TFRecords) for the trainer's tests."""
-    from apo_jax import testing
 
-    return testing.tiny_preference_records(
+    from apo_jax.data import tiny
+
+    return tiny.tiny_preference_records(
         tmp_path_factory.mktemp("data") / "train", tiny_tokenizer, n=32, max_length=64
     )
 

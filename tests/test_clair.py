@@ -16,7 +16,7 @@ import pytest
 from apo_jax.client import ClientConfig
 from apo_jax.data.clair import ParseError, jaccard, levenshtein, pair_stats, parse_revision, revision_messages
 from apo_jax.data.clair.revise import revise
-from apo_jax.testing import ChatServer, LoopbackServer
+from apo_jax.loopback import ChatServer, LoopbackServer
 
 DATA = pathlib.Path(__file__).parent / "data"
 ROWS = [json.loads(line) for line in (DATA / "clair_gpt4_revisions.jsonl").open()]

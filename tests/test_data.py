@@ -481,11 +481,12 @@ def test_scdpo_negatives_keep_the_right_steps_before_the_chosen_step(tmp_path, t
     miniature's line-by-line scorer checks them), and chosen is the solution's own rest."""
     import random
 
-    from apo_jax import testing
+    import helpers
+
     from apo_jax.data import generate, steps
     from experiments.mini import task
 
-    model_dir = testing.tiny_hf_llama(
+    model_dir = helpers.tiny_hf_llama(
         tmp_path / "m", vocab_size=len(tiny_tokenizer), seed=2, tokenizer=tiny_tokenizer
     )
     problems = task.problems(12, seed=1)

@@ -92,13 +92,12 @@ def test_clair_stats_reports_ches_under_a_model(tmp_path, tiny_checkpoints, tiny
 
 
 def test_preprocess_leaves_out_the_highest_ches_pairs(tmp_path, tiny_checkpoints, tiny_tokenizer):
-    from apo_jax import testing
-    from apo_jax.data import preprocess
+    from apo_jax.data import preprocess, tiny
     from apo_jax.data.ches import ches_scores
     from apo_jax.data.tfrecords import read_records
 
     path = tiny_checkpoints["gqa"]
-    full = testing.tiny_preference_records(tmp_path / "full", tiny_tokenizer, n=16, max_length=64)
+    full = tiny.tiny_preference_records(tmp_path / "full", tiny_tokenizer, n=16, max_length=64)
     records, _ = read_records(full)
     scores = ches_scores(path, records)
     src = str(tmp_path / "full.jsonl")  # the rows tiny_preference_records wrote beside its records

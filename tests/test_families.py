@@ -7,6 +7,7 @@ import json
 import pathlib
 import types
 
+import helpers
 import jax
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from datasets import Dataset
 from test_models import _padded_batch
 from trl.trainer.dpo_trainer import DPOTrainer
 
-from apo_jax import data, models, testing
+from apo_jax import data, models
+from apo_jax.data import tiny
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.tfrecords import read_records
 
@@ -40,7 +42,7 @@ FAMILIES = {
 def family_checkpoints(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("families")
     return {
-        name: testing.tiny_hf_llama(root / name, seed=10 + i, tokenizer=tiny_tokenizer, **kw)
+        name: helpers.tiny_hf_llama(root / name, seed=10 + i, tokenizer=tiny_tokenizer, **kw)
         for i, (name, kw) in enumerate(FAMILIES.items())
     }
 
@@ -150,7 +152,7 @@ def test_gradients_under_full_remat_equal_transformers_autograd(family_checkpoin
 
 
 def test_each_familys_chat_template_tokenizes_pairs_as_trl(tmp_path):
-    """Conversational pairs under each family's template shape (testing.FAMILY_CHAT: Qwen2.5's default
+    """Conversational pairs under each family's template shape (tiny.FAMILY_CHAT: Qwen2.5's default
     system turn, Qwen3's think block opening the answer, Mistral's [INST] with no generation prompt,
     Gemma's `model` turns): apo_jax's prompt/chosen/rejected ids are TRL 1.16's, run here; and
     preprocessing writes those ids."""
@@ -161,7 +163,7 @@ def test_each_familys_chat_template_tokenizes_pairs_as_trl(tmp_path):
     ]
     args = types.SimpleNamespace(dataset_num_proc=None, max_length=None, truncation_mode="keep_start")
     for family in ("qwen2", "qwen3", "mistral", "gemma2"):
-        tok = testing.tiny_tokenizer(family=family)
+        tok = tiny.tiny_tokenizer(family=family)
         trainer = object.__new__(DPOTrainer)
         trainer._tokenizer = tok
         theirs = list(DPOTrainer._prepare_dataset(trainer, Dataset.from_list(rows), tok, args, "train"))

@@ -15,7 +15,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from test_train import make_config
 
-from apo_jax import testing, train
+from apo_jax import loopback, train
 from apo_jax.eval import answers, judge
 from apo_jax.eval.harness import ApoJaxLM
 
@@ -274,7 +274,7 @@ def test_alpaca_eval_and_mt_bench_answer_files_and_their_judged_win_rate(tmp_pat
         b = text.split("[Response B]\n")[1].rstrip("\n")
         return "Verdict: " + ("A" if len(a) > len(b) else "B" if len(b) > len(a) else "tie")
 
-    with testing.ChatServer(longer) as server:
+    with loopback.ChatServer(longer) as server:
         assert (
             judge.main(
                 [

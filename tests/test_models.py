@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,8 @@ import torch
 import transformers
 from conftest import TINY_CONFIGS
 
-from apo_jax import models, sharding, testing
+from apo_jax import models, sharding
+from apo_jax.data import tiny
 from apo_jax.logprobs import naive_token_logps
 from apo_jax.logprobs import token_logps as chunked_token_logps
 
@@ -351,7 +353,7 @@ def test_rising_step_temperature_and_logit_mixing_sample_the_right_distributions
     """Step-Controlled DPO's temperature min(t0 + Δ·steps, t_max) and the online-DPO samplers' logit
     mixing (Shi et al.): the token distributions against softmax of transformers' logits."""
     path = tiny_checkpoints["gqa"]
-    ref_path = testing.tiny_hf_llama(tmp_path / "ref", seed=7)
+    ref_path = helpers.tiny_hf_llama(tmp_path / "ref", seed=7)
     model, params = models.from_hf(path)
     _, ref_params = models.from_hf(ref_path)
     n, prompt = 4096, np.arange(6, 12)
@@ -520,15 +522,15 @@ def test_profs_edit_equals_numpy_on_transformers_hidden_states(tmp_path, tiny_to
     """ProFS (apo_jax.train.edit): the projector from transformers' own layer outputs, written out in
     numpy; only the edited layer's MLP output projection changes, and it no longer writes along the
     removed directions."""
+    import helpers
     import torch
     import transformers
 
-    from apo_jax import testing
     from apo_jax.data.tfrecords import read_records
     from apo_jax.train.edit import edit_checkpoint
 
-    src = testing.tiny_hf_llama(tmp_path / "m", num_hidden_layers=3, seed=5, tokenizer=tiny_tokenizer)
-    data = testing.tiny_preference_records(tmp_path / "pairs", tiny_tokenizer, n=12, max_length=64)
+    src = helpers.tiny_hf_llama(tmp_path / "m", num_hidden_layers=3, seed=5, tokenizer=tiny_tokenizer)
+    data = tiny.tiny_preference_records(tmp_path / "pairs", tiny_tokenizer, n=12, max_length=64)
     edit_checkpoint(src, data, tmp_path / "edited", layers="1:2", rank=2)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()

@@ -7,6 +7,7 @@ import math
 import pathlib
 import sys
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,8 @@ import transformers
 from conftest import first_step
 from safetensors.numpy import load_file
 
-from apo_jax import models, testing, train
-from apo_jax.data import layouts
+from apo_jax import loopback, models, train
+from apo_jax.data import layouts, tiny
 from apo_jax.data.generate import generate_with_model
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.tfrecords import read_records
@@ -25,14 +26,14 @@ from apo_jax.train import online
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("online")
-    model = testing.tiny_hf_llama(
+    model = helpers.tiny_hf_llama(
         root / "m0", vocab_size=len(tiny_tokenizer), seed=4, tokenizer=tiny_tokenizer
     )
     prompts = write_jsonl(
         root / "prompts.jsonl",
         [{"prompt": f"Compute {a} + {b}."} for a, b in zip(range(1, 9), range(9, 1, -1), strict=True)],
     )
-    offline = write_jsonl(root / "offline.jsonl", testing.tiny_preference_rows(40, seed=1))
+    offline = write_jsonl(root / "offline.jsonl", tiny.tiny_preference_rows(40, seed=1))
     return root, model, prompts, offline
 
 
@@ -226,7 +227,7 @@ def test_dice_labels_by_the_implicit_reward_of_policy_over_reference(tmp_path, s
     """DICE's r = log π(y|x) − log π_ref(y|x) (no β) against transformers' log-probs: the pair is the
     argmax over the argmin of r − α_lc·len(y)."""
     root, m0, _, _ = start
-    m1 = testing.tiny_hf_llama(
+    m1 = helpers.tiny_hf_llama(
         tmp_path / "m1", vocab_size=len(tiny_tokenizer), seed=9, tokenizer=tiny_tokenizer
     )
     prompts = [{"prompt": "Compute 1 + 2."}, {"prompt": "Compute 3 - 1."}]
@@ -270,7 +271,7 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
         answer = re.search(r"\[Response\]\n(.*)\n$", text, re.S).group(1)  # the judge: longer is better
         return "I cannot grade this." if answer == "zz" else f"Fine.\nScore: {min(len(answer), 10)}"
 
-    server = testing.ChatServer(respond)
+    server = loopback.ChatServer(respond)
     try:
         prompts = [{"prompt": "p0"}, {"prompt": "p1"}, {"prompt": "p2"}]
         samples = [["a", "bbbb", "cc"], ["zz", "y", "xxx"], ["same", "four", "sure"]]
@@ -302,7 +303,7 @@ def test_server_sampler_samples_each_rounds_policy_from_an_inference_server(tmp_
     greedy sampler on it (while π_0's differ: they come from the current round's weights)."""
     root, m0, prompts, _ = start
     longest = lambda row, response: float(len(response))  # noqa: E731
-    with testing.ModelServer(m0) as server:
+    with helpers.ModelServer(m0) as server:
         cfg = _config(tmp_path / "run", m0, prompts, sampler="server", server_url=server.url)
         cfg.online.server_model = "policy"
         out = online.run_online(cfg, scorer=longest)
@@ -344,7 +345,8 @@ def test_server_command_starts_a_server_on_the_policy_and_stops_it(tmp_path, sta
     cfg = _config(
         tmp_path / "run", m0, prompts, sampler="server", temperature=0.0, samples=2, server_port=port
     )
-    cfg.online.server_command = f"{sys.executable} -m apo_jax.testing serve {{model}} {{port}}"
+    helpers_py = pathlib.Path(__file__).with_name("helpers.py")
+    cfg.online.server_command = f"{sys.executable} {helpers_py} serve {{model}} {{port}}"
     batch = read_jsonl(prompts)[:2]
     samples = online._sample(cfg, batch, m0, m0, tmp_path / "served.jsonl", 0)
     hf = transformers.AutoModelForCausalLM.from_pretrained(m0).eval()

@@ -32,9 +32,9 @@ def test_the_readme_has_its_python_blocks():
 def test_readme_python_block_runs_as_written(index, tmp_path, monkeypatch, tiny_tokenizer):
     block = BLOCKS[index]
     if CHECKPOINT in block:
-        from apo_jax import testing
+        import helpers
 
-        testing.tiny_hf_llama(tmp_path / CHECKPOINT, vocab_size=len(tiny_tokenizer), tokenizer=tiny_tokenizer)
+        helpers.tiny_hf_llama(tmp_path / CHECKPOINT, vocab_size=len(tiny_tokenizer), tokenizer=tiny_tokenizer)
     monkeypatch.chdir(tmp_path)
     script = tmp_path / f"readme_block_{index}.py"
     script.write_text(block)

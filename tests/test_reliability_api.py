@@ -28,7 +28,7 @@ from apo_jax.data.clair.__main__ import main as clair_main
 from apo_jax.data.clair.revise import read_answers, revise
 from apo_jax.data.generate import generate_with_server
 from apo_jax.eval import judge
-from apo_jax.testing import ChatServer, LoopbackServer
+from apo_jax.loopback import ChatServer, LoopbackServer
 
 
 def _cfg(url, **kw) -> ClientConfig:
@@ -291,11 +291,11 @@ def test_generate_with_another_model_into_the_same_output_asks_that_model(tmp_pa
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory, tiny_tokenizer):
     """Two tiny checkpoints of one shape (one compiled sampler serves both), different weights."""
-    from apo_jax import testing
+    import helpers
 
     root = tmp_path_factory.mktemp("two_models")
     return [
-        testing.tiny_hf_llama(root / name / "hf", seed=seed, tokenizer=tiny_tokenizer)
+        helpers.tiny_hf_llama(root / name / "hf", seed=seed, tokenizer=tiny_tokenizer)
         for name, seed in (("seed1", 1), ("seed2", 2))
     ]
 

@@ -17,7 +17,7 @@ from test_clair import ROOT, ROWS, Server, _answers, _revise_cmd
 from apo_jax.cli import UserError
 from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
 from apo_jax.data.clair.revise import revise
-from apo_jax.testing import ChatServer, LoopbackServer
+from apo_jax.loopback import ChatServer, LoopbackServer
 
 REVISION = "{teacher_reasoning}: clearer.\n{corrected_student_solution}: "
 

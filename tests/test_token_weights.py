@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import helpers
 import numpy as np
 import pytest
 import torch
 import transformers
 from conftest import first_step
 
-from apo_jax import losses, models, testing, train
-from apo_jax.data import layouts, token_weights
+from apo_jax import losses, models, train
+from apo_jax.data import layouts, tiny, token_weights
 from apo_jax.data.tfrecords import read_records, rewrite_records
 
 
@@ -21,12 +22,12 @@ def pair_models(tmp_path_factory, tiny_tokenizer):
     """Two tiny HF Llamas of one shape (π⁺, π⁻ for TIS; policy, reference for the step) and records."""
     root = tmp_path_factory.mktemp("tw")
     dirs = [
-        testing.tiny_hf_llama(
+        helpers.tiny_hf_llama(
             root / f"m{i}", vocab_size=len(tiny_tokenizer), seed=10 + i, tokenizer=tiny_tokenizer
         )
         for i in range(2)
     ]
-    recs = testing.tiny_preference_records(root / "records", tiny_tokenizer, n=16, max_length=48, seed=5)
+    recs = tiny.tiny_preference_records(root / "records", tiny_tokenizer, n=16, max_length=48, seed=5)
     return dirs, recs
 
 

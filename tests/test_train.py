@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import first_step
 
-from apo_jax import models, sharding, testing, train
+from apo_jax import models, sharding, train
+from apo_jax.data import tiny
 from apo_jax.data.tfrecords import read_records, write_shards
 from apo_jax.train.config import ConfigError
 
@@ -156,7 +157,7 @@ def test_same_losses_on_one_and_eight_devices(tmp_path, records, monkeypatch):
 
 
 def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, tiny_tokenizer):
-    data = testing.tiny_preference_records(tmp_path / "fixed", tiny_tokenizer, n=8, max_length=64, seed=3)
+    data = tiny.tiny_preference_records(tmp_path / "fixed", tiny_tokenizer, n=8, max_length=64, seed=3)
     deltas, step0 = {}, {"apo_zero": 1.0, "apo_down": 1.0, "sigmoid": math.log(2)}
     for name in ("apo_zero", "apo_down", "sigmoid"):
         cfg = make_config(tmp_path / name, data, loss__name=name, loss__beta=0.5, train__steps=50)
@@ -369,9 +370,7 @@ def test_sft_step_lowers_the_nll_from_the_right_start(tmp_path, records):
 
 
 def test_unpaired_kto_step(tmp_path, tiny_tokenizer):
-    data = testing.tiny_preference_records(
-        tmp_path / "kto", tiny_tokenizer, n=16, max_length=64, unpaired=True
-    )
+    data = tiny.tiny_preference_records(tmp_path / "kto", tiny_tokenizer, n=16, max_length=64, unpaired=True)
     train.run(make_config(tmp_path / "run", data, loss__name="kto", train__steps=3))
     first = first_step(tmp_path / "run")
     assert first["loss"] == pytest.approx(0.5, abs=1e-6) and first["kl"] == 0.0  # ρ = 0, z0 = 0

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import cli, models, testing
+from apo_jax import cli, models
+from apo_jax.data import tiny
 from apo_jax.data.jsonl import write_jsonl
 from apo_jax.data.preprocess import preprocess
 from apo_jax.data.reader import PreferenceReader
@@ -219,11 +220,11 @@ def bench_data(args) -> list[dict]:
     rows = (
         [json.loads(x) for x in root.read_text().splitlines()]
         if root.exists()
-        else testing.tiny_preference_rows(10)
+        else tiny.tiny_preference_rows(10)
     )
     n = 40 if args.smoke else 400
     rows = [rows[i % len(rows)] for i in range(n)]
-    tok = testing.tiny_tokenizer()
+    tok = tiny.tiny_tokenizer()
     with tempfile.TemporaryDirectory() as d:
         d = pathlib.Path(d)
         src = write_jsonl(d / "pairs.jsonl", rows)

@@ -9,7 +9,8 @@ import statistics
 import tempfile
 import time
 
-from apo_jax import models, testing
+from apo_jax import models
+from apo_jax.data import tiny
 from apo_jax.models import lora
 from experiments.bench.common import bench_optimizer
 from experiments.bench.step import real_tokens
@@ -172,7 +173,7 @@ def bench_trl(
 def export_model(config, params, out: pathlib.Path, vocab: int) -> tuple[str, str]:
     """The same weights as a Hugging Face directory for TRL, with a tokenizer TRL can load; LoRA
     adapters, if any, beside it in `out/adapter` (a PEFT folder)."""
-    tok = testing.tiny_tokenizer(vocab_size=min(vocab, 320))
+    tok = tiny.tiny_tokenizer(vocab_size=min(vocab, 320))
     model = models.Llama(config)
     if lora.has_adapters(params):
         lora.save_peft(model, params, out / "adapter")

@@ -1,6 +1,6 @@
 """A tiny APO-zero run on CPU: the trainer end to end in about a minute.
 
-    python -c "from apo_jax.testing import *; tiny_preference_records('/tmp/apo/train', tiny_tokenizer())"
+    python -c "from apo_jax.data.tiny import *; tiny_preference_records('/tmp/apo/train', tiny_tokenizer())"
     python -m experiments.run --config=experiments/configs/tiny_preference.py \\
         --config.data.train=/tmp/apo/train --config.workdir=/tmp/apo/run
 

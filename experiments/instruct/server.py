@@ -6,7 +6,7 @@ the judge grades with the constraint's strict checker, so `python -m apo_jax.dat
 
 from __future__ import annotations
 
-from apo_jax.testing import ChatServer
+from apo_jax.loopback import ChatServer
 from experiments.instruct import task
 from experiments.mini.server import stand_in
 

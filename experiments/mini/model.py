@@ -23,7 +23,8 @@ import random
 import shutil
 import time
 
-from apo_jax import models, testing, train
+from apo_jax import models, train
+from apo_jax.data import tiny
 from apo_jax.data.generate import generate_with_model
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.preprocess import preprocess
@@ -89,7 +90,7 @@ def tokenizer(cache: pathlib.Path, seed: int):
         for p in task.problems(400, seed + 1):
             corpus += [p["prompt"], task.teacher_answer(p, rng, 0.5), task.stronger_answer(p)]
             corpus += [task.other_model_answer(p, rng, name) for name in task.OTHER_MODELS]
-        testing.tiny_tokenizer(vocab_size=384, corpus=corpus).save_pretrained(path)
+        tiny.tiny_tokenizer(vocab_size=384, corpus=corpus).save_pretrained(path)
     return load_tokenizer(path)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from apo_jax.testing import ChatServer
+from apo_jax.loopback import ChatServer
 from experiments.mini import task
 
 _PROMPT = re.compile(r"Compute ([-+ 0-9]+)\.")

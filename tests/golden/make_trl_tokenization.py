@@ -5,7 +5,7 @@
 
 Runs `DPOTrainer._prepare_dataset` (prompt extraction, EOS, chat-template tokenization, the
 drop of over-long prompts) and `DataCollatorForPreference` (keep_start truncation) with
-apo_jax.testing's tiny tokenizer, on tests/data/clair_pairs_hybrid_format.jsonl given to TRL in
+apo_jax.data.tiny.tiny_tokenizer, on tests/data/clair_pairs_hybrid_format.jsonl given to TRL in
 the layouts TRL reads correctly: conversational with an explicit prompt (the hybrid rows with
 their repeated user turn stripped) and standard strings.
 """
@@ -19,8 +19,8 @@ import types
 from datasets import Dataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
+from apo_jax.data.tiny import tiny_tokenizer
 from apo_jax.data.tokenize import tokenizer_fingerprint
-from apo_jax.testing import tiny_tokenizer
 
 HERE = pathlib.Path(__file__).parent
 MAX_LENGTH = 512  # drops the 4 longest prompts, truncates the rest
