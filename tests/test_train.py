@@ -59,54 +59,66 @@ def losses_of(workdir):
 # --- config -----------------------------------------------------------------------------------
 
 
-def test_config_errors_name_the_key(tmp_path, records):
-    cfg = make_config(tmp_path, records)
-    cfg.train.epochs = 3
-    with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, loss__simpo_gamma=0.5)
-    with pytest.raises(ConfigError, match="simpo_gamma"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, train__batch_size=12, train__grad_accum=5)
-    with pytest.raises(ConfigError, match="train.batch_size=12 is not divisible by train.grad_accum=5"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, train__batch_size=12, mesh__data=8)
-    with pytest.raises(ConfigError, match="not divisible by mesh.data × mesh.fsdp = 8"):
-        train.run(cfg)
-    packed = {"data__layout": "packed", "data__packed_rows": 12, "train__grad_accum": 2, "mesh__data": 4}
-    with pytest.raises(
-        ConfigError, match="gives 6 rows per micro-batch, not divisible by mesh.data × mesh.fsdp = 4"
-    ):
-        train.run(make_config(tmp_path, records, **packed))
-    cfg = make_config(tmp_path, records, data__layout="packed", data__packed_rows=5, train__grad_accum=2)
-    with pytest.raises(ConfigError, match="data.packed_rows=5 does not split into train.grad_accum=2"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, loss__name="todo")
-    with pytest.raises(ConfigError, match="needs the batch field 'is_tie'"):
-        train.run(cfg)
-    cfg = make_config(tmp_path, records, reference__mode="precomputed")
-    with pytest.raises(ConfigError, match="no reference log-probs"):
-        train.run(cfg)
-    cfg = make_config(tmp_path, records, loss__name="tdpo", reference__mode="none")
-    with pytest.raises(ConfigError, match="'tdpo' takes the KL .* needs reference.mode frozen or sync"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, lora__rank=4, lora__layers=3)  # the tiny preset has 2 layers
-    with pytest.raises(ConfigError, match="lora.layers=3: the model has 2 layers"):
-        train.validate(cfg)
-    cfg = make_config(tmp_path, records, loss__name="tdpo", loss__ld_alpha=0.5)
-    with pytest.raises(ConfigError, match="ld_alpha aggregates sequence log-probs; the token-level loss"):
-        train.validate(cfg)
+# Each bad config and (whether the check runs before anything is built: `validate`, or once the data
+# and the mesh are open: `run`) the words of its one-line error; a key "__extra" sets an unknown key.
+CONFIG_ERRORS = [
+    ({"train__epochs": 3}, "validate", "unknown config key 'train.epochs'"),
+    ({"loss__simpo_gamma": 0.5}, "validate", "simpo_gamma"),
+    (
+        {"train__batch_size": 12, "train__grad_accum": 5},
+        "validate",
+        "train.batch_size=12 is not divisible by train.grad_accum=5",
+    ),
+    ({"train__batch_size": 12, "mesh__data": 8}, "run", "not divisible by mesh.data × mesh.fsdp = 8"),
+    (
+        {"data__layout": "packed", "data__packed_rows": 12, "train__grad_accum": 2, "mesh__data": 4},
+        "run",
+        "gives 6 rows per micro-batch, not divisible by mesh.data × mesh.fsdp = 4",
+    ),
+    (
+        {"data__layout": "packed", "data__packed_rows": 5, "train__grad_accum": 2},
+        "validate",
+        "data.packed_rows=5 does not split into train.grad_accum=2",
+    ),
+    ({"loss__name": "todo"}, "run", "needs the batch field 'is_tie'"),
+    ({"reference__mode": "precomputed"}, "run", "no reference log-probs"),
+    (
+        {"loss__name": "tdpo", "reference__mode": "none"},
+        "validate",
+        "'tdpo' takes the KL .* needs reference.mode frozen or sync",
+    ),
+    ({"lora__rank": 4, "lora__layers": 3}, "validate", "lora.layers=3: the model has 2 layers"),  # tiny: 2
+    (
+        {"loss__name": "tdpo", "loss__ld_alpha": 0.5},
+        "validate",
+        "ld_alpha aggregates sequence log-probs; the token-level loss",
+    ),
     # finding 4: a negative learning rate would ascend the loss; every numeric setting has a range
-    for key, value, says in [
-        ("optimizer__lr", -1e-3, "optimizer.lr=-0.001: must be > 0"),
-        ("optimizer__lr", float("nan"), "optimizer.lr=nan"),
-        ("optimizer__b2", 1.0, "optimizer.b2=1.0: must be >= 0.0 and < 1.0"),
-        ("train__log_every", 0, "train.log_every=0: must be >= 1"),
-        ("data__length", -5, "data.length=-5: must be >= 0"),
-    ]:
-        with pytest.raises(ConfigError, match=re.escape(says)):
-            train.validate(make_config(tmp_path, records, **{key: value}))
-    # finding 11: a batch larger than the data names the data's path
+    ({"optimizer__lr": -1e-3}, "validate", re.escape("optimizer.lr=-0.001: must be > 0")),
+    ({"optimizer__lr": float("nan")}, "validate", re.escape("optimizer.lr=nan")),
+    ({"optimizer__b2": 1.0}, "validate", re.escape("optimizer.b2=1.0: must be >= 0.0 and < 1.0")),
+    ({"train__log_every": 0}, "validate", re.escape("train.log_every=0: must be >= 1")),
+    ({"data__length": -5}, "validate", re.escape("data.length=-5: must be >= 0")),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "where", "says"),
+    CONFIG_ERRORS,
+    ids=["+".join(o).replace("__", ".") for o, _, _ in CONFIG_ERRORS],
+)
+def test_config_errors_name_the_key(tmp_path, records, overrides, where, says):
+    overrides = dict(overrides)
+    epochs = overrides.pop("train__epochs", None)
+    cfg = make_config(tmp_path, records, **overrides)
+    if epochs is not None:  # not a key of the config: set as a user's typo would
+        cfg.train.epochs = epochs
+    with pytest.raises(ConfigError, match=says):
+        (train.validate if where == "validate" else train.run)(cfg)
+
+
+def test_a_batch_larger_than_the_data_names_the_data(tmp_path, records):
+    """Finding 11: a batch larger than the data names the data's path."""
     with pytest.raises(
         ValueError, match=f"{re.escape(str(records))}: its 32 records cannot fill one global batch of 64"
     ):
