@@ -36,6 +36,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from apo_jax import cli, models, sharding
@@ -169,10 +170,11 @@ def available_hbm(device) -> float:
 
 def roofline(model_config, config, length: int, devices, args_bytes: float) -> dict:
     """An estimate of the step time on `devices` (analytic, not measured): the FLOPs the step executes
-    (policy forward + backward, + a forward for full remat, + one for a frozen reference) at the
+    (the policy's forward and backward, the backward 2 forwards' worth, 1 with LoRA, whose frozen
+    weights get no gradient; + a forward for full remat, + one for a frozen reference) at the
     device's peak bf16 rate, against the HBM traffic (every pass of every micro-batch reads the
     weights, all-gathered by FSDP; the state is read and written once) at its bandwidth; MFU counts
-    the policy's 3 forwards only."""
+    the policy's forward and backward only."""
     device, n = devices[0], len(devices)
     kinds = [k for k in CHIPS if device.device_kind.startswith(k)]
     cores, bandwidth = CHIPS[max(kinds, key=len)] if kinds else (1, 0.0)
@@ -180,7 +182,8 @@ def roofline(model_config, config, length: int, devices, args_bytes: float) -> d
     peak, bandwidth = peak_flops(device.device_kind) * share, bandwidth * share
     tokens = config.train.batch_size * 2 * length  # a padded pair: chosen and rejected rows of T
     forward = flops_per_token(model_config, length) * tokens / n
-    passes = 3 + (config.model.remat_policy == "full") + (config.reference.mode == "frozen")
+    useful = 2 if config.lora.rank else 3
+    passes = useful + (config.model.remat_policy == "full") + (config.reference.mode == "frozen")
     counts = param_counts(model_config)  # the matrices every pass reads, the output projection included
     matrices = counts["matmul_layers"] + model_config.hidden_size * model_config.vocab_size
     weight_bytes = matrices * jnp.dtype(model_config.dtype).itemsize
@@ -188,7 +191,7 @@ def roofline(model_config, config, length: int, devices, args_bytes: float) -> d
     compute_s, memory_s = forward * passes / peak, traffic / bandwidth
     step_s = max(compute_s, memory_s)
     bound = "compute" if compute_s >= memory_s else "HBM"
-    return {"est_step_s": step_s, "est_mfu": forward * 3 / (step_s * peak), "bound": bound}
+    return {"est_step_s": step_s, "est_mfu": forward * useful / (step_s * peak), "bound": bound}
 
 
 def placed_shapes(model, mesh):
@@ -260,7 +263,13 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
             shape, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, **adapters
         )
     )
-    mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+    try:
+        mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+    except AssertionError:  # jax.make_mesh wants one device per chip; libtpu's v4 topology has cores
+        sizes = [
+            len(devices) if v == -1 else v for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        ]
+        mesh = jax.sharding.Mesh(np.asarray(devices).reshape(sizes), sharding.MESH_AXES)
     params = placed_shapes(model, mesh)
     loss = config_lib.build_loss(config)
     reference = config.reference.mode if loss.uses_reference else "none"
