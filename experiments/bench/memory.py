@@ -113,8 +113,9 @@ def _args(argv):
 
 
 def topology_devices(name: str):
-    """The abstract devices of the TPU slice `name` ("v5e:2x4", "v5p:2x2x1"), from libtpu, or of
-    `h100:N` (one host of N H100s), from the CUDA plugin with H100_TARGET and no GPU present."""
+    """The abstract devices of the TPU slice `name` ("v5e:2x4", "v5p:2x2x1"; "v5e:2x4:2" is two such
+    slices joined by the data-center network), from libtpu, or of `h100:N` (one host of N H100s),
+    from the CUDA plugin with H100_TARGET and no GPU present."""
     from jax.experimental import topologies
 
     # libtpu locks /tmp/libtpu_lockfile for a process that drives TPUs; compiling drives none
@@ -125,7 +126,11 @@ def topology_devices(name: str):
             return topologies.get_topology_desc(
                 platform="cuda", target_config=H100_TARGET, topology=f"1x1x{n}"
             ).devices
-        return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+        topology, _, slices = name.partition(":")[2].partition(":")  # v5e:2x4:2 is two v5e:2x4 slices
+        kind = name.partition(":")[0]
+        return topologies.get_topology_desc(
+            platform="tpu", topology_name=f"{kind}:{topology}", num_slices=int(slices or 1)
+        ).devices
     except Exception as e:  # no libtpu, or a topology it does not know
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -263,8 +268,17 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
             shape, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, **adapters
         )
     )
+    slices = len({getattr(d, "slice_index", 0) for d in devices}) if devices is not None else 1
     try:
-        mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+        if slices > 1:  # multi-slice: `data` across the slices (DCN), fsdp and tensor inside each
+            from jax.experimental import mesh_utils
+
+            inside = (1, len(devices) // slices // config.mesh.tensor, config.mesh.tensor)
+            grid_ = mesh_utils.create_hybrid_device_mesh(inside, (slices, 1, 1), devices)
+            auto = (jax.sharding.AxisType.Auto,) * 3
+            mesh = jax.sharding.Mesh(grid_, sharding.MESH_AXES, axis_types=auto)
+        else:
+            mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
     except AssertionError:  # jax.make_mesh wants one device per chip; libtpu's v4 topology has cores
         sizes = [
             len(devices) if v == -1 else v for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
