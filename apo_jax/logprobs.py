@@ -26,8 +26,12 @@ def _kl_stats(logp, ref_logits, targets, kl: str) -> dict:
     return out
 
 
-def _cap(z, cap):
+def softcap(z, cap):
+    """cap·tanh(z / cap) (Gemma-2's attention and final-logit soft-capping); z itself for cap None."""
     return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+_cap = softcap  # inside token_logps its `softcap` argument (the cap) shadows the function
 
 
 def token_logps(

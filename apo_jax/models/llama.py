@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apo_jax.logprobs import softcap
 from apo_jax.logprobs import token_logps as _from_hidden
 from apo_jax.sharding import constrain, param_shardings
 
@@ -399,11 +400,6 @@ def embed(config: LlamaConfig, embedding, ids):
     dt = DTYPES[config.dtype]
     x = jnp.take(embedding, ids, axis=0).astype(dt)
     return x * jnp.asarray(config.hidden_size**0.5, dt) if config.embed_scale else x
-
-
-def softcap(z, cap):
-    """cap·tanh(z / cap) (Gemma-2's attention and final-logit soft-capping); z itself for cap None."""
-    return z if cap is None else cap * jnp.tanh(z / cap)
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
