@@ -1,4 +1,5 @@
-"""Llama 2 / 3 / 3.1 / 3.2 in Flax Linen, with Hugging Face parameter names.
+"""The Llama architecture and its families (Llama 2/3, Qwen2/2.5/3, Mistral, Gemma-2) in Flax Linen,
+with Hugging Face parameter names.
 
 Shape letters: B batch, T query length, S key length, D embed, N heads, K kv heads, H head dim,
 F mlp, V vocab, L layers. Modules only declare parameters (with logical axis names); the math is

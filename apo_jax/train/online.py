@@ -21,9 +21,9 @@ Samplers (`online.sampler`, "The Crucial Role of Samplers in Online DPO", arXiv 
 Replay (DICE's experience replay): with γ = `online.replay`, n_off = γ·n_gen/(1 − γ) offline pairs from
 `online.offline` join the n_gen generated ones.
 Accelerated Preference Optimization (He, Yuan, Gu 2024, arXiv 2410.06293), `online.accelerate_alpha`:
-Nesterov extrapolation of the policy across rounds, read in parameter space
-(log π_{t+1} = (1+α)·log π̂_{t+1} − α·log π̂_t in the paper, with π̂_0 = π_0); the paper's
-Algorithm 1 was not readable to us (docs/papers.md).
+Nesterov extrapolation of the policy across rounds, applied to the parameters where the paper writes
+log π_{t+1} = (1+α)·log π̂_{t+1} − α·log π̂_t (π̂_0 = π_0); the parameter-space reading is ours, not
+checked against the paper's Algorithm 1 (docs/papers.md).
 
 Each round lives in `<workdir>/round_<t>/` (samples, pairs, records, the round's training run, the
 policy); `<workdir>/online.json` records finished rounds, so a killed run resumes at the round it was in

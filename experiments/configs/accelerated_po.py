@@ -1,6 +1,6 @@
 """Accelerated Preference Optimization (He, Yuan, Gu 2024): online_dpo's rounds with Nesterov
-extrapolation of the policy, θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t). α = 0.5 here (unverified: the
-paper's value was not readable to us). Named apart from Anchored PO (APO-zero, APO-down).
+extrapolation of the policy, θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t). α = 0.5 here (unverified: not
+checked against the paper). Named apart from Anchored PO (APO-zero, APO-down).
 
     python -m experiments.run --config=accelerated_po
 """
