@@ -124,15 +124,17 @@ def _run(config) -> dict | None:
         print(f"reference log-probs written to {precompute(config, _PRECOMPUTE.value)}")
         return None
     kind = config.experiment.get("kind", "")
-    if kind == "mini":
-        from experiments.mini.pipeline import run as run_mini
+    if kind in ("mini", "instruct"):
+        from experiments.mini.model import Stopped
 
-        run_mini(config)
-        return None
-    if kind == "instruct":
-        from experiments.instruct.pipeline import run as run_instruct
-
-        run_instruct(config)
+        if kind == "mini":
+            from experiments.mini.pipeline import run as run_recipe
+        else:
+            from experiments.instruct.pipeline import run as run_recipe
+        try:
+            run_recipe(config)
+        except Stopped as e:  # preempted: a clean stop, resumed by the same command
+            print(json.dumps({"status": "preempted", "message": str(e)}))
         return None
     if kind in ("mini_online", "online"):
         from apo_jax.train.online import run_online

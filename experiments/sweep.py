@@ -33,7 +33,7 @@ from apo_jax.eval import stats
 from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
 from experiments.mini import task
-from experiments.mini.model import code_version, problem_sets
+from experiments.mini.model import Stopped, code_version, problem_sets
 from experiments.mini.pipeline import run as run_mini
 from experiments.run import compilation_cache
 
@@ -258,6 +258,9 @@ def run_cell(config, done: pathlib.Path, label: str, prog: str = "sweep") -> boo
     except ValueError as e:  # e.g. no pairs of this kind: report, go on
         print(f"[{prog}] {label}: {e}", flush=True)
         return False
+    except Stopped as e:  # preempted (SIGTERM): the sweep stops; the same command resumes it
+        print(f"[{prog}] stopped: {e}", flush=True)
+        raise SystemExit(0) from None
     return True
 
 

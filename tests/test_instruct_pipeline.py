@@ -55,3 +55,21 @@ def test_the_smollm2_cut_runs_the_whole_real_model_pipeline(tmp_path, smollm2_hf
     text = (run / "results.md").read_text()
     for who in ("before", "after", "control"):
         assert f"{acc[who]['greedy']:.3f} ± {acc[who]['greedy_se']:.3f}" in text
+
+
+def test_a_preempted_training_stops_the_pipeline_instead_of_scoring(tmp_path, records):
+    """A real SIGTERM in a stage's training (the handler saves and returns "preempted") stops the
+    pipeline with the step and the way to resume; scoring a half-trained model as the cell's result,
+    or the sweep moving on to the next cell, was the bug. The same call then finishes the run."""
+    from conftest import SigtermAt
+    from test_train import make_config
+
+    from experiments.mini.model import Stopped, train_to_the_end
+
+    cfg = make_config(tmp_path / "run", records, train__checkpoint_every=2)
+    with (
+        SigtermAt(3),
+        pytest.raises(Stopped, match=r"run: training preempted at step 3 .*again to resume"),
+    ):
+        train_to_the_end(cfg)
+    assert train_to_the_end(cfg)["step"] == 6

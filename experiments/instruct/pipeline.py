@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax import models, train
+from apo_jax import models
 from apo_jax.data import layouts
 from apo_jax.data.clair.__main__ import main as clair
 from apo_jax.data.generate import generate_with_model
@@ -46,6 +46,10 @@ DATA_KINDS = ("clair", "on_policy_judge", "stronger_preferred")
 EVAL_SEED = 0  # the scored prompts' constraint parameters: the same at every seed
 SOURCES = ("apo_jax", "experiments/instruct", "experiments/mini", "experiments/configs/grid.py")
 _START = time.time()
+
+
+class NoPairs(ValueError):
+    """M's answers gave no pairs of the cell's kind: the sweep reports the cell and leaves it out."""
 
 
 def say(msg: str) -> None:
@@ -156,7 +160,7 @@ def positive_control(cache, m_dir, tok, revisions_path, config) -> pathlib.Path:
     cfg.workdir, cfg.data.train, cfg.data.eval, cfg.data.probes = str(folder / "run"), str(records), "", ""
     cfg.train.mode, cfg.reference.mode = "sft", "none"
     say(f"positive control: SFT of M on the CLAIR revisions of its {len(rows)} answers, {t.steps} steps")
-    train.run(cfg)
+    mini_model.train_to_the_end(cfg)
     (folder / "run" / "hf").rename(folder / "hf")
     tok.save_pretrained(folder / "hf")
     return folder / "hf"
@@ -296,7 +300,7 @@ def run(config) -> dict:
     }
     cell_pairs = read_jsonl(paths[kind])
     if not cell_pairs:
-        raise ValueError(f"no {kind} pairs: M's answers all met (or all missed) their constraints")
+        raise NoPairs(f"no {kind} pairs: M's answers all met (or all missed) their constraints")
     records = workdir / "records_train"
     preprocess(str(paths[kind]), records, tok, max_length=row_length(tok, cell_pairs), as_chat=True)
     config.model.path, config.model.preset = str(m_dir), ""
@@ -308,7 +312,7 @@ def run(config) -> dict:
         f"training {config.loss.name} on {len(cell_pairs)} {kind} pairs, {config.train.steps} steps "
         f"(LoRA rank {config.lora.rank})"
     )
-    result = train.run(config)
+    result = mini_model.train_to_the_end(config)
     after = workdir / "hf"
     tok.save_pretrained(after)
     (workdir / "answers_after.jsonl").unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from apo_jax.eval import stats
 from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
 from experiments.instruct import pipeline
+from experiments.mini.model import Stopped
 from experiments.run import compilation_cache
 from experiments.sweep import _interval, check_pairable, claims, table_of
 
@@ -53,9 +54,12 @@ def run_cell(config, prog: str) -> dict | None:
     try:
         with WorkdirLock(config.workdir):
             return pipeline.run(config)
-    except ValueError as e:  # no pairs of this kind: reported, left out
+    except pipeline.NoPairs as e:  # reported, left out
         print(f"[{prog}] {pathlib.Path(config.workdir).name}: {e}", flush=True)
         return None
+    except Stopped as e:  # preempted (SIGTERM): the sweep stops; the same command resumes it
+        print(f"[{prog}] stopped: {e}", flush=True)
+        raise SystemExit(0) from None
 
 
 def _config(name: str, variant: str, workdir: pathlib.Path, seed: int, lr: float):

@@ -44,6 +44,23 @@ _START = time.time()
 _ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+class Stopped(Exception):
+    """A stage's training stopped before its last step (SIGTERM: checkpoint saved): the pipeline and
+    its sweep stop too, and the same command resumes them."""
+
+
+def train_to_the_end(cfg) -> dict:
+    """`train.run(cfg)`, raising Stopped when it was preempted: nothing downstream may score a model
+    whose training did not finish (the miniature's and the real-model pipelines, their sweeps)."""
+    result = train.run(cfg)
+    if result["status"] != "done":
+        raise Stopped(
+            f"{cfg.workdir}: training {result['status']} at step {result['step']} (checkpoint saved); "
+            "run the same command again to resume"
+        )
+    return result
+
+
 def key(fields) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -116,7 +133,7 @@ def _sft(rows, folder: pathlib.Path, start, tok, *, steps, batch_size, optimizer
     cfg.optimizer.update(optimizer)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = base_config.mesh.data, 1, 1
     cfg.train.progress = base_config.train.progress
-    train.run(cfg)
+    train_to_the_end(cfg)
     shutil.copytree(folder / "run" / "hf", folder / "hf")
     tok.save_pretrained(folder / "hf")
     return folder / "hf"

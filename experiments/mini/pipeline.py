@@ -13,7 +13,6 @@ import pathlib
 import random
 import time
 
-from apo_jax import train
 from apo_jax.data import steps
 from apo_jax.data.anchor import anchor_pair
 from apo_jax.data.clair.stats import ches_stats, pair_stats, table
@@ -196,7 +195,7 @@ def _token_weights(config, kind, train_dir, pairs_path, prompts, tok) -> pathlib
         cfg.data.eval, cfg.data.probes = "", ""
         cfg.loss.name, cfg.train.steps, cfg.train.export_hf = "sigmoid", config.experiment.tis_steps, True
         say(f"TIS-DPO: training the contrastive model π_{side} ({cfg.train.steps} DPO steps)")
-        train.run(cfg)
+        model.train_to_the_end(cfg)
         models[side] = workdir / f"tis_{side}" / "hf"
     return add_weights(
         train_dir,
@@ -328,7 +327,7 @@ def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
         f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
         f"(seed {config.train.seed})"
     )
-    return train.run(config)
+    return model.train_to_the_end(config)
 
 
 def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
