@@ -35,7 +35,7 @@ from experiments.run import compilation_cache
 from experiments.sweep import _interval, check_pairable, claims, table_of
 
 SELECTED = pathlib.Path(__file__).with_name("selected_lr.json")
-LRS = (1e-4, 3e-4, 1e-3)
+LRS = (1e-4, 3e-4, 1e-3, 3e-3)  # 3e-3 added when 1e-3, the top of the first three, won on validation
 VARIANTS = ("smollm2", "smollm2_tiny")
 
 
