@@ -830,10 +830,10 @@ def _top_layers_trained(config: LlamaConfig, params, input_ids, positions, mask,
     return (x, jnp.concatenate([below, above])) if return_hidden else x
 
 
-def _without_adapters(tree):
-    if not isinstance(tree, dict):
-        return tree
-    return {k: _without_adapters(v) for k, v in tree.items() if k not in ADAPTER_KEYS}
+def _without_adapters(params):
+    """`params` without the adapter leaves: lora.base's split, by the same `is_adapter` test."""
+    flat = flax.traverse_util.flatten_dict(params)
+    return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_adapter(k)})
 
 
 def _segment_mask(segment_ids, shared_segment, positions, config: LlamaConfig):
