@@ -149,3 +149,10 @@ def smollm2_hf(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     subprocess.run([sys.executable, "-c", _CONVERT_WITHOUT_TORCH, str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer.save_pretrained(path)
+    return path

@@ -5,34 +5,27 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
+from helpers import CLAIR_ROWS, DATA, ROOT, RecordedReviser, clair_answers, revise_cmd
 
 from apo_jax.client import ClientConfig
 from apo_jax.data.clair import ParseError, jaccard, levenshtein, pair_stats, parse_revision, revision_messages
 from apo_jax.data.clair.revise import revise
-from apo_jax.loopback import ChatServer, LoopbackServer
-
-DATA = pathlib.Path(__file__).parent / "data"
-ROWS = [json.loads(line) for line in (DATA / "clair_gpt4_revisions.jsonl").open()]
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
+from apo_jax.loopback import ChatServer
 
 # --- prompt and parser ------------------------------------------------------------------------
 
 
 def test_revision_request_is_the_papers_exactly():
-    for row in ROWS:
+    for row in CLAIR_ROWS:
         assert revision_messages(row["prompt"], row["rejected"]) == row["reviser_request"]["messages"]
 
 
 def test_parser_reads_all_ten_gpt4_responses():
-    for row in ROWS:
+    for row in CLAIR_ROWS:
         content = row["reviser_response"]["choices"][0]["message"]["content"]
         reasoning, revision = parse_revision(content, "stop")
         # the revision is what follows the (last) solution marker, with or without its colon
@@ -101,69 +94,6 @@ def test_stats_command_on_the_hybrid_pairs(tmp_path, capsys):
 # --- the client against a loopback server ------------------------------------------------------
 
 
-class Server(LoopbackServer):
-    """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that answers from the recorded GPT-4
-    responses, with scripted faults per row and attempt, and counts requests per row."""
-
-    def __init__(self, script: dict[int, list[str]] | None = None, delay: float = 0.0):
-        self.script, self.delay = script or {}, delay
-        self.counts: dict[int, int] = {}
-        super().__init__()
-
-    def row_of(self, body) -> int:
-        text = body["messages"][-1]["content"]
-        return next(i for i, r in enumerate(ROWS) if f"{{student_solution}}: {r['rejected']}\n\n" in text)
-
-    def handle(self, h, body):
-        i = self.row_of(body)
-        with self.lock:
-            attempt = self.counts.get(i, 0)
-            self.counts[i] = attempt + 1
-        plan = self.script.get(i, [])
-        action = (
-            plan[attempt]
-            if attempt < len(plan)
-            else (plan[-1] if plan and plan[-1] in ("malformed", "400") else "ok")
-        )
-        time.sleep(self.delay)
-        if action == "429":
-            return self.send(h, 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0.05"})
-        if action == "500":
-            return self.send(h, 500, {"error": {"message": "server error"}})
-        if action == "400":
-            return self.send(h, 400, {"error": {"message": "bad request"}})
-        if action == "timeout":
-            time.sleep(1.0)  # the client gave up after 0.5 s
-            return
-        if action == "drop":
-            h.close_connection = True
-            h.connection.shutdown(socket.SHUT_RDWR)
-            return
-        if action == "malformed":
-            raw = b"{not json"
-            h.send_response(200)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(raw)))
-            h.end_headers()
-            h.wfile.write(raw)
-            return
-        response = json.loads(json.dumps(ROWS[i]["reviser_response"]))
-        if action == "unparsable":
-            response["choices"][0]["message"]["content"] = "I would not change anything."
-        return self.send(h, 200, response)
-
-
-def _answers(tmp_path):
-    path = tmp_path / "answers.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps({"prompt": r["prompt"], "rejected": r["rejected"], "source": i}) + "\n"
-            for i, r in enumerate(ROWS)
-        )
-    )
-    return path
-
-
 def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path):
     script = {
         0: ["429"],
@@ -174,7 +104,7 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
         5: ["unparsable"],
         6: ["400"],
     }
-    server = Server(script)
+    server = RecordedReviser(script)
     try:
         cfg = ClientConfig(
             base_url=server.url,
@@ -185,7 +115,7 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
             backoff_base=0.01,
         )
         out = tmp_path / "pairs.jsonl"
-        summary = revise(_answers(tmp_path), out, cfg, progress=False)
+        summary = revise(clair_answers(tmp_path), out, cfg, progress=False)
         pairs = [json.loads(x) for x in out.read_text().splitlines()]
         failures = {
             json.loads(x)["id"].split(":")[0]: json.loads(x)["reason"]
@@ -193,12 +123,14 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
         }
         assert sorted(p["source"] for p in pairs) == [0, 1, 2, 3, 7, 8, 9]
         for p in pairs:
-            content = ROWS[p["source"]]["reviser_response"]["choices"][0]["message"]["content"]
+            content = CLAIR_ROWS[p["source"]]["reviser_response"]["choices"][0]["message"]["content"]
             assert (
-                p["chosen"] == parse_revision(content)[1] and p["rejected"] == ROWS[p["source"]]["rejected"]
+                p["chosen"] == parse_revision(content)[1]
+                and p["rejected"] == CLAIR_ROWS[p["source"]]["rejected"]
             )
             assert (
-                p["usage"]["total_tokens"] == ROWS[p["source"]]["reviser_response"]["usage"]["total_tokens"]
+                p["usage"]["total_tokens"]
+                == CLAIR_ROWS[p["source"]]["reviser_response"]["usage"]["total_tokens"]
             )
         assert set(failures) == {"4", "5", "6"}
         assert "malformed" in failures["4"] and "unparsable" in failures["5"] and "HTTP 400" in failures["6"]
@@ -207,7 +139,7 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
         assert summary["possible_double_charges"] == 2 and summary["revised"] == 7 and summary["failed"] == 3
         # a restart asks again only for the rows without a recorded response (4: malformed, 6: 400)
         before = dict(server.counts)
-        revise(_answers(tmp_path), out, cfg, progress=False)
+        revise(clair_answers(tmp_path), out, cfg, progress=False)
         assert {i: server.counts[i] - before[i] for i in server.counts if server.counts[i] != before[i]} == {
             4: 3,
             6: 1,
@@ -217,29 +149,11 @@ def test_revise_survives_faults_and_never_requests_a_finished_row_twice(tmp_path
         server.close()
 
 
-def _revise_cmd(answers, out, base_url, *extra) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "apo_jax.data.clair",
-        "revise",
-        "--input",
-        str(answers),
-        "--output",
-        str(out),
-        "--base-url",
-        base_url,
-        "--model",
-        "gpt-4-0125-preview",
-        *extra,
-    ]
-
-
 def test_killed_revise_job_resumes_without_repeating_finished_rows(tmp_path):
-    server = Server(delay=0.3)
+    server = RecordedReviser(delay=0.3)
     try:
-        answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
-        cmd = _revise_cmd(answers, out, server.url, "--concurrency", "1")
+        answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
+        cmd = revise_cmd(answers, out, server.url, "--concurrency", "1")
         env = {**os.environ, "OPENAI_API_KEY": "test-key"}
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

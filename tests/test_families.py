@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from datasets import Dataset
-from test_models import _padded_batch
+from helpers import padded_batch
 from trl.trainer.dpo_trainer import DPOTrainer
 
 from apo_jax import data, models
@@ -56,7 +56,7 @@ def test_logits_and_log_probs_match_transformers(family_checkpoints, name):
     path = family_checkpoints[name]
     model, params = models.from_hf(path)
     assert model.config.model_type == FAMILIES[name]["model_type"]
-    ids, mask = _padded_batch()  # a left-padded row, a right-padded row and two full rows
+    ids, mask = padded_batch()  # a left-padded row, a right-padded row and two full rows
     pos = np.clip(mask.cumsum(-1) - 1, 0, None)
     with torch.no_grad():
         hf = _hf(path)(
@@ -117,7 +117,7 @@ def test_gradients_under_full_remat_equal_transformers_autograd(family_checkpoin
     that follow a real token, against PyTorch's autograd on the same checkpoint."""
     path = family_checkpoints[name]
     model, params = models.from_hf(path, remat_policy="full")
-    ids, mask = _padded_batch(3)
+    ids, mask = padded_batch(3)
     loss_mask = np.zeros_like(mask)
     loss_mask[:, 1:] = mask[:, 1:] & mask[:, :-1]
 

@@ -11,9 +11,9 @@ import lm_eval
 import numpy as np
 import transformers
 from conftest import SigtermAt
+from helpers import make_config
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from test_train import make_config
 
 from apo_jax import loopback, train
 from apo_jax.eval import answers, judge

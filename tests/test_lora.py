@@ -11,7 +11,7 @@ import torch
 import transformers
 from conftest import SigtermAt
 from flax import traverse_util
-from test_train import losses_of, make_config, metric
+from helpers import losses_of, make_config, metric
 
 from apo_jax import models, train
 from apo_jax.data.reader import PreferenceReader

@@ -9,72 +9,9 @@ import jax.numpy as jnp
 import losses_reference as ref
 import numpy as np
 import pytest
+from helpers import ATOL, RTOL, B, call, f64, make_batch
 
 from apo_jax import losses
-
-RTOL, ATOL = 1e-5, 2e-6
-B, T = 8, 12
-
-
-def make_batch(seed, beta_scale=1.0):
-    """Random log-probs and extras; float32 as the model would give them."""
-    rng = np.random.default_rng(seed)
-    lc = rng.integers(1, 40, B).astype(np.float32)
-    lr = rng.integers(1, 40, B).astype(np.float32)
-    # summed log-probs: per-token averages in [-3, -0.05] times the length
-    pc = (-rng.uniform(0.05, 3.0, B) * lc).astype(np.float32)
-    pr = (-rng.uniform(0.05, 3.0, B) * lr).astype(np.float32)
-    rc = (pc + rng.normal(0, 4.0 * beta_scale, B)).astype(np.float32)
-    rr = (pr + rng.normal(0, 4.0 * beta_scale, B)).astype(np.float32)
-    mask_c = (np.arange(T)[None] >= rng.integers(1, T - 2, B)[:, None]).astype(np.float32)
-    mask_r = (np.arange(T)[None] >= rng.integers(1, T - 2, B)[:, None]).astype(np.float32)
-    return {
-        "pc": pc,
-        "pr": pr,
-        "rc": rc,
-        "rr": rr,
-        "chosen_lengths": lc,
-        "rejected_lengths": lr,
-        "is_tie": rng.random(B) < 0.4,
-        "timestamps": rng.integers(0, 99, B).astype(np.int32),
-        "scores": rng.random(B).astype(np.float32),
-        "label": rng.random(B) < 0.5,
-        "kl_policy": rng.normal(-1, 2, B).astype(np.float32),
-        "kl_ref": rng.normal(-1.5, 2, B).astype(np.float32),
-        "tpc": (-rng.uniform(0, 3, (B, T))).astype(np.float32),
-        "tpr": (-rng.uniform(0, 3, (B, T))).astype(np.float32),
-        "trc": (-rng.uniform(0, 3, (B, T))).astype(np.float32),
-        "trr": (-rng.uniform(0, 3, (B, T))).astype(np.float32),
-        "chosen_loss_mask": mask_c,
-        "rejected_loss_mask": mask_r,
-        "chosen_weights": rng.uniform(0.5, 1.5, (B, T)).astype(np.float32),
-        "rejected_weights": rng.uniform(0.5, 1.5, (B, T)).astype(np.float32),
-        "chosen_kl": rng.exponential(0.3, (B, T)).astype(np.float32),  # per-position KLs are >= 0
-        "rejected_kl": rng.exponential(0.3, (B, T)).astype(np.float32),
-    }
-
-
-def call(name, b, **hp):
-    """Calls the registered loss with what it declares, from a `make_batch` dict."""
-    loss = losses.get(name)
-    fields = {k: b[k] for k in loss.needs + loss.accepts if k in b}
-    if "kl" in loss.needs:
-        fields["kl"] = losses.kto_kl(b["kl_policy"], b["kl_ref"])
-    if loss.granularity == "token":
-        args = (b["tpc"], b["tpr"], b["trc"], b["trr"])
-    elif loss.kind == "unpaired":
-        args = (b["pc"], b["rc"])
-    else:
-        args = (b["pc"], b["pr"], b["rc"], b["rr"])
-    return loss(*args, **fields, **hp)
-
-
-def f64(b):
-    return {
-        k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
-        for k, v in b.items()
-    }
-
 
 # (name, hyperparameters) cases; each runs on three random batches at two β scales.
 CASES = [

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import losses_reference as ref
 import numpy as np
 import pytest
-from test_losses import ATOL, RTOL, call, f64, make_batch
+from helpers import ATOL, RTOL, call, f64, make_batch
 
 from apo_jax import losses
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from conftest import TINY_CONFIGS
+from helpers import padded_batch
 
 from apo_jax import models, sharding
 from apo_jax.data import tiny
@@ -22,16 +23,6 @@ from apo_jax.logprobs import token_logps as chunked_token_logps
 
 def _hf(path):
     return transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-
-
-def _padded_batch(seed=0, B=4, T=14, V=320):
-    """Random ids with a left-padded row, a right-padded row and two full rows."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(6, V, (B, T))
-    mask = np.ones((B, T), np.int64)
-    mask[0, :5] = 0  # left padding
-    mask[1, 10:] = 0  # right padding
-    return ids, mask
 
 
 def _hf_logits(hf, ids, mask):
@@ -47,7 +38,7 @@ def _hf_logits(hf, ids, mask):
 def test_logits_match_transformers(tiny_checkpoints, name):
     path = tiny_checkpoints[name]
     model, params = models.from_hf(path)
-    ids, mask = _padded_batch()
+    ids, mask = padded_batch()
     expected = _hf_logits(_hf(path), ids, mask)
     got = np.asarray(jax.jit(lambda p, i, m: models.logits(model, p, i, m))(params, ids, mask))
     real = mask.astype(bool)
@@ -61,7 +52,7 @@ def test_to_hf_round_trip(tiny_checkpoints, tiny_tokenizer, tmp_path):
     out = models.to_hf(model, params, tmp_path / "export", tokenizer=tiny_tokenizer, max_shard_bytes=40_000)
     assert (out / "model.safetensors.index.json").is_file()  # small shards: an index and several files
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
-    ids, mask = _padded_batch(1)
+    ids, mask = padded_batch(1)
     np.testing.assert_allclose(
         _hf_logits(_hf(out), ids, mask), _hf_logits(_hf(path), ids, mask), rtol=0, atol=1e-6
     )
@@ -197,7 +188,7 @@ def test_chunked_log_probs_use_a_quarter_of_the_naive_memory():
 def test_model_token_logps_match_transformers(tiny_checkpoints):
     path = tiny_checkpoints["gqa"]
     model, params = models.from_hf(path)
-    ids, mask = _padded_batch(2)
+    ids, mask = padded_batch(2)
     loss_mask = mask.copy()
     loss_mask[:, :8] = 0  # the "prompt"
     out = models.token_logps(model, params, ids, mask, loss_mask, chunk_size=4)
@@ -411,7 +402,7 @@ def test_sharded_logits_equal_single_device(tiny_checkpoints):
     q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, D, N, H]: D over fsdp, N over tensor
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 16, 2, 16)
-    ids, mask = _padded_batch(6)
+    ids, mask = padded_batch(6)
     batch = jax.sharding.NamedSharding(mesh, sharding.logical_sharding(mesh, ("batch", "length")).spec)
     ids_s, mask_s = jax.device_put(ids, batch), jax.device_put(mask, batch)
     logits = sharding.on_mesh(lambda p, i, m: models.logits(model, p, i, m), mesh)
@@ -457,7 +448,7 @@ def test_bad_checkpoints_get_clear_errors(tiny_checkpoints, tmp_path):
 def test_bfloat16_policies_stay_close_to_float32(tiny_checkpoints):
     path = tiny_checkpoints["gqa"]
     model, params = models.from_hf(path)
-    ids, mask = _padded_batch(7)
+    ids, mask = padded_batch(7)
     ref = np.asarray(models.logits(model, params, ids, mask))
     real = mask.astype(bool)
     for dtype, param_dtype in (("bfloat16", "float32"), ("bfloat16", "bfloat16")):
@@ -480,7 +471,7 @@ def test_a_frozen_copy_in_the_compute_dtype_gives_the_same_log_probs(tiny_checkp
     tied = model.config.tie_word_embeddings
     assert kept == (["['embed_tokens']['embedding']"] if tied else ["['lm_head']"])
     assert sum(x.nbytes for _, x in flat) < 0.75 * sum(x.nbytes for x in jax.tree.leaves(params))
-    ids, mask = _padded_batch(5)
+    ids, mask = padded_batch(5)
     a, b = (models.token_logps(model, p, ids, mask, mask, chunk_size=8)["token_logps"] for p in (params, ref))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -503,7 +494,7 @@ def test_dtypes_are_taken_as_jax_users_write_them(tiny_checkpoints, tmp_path):
 
 def test_remat_policies_give_the_same_gradients(tiny_checkpoints):
     path = tiny_checkpoints["bias_mha"]
-    ids, mask = _padded_batch(8)
+    ids, mask = padded_batch(8)
     grads = {}
     for policy in ("none", "full", "dots"):
         model, params = models.from_hf(path, remat_policy=policy)

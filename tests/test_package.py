@@ -9,9 +9,9 @@ import jax
 import losses_reference as ref
 import numpy as np
 import pytest
+from helpers import RTOL, f64
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_losses import RTOL, f64
 
 from apo_jax import losses
 

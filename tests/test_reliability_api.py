@@ -19,7 +19,7 @@ import sys
 import time
 
 import pytest
-from test_clair import ROOT, ROWS, Server, _answers
+from helpers import CLAIR_ROWS, ROOT, RecordedReviser, clair_answers
 
 from apo_jax.cli import UserError
 from apo_jax.client import CircuitOpen, ClientConfig
@@ -42,39 +42,39 @@ def _lines(path) -> list[dict]:
 
 
 def _revision(i: int) -> str:
-    return parse_revision(ROWS[i]["reviser_response"]["choices"][0]["message"]["content"])[1]
+    return parse_revision(CLAIR_ROWS[i]["reviser_response"]["choices"][0]["message"]["content"])[1]
 
 
 # --- nothing paid for is lost -------------------------------------------------------------------
 
 
 def test_a_cut_last_line_of_the_response_log_is_removed_and_only_its_row_bought_again(tmp_path, capfd):
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     log = tmp_path / "pairs.jsonl.responses.jsonl"
-    with Server() as server:
+    with RecordedReviser() as server:
         revise(answers, out, _cfg(server.url), progress=False)
         raw = log.read_bytes()
         cut = raw[: raw.rindex(b"\n", 0, len(raw) - 1) + 1 + 40]  # the last line, 40 bytes of it
         log.write_bytes(cut)
         capfd.readouterr()
         summary = revise(answers, out, _cfg(server.url), progress=False)
-        assert sum(server.counts.values()) == len(ROWS) + 1  # the one cut answer, bought again
-    assert len(_lines(log)) == len(ROWS)  # every line whole: none glued onto the cut one
+        assert sum(server.counts.values()) == len(CLAIR_ROWS) + 1  # the one cut answer, bought again
+    assert len(_lines(log)) == len(CLAIR_ROWS)  # every line whole: none glued onto the cut one
     assert f"{log}: removed its cut last line (40 bytes" in capfd.readouterr().err
-    assert summary["revised"] == len(ROWS)
-    assert [p["chosen"] for p in _lines(out)] == [_revision(i) for i in range(len(ROWS))]
+    assert summary["revised"] == len(CLAIR_ROWS)
+    assert [p["chosen"] for p in _lines(out)] == [_revision(i) for i in range(len(CLAIR_ROWS))]
 
 
 def test_an_output_in_a_missing_folder_is_made_before_the_first_request(tmp_path):
-    with Server() as server:
+    with RecordedReviser() as server:
         out = tmp_path / "nodir" / "deeper" / "pairs.jsonl"
-        summary = revise(_answers(tmp_path), out, _cfg(server.url), progress=False)
-        assert summary["revised"] == len(ROWS) and len(_lines(out)) == len(ROWS)
+        summary = revise(clair_answers(tmp_path), out, _cfg(server.url), progress=False)
+        assert summary["revised"] == len(CLAIR_ROWS) and len(_lines(out)) == len(CLAIR_ROWS)
         blocked = tmp_path / "afile"
         blocked.write_text("")
         with pytest.raises(UserError, match=f"{blocked}/pairs.jsonl: cannot create its folder"):
-            revise(_answers(tmp_path), blocked / "pairs.jsonl", _cfg(server.url), progress=False)
-        assert sum(server.counts.values()) == len(ROWS)  # nothing sent for the refused one
+            revise(clair_answers(tmp_path), blocked / "pairs.jsonl", _cfg(server.url), progress=False)
+        assert sum(server.counts.values()) == len(CLAIR_ROWS)  # nothing sent for the refused one
 
 
 @contextlib.contextmanager
@@ -91,9 +91,9 @@ def _file_size_limit(nbytes: int):
 
 
 def test_a_response_that_cannot_be_recorded_stops_the_job_at_once_and_leaves_no_partial_line(tmp_path):
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     log = tmp_path / "pairs.jsonl.responses.jsonl"
-    with Server() as server:
+    with RecordedReviser() as server:
         # room for the lock file (a few hundred bytes), not for one recorded answer (over 5 KB)
         with _file_size_limit(2000), pytest.raises((CircuitOpen, OSError)) as stop:
             revise(answers, out, _cfg(server.url, concurrency=1), progress=False)
@@ -101,7 +101,7 @@ def test_a_response_that_cannot_be_recorded_stops_the_job_at_once_and_leaves_no_
         assert log.read_bytes() == b""  # the half-written line was undone
         assert str(tmp_path) in str(stop.value)  # the error names the file it could not write
         summary = revise(answers, out, _cfg(server.url), progress=False)  # space again: it resumes
-    assert summary["revised"] == len(ROWS) and len(_lines(log)) == len(ROWS)
+    assert summary["revised"] == len(CLAIR_ROWS) and len(_lines(log)) == len(CLAIR_ROWS)
 
 
 # --- one job per output -------------------------------------------------------------------------
@@ -125,11 +125,11 @@ def test_a_job_holds_its_output_and_a_second_job_on_it_is_refused_before_any_req
     """A running revise holds `<output>.lock` (apo_jax.outputs.OutputLock; the server sees it naming
     this process mid-job) and frees it; while another process holds an output's lock, revise on it
     is refused in one line naming that process, and proceeds once it is free."""
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     lock = tmp_path / "pairs.jsonl.lock"
     seen = []
 
-    class Watching(Server):
+    class Watching(RecordedReviser):
         def handle(self, h, body):
             seen.append(json.loads(lock.read_text())["pid"] if lock.exists() else None)
             super().handle(h, body)
@@ -147,13 +147,15 @@ def test_a_job_holds_its_output_and_a_second_job_on_it_is_refused_before_any_req
     )
     try:
         assert holder.stdout.readline() == "held\n"
-        with Server() as server:
+        with RecordedReviser() as server:
             with pytest.raises(UserError, match=f"--output {second} is in use by pid {holder.pid}"):
                 revise(answers, second, _cfg(server.url), progress=False)
             assert server.counts == {}
             holder.communicate("\n", timeout=30)  # the other job ends, releasing its lock
             summary = revise(answers, second, _cfg(server.url), progress=False)
-            assert server.counts == {i: 1 for i in range(len(ROWS))} and summary["revised"] == len(ROWS)
+            assert server.counts == {i: 1 for i in range(len(CLAIR_ROWS))} and summary["revised"] == len(
+                CLAIR_ROWS
+            )
     finally:
         holder.kill()
 
@@ -346,7 +348,7 @@ def test_a_cut_last_line_of_generated_answers_is_removed_and_that_row_sampled_ag
 # --- Retry-After, failed rows, input files, ties -------------------------------------------------
 
 
-class RetryAfter(Server):
+class RetryAfter(RecordedReviser):
     """The recorded GPT-4 answers, each row's first request refused 429 with its own Retry-After."""
 
     def __init__(self, values: dict[int, str]):
@@ -363,21 +365,21 @@ class RetryAfter(Server):
             return self.send(h, 429, {"error": {"message": "slow down"}}, {"Retry-After": self.values[i]})
         with self.lock:
             self.counts[i] = self.counts.get(i, 0) + (not first)
-        return self.send(h, 200, ROWS[i]["reviser_response"])
+        return self.send(h, 200, CLAIR_ROWS[i]["reviser_response"])
 
 
 def test_retry_after_in_any_form_is_waited_out_or_ignored(tmp_path):
     soon = email.utils.formatdate(time.time() + 1, usegmt=True)  # an HTTP date, 1 s ahead
     values = {0: "soon", 1: soon, 2: "0.01", 3: "-5", 4: "Wed, 99 Foo 2024 99:99:99 GMT", 5: "inf"}
     with RetryAfter(values) as server:
-        summary = revise(_answers(tmp_path), tmp_path / "pairs.jsonl", _cfg(server.url), progress=False)
+        summary = revise(clair_answers(tmp_path), tmp_path / "pairs.jsonl", _cfg(server.url), progress=False)
         assert server.counts == {
-            i: 2 if i in values else 1 for i in range(len(ROWS))
+            i: 2 if i in values else 1 for i in range(len(CLAIR_ROWS))
         }  # was: "Invalid date value"
-    assert summary["revised"] == len(ROWS) and summary["retries"] == len(values)
+    assert summary["revised"] == len(CLAIR_ROWS) and summary["retries"] == len(values)
 
 
-class FailsOnce(Server):
+class FailsOnce(RecordedReviser):
     """HTTP 500 to every request for row 3 until `healthy` is set."""
 
     healthy = False
@@ -391,7 +393,7 @@ class FailsOnce(Server):
 
 
 def test_a_failed_row_is_asked_again_by_the_rerun_and_the_summary_says_so(tmp_path, capsys):
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     with FailsOnce() as server:
         argv = ["revise", "--input", str(answers), "--output", str(out), "--base-url", server.url]
         argv += ["--model", "m", "--max-retries", "0", "--max-consecutive-failures", "5"]
@@ -400,9 +402,9 @@ def test_a_failed_row_is_asked_again_by_the_rerun_and_the_summary_says_so(tmp_pa
         assert summary["failed"] == 1 and "run the same command again" in summary["retry"]
         server.healthy = True
         assert clair_main(argv) == 0
-        assert server.counts[3] == 2 and sum(server.counts.values()) == len(ROWS) + 1
+        assert server.counts[3] == 2 and sum(server.counts.values()) == len(CLAIR_ROWS) + 1
     assert "retry" not in json.loads(capsys.readouterr().out)
-    assert sorted(p["source"] for p in _lines(out)) == list(range(len(ROWS)))
+    assert sorted(p["source"] for p in _lines(out)) == list(range(len(CLAIR_ROWS)))
 
 
 def test_a_json_array_input_is_read_as_its_rows(tmp_path):

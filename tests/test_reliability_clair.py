@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from test_clair import ROOT, ROWS, Server, _answers, _revise_cmd
+from helpers import CLAIR_ROWS, ROOT, RecordedReviser, clair_answers, revise_cmd
 
 from apo_jax.cli import UserError
 from apo_jax.client import CircuitOpen, ClientConfig, resolve_api_key
@@ -39,10 +39,10 @@ def _ids(path) -> list[str]:
 
 def test_dead_endpoint_stops_in_seconds_with_one_line_and_no_double_charges(tmp_path):
     url = f"http://127.0.0.1:{_closed_port()}/v1"
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     start = time.monotonic()
     proc = subprocess.run(
-        _revise_cmd(answers, out, url, "--max-consecutive-failures", "3"),
+        revise_cmd(answers, out, url, "--max-consecutive-failures", "3"),
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -54,14 +54,14 @@ def test_dead_endpoint_stops_in_seconds_with_one_line_and_no_double_charges(tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert url in lines[0] and "unreachable" in lines[0] and "connection refused" in lines[0]
-    assert f"0 of {len(ROWS)} rows done" in lines[0] and "again to resume" in lines[0]
+    assert f"0 of {len(CLAIR_ROWS)} rows done" in lines[0] and "again to resume" in lines[0]
     assert elapsed < 10, elapsed  # was 111 s for 20 rows: 7 attempts per row, with backoff
     summary = json.loads(proc.stdout)
     # 3 consecutive refused requests trip the breaker; none was billable, so no double charge
     assert 1 <= summary["requests_sent"] <= 3 and summary["possible_double_charges"] == 0
     assert _ids(tmp_path / "pairs.jsonl.responses.jsonl") == [] and out.read_text() == ""
     failed = [int(i.split(":")[0]) for i in _ids(tmp_path / "pairs.jsonl.failures.jsonl")]
-    assert failed == list(range(len(ROWS)))  # every input row, none written as a pair
+    assert failed == list(range(len(CLAIR_ROWS)))  # every input row, none written as a pair
 
 
 class Rejects(LoopbackServer):
@@ -79,8 +79,8 @@ class Rejects(LoopbackServer):
 
 def test_a_rejected_key_is_sent_once_and_stops_the_job(tmp_path):
     with Rejects() as server:
-        answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
-        cmd = _revise_cmd(answers, out, server.url, "--concurrency", "8")
+        answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
+        cmd = revise_cmd(answers, out, server.url, "--concurrency", "8")
         env = _env(OPENAI_API_KEY="sk-wrong")
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert server.hits == 1  # not retried, and not sent by the seven other workers either
@@ -91,7 +91,7 @@ def test_a_rejected_key_is_sent_once_and_stops_the_job(tmp_path):
     assert _ids(tmp_path / "pairs.jsonl.responses.jsonl") == []
 
 
-class Dies(Server):
+class Dies(RecordedReviser):
     """The recorded GPT-4 answers, one connection per request, until the `n`-th: then it stops
     listening (a server that went away mid-job). `answered`: the rows it sent a 200 for."""
 
@@ -107,11 +107,11 @@ class Dies(Server):
             last = len(self.answered) == self.n
         if last:
             self.close()  # from now on connections are refused
-        self.send(h, 200, ROWS[i]["reviser_response"], {"Connection": "close"})
+        self.send(h, 200, CLAIR_ROWS[i]["reviser_response"], {"Connection": "close"})
 
 
 def test_a_stopped_job_keeps_its_rows_and_the_rerun_asks_only_for_the_rest(tmp_path):
-    answers, out = _answers(tmp_path), tmp_path / "pairs.jsonl"
+    answers, out = clair_answers(tmp_path), tmp_path / "pairs.jsonl"
     dying = Dies(4)
     cfg = ClientConfig(
         base_url=dying.url,
@@ -127,17 +127,21 @@ def test_a_stopped_job_keeps_its_rows_and_the_rerun_asks_only_for_the_rest(tmp_p
         dying.close()
     assert dying.answered == [0, 1, 2, 3]  # one worker: the rows in order
     message = str(stop.value)
-    assert dying.url in message and "unreachable" in message and f"4 of {len(ROWS)} rows done" in message
+    assert (
+        dying.url in message and "unreachable" in message and f"4 of {len(CLAIR_ROWS)} rows done" in message
+    )
     assert stop.value.summary["possible_double_charges"] == 0
     log = tmp_path / "pairs.jsonl.responses.jsonl"
     assert sorted(int(i.split(":")[0]) for i in _ids(log)) == [0, 1, 2, 3]
     assert [json.loads(x)["source"] for x in out.read_text().splitlines()] == [0, 1, 2, 3]
-    with Server() as healthy:
+    with RecordedReviser() as healthy:
         cfg.base_url = healthy.url
         summary = revise(answers, out, cfg, progress=False)
-        assert healthy.counts == {i: 1 for i in range(4, len(ROWS))}  # only the rows without a response
-    assert summary["revised"] == len(ROWS) and summary["failed"] == 0
-    assert sorted(json.loads(x)["source"] for x in out.read_text().splitlines()) == list(range(len(ROWS)))
+        assert healthy.counts == {i: 1 for i in range(4, len(CLAIR_ROWS))}  # only the rows without a response
+    assert summary["revised"] == len(CLAIR_ROWS) and summary["failed"] == 0
+    assert sorted(json.loads(x)["source"] for x in out.read_text().splitlines()) == list(
+        range(len(CLAIR_ROWS))
+    )
 
 
 def test_no_key_for_a_remote_endpoint_is_refused_before_anything_is_read(tmp_path, monkeypatch, capsys):

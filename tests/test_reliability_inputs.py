@@ -13,16 +13,13 @@ import sys
 
 import numpy as np
 import pytest
-import test_reliability_data
+from helpers import PAIRS, make_config, one_line_error, run_preprocess, write_jsonl
 from safetensors.numpy import load_file, save_file
-from test_reliability_data import ROWS, _jsonl, _one_line_error, _preprocess
-from test_train import make_config
 
 from apo_jax import models, train
 from apo_jax.data import token_weights
 from apo_jax.train import edit
 
-tokenizer_dir = test_reliability_data.tokenizer_dir  # the tiny tokenizer saved to a folder (a fixture)
 LFS_POINTER = (
     "version https://git-lfs.github.com/spec/v1\n"
     "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
@@ -159,7 +156,7 @@ def test_edit_rank_below_one_is_refused(tiny_checkpoints, records, tmp_path, cap
     out = tmp_path / "edited"
     argv = ["--model", str(tiny_checkpoints["gqa"]), "--pairs", str(records), "--output", str(out)]
     assert edit.main([*argv, "--rank", rank]) == 2
-    _one_line_error(capsys, f"--rank {rank}: must be at least 1")
+    one_line_error(capsys, f"--rank {rank}: must be at least 1")
     assert not out.exists()
 
 
@@ -168,26 +165,26 @@ def test_d2po_gamma_above_one_is_refused(records, tmp_path, capsys):
     out = tmp_path / "weighted"
     argv = ["--records", str(records), "--output", str(out), "--method", "d2po", "--gamma", "98"]
     assert token_weights.main(argv) == 2
-    _one_line_error(capsys, "--gamma 98.0: D²PO's decay must lie in (0, 1]")
+    one_line_error(capsys, "--gamma 98.0: D²PO's decay must lie in (0, 1]")
     assert not out.exists()
 
 
 def test_non_finite_weights_are_never_written(tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
     """TIS with k = inf: every weight k·exp(0) is inf; refused after computing, before writing."""
     records, out, model = tmp_path / "records", tmp_path / "weighted", str(tiny_checkpoints["gqa"])
-    assert _preprocess(_jsonl(tmp_path / "pairs.jsonl", ROWS[:2]), records, tokenizer_dir) == 0
+    assert run_preprocess(write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:2]), records, tokenizer_dir) == 0
     capsys.readouterr()
     argv = ["--records", str(records), "--output", str(out), "--method", "tis", "--k", "inf"]
     assert token_weights.main([*argv, "--plus-model", model, "--minus-model", model]) == 2
-    _one_line_error(capsys, f"{records}: the record of source row 0 gets non-finite chosen weights")
+    one_line_error(capsys, f"{records}: the record of source row 0 gets non-finite chosen weights")
     assert not out.exists()
 
 
 def test_ches_drop_without_its_model_is_refused(tmp_path, tokenizer_dir, capsys):
     """--ches-drop 0.5 without --ches-model wrote every pair and said nothing."""
-    src, out = _jsonl(tmp_path / "pairs.jsonl", ROWS), tmp_path / "records"
-    assert _preprocess(src, out, tokenizer_dir, "--ches-drop", "0.5") == 2
-    _one_line_error(capsys, "--ches-drop 0.5 needs --ches-model")
+    src, out = write_jsonl(tmp_path / "pairs.jsonl", PAIRS), tmp_path / "records"
+    assert run_preprocess(src, out, tokenizer_dir, "--ches-drop", "0.5") == 2
+    one_line_error(capsys, "--ches-drop 0.5 needs --ches-model")
     assert not out.exists()
 
 
@@ -199,11 +196,11 @@ def test_missing_split_names_the_splits_there_are(tmp_path, tokenizer_dir, capsy
 
     source = tmp_path / "dataset"
     if saved:
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(source))
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(str(source))
     else:
-        _jsonl(source / "train.jsonl", ROWS)
+        write_jsonl(source / "train.jsonl", PAIRS)
     capsys.readouterr()
-    assert _preprocess(source, tmp_path / "out", tokenizer_dir, "--split", "validation") == 2
+    assert run_preprocess(source, tmp_path / "out", tokenizer_dir, "--split", "validation") == 2
     err = capsys.readouterr().err  # a dataset folder is first prepared, with datasets' progress bars
     assert "Traceback" not in err
     assert err.splitlines()[-1] == f"error: {source}: no split 'validation' (--split); its splits are 'train'"
@@ -211,11 +208,11 @@ def test_missing_split_names_the_splits_there_are(tmp_path, tokenizer_dir, capsy
 
 def test_identical_pairs_are_counted_and_warned(tmp_path, tokenizer_dir, capsys):
     """Two of six pairs answer the same twice: they carry no preference signal."""
-    rows = [dict(r) for r in ROWS]
+    rows = [dict(r) for r in PAIRS]
     for i in (1, 4):
         rows[i]["rejected"] = rows[i]["chosen"]
     out = tmp_path / "records"
-    assert _preprocess(_jsonl(tmp_path / "pairs.jsonl", rows), out, tokenizer_dir) == 0
+    assert run_preprocess(write_jsonl(tmp_path / "pairs.jsonl", rows), out, tokenizer_dir) == 0
     assert json.loads((out / "metadata.json").read_text())["rows"]["identical_pairs"] == 2
     printed = capsys.readouterr()
     assert "chosen identical to rejected (no preference signal): 2" in printed.out
@@ -230,4 +227,4 @@ def test_harness_with_a_missing_path_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["harness"])  # lm-eval's CLI reads sys.argv; main rewrites it
     missing = tmp_path / "missing"
     assert harness.main(["--model_args", f"path={missing}", "--tasks", "hellaswag"]) == 2
-    _one_line_error(capsys, f"{missing} is not a Hugging Face checkpoint directory: no config.json")
+    one_line_error(capsys, f"{missing} is not a Hugging Face checkpoint directory: no config.json")

@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_train import losses_of, make_config
+from helpers import losses_of, make_config
 
 from apo_jax import data, train
 from apo_jax.data.tfrecords import read_records, write_shards

@@ -17,44 +17,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import first_step
+from helpers import ROOT, losses_of, make_config, metric
 
 from apo_jax import models, sharding, train
 from apo_jax.data import tiny
 from apo_jax.data.tfrecords import read_records, write_shards
 from apo_jax.train.config import ConfigError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def make_config(workdir, train_dir, **overrides):
-    cfg = train.default_config()
-    cfg.workdir = str(workdir)
-    cfg.model.preset = "tiny"
-    cfg.data.train = str(train_dir)
-    cfg.loss.name = "apo_zero"
-    cfg.optimizer.lr = 1e-3
-    cfg.optimizer.schedule = "constant"
-    cfg.train.steps = 6
-    cfg.train.batch_size = 8
-    cfg.train.progress = False
-    cfg.train.export_hf = False
-    # one device unless a test says otherwise: each new mesh costs compiles (orbax's too)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1
-    for key, value in overrides.items():
-        group, _, name = key.rpartition("__")
-        (cfg[group] if group else cfg)[name] = value
-    return cfg
-
-
-def metric(workdir, key):
-    """One metric over the logged train steps (eval lines carry eval/ keys only)."""
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return [row[key] for row in rows if key in row]
-
-
-def losses_of(workdir):
-    return metric(workdir, "loss")
-
 
 # --- config -----------------------------------------------------------------------------------
 
