@@ -15,8 +15,8 @@ import transformers
 from conftest import first_step
 from safetensors.numpy import load_file
 
-from apo_jax import loopback, models, train
-from apo_jax.data import layouts, tiny
+from apo_jax import inference_server, loopback, models, train
+from apo_jax.data import labelers, layouts, tiny
 from apo_jax.data.generate import generate_with_model
 from apo_jax.data.jsonl import read_jsonl, write_jsonl
 from apo_jax.data.tfrecords import read_records
@@ -219,8 +219,8 @@ def test_dice_alpha_search_stops_once_the_length_gap_grows():
     # rewards (1, 0.5, 0) at lengths (100, 50, 40): r − α·len picks (0, 2) up to α = 0.010 (gap 60),
     # (1, 2) from 0.011 (gap 10), and (1, 0) from 0.017 (gap 50): the search keeps 0.011 and stops there
     groups = [(np.array([1.0, 0.5, 0.0]), np.array([100.0, 50.0, 40.0]))]
-    assert online.dice_alpha(groups) == pytest.approx(0.011)
-    assert online.dice_alpha([(np.array([1.0, 0.0]), np.array([5.0, 5.0]))]) == 0.0
+    assert labelers.dice_alpha(groups) == pytest.approx(0.011)
+    assert labelers.dice_alpha([(np.array([1.0, 0.0]), np.array([5.0, 5.0]))]) == 0.0
 
 
 def test_dice_labels_by_the_implicit_reward_of_policy_over_reference(tmp_path, start, tiny_tokenizer):
@@ -234,7 +234,7 @@ def test_dice_labels_by_the_implicit_reward_of_policy_over_reference(tmp_path, s
     samples = [["1 + 2 = 3\nAnswer: 3", "Answer: 4", "1 plus 2 is 3"], ["3 - 1 = 2", "2", "Answer: 2"]]
     o = train.default_config().online
     o.update({"labeler": "dice", "dice_alpha": 0.01, "max_length": 64})
-    pairs = online.label(
+    pairs = labelers.label(
         o, prompts, samples, policy_dir=m1, ref_dir=m0, tokenizer=tiny_tokenizer, workdir=tmp_path
     )
     records, _ = read_records(tmp_path / "scored")
@@ -277,7 +277,7 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
         samples = [["a", "bbbb", "cc"], ["zz", "y", "xxx"], ["same", "four", "sure"]]
         o = train.default_config().online
         o.update({"labeler": "judge", "base_url": server.url, "api_model": "judge-m", "concurrency": 2})
-        pairs = online.label(
+        pairs = labelers.label(
             o, prompts, samples, policy_dir=None, ref_dir=None, tokenizer=None, workdir=tmp_path
         )
         # p0: 4 over 1; p1: "zz" unreadable, 3 over 1; p2: all graded 4, no pair
@@ -287,7 +287,7 @@ def test_judge_and_clair_labelers_through_a_loopback_server(tmp_path, tiny_token
         ]
         assert len(server.bodies) == 9 and all(b["model"] == "judge-m" for b in server.bodies)
         o.labeler = "clair"
-        pairs = online.label(
+        pairs = labelers.label(
             o, prompts, samples, policy_dir=None, ref_dir=None, tokenizer=None, workdir=tmp_path
         )
         assert [(p["chosen"], p["rejected"]) for p in pairs] == [("A", "a"), ("ZZ", "zz"), ("SAME", "same")]
@@ -364,4 +364,4 @@ def test_server_command_starts_a_server_on_the_policy_and_stops_it(tmp_path, sta
         )
         assert got == [want, want]
     with pytest.raises(OSError):  # stopped
-        online._get_json(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+        inference_server.get_json(f"http://127.0.0.1:{port}/v1/models", timeout=2)

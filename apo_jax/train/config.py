@@ -164,10 +164,6 @@ def check_ranges(config) -> None:
             raise ConfigError(f"{key}={value}: must be {bound}")
 
 
-LABELERS = ("scorer", "judge", "clair", "dice")
-SAMPLERS = ("uniform", "mixed", "server")
-
-
 def default_online() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         {
@@ -199,39 +195,6 @@ def default_online() -> ml_collections.ConfigDict:
             "concurrency": 8,
         }
     )
-
-
-def validate_online(o, reference_path: str = "") -> None:
-    """Checks the `online` group (read by apo_jax.train.online only)."""
-    if o.labeler not in LABELERS:
-        raise ConfigError(f"online.labeler={o.labeler!r}: use one of {list(LABELERS)}")
-    if o.sampler not in SAMPLERS:
-        raise ConfigError(f"online.sampler={o.sampler!r}: use one of {list(SAMPLERS)}")
-    if o.reference not in ("previous", "initial"):
-        raise ConfigError(f"online.reference={o.reference!r}: use previous or initial")
-    if not 0 <= o.replay < 1:
-        raise ConfigError(f"online.replay={o.replay} must lie in [0, 1)")
-    if o.replay and not o.offline:
-        raise ConfigError("online.replay > 0 needs online.offline: the offline pairs to replay")
-    if o.samples < 2:
-        raise ConfigError(f"online.samples={o.samples}: a pair needs at least 2 samples per prompt")
-    if o.labeler in ("judge", "clair") and not (o.base_url and o.api_model):
-        raise ConfigError(f"online.labeler={o.labeler!r} needs online.base_url and online.api_model")
-    if o.sampler == "mixed" and o.reference == "previous" and not reference_path:
-        raise ConfigError(
-            "online.sampler='mixed' mixes the policy's logits with its reference's, but with "
-            "online.reference='previous' the reference is the policy itself: set online.reference='initial' "
-            "or reference.path"
-        )
-    if o.rounds < 1:
-        raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
-    if o.sampler == "server" and bool(o.server_url) == bool(o.server_command):
-        raise ConfigError(
-            "online.sampler='server' needs exactly one of online.server_url (a running server, reloaded "
-            "each round) and online.server_command (started each round with the round's policy)"
-        )
-    if o.server_reload not in ("", "update_weights_from_disk"):
-        raise ConfigError(f"online.server_reload={o.server_reload!r}: use 'update_weights_from_disk' or ''")
 
 
 def _check_keys(config, schema, prefix=""):

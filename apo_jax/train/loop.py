@@ -251,17 +251,18 @@ def step_config(cfg, reference: str) -> StepConfig:
 
 class _StepLog:
     """Reads each step's metrics to the host one step late (the device never waits for the host),
-    writes them every `train.log_every` steps with throughput and MFU, and stops the run after
-    `train.max_nonfinite` consecutive skipped updates."""
+    writes them every `train.log_every` steps with throughput and MFU, and counts the consecutive
+    skipped updates (`skipped_run`, ending at step `flushed`) for `_stop_if_diverging`."""
 
-    def __init__(self, t, writer, mngr, workdir, start: int, skipped_run: int, per_token: float, peak: float):
-        self.t, self.writer, self.mngr, self.workdir = t, writer, mngr, workdir
+    def __init__(self, t, writer, start: int, skipped_run: int, per_token: float, peak: float):
+        self.t, self.writer, self.start = t, writer, start
         self.per_token, self.peak = per_token, peak
         self.bar = _progress(t, start)
         self.pending = None  # the last dispatched step's (step, metrics)
         self.last: dict = {}
         self.clock = time.perf_counter()
         self.skipped_run = skipped_run  # consecutive skipped updates, counted on the host
+        self.flushed = start  # the last step whose metrics were read
 
     def dispatched(self, step: int, metrics) -> None:
         """Called after step `step` is dispatched: reads the previous step's metrics meanwhile."""
@@ -287,23 +288,31 @@ class _StepLog:
                 self.bar.update(done - self.bar.n)
                 self.bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_second']:.0f}")
         self.skipped_run = self.skipped_run + 1 if values["skipped"] else 0
-        if self.skipped_run >= t.max_nonfinite:
-            self.mngr.wait_until_finished()
-            good = self.mngr.latest_step()
-            kept = (
-                f"The last good checkpoint, step {good} in {self.workdir / 'checkpoints'}, is intact."
-                if good is not None
-                else "No checkpoint was written before; nothing was exported."
-            )
-            raise NonFiniteError(
-                f"step {done}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
-                f"and were skipped; stopping. {kept}"
-            )
+        self.flushed = done
 
     def close(self) -> None:
         self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def _stop_if_diverging(log: _StepLog, t, mngr, workdir: pathlib.Path) -> None:
+    """Stops the run after `train.max_nonfinite` consecutive skipped updates (a non-finite loss or
+    gradient), naming the last good checkpoint, which the skipped steps never overwrote. Checked once
+    a step of this run has been read."""
+    if log.flushed == log.start or log.skipped_run < t.max_nonfinite:
+        return
+    mngr.wait_until_finished()
+    good = mngr.latest_step()
+    kept = (
+        f"The last good checkpoint, step {good} in {workdir / 'checkpoints'}, is intact."
+        if good is not None
+        else "No checkpoint was written before; nothing was exported."
+    )
+    raise NonFiniteError(
+        f"step {log.flushed}: {t.max_nonfinite} consecutive updates had a non-finite loss or gradient "
+        f"and were skipped; stopping. {kept}"
+    )
 
 
 def _run(cfg, workdir: pathlib.Path) -> dict:
@@ -335,7 +344,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     evaluate = _eval_fn(cfg, model, loss, step_cfg, mesh)
     per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
     peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)
-    log = _StepLog(t, writer, mngr, workdir, start, int(_host(state.nonfinite_run)), per_token, peak)
+    log = _StepLog(t, writer, start, int(_host(state.nonfinite_run)), per_token, peak)
     status = "done"
     batches = prefetch_to_mesh(reader.batches_from(start), mesh)
     if evaluate is not None and t.eval_every and start == 0:
@@ -346,11 +355,13 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
             state, metrics = train_step(state, next(batches))
             step += 1
             log.dispatched(step, metrics)  # the previous step's metrics, while this one runs
+            _stop_if_diverging(log, t, mngr, workdir)
             evaluating = evaluate is not None and t.eval_every and step % t.eval_every == 0
             saving = t.checkpoint_every and step % t.checkpoint_every == 0
             stopping = preempt.anywhere()
             if evaluating or saving or stopping:
                 log.flush()
+                _stop_if_diverging(log, t, mngr, workdir)
             if evaluating:
                 writer.write(step, evaluate(state))
             if saving:
@@ -359,6 +370,7 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
                 status = "preempted"
                 break
         log.flush()
+        _stop_if_diverging(log, t, mngr, workdir)
     if mngr.latest_step() != step:
         _save(mngr, step, state, reader, workdir)
     with _writing(mngr, workdir, step):

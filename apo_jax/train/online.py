@@ -6,15 +6,7 @@ round, repeat. `run_online(config)`, with the settings in `config.online`:
               records ──train.run (reference π_t, or the initial model)──▶ π̂_{t+1}
               π_{t+1} = π̂_{t+1} + α·(π̂_{t+1} − π̂_t)  (accelerated_po; α = 0: π_{t+1} = π̂_{t+1})
 
-Labelers (`online.labeler`):
-  - `scorer`: a function (prompt row, response) -> score, e.g. a verifiable task's checker; the best
-    and the worst scored sample of a prompt form its pair (no pair when all score alike).
-  - `judge`: an LLM judge grades every sample 1-10 through the CLAIR client (apo_jax.eval.judge's
-    grading prompt); best over worst.
-  - `clair`: on-policy CLAIR: the reviser minimally revises the policy's first sample; revision over sample.
-  - `dice`: DICE ("Bootstrapping Language Models with DPO Implicit Rewards", arXiv 2406.09760): the
-    policy's own implicit reward r = log π_t(y|x) − log π_ref(y|x) (no β), shaped by the length penalty
-    r − α_lc·|y| (characters), α_lc searched on [0, 1) in steps of 0.001 for the smallest mean length gap.
+Labelers (`online.labeler`: scorer, judge, clair, dice): apo_jax.data.labelers.
 Samplers (`online.sampler`, "The Crucial Role of Samplers in Online DPO", arXiv 2409.19605):
   `uniform` samples the policy; `mixed` draws half the samples from 1.5·ℓ_θ − 0.5·ℓ_ref and half from
   0.5·ℓ_θ + 0.5·ℓ_ref (temperature `online.temperature`, the paper's 0.7).
@@ -32,170 +24,25 @@ policy); `<workdir>/online.json` records finished rounds, so a killed run resume
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
-import os
 import pathlib
 import random
-import shlex
-import signal
-import subprocess
-import time
-import urllib.request
 
 import jax
 import numpy as np
 
 from apo_jax import models, outputs
-from apo_jax.cli import UserError
-from apo_jax.client import ClientConfig, answer_text, run_requests
-from apo_jax.data.clair.baselines import SCORE_TEMPLATE, judge_request, parse_score
-from apo_jax.data.clair.revise import revise
+from apo_jax.client import ClientConfig
+from apo_jax.data import labelers
 from apo_jax.data.generate import generate_with_model, generate_with_server, read_prompts
 from apo_jax.data.jsonl import read_jsonl, write_atomic, write_jsonl
 from apo_jax.data.preprocess import preprocess
-from apo_jax.data.tfrecords import read_records
-from apo_jax.data.token_weights import answer_token_logps
+from apo_jax.inference_server import RELOADS, serving
 from apo_jax.train import loop
-from apo_jax.train.config import save_config, validate_online
+from apo_jax.train.config import ConfigError, save_config
 
+SAMPLERS = ("uniform", "mixed", "server")
 MIXES = ((1.5, -0.5), (0.5, 0.5))  # Shi et al.'s logit mixtures of policy and reference
-
-
-# --- labelers ------------------------------------------------------------------------------------
-
-
-def best_worst(prompt_row: dict, samples: list[str], scores) -> dict | None:
-    """The best-scored sample over the worst (the first of equals); None when all score alike."""
-    hi, lo = int(np.argmax(scores)), int(np.argmin(scores))
-    if scores[hi] == scores[lo]:
-        return None
-    return {
-        "prompt": prompt_row["prompt"],
-        "chosen": samples[hi],
-        "rejected": samples[lo],
-        "chosen_score": float(scores[hi]),
-        "rejected_score": float(scores[lo]),
-    }
-
-
-def dice_alpha(groups: list[tuple[np.ndarray, np.ndarray]], step: float = 0.001) -> float:
-    """DICE's α_lc: over α = 0, step, 2·step, ... < 1, the one whose pairs (argmax and argmin of
-    r − α·len) have the smallest mean |len(chosen) − len(rejected)|, stopping once the gap grows
-    (sail-sg/dice `generate_lc_paired_set.py`). `groups`: per prompt, (rewards, character lengths)."""
-    best_alpha, best_gap = 0.0, None
-    for alpha in np.arange(0.0, 1.0, step):
-        gaps = []
-        for r, n in groups:
-            shaped = r - alpha * n
-            gaps.append(abs(n[int(np.argmax(shaped))] - n[int(np.argmin(shaped))]))
-        gap = float(np.mean(gaps))
-        if best_gap is not None and gap > best_gap:
-            break
-        if best_gap is None or gap < best_gap:
-            best_alpha, best_gap = float(alpha), gap
-    return best_alpha
-
-
-def _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir):
-    """[prompt][sample] r = log π(y|x) − log π_ref(y|x), summed over the answer's tokens."""
-    pairs = zip(prompts, samples, strict=True)
-    rows = [{"prompt": p["prompt"], "chosen": s, "rejected": s} for p, ss in pairs for s in ss]
-    preprocess(
-        str(write_jsonl(workdir / "scored.jsonl", rows)),
-        workdir / "scored",
-        tokenizer,
-        max_length=o.max_length,
-        as_chat=True,
-    )
-    records, _ = read_records(workdir / "scored")
-    # each row holds the sample as both answers: score one side
-    pol = [float(x.sum()) for x in answer_token_logps(policy_dir, records, sides=("chosen",))["chosen"]]
-    ref = [float(x.sum()) for x in answer_token_logps(ref_dir, records, sides=("chosen",))["chosen"]]
-    r = np.full(len(rows), np.nan)  # samples that preprocessing drops (empty, too long) get no reward
-    r[[int(x["source_index"]) for x in records]] = np.asarray(pol) - np.asarray(ref)
-    return r.reshape(len(prompts), len(samples[0]))
-
-
-def label(o, prompts, samples, *, policy_dir, ref_dir, tokenizer, workdir, scorer=None) -> list[dict]:
-    """Pairs from each prompt's samples with the configured labeler."""
-    workdir = pathlib.Path(workdir)
-    if o.labeler == "scorer":
-        score = scorer or _import(o.scorer)
-        scores = [[float(score(p, s)) for s in ss] for p, ss in zip(prompts, samples, strict=True)]
-        (workdir / "scores.json").write_text(json.dumps(scores))  # the round's sample quality
-        pairs = [best_worst(p, ss, x) for p, ss, x in zip(prompts, samples, scores, strict=True)]
-    elif o.labeler == "dice":
-        r = _implicit_rewards(prompts, samples, policy_dir, ref_dir, o, tokenizer, workdir)
-        groups = []  # per prompt: its scored samples, their rewards and character lengths
-        for p, ss, ri in zip(prompts, samples, r, strict=True):
-            kept = [(s, x) for s, x in zip(ss, ri, strict=True) if not np.isnan(x)]
-            if len(kept) > 1:
-                groups.append(
-                    (
-                        p,
-                        [s for s, _ in kept],
-                        np.asarray([x for _, x in kept]),
-                        np.asarray([len(s) for s, _ in kept], np.float64),
-                    )
-                )
-        alpha = o.dice_alpha if o.dice_alpha >= 0 else dice_alpha([(g[2], g[3]) for g in groups])
-        rewards = [[None if np.isnan(x) else float(x) for x in ri] for ri in r]
-        (workdir / "dice.json").write_text(json.dumps({"alpha_lc": alpha, "rewards": rewards}))
-        pairs = [best_worst(p, ss, ri - alpha * n) for p, ss, ri, n in groups]
-    elif o.labeler == "judge":
-        pairs = _judge_pairs(o, prompts, samples, workdir)
-    else:
-        pairs = _clair_pairs(o, prompts, samples, workdir)
-    return [p for p in pairs if p is not None]
-
-
-def _client(o):
-    return ClientConfig(
-        base_url=o.base_url, model=o.api_model, api_key_env=o.api_key_env, concurrency=o.concurrency
-    )
-
-
-def _judge_pairs(o, prompts, samples, workdir):
-    """Each sample graded by the judge (responses matched by the request's content, so a resumed
-    round reuses only grades of these very samples); best over worst."""
-    requests = {
-        f"{i}:{j}": judge_request(o.api_model, SCORE_TEMPLATE.format(prompt=p["prompt"], answer=s))
-        for i, (p, ss) in enumerate(zip(prompts, samples, strict=True))
-        for j, s in enumerate(ss)
-    }
-    log_path = workdir / "judge.responses.jsonl"
-    with outputs.OutputLock(log_path, flag="the online judge's log"):
-        done, _, counters = run_requests(_client(o), requests, log_path, progress=False)
-    if counters.stop:
-        raise counters.stop
-    pairs = []
-    for i, (p, ss) in enumerate(zip(prompts, samples, strict=True)):
-        scores = []
-        for j in range(len(ss)):
-            row = done.get(f"{i}:{j}")
-            try:
-                scores.append(parse_score(answer_text(row["response"])) if row else None)
-            except ValueError:
-                scores.append(None)
-        kept = [(s, x) for s, x in zip(ss, scores, strict=True) if x is not None]  # unjudged samples sit out
-        pairs.append(best_worst(p, [s for s, _ in kept], [x for _, x in kept]) if len(kept) > 1 else None)
-    return pairs
-
-
-def _clair_pairs(o, prompts, samples, workdir):
-    first = [{"prompt": p["prompt"], "response": ss[0]} for p, ss in zip(prompts, samples, strict=True)]
-    answers = write_jsonl(workdir / "answers.jsonl", first)
-    revise(answers, workdir / "clair_pairs.jsonl", _client(o), progress=False)
-    return [r for r in read_jsonl(workdir / "clair_pairs.jsonl") if r["chosen"] != r["rejected"]]
-
-
-def _import(spec: str):
-    module, _, name = spec.partition(":")
-    if not (module and name):
-        raise ValueError(f"online.scorer={spec!r}: use 'module:function'")
-    return getattr(importlib.import_module(module), name)
 
 
 # --- accelerated_po ---------------------------------------------------------------------------------
@@ -230,72 +77,37 @@ def _round_prompts(prompts, o, t):
     return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
 
 
-class ServerError(UserError, RuntimeError):
-    """The inference server did not come up, reload, or serve the round's policy; the message says which."""
-
-
-def _get_json(url: str, timeout: float = 10.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _post_json(url: str, body: dict, timeout: float = 600.0):
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _check_serves(base: str, policy: pathlib.Path) -> None:
-    """The server's /v1/models must name the round's policy as its `root` (vLLM and SGLang report the
-    served path there): samples from last round's weights would be mislabeled silently."""
-    served = [m.get("root") for m in _get_json(f"{base}/models").get("data", [])]
-    if any(served) and str(policy) not in served:
-        raise ServerError(f"{base} serves {served}, not this round's policy {policy}")
-
-
-@contextlib.contextmanager
-def serving(o, policy: pathlib.Path):
-    """The base URL of a server that serves `policy`: `online.server_url` told to load it (SGLang's
-    /update_weights_from_disk) and checked, or `online.server_command` started with it (`{model}`,
-    `{port}`) and stopped afterwards."""
-    if o.server_url:
-        base = o.server_url.rstrip("/")
-        if o.server_reload:
-            root = base[: -len("/v1")] if base.endswith("/v1") else base
-            try:
-                answer = _post_json(f"{root}/{o.server_reload}", {"model_path": str(policy)})
-            except OSError as e:
-                raise ServerError(f"{root}/{o.server_reload}: the reload of {policy} failed: {e}") from None
-            if not answer.get("success", True):
-                raise ServerError(f"{root}/{o.server_reload} refused {policy}: {answer.get('message')}")
-        _check_serves(base, policy)
-        yield base
-        return
-    command = o.server_command.format(model=shlex.quote(str(policy)), port=o.server_port)
-    base = f"http://127.0.0.1:{o.server_port}/v1"
-    proc = subprocess.Popen(command, shell=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + o.server_start_timeout
-        while True:
-            if proc.poll() is not None:
-                raise ServerError(f"online.server_command exited with {proc.returncode}: {command}")
-            try:
-                _check_serves(base, policy)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise ServerError(
-                        f"{command}: no answer at {base}/models in {o.server_start_timeout:g} s"
-                    ) from None
-                time.sleep(1.0)
-        yield base
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+def validate(o, reference_path: str = "") -> None:
+    """Checks the `online` group (the schema: apo_jax.train.config.default_online), before any work."""
+    if o.labeler not in labelers.LABELERS:
+        raise ConfigError(f"online.labeler={o.labeler!r}: use one of {list(labelers.LABELERS)}")
+    if o.sampler not in SAMPLERS:
+        raise ConfigError(f"online.sampler={o.sampler!r}: use one of {list(SAMPLERS)}")
+    if o.reference not in ("previous", "initial"):
+        raise ConfigError(f"online.reference={o.reference!r}: use previous or initial")
+    if not 0 <= o.replay < 1:
+        raise ConfigError(f"online.replay={o.replay} must lie in [0, 1)")
+    if o.replay and not o.offline:
+        raise ConfigError("online.replay > 0 needs online.offline: the offline pairs to replay")
+    if o.samples < 2:
+        raise ConfigError(f"online.samples={o.samples}: a pair needs at least 2 samples per prompt")
+    if o.labeler in ("judge", "clair") and not (o.base_url and o.api_model):
+        raise ConfigError(f"online.labeler={o.labeler!r} needs online.base_url and online.api_model")
+    if o.sampler == "mixed" and o.reference == "previous" and not reference_path:
+        raise ConfigError(
+            "online.sampler='mixed' mixes the policy's logits with its reference's, but with "
+            "online.reference='previous' the reference is the policy itself: set online.reference='initial' "
+            "or reference.path"
+        )
+    if o.rounds < 1:
+        raise ConfigError(f"online.rounds={o.rounds} must be >= 1")
+    if o.sampler == "server" and bool(o.server_url) == bool(o.server_command):
+        raise ConfigError(
+            "online.sampler='server' needs exactly one of online.server_url (a running server, reloaded "
+            "each round) and online.server_command (started each round with the round's policy)"
+        )
+    if o.server_reload not in RELOADS:
+        raise ConfigError(f"online.server_reload={o.server_reload!r}: use one of {list(RELOADS)}")
 
 
 def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
@@ -308,7 +120,15 @@ def _sample(cfg, batch, policy, ref, out, t: int) -> list[list[str]]:
     sampling = {"samples": o.samples, "max_tokens": o.max_tokens, "temperature": o.temperature}
     sampling |= {"seed": cfg.train.seed + t, "progress": cfg.train.progress}
     if o.sampler == "server":
-        with serving(o, policy) as base:
+        served = serving(
+            policy,
+            url=o.server_url,
+            reload=o.server_reload,
+            command=o.server_command,
+            port=o.server_port,
+            start_timeout=o.server_start_timeout,
+        )
+        with served as base:
             client = ClientConfig(
                 base_url=base,
                 model=o.server_model or str(policy),
@@ -339,7 +159,9 @@ def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
         held = read_jsonl(rd / "pairs.jsonl")
         generated = [r for r in held if r["source"] == f"round_{t}"]
         return generated, [r for r in held if r["source"] != f"round_{t}"]
-    pairs = label(o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer)
+    pairs = labelers.label(
+        o, batch, samples, policy_dir=policy, ref_dir=ref, tokenizer=tok, workdir=rd, scorer=scorer
+    )
     generated = [dict(p, source=f"round_{t}") for p in pairs]
     replayed = replay_rows(offline, len(generated), o.replay, seed=cfg.train.seed + t)
     if not generated + replayed:
@@ -354,7 +176,7 @@ def _pairs(cfg, t: int, batch, samples, policy, ref, tok, rd, offline, scorer):
 def run_online(cfg, *, scorer=None) -> dict:
     """Runs (or resumes) `cfg.online.rounds` rounds; returns {"rounds": [per-round summary], "policy"}."""
     o = cfg.online
-    validate_online(o, cfg.reference.path)
+    validate(o, cfg.reference.path)
     root = pathlib.Path(cfg.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, root)  # each round's training writes its own in round_<t>/train
