@@ -178,72 +178,101 @@ def _lora_config(workdir, records, path, **overrides):
     return cfg
 
 
-def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
-    """A LoRA APO-zero run: step 0 is full fine-tuning's (policy = reference), the reference is the
-    base model's log-probs, only adapters change (and only they have AdamW moments), both exports
-    load, a SIGTERM mid-run resumes bit for bit (LoRA dropout's keys too), and the PEFT adapter
-    imports into a run that trains on from it (a bfloat16 base under float32 adapters, packed rows,
-    4 devices)."""
-    path = tiny_checkpoints["gqa"]
-    steps = dict(train__steps=6, train__checkpoint_every=2, lora__rank=4, lora__alpha=8.0, lora__dropout=0.1)
-    whole = train.run(_lora_config(tmp_path / "whole", records, path, train__export_hf=True, **steps))
-    # step 0: policy = reference = the base model, as in full fine-tuning: APO-zero's loss is 1 and the
-    # policy's log-probs are the base's, from an independent load and forward
+_STEPS = dict(train__steps=6, train__checkpoint_every=2, lora__rank=4, lora__alpha=8.0, lora__dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, records, tiny_checkpoints):
+    """A LoRA APO-zero run on the GQA checkpoint (6 steps, dropout 0.1, both exports), trained once
+    for the tests below; with the base model's own log-probs on the first batch."""
+    root, path = tmp_path_factory.mktemp("lora"), tiny_checkpoints["gqa"]
+    whole = train.run(_lora_config(root / "whole", records, path, train__export_hf=True, **_STEPS))
     base_model, base_params = models.from_hf(path)
     batch = PreferenceReader(records, global_batch_size=8, seed=0).batch(0, 0)
     base = sequence_sums(base_model, base_params, batch, StepConfig()).policy
+    model, _ = build_model(_lora_config(root, records, path, lora__rank=4, lora__alpha=8.0), None)
+    return {
+        "root": root,
+        "path": path,
+        "state": whole["state"],
+        "base_params": base_params,
+        "base": base,
+        "batch": batch,
+        "model": model,
+    }
+
+
+def test_lora_step_0_is_full_fine_tunings(lora_run):
+    """Step 0: policy = reference = the base model, as in full fine-tuning: APO-zero's loss is 1 and the
+    policy's log-probs are the base's, from an independent load and forward; and it trains."""
+    whole, base = lora_run["root"] / "whole", lora_run["base"]
     # the policy (adapters adding B = 0) and the reference (no adapter leaves) are two compiled
     # graphs whose float32 sums may round apart by an ulp: 1 - σ(βε) + σ(-βε) within 1e-6 of 1
-    assert metric(tmp_path / "whole", "loss")[0] == pytest.approx(1.0, abs=1e-6)
+    assert metric(whole, "loss")[0] == pytest.approx(1.0, abs=1e-6)
     for side in ("chosen", "rejected"):
         want = float(np.mean(np.asarray(getattr(base, side))))
-        assert metric(tmp_path / "whole", f"logps/{side}")[0] == pytest.approx(want, rel=1e-6)
-    assert losses_of(tmp_path / "whole")[-1] < 1.0  # and it trains
+        assert metric(whole, f"logps/{side}")[0] == pytest.approx(want, rel=1e-6)
+    assert losses_of(whole)[-1] < 1.0
 
-    # only adapter leaves changed; the optimizer holds moments for them alone
-    state = whole["state"]
+
+def test_lora_trains_only_the_adapters(lora_run):
+    """Only adapter leaves changed (every B moved off 0); the optimizer holds moments for them alone;
+    the state holds no copy of the weights as reference."""
+    state = lora_run["state"]
     trained = _flat(state.params)
-    for key, value in _flat(base_params).items():
+    for key, value in _flat(lora_run["base_params"]).items():
         np.testing.assert_array_equal(trained[key], value, err_msg="/".join(key))
     assert all(trained[k].any() for k in trained if k[-1] == "lora_b")
-    assert state.ref_params == {}  # no copy of the weights: the reference is the base
+    assert state.ref_params == {}
     n_adapters = sum(v.size for k, v in trained.items() if lora.is_adapter(k))
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * n_adapters  # mu, nu
 
-    # the reference log-probs the step uses are the base model's (adapters trained, B != 0)
-    model, _ = build_model(_lora_config(tmp_path, records, path, lora__rank=4, lora__alpha=8.0), None)
-    loss = build_loss(_lora_config(tmp_path, records, path))
-    fwd = forward(model, loss, StepConfig(), state.params, state.ref_params, batch)
+
+def test_lora_reference_is_the_base_model(lora_run, records):
+    """The reference log-probs the step uses, after training (B != 0), are the base model's."""
+    state, base = lora_run["state"], lora_run["base"]
+    loss = build_loss(_lora_config(lora_run["root"], records, lora_run["path"]))
+    fwd = forward(lora_run["model"], loss, StepConfig(reference="base"), state.params, {}, lora_run["batch"])
     np.testing.assert_allclose(np.asarray(fwd.reference.chosen), np.asarray(base.chosen), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(fwd.reference.rejected), np.asarray(base.rejected), rtol=1e-6)
     assert np.abs(np.asarray(fwd.policy.chosen) - np.asarray(base.chosen)).max() > 1e-4
 
-    # hf/ (merged) in transformers and adapter/ through peft give the same logits
+
+def test_lora_exports_match_transformers_and_peft(lora_run):
+    """hf/ (merged) in transformers, adapter/ through peft on the base, and our params agree."""
+    whole = lora_run["root"] / "whole"
     ids, mask = _batch()
     valid = mask.astype(bool)
-    z_merged = _torch_logits(
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "whole/hf"), ids, mask
-    )
-    hf_base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    z_peft = _torch_logits(
-        peft.PeftModel.from_pretrained(hf_base, tmp_path / "whole/adapter").eval(), ids, mask
-    )
+    z_merged = _torch_logits(transformers.AutoModelForCausalLM.from_pretrained(whole / "hf"), ids, mask)
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(lora_run["path"]).eval()
+    z_peft = _torch_logits(peft.PeftModel.from_pretrained(hf_base, whole / "adapter").eval(), ids, mask)
     assert np.abs(z_peft - z_merged)[valid].max() <= 1e-5
-    z_ours = _logits(model, state.params, ids, mask)
+    z_ours = _logits(lora_run["model"], lora_run["state"].params, ids, mask)
     assert np.abs(z_ours - z_merged)[valid].max() <= 1e-4
 
-    # SIGTERM while reading batch 3: saved, stopped, resumed: the same losses and adapters
-    killed = _lora_config(tmp_path / "killed", records, path, train__export_hf=True, **steps)
+
+def test_lora_sigterm_resumes_bit_for_bit(lora_run, records):
+    """SIGTERM while reading batch 3: saved, stopped, resumed: the same losses and adapters as the
+    uninterrupted run (LoRA dropout's keys too)."""
+    root = lora_run["root"]
+    killed = _lora_config(root / "killed", records, lora_run["path"], train__export_hf=True, **_STEPS)
     with SigtermAt(3):
         assert train.run(killed)["status"] == "preempted"
     resumed = train.run(killed)
-    assert resumed["status"] == "done" and losses_of(tmp_path / "killed") == losses_of(tmp_path / "whole")
-    for key, value in trained.items():
-        np.testing.assert_array_equal(_flat(resumed["state"].params)[key], value, err_msg="/".join(key))
+    assert resumed["status"] == "done" and losses_of(root / "killed") == losses_of(root / "whole")
+    got = _flat(resumed["state"].params)
+    for key, value in _flat(lora_run["state"].params).items():
+        np.testing.assert_array_equal(got[key], value, err_msg="/".join(key))
 
-    # the PEFT folder imports and trains on: a bfloat16 base, packed rows, (data 2, fsdp 2) devices
-    cont = _lora_config(tmp_path / "cont", records, path, train__steps=2, lora__rank=4, lora__alpha=8.0)
-    cont.lora.path, cont.model.param_dtype = str(tmp_path / "whole/adapter"), "bfloat16"
+
+def test_lora_peft_folder_imports_and_trains_on(lora_run, records):
+    """The PEFT folder imports into a run that trains on from it: a bfloat16 base under float32
+    adapters and moments, packed rows, (data 2, fsdp 2) devices."""
+    root = lora_run["root"]
+    cont = _lora_config(
+        root / "cont", records, lora_run["path"], train__steps=2, lora__rank=4, lora__alpha=8.0
+    )
+    cont.lora.path, cont.model.param_dtype = str(root / "whole/adapter"), "bfloat16"
     cont.data.layout, cont.data.packed_rows, cont.data.length = "packed", 8, 128
     cont.mesh.data, cont.mesh.fsdp = 2, 2
     out = train.run(cont)
@@ -251,6 +280,6 @@ def test_lora_preference_run(tmp_path, records, tiny_checkpoints):
     assert {params[k].dtype for k in params if lora.is_adapter(k)} == {np.dtype(np.float32)}
     assert {params[k].dtype for k in params if not lora.is_adapter(k)} == {np.dtype("bfloat16")}
     assert {x.dtype for x in jax.tree.leaves(out["state"].opt_state) if x.ndim} == {np.dtype(np.float32)}
-    assert metric(tmp_path / "cont", "loss")[0] < 1.0  # starts from the trained adapters, not B = 0
+    assert metric(root / "cont", "loss")[0] < 1.0  # starts from the trained adapters, not B = 0
     a = ("layers", "mlp", "down_proj", "lora_b")
-    assert np.abs(params[a] - trained[a]).max() > 0  # and moves them
+    assert np.abs(params[a] - _flat(lora_run["state"].params)[a]).max() > 0  # and moves them

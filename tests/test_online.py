@@ -66,42 +66,59 @@ def _responses(path):
     return by
 
 
-def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_steps(tmp_path, start):
+ALPHA = 0.5  # accelerated_po's α in the run below
+
+
+def _longest(row, response):  # a scorer that always separates
+    return float(len(response))
+
+
+@pytest.fixture(scope="module")
+def rounds(tmp_path_factory, start):
+    """Two rounds (mixed sampler with the initial reference, replay γ = 0.5, accelerated_po α = 0.5),
+    the job killed while labeling round 1 (after its sampling) and run again: trained once for the
+    tests below. Returns (config, the second call's result, round 0's metrics mtime after the first)."""
     root, m0, prompts, offline = start
-    alpha = 0.5
+    run = tmp_path_factory.mktemp("rounds") / "run"
     cfg = _config(
-        tmp_path / "run",
+        run,
         m0,
         prompts,
         sampler="mixed",
         reference="initial",
         replay=0.5,
         offline=str(offline),
-        accelerate_alpha=alpha,
+        accelerate_alpha=ALPHA,
     )
-    longest = lambda row, response: float(len(response))  # noqa: E731  a scorer that always separates
     calls = []
 
-    def crashes_in_round_1(row, response):  # the job dies while labeling round 1, after its sampling
+    def crashes_in_round_1(row, response):
         calls.append(1)
         if len(calls) == 8 * 2 + 1:
             raise RuntimeError("killed")
-        return longest(row, response)
+        return _longest(row, response)
 
-    run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed"):
         online.run_online(cfg, scorer=crashes_in_round_1)
     round0 = (run / "round_0" / "train" / "metrics.jsonl").stat().st_mtime_ns
-    out = online.run_online(cfg, scorer=longest)  # resumes: round 0 is not run again
-    assert (run / "round_0" / "train" / "metrics.jsonl").stat().st_mtime_ns == round0
-    r0, r1 = out["rounds"]
-    # round 1 sampled π_1 (round 0's extrapolated policy), mixed with the initial reference: regenerating
-    # with it gives the same samples, regenerating with π_0 does not
+    return cfg, online.run_online(cfg, scorer=_longest), round0
+
+
+def test_a_killed_job_resumes_at_its_round(rounds):
+    """The run killed in round 1 resumed there: round 0's training was not run again."""
+    cfg, _, round0 = rounds
+    assert (pathlib.Path(cfg.workdir) / "round_0" / "train" / "metrics.jsonl").stat().st_mtime_ns == round0
+
+
+def test_round_1_samples_the_new_policy_mixed_with_the_initial_reference(tmp_path, rounds, start):
+    """Round 1 sampled π_1 (round 0's extrapolated policy), mixed with the initial reference:
+    regenerating with it gives the same samples, regenerating with π_0 does not."""
+    cfg, out, _ = rounds
+    _, m0, prompts, _ = start
     rows = [{"prompt": p["prompt"], "index": i} for i, p in enumerate(read_jsonl(prompts))]
     _, ref_params = models.from_hf(m0)
-    mix = [online.MIXES[0], online.MIXES[1]]
     again = {}
-    for name, policy in (("pi1", r0["policy"]), ("pi0", m0)):
+    for name, policy in (("pi1", out["rounds"][0]["policy"]), ("pi0", m0)):
         generate_with_model(
             rows,
             tmp_path / f"{name}.jsonl",
@@ -113,44 +130,55 @@ def test_rounds_train_on_the_current_policys_samples_with_replay_and_nesterov_st
             batch_size=16,
             progress=False,
             ref_params=ref_params,
-            mix=mix,
+            mix=[online.MIXES[0], online.MIXES[1]],
         )
         again[name] = _responses(tmp_path / f"{name}.jsonl")
-    round1 = _responses(run / "round_1" / "samples.jsonl")
+    round1 = _responses(pathlib.Path(cfg.workdir) / "round_1" / "samples.jsonl")
     assert again["pi1"] == round1 and again["pi0"] != round1
-    # the round's pairs are its own samples, longest over shortest, plus n_gen offline pairs (γ = 0.5)
+
+
+def test_a_rounds_pairs_are_its_samples_plus_the_replay_share(rounds):
+    """Round 1's pairs are its own samples, longest over shortest, plus n_gen offline pairs (γ = 0.5)."""
+    cfg, out, _ = rounds
+    run = pathlib.Path(cfg.workdir)
+    round1 = _responses(run / "round_1" / "samples.jsonl")
     pairs = read_jsonl(run / "round_1" / "pairs.jsonl")
     generated = [p for p in pairs if p["source"] == "round_1"]
-    assert len(generated) == r1["pairs"] > 0 and sum(p["source"] == "offline" for p in pairs) == len(
-        generated
-    )
+    assert len(generated) == out["rounds"][1]["pairs"] > 0
+    assert sum(p["source"] == "offline" for p in pairs) == len(generated)
     for p in generated:
         mine = list(round1[p["prompt"]].values())
         assert p["chosen"] in mine and p["rejected"] in mine
         assert len(p["chosen"]) == max(map(len, mine)) > len(p["rejected"]) == min(map(len, mine))
-    # accelerated_po: θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t), θ̂_0 = θ_0, on every tensor of the checkpoints
-    weights = {
-        k: load_file(f"{d}/model.safetensors")
-        for k, d in (
-            ("m0", m0),
-            ("h1", r0["hat"]),
-            ("p1", r0["policy"]),
-            ("h2", r1["hat"]),
-            ("p2", r1["policy"]),
-        )
-    }
+
+
+def test_accelerated_po_extrapolates_every_tensor(rounds, start):
+    """θ_{t+1} = θ̂_{t+1} + α(θ̂_{t+1} − θ̂_t), θ̂_0 = θ_0, on every tensor of the checkpoints."""
+    _, out, _ = rounds
+    r0, r1 = out["rounds"]
+    dirs = {"m0": start[1], "h1": r0["hat"], "p1": r0["policy"], "h2": r1["hat"], "p2": r1["policy"]}
+    weights = {k: load_file(f"{d}/model.safetensors") for k, d in dirs.items()}
     for key in weights["m0"]:
         for new, old, got in (("h1", "m0", "p1"), ("h2", "h1", "p2")):
-            expected = weights[new][key] + alpha * (weights[new][key] - weights[old][key])
+            expected = weights[new][key] + ALPHA * (weights[new][key] - weights[old][key])
             np.testing.assert_allclose(weights[got][key], expected, rtol=1e-6, atol=1e-7, err_msg=key)
     assert not np.allclose(weights["h1"][key], weights["m0"][key])
-    # the fixed reference: round 0 starts at policy = reference (DPO's log 2), round 1 does not
+
+
+def test_the_fixed_reference_starts_round_0_at_log_2_only(rounds):
+    """With the initial model as reference, round 0 starts at policy = reference (DPO's log 2) and
+    round 1 does not."""
+    run = pathlib.Path(rounds[0].workdir)
     assert first_step(run / "round_0" / "train")["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(first_step(run / "round_1" / "train")["loss"] - math.log(2)) > 1e-3
-    # finished rounds are not run again
-    stamp = (run / "online.json").stat().st_mtime_ns
-    assert online.run_online(cfg, scorer=longest)["rounds"] == out["rounds"]
-    assert (run / "online.json").stat().st_mtime_ns == stamp
+
+
+def test_finished_rounds_are_not_run_again(rounds):
+    cfg, out, _ = rounds
+    book = pathlib.Path(cfg.workdir) / "online.json"
+    stamp = book.stat().st_mtime_ns
+    assert online.run_online(cfg, scorer=_longest)["rounds"] == out["rounds"]
+    assert book.stat().st_mtime_ns == stamp
 
 
 def test_sigterm_during_a_rounds_training_resumes_that_training(tmp_path, start, monkeypatch):

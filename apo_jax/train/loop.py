@@ -30,8 +30,8 @@ from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
 from apo_jax.train import config as config_lib
 from apo_jax.train import record
-from apo_jax.train.state import build_model, initial_state, make_optimizer, model_vocab_size
-from apo_jax.train.step import StepConfig, make_eval_step, make_train_step
+from apo_jax.train.setup import BASE, FROZEN, SYNC, make_reader, setup
+from apo_jax.train.step import make_eval_step, make_train_step
 from apo_jax.train.trackers import Trackers
 
 
@@ -189,66 +189,6 @@ def run(cfg) -> dict:
         return _run(cfg, workdir)
 
 
-def _reader(path, cfg, batch_size: int, seed: int, grad_accum: int = 1) -> PreferenceReader:
-    """The records at `path` batched as the config's data group says (train, eval and probe sets)."""
-    d = cfg.data
-    return PreferenceReader(
-        path,
-        global_batch_size=batch_size,
-        seed=seed,
-        layout=d.layout,
-        length=d.length or None,
-        pad_id=d.pad_id,
-        packed_rows=d.packed_rows or None,
-        grad_accum=grad_accum,
-        bucket=d.bucket,
-    )
-
-
-def _init_state(cfg, mesh, model, params, loss, reference: str, tx):
-    """The train state (`state.initial_state`), with the reference loaded from reference.path when the
-    config names one."""
-    ref_loaded = None
-    if reference in ("frozen", "sync") and cfg.reference.path:  # a reference other than the start
-        ref_cfg = cfg.copy_and_resolve_references()
-        ref_cfg.model.path = cfg.reference.path
-        ref_model, ref_loaded = build_model(ref_cfg, mesh, adapters=False)
-        if ref_model.config != lora.plain(model.config):
-            raise config_lib.ConfigError(
-                f"reference.path={cfg.reference.path}: its architecture differs from the policy's"
-            )
-    loss_state = loss.init_state() if loss is not None and loss.stateful else None
-
-    def init(params, ref_loaded):
-        return initial_state(
-            model,
-            tx,
-            params,
-            reference,
-            seed=cfg.train.seed,
-            mesh=mesh,
-            loss_state=loss_state,
-            ref_loaded=ref_loaded,
-        )
-
-    return jax.jit(init)(params, ref_loaded)
-
-
-def step_config(cfg, reference: str) -> StepConfig:
-    """The step's static settings from the run config (`reference`: the mode the loss runs with)."""
-    t = cfg.train
-    return StepConfig(
-        mode=t.mode,
-        layout=cfg.data.layout,
-        grad_accum=t.grad_accum,
-        reference=reference,
-        sync_steps=cfg.reference.sync_steps,
-        mixup_alpha=cfg.reference.mixup_alpha,
-        ld_alpha=cfg.loss.get("ld_alpha", None),
-        use_weighting=bool(cfg.loss.get("use_weighting", False)),
-    )
-
-
 class _StepLog:
     """Reads each step's metrics to the host one step late (the device never waits for the host),
     writes them every `train.log_every` steps with throughput and MFU, and counts the consecutive
@@ -317,21 +257,15 @@ def _stop_if_diverging(log: _StepLog, t, mngr, workdir: pathlib.Path) -> None:
 
 def _run(cfg, workdir: pathlib.Path) -> dict:
     t = cfg.train
-    mesh = sharding.make_mesh(**dict(cfg.mesh))
-    loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
-    reader = _reader(cfg.data.train, cfg, t.batch_size, t.seed, t.grad_accum)
-    config_lib.check_run(cfg, loss, mesh, reader.records, reader.metadata, model_vocab_size(cfg.model))
+    run = setup(cfg)
+    mesh, model, loss, reader, reference = run.mesh, run.model, run.loss, run.reader, run.reference
     found = record.sources(cfg, reader.metadata, len(reader.records))
     start_record = record.check(cfg, workdir, _has_checkpoints(workdir), found)  # before any write
-    reference = cfg.reference.mode if loss is not None and loss.uses_reference else "none"
-    model, params = build_model(cfg, mesh)
-    tx, lr = make_optimizer(cfg.optimizer, t.steps)
-    state = _init_state(cfg, mesh, model, params, loss, reference, tx)
-    del params
-    step_cfg = step_config(cfg, reference)
+    state = run.init_state()
+    run.params = None  # the state holds them (donated to the first step)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = jax.jit(
-        sharding.on_mesh(make_train_step(model, loss, tx, lr, step_cfg), mesh),
+        sharding.on_mesh(make_train_step(model, loss, run.tx, run.lr, run.step_cfg), mesh),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
@@ -341,8 +275,8 @@ def _run(cfg, workdir: pathlib.Path) -> dict:
     if jax.process_index() == 0:
         start_record.write(start)
     writer = Trackers(workdir, start, cfg)
-    evaluate = _eval_fn(cfg, model, loss, step_cfg, mesh)
-    per_token = flops_per_token(model.config, reader.length) * (3 + (reference in ("frozen", "sync")))
+    evaluate = _eval_fn(cfg, model, loss, run.step_cfg, mesh)
+    per_token = flops_per_token(model.config, reader.length) * (3 + (reference in (FROZEN, BASE, SYNC)))
     peak = t.peak_flops or peak_flops(jax.devices()[0].device_kind)
     log = _StepLog(t, writer, start, int(_host(state.nonfinite_run)), per_token, peak)
     status = "done"
@@ -445,7 +379,7 @@ def _eval_fn(cfg, model, loss, step_cfg, mesh):
     step = jax.jit(sharding.on_mesh(make_eval_step(model, loss, step_cfg), mesh))
     loaded = []
     for prefix, path, limit in sets:
-        reader = _reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)
+        reader = make_reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)
         config_lib.check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
         config_lib.check_against_data(cfg, loss, reader.metadata, path)
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)

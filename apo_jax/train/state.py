@@ -20,10 +20,9 @@ def model_vocab_size(m) -> int:
     return models.read_config(m.path).vocab_size if m.path else m.vocab_size  # a preset takes vocab_size
 
 
-def build_model(cfg, mesh, *, adapters: bool = True):
-    """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random. With
-    `lora.rank` > 0 (and `adapters`), LoRA adapters beside the base: fresh (B = 0, the policy starts
-    as the base) or read from the PEFT folder `lora.path`; `adapters=False` gives the base alone."""
+def model_policies(cfg, *, adapters: bool = True) -> dict:
+    """The LlamaConfig fields a run config sets on any architecture: compute and parameter dtypes,
+    remat, and LoRA's (unless `adapters` is False)."""
     m, lo = cfg.model, cfg.get("lora", None)
     policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
     if lo is not None and lo.rank and adapters:
@@ -31,6 +30,15 @@ def build_model(cfg, mesh, *, adapters: bool = True):
         policies |= {"lora_rank": lo.rank, "lora_alpha": float(lo.alpha), "lora_targets": targets}
         policies["lora_dropout"] = float(lo.dropout)
         policies["lora_layers"] = int(lo.get("layers", 0))
+    return policies
+
+
+def build_model(cfg, mesh, *, adapters: bool = True):
+    """(model, params) from `cfg.model`: a Hugging Face directory, or the tiny preset at random. With
+    `lora.rank` > 0 (and `adapters`), LoRA adapters beside the base: fresh (B = 0, the policy starts
+    as the base) or read from the PEFT folder `lora.path`; `adapters=False` gives the base alone."""
+    m, lo = cfg.model, cfg.get("lora", None)
+    policies = model_policies(cfg, adapters=adapters)
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
         if model.config.lora_rank and not lo.path:  # lora.path's adapters are read below
@@ -121,14 +129,14 @@ def opt_state_shardings(model, tx, mesh):
 
 
 def initial_state(model, tx, params, reference: str, *, seed: int, mesh, loss_state=None, ref_loaded=None):
-    """The first train state of a run (traceable: jit it). The reference is `ref_loaded` (a model of
-    its own) or the starting policy: a frozen copy in the compute dtype for `frozen` (the same
-    log-probs in less memory), the policy's own precision for TR-DPO's `sync`, none otherwise; with
-    LoRA adapters, none either: the step reads the base (adapters off) out of the params.
-    AdamW's moments, of what the optimizer updates (`trainable`), are split over `mesh` like their
-    parameters."""
+    """The first train state of a run (traceable: jit it). `reference` is the run's reference source
+    (apo_jax.train.setup): `ref_loaded` (a model of its own) or the starting policy, a frozen copy
+    in the compute dtype for `frozen` (the same log-probs in less memory), in the policy's own
+    precision for TR-DPO's `sync`; none otherwise (`base`: the step reads the base, adapters off,
+    out of the params). AdamW's moments, of what the optimizer updates (`trainable`), are split over
+    `mesh` like their parameters."""
     ref = ref_loaded
-    if reference == "frozen" and not (ref is None and lora.has_adapters(params)):
+    if reference == "frozen":
         ref = models.frozen_copy(model.config, params if ref is None else ref)
     elif reference == "sync" and ref is None:
         ref = jax.tree.map(jnp.copy, params)

@@ -1,7 +1,7 @@
 """The train step: `step(state, batch) -> (state, metrics)`, built from parts and jitted once.
 
-`forward` runs the policy (and the reference: frozen/synced parameters, precomputed in the batch,
-or none) over the batch in its layout and returns a `Forward` of per-completion sums (optionally
+`forward` runs the policy (and the reference: frozen/synced parameters, LoRA's base, precomputed in
+the batch, or none) over the batch in its layout and returns a `Forward` of per-completion sums (optionally
 LD-DPO's `ld_alpha` aggregation), lengths, and what the loss asks for (token log-probs, the
 per-position KL, WPO weights). `apply_loss` feeds it to the configured loss (`apo_jax.losses`,
 one or a weighted mix, built with its hyperparameters bound), `trl_metrics` names the results as
@@ -32,6 +32,9 @@ from apo_jax.data.layouts import EXTRA_KEYS, sequence_logps
 from apo_jax.models import lora, token_logps
 from apo_jax.train.state import TrainState, trainable, with_trainable
 
+# where the reference log-probs come from (apo_jax.train.setup.reference_source decides, once per run)
+REFERENCES = ("none", "precomputed", "frozen", "base", "sync")
+
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -40,7 +43,7 @@ class StepConfig:
     mode: str = "preference"  # preference | sft
     layout: str = "padded"
     grad_accum: int = 1
-    reference: str = "frozen"  # frozen | precomputed | sync | none
+    reference: str = "frozen"  # one of REFERENCES
     sync_steps: int = 512
     mixup_alpha: float = 0.6
     ld_alpha: float | None = None  # LD-DPO's aggregation of the per-completion log-probs
@@ -218,8 +221,13 @@ def forward(
     (token log-probs, the per-position KL, lengths), shared by the train and eval steps. `rng`:
     LoRA's dropout in the policy's pass (training)."""
     tokens = loss.granularity == "token"
-    if not ref_params and lora.has_adapters(params):  # LoRA: the reference is the base, adapters off
+    if cfg.reference == "base":  # LoRA: the reference is the base, adapters off
         ref_params = lora.base(params)
+    elif cfg.reference in ("frozen", "sync") and loss.uses_reference and not ref_params:
+        raise ValueError(
+            f"StepConfig.reference={cfg.reference!r} but no reference parameters were given "
+            "(a LoRA run's reference is 'base': the adapters off)"
+        )
     common = {"tokens": tokens, "with_entropy": with_entropy, "weights": cfg.use_weighting, "rng": rng}
     if loss.kl is not None and ref_params:  # policy, reference and their KL in one pass
         return _paired_padded(model, params, batch, cfg, ref_params=ref_params, kl=loss.kl, **common)

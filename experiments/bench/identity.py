@@ -24,7 +24,7 @@ import subprocess
 import sys
 
 CELLS = ("clair_apo_zero:tiny", "clair_dpo:tiny", "stronger_preferred_apo_down:tiny", "online_dpo:tiny")
-_VOLATILE = ("time", "seconds", "per_sec", "elapsed", "wall", "compile", "path", "workdir", "code")
+_VOLATILE = ("time", "seconds", "per_sec", "mfu", "elapsed", "wall", "compile", "path", "workdir", "code")
 
 
 def _clean(value):
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = p.parse_args(argv)
     if args.compare:
-        a, b = (json.loads(pathlib.Path(f).read_text()) for f in args.compare)
+        a, b = (_clean(json.loads(pathlib.Path(f).read_text())) for f in args.compare)
         diffs = compare(a, b)
         count = sum(len(rows) for w in a.values() for rows in w.values())
         print("\n".join(diffs[:40]) or f"bit-identical: {len(a)} workloads, {count} logged rows or results")

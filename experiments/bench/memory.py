@@ -43,9 +43,8 @@ from apo_jax import cli, models, sharding
 from apo_jax.cli import UserError
 from apo_jax.data import layouts
 from apo_jax.models.flops import flops_per_token, param_counts, peak_flops
-from apo_jax.train import config as config_lib
-from apo_jax.train.loop import step_config
-from apo_jax.train.state import initial_state, make_optimizer, trainable
+from apo_jax.train.setup import setup
+from apo_jax.train.state import model_policies, trainable
 from apo_jax.train.step import StepConfig, make_train_step, sequence_sums
 from experiments.configs import grid
 
@@ -255,19 +254,7 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
     the model preset `shape`, on a mesh of all devices (or of `devices`: a TPU topology's). A TPU
     compiler's refusal for lack of HBM gives a row with `fits` False and its figures. `keep` (a dict)
     receives the compiled step as "compiled" (its HLO: tests of the collectives)."""
-    m, lo = config.model, config.lora
-    adapters = {}
-    if lo.rank:
-        adapters = {
-            "lora_rank": lo.rank,
-            "lora_alpha": lo.alpha,
-            "lora_targets": config_lib.lora_targets(config),
-        }
-    model = models.Llama(
-        models.preset(
-            shape, dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, **adapters
-        )
-    )
+    model = models.Llama(models.preset(shape, **model_policies(config)))
     slices = len({getattr(d, "slice_index", 0) for d in devices}) if devices is not None else 1
     try:
         if slices > 1:  # multi-slice: `data` across the slices (DCN), fsdp and tensor inside each
@@ -285,12 +272,9 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
         ]
         mesh = jax.sharding.Mesh(np.asarray(devices).reshape(sizes), sharding.MESH_AXES)
     params = placed_shapes(model, mesh)
-    loss = config_lib.build_loss(config)
-    reference = config.reference.mode if loss.uses_reference else "none"
-    tx, lr = make_optimizer(config.optimizer, config.train.steps)
-    init = jax.jit(
-        lambda p: initial_state(model, tx, p, reference, seed=0, mesh=mesh, loss_state=loss.init_state())
-    )
+    run = setup(config, mesh=mesh, model=model, params=params, data=False)
+    loss, reference = run.loss, run.reference
+    init = jax.jit(lambda p: run.init_fn()(p, None))
     state_shardings = init.lower(params).compile().output_shardings
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -307,7 +291,7 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
         )
         for k, v in layouts.padded([pair], length).items()
     }
-    step = sharding.on_mesh(make_train_step(model, loss, tx, lr, step_config(config, reference)), mesh)
+    step = sharding.on_mesh(make_train_step(model, loss, run.tx, run.lr, run.step_cfg), mesh)
     per_device = sum(_shard_bytes(x) for x in jax.tree.leaves((state, batch)))
     facts = {
         "devices": mesh.devices.size,

@@ -40,9 +40,9 @@ class JaxStep:
         self.model = models.Llama(config)
         opt = bench_optimizer(lr)
         tx, sched = make_optimizer(opt, steps)
-        ref = None  # as train.run stores it: a frozen copy, or none with LoRA (the base is the reference)
-        if reference == "frozen" and not config.lora_rank:
-            ref = models.frozen_copy(config, params)
+        if reference == "frozen" and config.lora_rank:  # as train.setup resolves it: LoRA's base
+            reference = "base"
+        ref = models.frozen_copy(config, params) if reference == "frozen" else None
         self.state = create_state(params, tx, seed=0, ref_params=ref)
         cfg = StepConfig(layout=layout, reference=reference, with_entropy=False)
         self.step = jax.jit(
