@@ -312,6 +312,11 @@ class Breaker:
             raise _Stopped
 
 
+def _status_kind(code: int) -> str:
+    """How the circuit breaker counts an HTTP error status: a wrong key, a wrong URL, or an answer."""
+    return "auth" if code in AUTH else "not found" if code == 404 else "answered"
+
+
 def request_with_retries(
     client, cfg: ClientConfig, request: dict, counters: Counters, lock, breaker: Breaker | None = None
 ) -> dict:
@@ -362,10 +367,7 @@ def request_with_retries(
                 breaker.request("answered", status=429)
             except openai.APIStatusError as e:
                 detail = f"HTTP {e.status_code}: {_one_line(e)}"
-                kind = (
-                    "auth" if e.status_code in AUTH else "not found" if e.status_code == 404 else "answered"
-                )
-                breaker.request(kind, detail, status=e.status_code)
+                breaker.request(_status_kind(e.status_code), detail, status=e.status_code)
                 if e.status_code in PERMANENT:
                     raise RequestFailed(detail, permanent=True) from None
                 last, wait = detail, _retry_after(e)

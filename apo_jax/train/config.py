@@ -30,12 +30,9 @@ from apo_jax.train import trackers
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.workdir = ""
-    # free-form settings of an experiment recipe (experiments/): the trainer does not read them
-    c.experiment = ml_collections.ConfigDict({"kind": ""})
-    c.model = ml_collections.ConfigDict(
+def default_model() -> ml_collections.ConfigDict:
+    """The policy: a Hugging Face directory or a preset, its dtypes and remat."""
+    return ml_collections.ConfigDict(
         {
             "path": "",  # a Hugging Face Llama directory ...
             "preset": "",  # ... or "tiny": a random tiny Llama (tests, the miniature)
@@ -46,7 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
             "seed": 0,  # presets' random init
         }
     )
-    c.data = ml_collections.ConfigDict(
+
+
+def default_data() -> ml_collections.ConfigDict:
+    """The records (apo_jax.data.preprocess's) and how batches lay them out."""
+    return ml_collections.ConfigDict(
         {
             "train": "",
             "eval": "",
@@ -58,8 +59,11 @@ def default_config() -> ml_collections.ConfigDict:
             "probes": "",
         }  # probes: "name=dir,...": pair records whose log-probs are logged at each eval
     )
-    c.loss = ml_collections.ConfigDict({"name": "sigmoid", "weights": (), "beta": 0.1})
-    c.optimizer = ml_collections.ConfigDict(
+
+
+def default_optimizer() -> ml_collections.ConfigDict:
+    """AdamW and its schedule (apo_jax.train.state.make_optimizer)."""
+    return ml_collections.ConfigDict(
         {
             "name": "adamw",
             "lr": 2e-7,  # APO paper, Section 5.2
@@ -73,7 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
             "mu_dtype": "",  # AdamW's first moment: "" = the params' dtype, or "bfloat16" to save memory
         }
     )
-    c.train = ml_collections.ConfigDict(
+
+
+def default_train() -> ml_collections.ConfigDict:
+    """The loop: steps, batch, logging, evaluation, checkpoints, trackers."""
+    return ml_collections.ConfigDict(
         {
             "mode": "preference",  # preference | sft
             "steps": 100,
@@ -95,8 +103,11 @@ def default_config() -> ml_collections.ConfigDict:
             "resume_changed": False,  # resume checkpoints under a changed config (apo_jax.train.record)
         }
     )
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.reference = ml_collections.ConfigDict(
+
+
+def default_reference() -> ml_collections.ConfigDict:
+    """Where the reference comes from (apo_jax.train.setup.reference_source decides)."""
+    return ml_collections.ConfigDict(
         {
             "mode": "frozen",  # frozen | precomputed | sync | none
             "path": "",  # a Hugging Face directory of the reference; "" = the policy's initial weights
@@ -105,7 +116,11 @@ def default_config() -> ml_collections.ConfigDict:
             "precompute_batch_size": 8,
         }
     )
-    c.lora = ml_collections.ConfigDict(
+
+
+def default_lora() -> ml_collections.ConfigDict:
+    """LoRA adapters on a frozen base (0: full fine-tuning)."""
+    return ml_collections.ConfigDict(
         {
             "rank": 0,  # 0: full fine-tuning; r > 0: LoRA adapters of rank r on a frozen base
             "alpha": 16.0,  # the adapters' product is scaled by alpha / rank (PEFT's lora_alpha)
@@ -115,6 +130,22 @@ def default_config() -> ml_collections.ConfigDict:
             "path": "",  # a PEFT adapter folder to start from (its rank, alpha and targets must match)
         }
     )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The whole schema: every group's keys and defaults (an unknown key is an error)."""
+    c = ml_collections.ConfigDict()
+    c.workdir = ""
+    # free-form settings of an experiment recipe (experiments/): the trainer does not read them
+    c.experiment = ml_collections.ConfigDict({"kind": ""})
+    c.model = default_model()
+    c.data = default_data()
+    c.loss = ml_collections.ConfigDict({"name": "sigmoid", "weights": (), "beta": 0.1})
+    c.optimizer = default_optimizer()
+    c.train = default_train()
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.reference = default_reference()
+    c.lora = default_lora()
     c.online = default_online()  # the online / iterative loop (apo_jax.train.online); train.run ignores it
     return c
 

@@ -249,12 +249,10 @@ def compile_reference(model, mesh, batch: int, length: int):
     return jax.jit(score).lower(placed_shapes(model, mesh), rows).compile()
 
 
-def step_memory(config, shape: str, length: int, devices=None, keep: dict | None = None) -> dict:
-    """The compiled train step's per-device memory (bytes) and its compile time, for `config` with
-    the model preset `shape`, on a mesh of all devices (or of `devices`: a TPU topology's). A TPU
-    compiler's refusal for lack of HBM gives a row with `fits` False and its figures. `keep` (a dict)
-    receives the compiled step as "compiled" (its HLO: tests of the collectives)."""
-    model = models.Llama(models.preset(shape, **model_policies(config)))
+def topology_mesh(config, devices=None):
+    """The config's mesh over `devices` (all devices when None). Several slices: `data` across the
+    slices (DCN), fsdp and tensor inside each; a topology whose devices are cores (libtpu's v4),
+    which jax.make_mesh refuses, gets a plain mesh."""
     slices = len({getattr(d, "slice_index", 0) for d in devices}) if devices is not None else 1
     try:
         if slices > 1:  # multi-slice: `data` across the slices (DCN), fsdp and tensor inside each
@@ -263,14 +261,22 @@ def step_memory(config, shape: str, length: int, devices=None, keep: dict | None
             inside = (1, len(devices) // slices // config.mesh.tensor, config.mesh.tensor)
             grid_ = mesh_utils.create_hybrid_device_mesh(inside, (slices, 1, 1), devices)
             auto = (jax.sharding.AxisType.Auto,) * 3
-            mesh = jax.sharding.Mesh(grid_, sharding.MESH_AXES, axis_types=auto)
-        else:
-            mesh = sharding.make_mesh(**dict(config.mesh), devices=devices)
+            return jax.sharding.Mesh(grid_, sharding.MESH_AXES, axis_types=auto)
+        return sharding.make_mesh(**dict(config.mesh), devices=devices)
     except AssertionError:  # jax.make_mesh wants one device per chip; libtpu's v4 topology has cores
         sizes = [
             len(devices) if v == -1 else v for v in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         ]
-        mesh = jax.sharding.Mesh(np.asarray(devices).reshape(sizes), sharding.MESH_AXES)
+        return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), sharding.MESH_AXES)
+
+
+def step_memory(config, shape: str, length: int, devices=None, keep: dict | None = None) -> dict:
+    """The compiled train step's per-device memory (bytes) and its compile time, for `config` with
+    the model preset `shape`, on a mesh of all devices (or of `devices`: a TPU topology's). A TPU
+    compiler's refusal for lack of HBM gives a row with `fits` False and its figures. `keep` (a dict)
+    receives the compiled step as "compiled" (its HLO: tests of the collectives)."""
+    model = models.Llama(models.preset(shape, **model_policies(config)))
+    mesh = topology_mesh(config, devices)
     params = placed_shapes(model, mesh)
     run = setup(config, mesh=mesh, model=model, params=params, data=False)
     loss, reference = run.loss, run.reference
