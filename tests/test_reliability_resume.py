@@ -19,6 +19,7 @@ import pytest
 from helpers import losses_of, make_config
 
 from apo_jax import data, train
+from apo_jax.data.reader import DataError
 from apo_jax.data.tfrecords import read_records, write_shards
 from apo_jax.train.config import ConfigError
 
@@ -163,10 +164,10 @@ def _rewritten(src, dst, edit):
 def test_data_with_no_preference_is_refused(tmp_path, records, capfd):
     """Finding 9: every row a tie trained APO-zero to the no-tie loss with no warning."""
     ties = _rewritten(records, tmp_path / "ties", lambda r: r.update(is_tie=1))
-    with pytest.raises(ConfigError, match=r"every one of its 32 pairs is a tie .* loss 'apo_zero'"):
+    with pytest.raises(DataError, match=r"every one of its 32 pairs is a tie .* loss 'apo_zero'"):
         train.run(make_config(tmp_path / "a", ties))
     same = _rewritten(records, tmp_path / "same", lambda r: r.update(rejected_ids=r["chosen_ids"]))
-    with pytest.raises(ConfigError, match=r"every one of its 32 pairs chosen and rejected are the same"):
+    with pytest.raises(DataError, match=r"every one of its 32 pairs chosen and rejected are the same"):
         train.run(make_config(tmp_path / "b", same))
     assert [p for p in (tmp_path / "a").rglob("*")] == [] == [p for p in (tmp_path / "b").rglob("*")]
 

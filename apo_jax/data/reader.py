@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import sys
 
 import numpy as np
 
+from apo_jax.cli import UserError
 from apo_jax.data import layouts
-from apo_jax.data.tfrecords import read_records
+from apo_jax.data.layouts import EXTRA_KEYS
+from apo_jax.data.tfrecords import max_token_id, read_records
 
 
 @dataclasses.dataclass
@@ -201,3 +204,87 @@ class PreferenceReader:
         of this reader's size (a batch-size change was refused then)."""
         row = saved["row"] if "row" in saved else int(saved["step"]) * self.G
         return ReaderState(int(saved["epoch"]), int(row))
+
+
+# --- what the records must hold for a run (checked once they are open, before anything compiles) ---
+
+
+class DataError(UserError, ValueError):
+    """Records that cannot serve the run: token ids beyond the model's vocabulary, a column the loss
+    needs, the loss's kind, or no preference signal at all; the message names the records."""
+
+
+def check_records(
+    path, records: list[dict], metadata: dict, *, vocab_size: int, loss=None, preference=True, signal=True
+) -> None:
+    """The checks below, for the records at `path` read by a run of `loss` (None: SFT); `signal`:
+    training data (held-out sets may hold ties and equal answers)."""
+    check_vocab(path, records, metadata, vocab_size)
+    if loss is not None:
+        check_against_data(path, loss, metadata, preference=preference)
+        if signal:
+            check_signal(path, records, loss)
+
+
+def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:
+    """Token ids of the records must index the model's embedding: a larger id reads out of bounds
+    (NaN, or silently another token's row) instead of failing."""
+    top = max_token_id(records)  # the records themselves: metadata may predate an edit
+    if top >= vocab_size:
+        tok = metadata.get("tokenizer", {})
+        raise DataError(
+            f"{path}: token id {top} is beyond the model's vocabulary of {vocab_size}; the records were "
+            f"tokenized with {tok.get('name_or_path')!r} (vocabulary {tok.get('vocab_size', '?')}), another "
+            "tokenizer than the model's: preprocess them with the model's tokenizer"
+        )
+
+
+def check_against_data(path, loss, metadata: dict, *, preference: bool = True) -> None:
+    """Batch fields the loss needs must be in the records at `path`, and the loss's kind (paired or
+    unpaired) theirs (`preference`: a preference run; SFT reads either)."""
+    fields = set(metadata.get("fields", ()))
+    rename = {batch_key: column for column, batch_key in EXTRA_KEYS.items()}  # batch key -> records column
+    for need in loss.needs:
+        if need in rename and rename[need] not in fields:
+            raise DataError(
+                f"loss {loss.name!r} needs the batch field {need!r}, but the records in {path} "
+                f"have no {rename[need]!r} column"
+            )
+    unpaired = metadata.get("kind") == "unpaired"
+    if preference and unpaired != (loss.kind == "unpaired"):
+        raise DataError(
+            f"loss {loss.name!r} is {loss.kind} but the records in {path} are {metadata.get('kind')}"
+        )
+
+
+def check_signal(path, records: list[dict], loss) -> None:
+    """Pairs that carry no preference: ties, for a loss that cannot use them (it would train each as
+    chosen over rejected), and pairs whose two answers are the same tokens (no gradient between
+    them). Data that is all of them is refused; some of them are counted on stderr."""
+    if loss.kind != "paired":
+        return
+    n = len(records)
+    ties = 0 if "is_tie" in loss.needs else sum(bool(r.get("is_tie", 0)) for r in records)
+    same = sum(np.array_equal(r["chosen_ids"], r["rejected_ids"]) for r in records)
+    if ties == n:
+        raise DataError(
+            f"data.train={path}: every one of its {n} pairs is a tie (is_tie), but loss {loss.name!r} "
+            "cannot use ties and would train each as a preference: use a loss made for ties (todo) or "
+            "leave the ties out of the pairs"
+        )
+    if same == n:
+        raise DataError(
+            f"data.train={path}: in every one of its {n} pairs chosen and rejected are the same tokens: "
+            "there is no preference to learn"
+        )
+    if ties:
+        print(
+            f"warning: data.train={path}: {ties} of {n} pairs are ties (is_tie) that loss {loss.name!r} "
+            "trains as preferences",
+            file=sys.stderr,
+        )
+    if same:
+        print(
+            f"warning: data.train={path}: {same} of {n} pairs have chosen == rejected (no signal)",
+            file=sys.stderr,
+        )

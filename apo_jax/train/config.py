@@ -8,20 +8,14 @@ its TRL config field name (checked against what the losses take).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import pathlib
-import sys
 
 import ml_collections
-import numpy as np
 
 from apo_jax import losses
 from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
-from apo_jax.data.layouts import EXTRA_KEYS
-from apo_jax.data.tfrecords import max_token_id, reference_fingerprint
 from apo_jax.models.hf import CheckpointError, read_config
 from apo_jax.models.llama import LORA_TARGETS, PRESETS, preset
 from apo_jax.models.lora import read_adapter_config
@@ -429,10 +423,8 @@ def check_lora(config) -> None:
             raise ConfigError(f"lora.path: {e}") from None
 
 
-def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_size: int) -> None:
-    """What can be checked once the mesh, the records and the model's vocabulary are known, before
-    anything compiles: the batch over the mesh, token ids, the loss's batch fields, and precomputed
-    reference log-probs made for this reference."""
+def check_mesh(config, mesh) -> None:
+    """The batch (and packed rows) over the mesh's data-parallel shards, once the mesh is known."""
     t = config.train
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (t.batch_size // t.grad_accum) % shards:
@@ -446,102 +438,4 @@ def check_run(config, loss, mesh, records: list[dict], metadata: dict, vocab_siz
         raise ConfigError(
             f"data.packed_rows={config.data.packed_rows} per process gives {rows} rows per micro-batch, "
             f"not divisible by mesh.data × mesh.fsdp = {shards}"
-        )
-    check_vocab(config.data.train, records, metadata, vocab_size)
-    if loss is None:
-        return
-    check_against_data(config, loss, metadata)
-    check_signal(config.data.train, records, loss)
-    if loss.uses_reference and config.reference.mode == "precomputed":
-        saved = metadata.get("reference", {}).get("fingerprint")
-        if saved is None:
-            raise ConfigError(
-                f"reference.mode='precomputed' but {config.data.train} has no reference log-probs: "
-                "run apo_jax.train.reference.precompute first"
-            )
-        if saved != reference_id(config, metadata):
-            raise ConfigError(
-                f"data.train={config.data.train}: its reference log-probs were computed for another "
-                "reference model or other settings (fingerprint mismatch); precompute them again"
-            )
-
-
-def check_signal(path, records: list[dict], loss) -> None:
-    """Pairs that carry no preference: ties, for a loss that cannot use them (it would train each as
-    chosen over rejected), and pairs whose two answers are the same tokens (no gradient between
-    them). Data that is all of them is refused; some of them are counted on stderr."""
-    if loss.kind != "paired":
-        return
-    n = len(records)
-    ties = 0 if "is_tie" in loss.needs else sum(bool(r.get("is_tie", 0)) for r in records)
-    same = sum(np.array_equal(r["chosen_ids"], r["rejected_ids"]) for r in records)
-    if ties == n:
-        raise ConfigError(
-            f"data.train={path}: every one of its {n} pairs is a tie (is_tie), but loss {loss.name!r} "
-            "cannot use ties and would train each as a preference: use a loss made for ties (todo) or "
-            "leave the ties out of the pairs"
-        )
-    if same == n:
-        raise ConfigError(
-            f"data.train={path}: in every one of its {n} pairs chosen and rejected are the same tokens: "
-            "there is no preference to learn"
-        )
-    if ties:
-        print(
-            f"warning: data.train={path}: {ties} of {n} pairs are ties (is_tie) that loss {loss.name!r} "
-            "trains as preferences",
-            file=sys.stderr,
-        )
-    if same:
-        print(
-            f"warning: data.train={path}: {same} of {n} pairs have chosen == rejected (no signal)",
-            file=sys.stderr,
-        )
-
-
-def check_vocab(path, records: list[dict], metadata: dict, vocab_size: int) -> None:
-    """Token ids of the records must index the model's embedding: a larger id reads out of bounds
-    (NaN, or silently another token's row) instead of failing."""
-    top = max_token_id(records)  # the records themselves: metadata may predate an edit
-    if top >= vocab_size:
-        tok = metadata.get("tokenizer", {})
-        raise ConfigError(
-            f"{path}: token id {top} is beyond the model's vocabulary of {vocab_size}; the records were "
-            f"tokenized with {tok.get('name_or_path')!r} (vocabulary {tok.get('vocab_size', '?')}), another "
-            "tokenizer than the model's: preprocess them with the model's tokenizer"
-        )
-
-
-def reference_id(cfg, metadata: dict) -> str:
-    """The fingerprint tying reference log-probs to the reference weights and the data settings."""
-    settings = {
-        "tokenizer_fingerprint": metadata.get("tokenizer", {}).get("fingerprint", ""),
-        "data_fingerprint": metadata.get("source", {}).get("fingerprint", ""),
-        "max_length": metadata.get("max_length"),
-        "ld_alpha": cfg.loss.get("ld_alpha", None),
-        "dtype": cfg.model.dtype,
-        "granularity": "sequence",
-    }
-    if cfg.model.path:
-        return reference_fingerprint(cfg.model.path, **settings)
-    preset = {"preset": cfg.model.preset, "seed": cfg.model.seed, "vocab": cfg.model.vocab_size, **settings}
-    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
-
-
-def check_against_data(config, loss, metadata: dict, path=None) -> None:
-    """Batch fields the loss needs must be in the records at `path` (data.train by default),
-    checked once the data is opened."""
-    path = path or config.data.train
-    fields = set(metadata.get("fields", ()))
-    rename = {batch_key: column for column, batch_key in EXTRA_KEYS.items()}  # batch key -> records column
-    for need in loss.needs:
-        if need in rename and rename[need] not in fields:
-            raise ConfigError(
-                f"loss {loss.name!r} needs the batch field {need!r}, but the records in {path} "
-                f"have no {rename[need]!r} column"
-            )
-    unpaired = metadata.get("kind") == "unpaired"
-    if config.train.mode == "preference" and unpaired != (loss.kind == "unpaired"):
-        raise ConfigError(
-            f"loss {loss.name!r} is {loss.kind} but the records in {path} are {metadata.get('kind')}"
         )

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from apo_jax import models, outputs, sharding
 from apo_jax.cli import UserError, expected_errors, one_line
 from apo_jax.data.jsonl import parse_lines
-from apo_jax.data.reader import PreferenceReader
+from apo_jax.data.reader import PreferenceReader, check_records
 from apo_jax.models import lora
 from apo_jax.models.flops import flops_per_token, peak_flops
 from apo_jax.sharding import prefetch_to_mesh, to_global
@@ -380,8 +380,8 @@ def _eval_fn(cfg, model, loss, step_cfg, mesh):
     loaded = []
     for prefix, path, limit in sets:
         reader = make_reader(path, cfg, cfg.train.batch_size // cfg.train.grad_accum, seed=0)
-        config_lib.check_vocab(path, reader.records, reader.metadata, model.config.vocab_size)
-        config_lib.check_against_data(cfg, loss, reader.metadata, path)
+        vocab = model.config.vocab_size
+        check_records(path, reader.records, reader.metadata, vocab_size=vocab, loss=loss, signal=False)
         n = reader.steps_per_epoch if limit is None else min(limit, reader.steps_per_epoch)
         if n == 0:
             raise config_lib.ConfigError(

@@ -12,6 +12,8 @@ copy of the record directory with `ref_chosen_logps` / `ref_rejected_logps` (per
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 
 import jax
@@ -19,14 +21,45 @@ import numpy as np
 
 from apo_jax import outputs, sharding
 from apo_jax.data import layouts
-from apo_jax.data.tfrecords import read_records, rewrite_records
+from apo_jax.data.tfrecords import read_records, reference_fingerprint, rewrite_records
 from apo_jax.sharding import to_global
 from apo_jax.train import config as config_lib
-from apo_jax.train.config import reference_id
 from apo_jax.train.state import build_model
 from apo_jax.train.step import StepConfig, sequence_sums
 
 TOOL = "apo_jax.train.reference"
+
+
+def reference_id(cfg, metadata: dict) -> str:
+    """The fingerprint tying reference log-probs to the reference weights and the data settings."""
+    settings = {
+        "tokenizer_fingerprint": metadata.get("tokenizer", {}).get("fingerprint", ""),
+        "data_fingerprint": metadata.get("source", {}).get("fingerprint", ""),
+        "max_length": metadata.get("max_length"),
+        "ld_alpha": cfg.loss.get("ld_alpha", None),
+        "dtype": cfg.model.dtype,
+        "granularity": "sequence",
+    }
+    if cfg.model.path:
+        return reference_fingerprint(cfg.model.path, **settings)
+    preset = {"preset": cfg.model.preset, "seed": cfg.model.seed, "vocab": cfg.model.vocab_size, **settings}
+    return hashlib.sha256(json.dumps(preset, sort_keys=True).encode()).hexdigest()
+
+
+def check_precomputed(cfg, metadata: dict) -> None:
+    """reference.mode='precomputed' needs records whose reference log-probs were made for this run's
+    reference (`reference_id`)."""
+    saved = metadata.get("reference", {}).get("fingerprint")
+    if saved is None:
+        raise config_lib.ConfigError(
+            f"reference.mode='precomputed' but {cfg.data.train} has no reference log-probs: "
+            "run apo_jax.train.reference.precompute first"
+        )
+    if saved != reference_id(cfg, metadata):
+        raise config_lib.ConfigError(
+            f"data.train={cfg.data.train}: its reference log-probs were computed for another "
+            "reference model or other settings (fingerprint mismatch); precompute them again"
+        )
 
 
 def precompute(cfg, out_dir: str | pathlib.Path, *, save_every: int = 8) -> pathlib.Path:

@@ -20,9 +20,10 @@ from typing import Any
 import jax
 
 from apo_jax import sharding
-from apo_jax.data.reader import PreferenceReader
+from apo_jax.data.reader import PreferenceReader, check_records
 from apo_jax.models import lora
 from apo_jax.train import config as config_lib
+from apo_jax.train.reference import check_precomputed
 from apo_jax.train.state import build_model, initial_state, make_optimizer, model_vocab_size
 from apo_jax.train.step import REFERENCES, StepConfig
 
@@ -121,16 +122,27 @@ def setup(cfg, *, mesh=None, model=None, params=None, data: bool = True) -> Run:
     """Builds the run `cfg` describes (validated: `config.validate`). `mesh`, `model` and `params`
     replace the config's (a topology's abstract devices, a preset's abstract shapes); `data=False`
     opens no records (no reader, no data checks). The checks that need the mesh, the records and the
-    model's vocabulary run before any weight is read."""
+    model's vocabulary (each beside its owner: the records' in the reader, the precomputed
+    reference's in apo_jax.train.reference) run before any weight is read."""
     t = cfg.train
     mesh = mesh if mesh is not None else sharding.make_mesh(**dict(cfg.mesh))
     loss = config_lib.build_loss(cfg) if t.mode == "preference" else None
+    config_lib.check_mesh(cfg, mesh)
     reader = None
     if data:
         reader = make_reader(cfg.data.train, cfg, t.batch_size, t.seed, t.grad_accum)
         vocab = model.config.vocab_size if model is not None else model_vocab_size(cfg.model)
-        config_lib.check_run(cfg, loss, mesh, reader.records, reader.metadata, vocab)
+        check_records(
+            cfg.data.train,
+            reader.records,
+            reader.metadata,
+            vocab_size=vocab,
+            loss=loss,
+            preference=t.mode == "preference",
+        )
     reference = reference_source(cfg, loss)
+    if data and reference == PRECOMPUTED:
+        check_precomputed(cfg, reader.metadata)
     if model is None:
         model, params = build_model(cfg, mesh)
     tx, lr = make_optimizer(cfg.optimizer, t.steps)
