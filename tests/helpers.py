@@ -21,7 +21,7 @@ import numpy as np
 
 from apo_jax import losses
 from apo_jax.loopback import LoopbackServer
-from apo_jax.models import LlamaConfig
+from apo_jax.models import preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def tiny_hf_llama(
     family of transformers with `model_type` ("mistral", "qwen2", "qwen3") and its own config fields
     in `family` (e.g. `sliding_window=5`).
 
-    Sizes left out are the `tiny` preset's (models.LlamaConfig.tiny: GQA, 4 query heads over 2 kv
+    Sizes left out are the `tiny` preset's (models.preset("tiny"): GQA, 4 query heads over 2 kv
     heads), token ids too. A larger `initializer_range` than
     Llama's 0.02 keeps the random model's predictions far from uniform, so parity tests mean
     something. A tokenizer, if given, is saved beside it.
@@ -59,7 +59,7 @@ def tiny_hf_llama(
     import torch
     import transformers
 
-    tiny = LlamaConfig.tiny()
+    tiny = preset("tiny")
     sizes = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,

@@ -119,7 +119,7 @@ def test_paper_variant_has_llama3_8b_shapes_and_fits_a_v5e_8():
     assert config.reference.mode == "precomputed" and config.mesh.fsdp == -1
     config.data.train = "data/clair"  # validation does not open it
     train.validate(config)
-    llama = models.Llama(models.LlamaConfig.llama3_8b(param_dtype=config.model.param_dtype))
+    llama = models.Llama(models.preset("8b", param_dtype=config.model.param_dtype))
     params = models.abstract_params(llama)
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     assert n == 8_030_261_248  # Meta-Llama-3-8B's published parameter count

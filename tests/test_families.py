@@ -152,7 +152,7 @@ def test_gradients_under_full_remat_equal_transformers_autograd(family_checkpoin
 
 
 def test_each_familys_chat_template_tokenizes_pairs_as_trl(tmp_path):
-    """Conversational pairs under each family's template shape (tiny.FAMILY_CHAT: Qwen2.5's default
+    """Conversational pairs under each family's template shape (models.families.CHAT: Qwen2.5's default
     system turn, Qwen3's think block opening the answer, Mistral's [INST] with no generation prompt,
     Gemma's `model` turns): apo_jax's prompt/chosen/rejected ids are TRL 1.16's, run here; and
     preprocessing writes those ids."""

@@ -154,7 +154,7 @@ def test_dropout_is_peft_inverted_dropout_on_the_adapter_input():
     reference) nothing is dropped."""
     from apo_jax.models.llama import _linear
 
-    config = models.LlamaConfig.tiny(lora_rank=2, lora_alpha=4.0, lora_dropout=0.25)
+    config = models.preset("tiny", lora_rank=2, lora_alpha=4.0, lora_dropout=0.25)
     rng = np.random.default_rng(0)
     p = {
         k: rng.normal(size=shape).astype(np.float32)

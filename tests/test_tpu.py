@@ -76,7 +76,7 @@ def test_fsdp_step_moves_weights_per_layer_never_activations(devices):
 
 def test_sampler_and_reference_pass_compile_for_tpu(devices):
     mesh = sharding.make_mesh(fsdp=-1, devices=devices)
-    model = models.Llama(models.LlamaConfig.tiny())
+    model = models.Llama(models.preset("tiny"))
     c = model.config
     batch, prompt, new = 8, 16, 8
     sampler = memory.compile_sampler(model, mesh, batch, prompt, new)

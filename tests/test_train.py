@@ -174,13 +174,13 @@ def test_paper_directions_step0_closed_forms_and_untouched_reference(tmp_path, t
 
     probe_records, _ = read_records(data)
     batch = layouts.padded(probe_records, 64)
-    model = models.Llama(models.LlamaConfig.tiny())
+    model = models.Llama(models.preset("tiny"))
     for side in ("chosen", "rejected"):
         ids, attention, mask = (batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "loss_mask"))
         logps = models.token_logps(model, apo_params, ids, attention, mask)["logps"]
         assert evals[-1][f"probe/fixed/logps/{side}"] == pytest.approx(float(np.mean(logps)), abs=1e-4)
     # after training, the frozen reference is bitwise the initial policy
-    initial = models.init_params(models.Llama(models.LlamaConfig.tiny()), 0)
+    initial = models.init_params(models.Llama(models.preset("tiny")), 0)
     for a, b in zip(jax.tree.leaves(out["state"].ref_params), jax.tree.leaves(initial), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -241,7 +241,7 @@ def test_tr_dpo_sync_mixes_the_policy_into_the_reference(tmp_path, records):
     cfg = make_config(tmp_path / "sync", records, train__steps=2, reference__mode="sync")
     cfg.reference.sync_steps, cfg.reference.mixup_alpha = 2, 0.5
     state = train.run(cfg)["state"]
-    initial = models.init_params(models.Llama(models.LlamaConfig.tiny()), 0)
+    initial = models.init_params(models.Llama(models.preset("tiny")), 0)
     for r, p, p0 in zip(
         *(jax.tree.leaves(t) for t in (state.ref_params, state.params, initial)), strict=True
     ):
@@ -340,7 +340,7 @@ def test_sft_step_lowers_the_nll_from_the_right_start(tmp_path, records):
     from apo_jax.data.reader import PreferenceReader
 
     batch = PreferenceReader(str(records), global_batch_size=8, process_index=0, process_count=1).batch(0, 0)
-    model = models.Llama(models.LlamaConfig.tiny())
+    model = models.Llama(models.preset("tiny"))
     params = models.init_params(model, 0)
     out = models.token_logps(
         model, params, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_loss_mask"]

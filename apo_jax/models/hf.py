@@ -1,6 +1,6 @@
 """Hugging Face checkpoints in and out: config.json + safetensors <-> (Llama, params), for the
-families one Llama-shaped model covers: llama, mistral, qwen2, qwen3 and gemma2 (`_family_fields` says what
-each adds; `ARCHITECTURES` names their transformers classes on export).
+families one Llama-shaped model covers (apo_jax.models.families: what each adds to config.json, and its
+transformers class on export).
 
 Only safetensors are read: a pickle-based `pytorch_model.bin` could run code when loaded. Each
 parameter goes straight from the memory-mapped file to its target sharding (only the slices a
@@ -23,9 +23,9 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from apo_jax.models.families import FAMILIES, MODEL_TYPES
 from apo_jax.models.llama import (
     DTYPES,
-    MODEL_TYPES,
     Llama,
     LlamaConfig,
     abstract_params,
@@ -51,14 +51,6 @@ _ST_DTYPES = {
 }
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _SUPPORTED_ACT = ("silu", "gelu_pytorch_tanh")
-_DEFAULT_ACT = {"gemma2": "gelu_pytorch_tanh"}
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-}
 
 
 class CheckpointError(ValueError):
@@ -85,7 +77,7 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
             f"{cfg_file}: model_type={model_type!r}, this loader reads {', '.join(MODEL_TYPES)} checkpoints"
         )
     # Gemma-2 names it hidden_activation; each family's transformers default where it is left out
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or _DEFAULT_ACT.get(model_type, "silu")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or FAMILIES[model_type].default_act
     if act not in _SUPPORTED_ACT:
         raise CheckpointError(
             f"{cfg_file}: hidden_act={act!r} is not supported (supported: {_SUPPORTED_ACT})"
@@ -135,7 +127,7 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
             pad_token_id=cfg.get("pad_token_id"),
             model_type=model_type,
             hidden_act=act,
-            **_family_fields(cfg_file, cfg),
+            **FAMILIES[model_type].read(cfg),
             **llama3,
             **policies,
         )
@@ -145,38 +137,10 @@ def read_config(path: str | os.PathLike, **policies) -> LlamaConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from None
 
 
-def _family_fields(cfg_file, cfg: dict) -> dict:
-    """What a family sets beyond Llama's fields, as its transformers config class reads config.json."""
-    model_type = cfg["model_type"]
-    if model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
-        raise CheckpointError(f"{cfg_file}: use_sliding_window=true is not supported for {model_type}")
-    if model_type == "qwen2":  # q, k and v carry biases, o does not (transformers' Qwen2Attention)
-        return {"attention_bias": True, "o_proj_bias": False}
-    out = {"attention_bias": cfg.get("attention_bias", False)}
-    if model_type == "qwen3":
-        out["qk_norm"] = True
-    if model_type == "mistral":
-        out["sliding_window"] = cfg.get("sliding_window")
-    if model_type == "gemma2":  # transformers' Gemma2Config defaults where a field is left out
-        n = cfg["num_hidden_layers"]
-        alternate = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-        out |= {
-            "norm_weight_offset": 1.0,
-            "embed_scale": True,
-            "sandwich_norms": True,
-            "query_pre_attn_scalar": cfg.get("query_pre_attn_scalar", 256),
-            "attn_logit_softcapping": cfg.get("attn_logit_softcapping", 50.0),
-            "final_logit_softcapping": cfg.get("final_logit_softcapping", 30.0),
-            "sliding_window": cfg.get("sliding_window", 4096),
-            "layer_types": tuple(cfg.get("layer_types") or alternate),
-        }
-    return out
-
-
 def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
     """The published config.json form (`rope_theta` + `rope_scaling`): transformers 4 and 5 read it."""
     out = {
-        "architectures": [ARCHITECTURES[config.model_type]],
+        "architectures": [FAMILIES[config.model_type].architecture],
         "model_type": config.model_type,
         "hidden_act": config.hidden_act,
         "vocab_size": config.vocab_size,
@@ -200,25 +164,7 @@ def config_json(config: LlamaConfig, torch_dtype: str) -> dict:
         "pad_token_id": config.pad_token_id,
         "torch_dtype": torch_dtype,
     }
-    if config.model_type == "qwen2":  # its biases are fixed by the class, not by config fields
-        out |= {"use_sliding_window": False, "sliding_window": None}
-        del out["attention_bias"], out["mlp_bias"]
-    elif config.model_type == "qwen3":
-        out |= {"use_sliding_window": False, "sliding_window": None}
-        del out["mlp_bias"]
-    elif config.model_type == "mistral":
-        out["sliding_window"] = config.sliding_window
-        del out["attention_bias"], out["mlp_bias"]
-    elif config.model_type == "gemma2":
-        out |= {
-            "hidden_activation": config.hidden_act,  # Gemma2Config's name for it
-            "query_pre_attn_scalar": config.query_pre_attn_scalar,
-            "attn_logit_softcapping": config.attn_logit_softcapping,
-            "final_logit_softcapping": config.final_logit_softcapping,
-            "sliding_window": config.sliding_window,
-            "layer_types": list(config.layer_types or ()),
-        }
-        del out["mlp_bias"]
+    FAMILIES[config.model_type].write(config, out)
     if config.rope_type == "llama3":
         out["rope_scaling"] = {
             "rope_type": "llama3",

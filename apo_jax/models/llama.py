@@ -31,6 +31,7 @@ import numpy as np
 
 from apo_jax.logprobs import softcap
 from apo_jax.logprobs import token_logps as _from_hidden
+from apo_jax.models.families import MODEL_TYPES, PRESETS
 from apo_jax.sharding import constrain, param_shardings
 
 REMAT_POLICIES = {
@@ -53,7 +54,6 @@ def dtype_name(dtype) -> str:
     return name
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 LORA_DROPOUT = "lora_dropout"  # the rng collection of LoRA's dropout
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
@@ -94,7 +94,7 @@ class LlamaConfig:
     o_proj_bias: bool | None = None  # None: as attention_bias; Qwen2 has q/k/v biases and none on o
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     sliding_window: int | None = None  # Mistral: a token sees itself and the W - 1 tokens before it
-    model_type: str = "llama"  # the checkpoint family: llama, mistral, qwen2, qwen3, gemma2 (models/hf.py)
+    model_type: str = "llama"  # the checkpoint family (apo_jax.models.families)
     # Gemma-2's departures from Llama (transformers' Gemma2Config names)
     hidden_act: str = "silu"  # the gate's activation: silu (SwiGLU) or gelu_pytorch_tanh (GeGLU)
     norm_weight_offset: float = 0.0  # 1.0: norms scale by (1 + w), in float32 (Gemma)
@@ -193,189 +193,12 @@ class LlamaConfig:
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
-    # Presets (shapes from the published config.json files; weights come from `from_hf`). Keyword
-    # arguments override fields. `preset(name)` reaches them by the names configs and bench use.
-    @classmethod
-    def tiny(cls, **kw):
-        """The tests' and the miniature's Llama: 2 layers of width 64, GQA (4 heads over 2)."""
-        fields = dict(
-            vocab_size=384,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=0,
-            eos_token_id=(1, 4),
-            pad_token_id=5,
-        )
-        return cls(**(fields | kw))
-
-    @classmethod
-    def gpt3_small(cls, **kw):
-        """GPT-3 Small's width and depth as a Llama (134M parameters with untied embeddings)."""
-        fields = dict(
-            vocab_size=32000,
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-            max_position_embeddings=4096,
-            bos_token_id=1,
-            eos_token_id=(2,),
-            pad_token_id=0,
-        )
-        return cls(**(fields | kw))
-
-    @classmethod
-    def llama2_7b(cls, **kw):
-        return cls(max_position_embeddings=4096, **kw)
-
-    @classmethod
-    def llama3_8b(cls, **kw):
-        return cls(
-            vocab_size=128256,
-            intermediate_size=14336,
-            num_key_value_heads=8,
-            rope_theta=500000.0,
-            max_position_embeddings=8192,
-            bos_token_id=128000,
-            eos_token_id=(128001, 128009),
-            **kw,
-        )
-
-    @classmethod
-    def llama3_1_8b(cls, **kw):
-        return cls.llama3_8b(rope_type="llama3", max_position_embeddings=131072, **kw)
-
-    @classmethod
-    def llama3_2_1b(cls, **kw):
-        return cls(
-            vocab_size=128256,
-            hidden_size=2048,
-            intermediate_size=8192,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            rope_theta=500000.0,
-            rope_type="llama3",
-            rope_factor=32.0,
-            max_position_embeddings=131072,
-            tie_word_embeddings=True,
-            bos_token_id=128000,
-            eos_token_id=(128001, 128008, 128009),
-            **kw,
-        )
-
-    # other families: the published config.json values of the base checkpoints
-    @classmethod
-    def qwen2_5_7b(cls, **kw):
-        """Qwen/Qwen2.5-7B: biases on q, k and v; untied at this size (tied up to 3B)."""
-        return cls(
-            model_type="qwen2",
-            vocab_size=152064,
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            max_position_embeddings=131072,
-            attention_bias=True,
-            o_proj_bias=False,
-            bos_token_id=151643,
-            eos_token_id=(151643,),
-            **kw,
-        )
-
-    @classmethod
-    def qwen3_8b(cls, **kw):
-        """Qwen/Qwen3-8B: RMSNorm on each head of q and k, head_dim 128, no biases."""
-        return cls(
-            model_type="qwen3",
-            vocab_size=151936,
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            rms_norm_eps=1e-6,
-            rope_theta=1000000.0,
-            max_position_embeddings=40960,
-            qk_norm=True,
-            bos_token_id=151643,
-            eos_token_id=(151645,),
-            **kw,
-        )
-
-    @classmethod
-    def mistral_7b(cls, **kw):
-        """mistralai/Mistral-7B-v0.1: Llama's shape with GQA and a 4096-token sliding window."""
-        return cls(
-            model_type="mistral",
-            intermediate_size=14336,
-            num_key_value_heads=8,
-            max_position_embeddings=32768,
-            sliding_window=4096,
-            **kw,
-        )
-
-    @classmethod
-    def gemma2_9b(cls, **kw):
-        """google/gemma-2-9b: GeGLU, (1 + w) norms, sandwich norms, soft-capped scores and logits,
-        a 4096-token window on alternate layers, tied 256k embeddings."""
-        return cls(
-            model_type="gemma2",
-            vocab_size=256000,
-            hidden_size=3584,
-            intermediate_size=14336,
-            num_hidden_layers=42,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=256,
-            rms_norm_eps=1e-6,
-            max_position_embeddings=8192,
-            tie_word_embeddings=True,
-            hidden_act="gelu_pytorch_tanh",
-            norm_weight_offset=1.0,
-            embed_scale=True,
-            sandwich_norms=True,
-            query_pre_attn_scalar=256,
-            attn_logit_softcapping=50.0,
-            final_logit_softcapping=30.0,
-            sliding_window=4096,
-            layer_types=tuple("sliding_attention" if i % 2 == 0 else "full_attention" for i in range(42)),
-            bos_token_id=2,
-            eos_token_id=(1,),
-            pad_token_id=0,
-            **kw,
-        )
-
-
-PRESETS = {
-    "tiny": LlamaConfig.tiny,
-    "125m": LlamaConfig.gpt3_small,
-    "1b": LlamaConfig.llama3_2_1b,
-    "8b": LlamaConfig.llama3_8b,
-    "llama3_1_8b": LlamaConfig.llama3_1_8b,
-    "llama2_7b": LlamaConfig.llama2_7b,
-    "qwen2.5-7b": LlamaConfig.qwen2_5_7b,
-    "qwen3-8b": LlamaConfig.qwen3_8b,
-    "mistral-7b": LlamaConfig.mistral_7b,
-    "gemma2-9b": LlamaConfig.gemma2_9b,
-}
-
 
 def preset(name: str, **kw) -> LlamaConfig:
-    """The LlamaConfig of a named shape (PRESETS), fields overridden by `kw`."""
+    """The LlamaConfig of a named shape (PRESETS, apo_jax.models.families), fields overridden by `kw`."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}: use one of {sorted(PRESETS)}")
-    return PRESETS[name](**kw)
+    return LlamaConfig(**(PRESETS[name] | kw))
 
 
 # --- the math, as functions of parameter dicts --------------------------------------------

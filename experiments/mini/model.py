@@ -150,7 +150,8 @@ def sft_model(cache, tok, mini, base_config) -> pathlib.Path:
         f"training M: SFT on {mini.sft_examples} teacher answers ({mini.careless:.0%} careless) "
         f"for {mini.sft_steps} steps"
     )
-    config = models.LlamaConfig.tiny(
+    config = models.preset(
+        "tiny",
         vocab_size=len(tok),
         hidden_size=mini.hidden_size,
         intermediate_size=4 * mini.hidden_size,
