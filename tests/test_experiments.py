@@ -351,8 +351,9 @@ def test_token_weighted_cells_train_on_records_with_token_weights(mini_root, los
     config = grid.get_config(f"clair_{loss}:tiny")
     config.workdir = str(mini_root / f"clair_{loss}")
     config.train.progress = False
-    run_mini(config)
-    records, meta = read_records(config.data.train)
+    run_mini(config)  # the records the run trained on, as its config.json says
+    trained_on = json.loads((pathlib.Path(config.workdir) / "config.json").read_text())["data"]["train"]
+    records, meta = read_records(trained_on)
     assert meta["token_weights"]["method"] == {"mask_dpo": "mask", "tis_dpo": "tis"}[loss]
     assert all(len(r["chosen_weights"]) == len(r["chosen_ids"]) for r in records)
     if loss == "mask_dpo":  # CLAIR's revision is right everywhere; the answer keeps only its wrong lines

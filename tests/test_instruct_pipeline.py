@@ -73,3 +73,28 @@ def test_a_preempted_training_stops_the_pipeline_instead_of_scoring(tmp_path, re
     ):
         train_to_the_end(cfg)
     assert train_to_the_end(cfg)["step"] == 6
+
+
+def test_grid_runs_saved_and_restored_without_overwriting(tmp_path, monkeypatch):
+    """experiments.instruct.runs: finished runs go to runs/<code>/<run>.json byte for byte and come back
+    as <workdir>/<run>/results.json; a run the workdir already holds is never overwritten."""
+    from experiments.instruct import runs
+
+    monkeypatch.setattr(runs, "RUNS", tmp_path / "kept")
+    old = tmp_path / "old"
+    for name, code in (("clair_dpo_seed0", "abc"), ("clair_apo_zero_seed1", "abc")):
+        (old / name).mkdir(parents=True)
+        (old / name / "results.json").write_text(json.dumps({"code": code, "name": name}))
+    (old / "unfinished").mkdir()  # no results.json: nothing to keep
+    assert sorted(p.name for p in runs.save(old)) == ["clair_apo_zero_seed1.json", "clair_dpo_seed0.json"]
+    assert (tmp_path / "kept/abc/clair_dpo_seed0.json").read_bytes() == (
+        old / "clair_dpo_seed0/results.json"
+    ).read_bytes()
+    new = tmp_path / "new"
+    (new / "clair_dpo_seed0").mkdir(parents=True)
+    (new / "clair_dpo_seed0/results.json").write_text("mine")
+    assert [p.parent.name for p in runs.restore(new)] == ["clair_apo_zero_seed1"]
+    assert (new / "clair_dpo_seed0/results.json").read_text() == "mine"
+    assert (
+        json.loads((new / "clair_apo_zero_seed1/results.json").read_text())["name"] == "clair_apo_zero_seed1"
+    )

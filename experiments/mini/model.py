@@ -61,6 +61,16 @@ def train_to_the_end(cfg) -> dict:
     return result
 
 
+def overridden(config, changes: dict):
+    """A copy of `config` with `changes` ({"group.key": value}) applied: the caller's config stays as
+    it was (the experiments compose configs, they do not mutate the one they were given)."""
+    out = config.copy_and_resolve_references()
+    for dotted, value in changes.items():
+        group, _, name = dotted.rpartition(".")
+        (out[group] if group else out)[name] = value
+    return out
+
+
 def key(fields) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

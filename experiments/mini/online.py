@@ -84,15 +84,20 @@ def run(config) -> dict:
     tok = model.tokenizer(m_cache, mini.seed)
     m_dir = model.sft_model(m_cache, tok, mini, config)
     prompts, eval_prompts = model.problem_sets(mini)
-    o.prompts = str(write_jsonl(workdir / "prompts.jsonl", prompts))
-    config.model.path, config.model.preset = str(m_dir), ""
-    config.data.eval, config.data.probes = "", ""
+    changes = {  # the online run starts from M, on the task's prompts; the caller's config stays as it was
+        "online.prompts": str(write_jsonl(workdir / "prompts.jsonl", prompts)),
+        "model.path": str(m_dir),
+        "model.preset": "",
+        "data.eval": "",
+        "data.probes": "",
+    }
     if o.labeler == "dice":
-        start, offline = _offline_dpo(config, m_dir, tok, prompts, workdir)
-        config.model.path, config.reference.path = str(start), str(m_dir)
-        o.offline = str(offline)
+        start, offline = _offline_dpo(model.overridden(config, changes), m_dir, tok, prompts, workdir)
+        changes |= {"model.path": str(start), "reference.path": str(m_dir), "online.offline": str(offline)}
     elif o.labeler == "scorer":
-        o.scorer = "experiments.mini.task:score"
+        changes["online.scorer"] = "experiments.mini.task:score"
+    config = model.overridden(config, changes)
+    o = config.online
     model.say(
         f"online: {o.rounds} rounds, {o.labeler} labeler, {o.sampler} sampler, "
         f"α = {o.accelerate_alpha}, {o.samples} samples of {o.prompts_per_round or len(prompts)} prompts"

@@ -283,8 +283,9 @@ def row_length(tok, rows) -> int:
     return -(-(longest_prompt + longest_answer + 2) // 16) * 16
 
 
-def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> None:
-    """The cell's training and held-out records (TFRecords), put in `config.data`."""
+def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> dict:
+    """The cell's training and held-out records (TFRecords), and M: the config changes that train on
+    them."""
     mini, kind = config.experiment, config.experiment.data
     workdir = pathlib.Path(config.workdir)
     train_dir, eval_dir = workdir / "records_train", workdir / "records_eval"
@@ -304,30 +305,29 @@ def _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers) -> No
         max_length=length,
         as_chat=True,
     )
-    config.model.path, config.model.preset = str(m_dir), ""
-    config.data.train, config.data.eval = str(train_dir), str(eval_dir)
+    return {
+        "model.path": str(m_dir),
+        "model.preset": "",
+        "data.train": str(train_dir),
+        "data.eval": str(eval_dir),
+    }
 
 
-def _align(config, cache, m_dir, paths, prompts, tok) -> dict:
-    """The cell's method: preference training of M (or ProFS's edit); the result lands in `hf/`."""
-    mini, kind, workdir = config.experiment, config.experiment.data, pathlib.Path(config.workdir)
-    if config.loss.name in TOKEN_WEIGHTED:
-        config.data.train = str(
-            _token_weights(config, kind, pathlib.Path(config.data.train), paths[kind], prompts, tok)
-        )
-    config.data.probes = _probes(cache, workdir, kind, prompts, paths[kind], tok, mini.seed)
+def _align(cell, cache, m_dir, paths, prompts, tok) -> dict:
+    """The cell's method: preference training of M (or ProFS's edit); the result, with the method's
+    name as `loss`, lands in `hf/`. `cell`: the config training M on the cell's records."""
+    mini, kind, workdir = cell.experiment, cell.experiment.data, pathlib.Path(cell.workdir)
+    train = cell.data.train
+    if cell.loss.name in TOKEN_WEIGHTED:
+        train = str(_token_weights(cell, kind, pathlib.Path(train), paths[kind], prompts, tok))
+    probes = _probes(cache, workdir, kind, prompts, paths[kind], tok, mini.seed)
     if mini.get("method", "") == "profs":  # a training-free edit of M instead of preference training
         say(f"editing M with ProFS from {kind} pairs (layers {mini.profs_layers}, rank {mini.profs_rank})")
-        edit_checkpoint(
-            m_dir, config.data.train, workdir / "hf", layers=mini.profs_layers, rank=mini.profs_rank
-        )
-        config.loss.name = "profs"
-        return {"status": "edited"}
-    say(
-        f"training {config.loss.name} on {kind} pairs for {config.train.steps} steps "
-        f"(seed {config.train.seed})"
-    )
-    return model.train_to_the_end(config)
+        edit_checkpoint(m_dir, train, workdir / "hf", layers=mini.profs_layers, rank=mini.profs_rank)
+        return {"status": "edited", "loss": "profs"}
+    say(f"training {cell.loss.name} on {kind} pairs for {cell.train.steps} steps (seed {cell.train.seed})")
+    run_cfg = model.overridden(cell, {"data.train": train, "data.probes": probes})
+    return model.train_to_the_end(run_cfg) | {"loss": cell.loss.name}
 
 
 def _results_md(summary: dict, contrast: dict, n_eval: int, mini, plots) -> str:
@@ -404,12 +404,14 @@ def run(config) -> dict:
     )
     paths, contrast = _datasets(config, cache, m_dir, train_prompts, answers)
     say("contrastiveness of the datasets:\n" + table({k: v for k, v in contrast.items() if v}))
-    _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
+    records = _records(config, cache, m_dir, tok, paths, eval_prompts, eval_answers)
     control = model.positive_control(cache, m_dir, tok, train_prompts, answers, config)
+    steps = config.train.steps
     if mini.get("epochs", 0.0):  # equal data: as many passes over each dataset, not as many steps
-        config.train.steps = max(1, round(mini.epochs * contrast[kind]["pairs"] / config.train.batch_size))
-        say(f"{mini.epochs:g} epochs of {contrast[kind]['pairs']} pairs: {config.train.steps} steps")
-    result = _align(config, cache, m_dir, paths, train_prompts, tok)
+        steps = max(1, round(mini.epochs * contrast[kind]["pairs"] / config.train.batch_size))
+        say(f"{mini.epochs:g} epochs of {contrast[kind]['pairs']} pairs: {steps} steps")
+    cell = model.overridden(config, records | {"train.steps": steps})
+    result = _align(cell, cache, m_dir, paths, train_prompts, tok)
     say(
         f"scoring held-out accuracy (greedy, and {mini.eval_samples} samples at temperature "
         f"{mini.temperature}) of M, the positive control and the aligned model"
@@ -424,12 +426,12 @@ def run(config) -> dict:
         "after": model.evaluate(after_dir, eval_prompts, workdir, "acc_after", mini),
     }
     metrics = workdir / "metrics.jsonl"
-    plots = _plot(workdir, f"{kind} × {config.loss.name}") if metrics.exists() else []
+    plots = _plot(workdir, f"{kind} × {result['loss']}") if metrics.exists() else []
     rows = read_jsonl(metrics) if metrics.exists() else []
     final_eval = next((r for r in reversed(rows) if any(k.startswith("eval/") for k in r)), {})
     summary = {
         "data": kind,
-        "loss": config.loss.name,
+        "loss": result["loss"],
         "seed": mini.seed,
         "train_seed": config.train.seed,
         "code": model.code_version(),
@@ -439,9 +441,9 @@ def run(config) -> dict:
         "problems": model.key([p["prompt"] for p in eval_prompts]),
         "lr": config.optimizer.lr,
         "beta": config.loss.beta,
-        "steps": config.train.steps,
+        "steps": steps,
         "batch_size": config.train.batch_size,
-        "epochs": round(config.train.steps * config.train.batch_size / contrast[kind]["pairs"], 3),
+        "epochs": round(steps * config.train.batch_size / contrast[kind]["pairs"], 3),
         "accuracy": acc,
         "contrastiveness": contrast,
         "final_eval": final_eval,
