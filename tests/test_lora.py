@@ -3,6 +3,8 @@ out, against transformers and the `peft` library; trained, exported, preempted a
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import peft
@@ -48,7 +50,7 @@ def test_adapters_merged_and_peft_exports_match_transformers_and_peft(tmp_path, 
     path = tiny_checkpoints["bias_mha"]  # q/k/v/o and MLP biases: the adapters add beside them
     base_model, base_params = models.from_hf(path)
     model, params = models.from_hf(
-        path, lora_rank=4, lora_alpha=8.0, lora_targets=("q_proj", "o_proj", "up_proj")
+        path, lora=models.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "up_proj"))
     )
     params = lora.add_adapters(model, params, seed=1)
     ids, mask = _batch()
@@ -85,17 +87,17 @@ def test_adapters_merged_and_peft_exports_match_transformers_and_peft(tmp_path, 
     imported = lora.load_peft(model, fresh, tmp_path / "adapter")
     for key, value in _flat(params).items():
         np.testing.assert_array_equal(_flat(imported)[key], value, err_msg="/".join(key))
-    other = models.Llama(model.config.replace(lora_rank=8))
+    other = models.Llama(model.config.replace(lora=dataclasses.replace(model.config.lora, rank=8)))
     with pytest.raises(models.CheckpointError, match="r=4 but the run's lora config says 8"):
         lora.load_peft(other, params, tmp_path / "adapter")
 
 
 def test_top_layers_only_match_peft_gradients(tmp_path, tiny_checkpoints):
-    """lora_layers = K: the top K layers' adapters get exactly PEFT's gradients (torch autograd through
+    """lora.layers = K: the top K layers' adapters get exactly PEFT's gradients (torch autograd through
     `peft` on the same weights), the lower layers' get none and their B = 0 leaves the base; a PEFT
     folder with trained lower adapters is refused rather than skipped."""
     path = tiny_checkpoints["tied_llama3"]  # 3 layers: the bottom one frozen, the top two trained
-    model, params = models.from_hf(path, lora_rank=4, lora_alpha=8.0, lora_layers=2)
+    model, params = models.from_hf(path, lora=models.LoraConfig(rank=4, alpha=8.0, layers=2))
     params = lora.add_adapters(model, params, seed=1)
     rng = np.random.default_rng(5)
     adapters, base = lora.split(params)
@@ -144,7 +146,7 @@ def test_top_layers_only_match_peft_gradients(tmp_path, tiny_checkpoints):
 
     trained = jax.tree.map(lambda x: x + 0.1, adapters)  # B of the frozen layer no longer zero
     lora.save_peft(model, lora.join(trained, base), tmp_path / "all_layers")
-    with pytest.raises(models.CheckpointError, match="below the top lora_layers=2"):
+    with pytest.raises(models.CheckpointError, match="below the top lora.layers=2"):
         lora.load_peft(model, params, tmp_path / "all_layers")
 
 
@@ -154,7 +156,7 @@ def test_dropout_is_peft_inverted_dropout_on_the_adapter_input():
     reference) nothing is dropped."""
     from apo_jax.models.llama import _linear
 
-    config = models.preset("tiny", lora_rank=2, lora_alpha=4.0, lora_dropout=0.25)
+    config = models.preset("tiny", lora=models.LoraConfig(rank=2, alpha=4.0, dropout=0.25))
     rng = np.random.default_rng(0)
     p = {
         k: rng.normal(size=shape).astype(np.float32)

@@ -79,7 +79,7 @@ def test_export_onto_a_full_disk_is_one_line_naming_hf_and_keeps_the_previous_ex
 def test_lora_export_onto_a_full_disk_names_adapter_and_writes_nothing(tmp_path, tiny):
     from apo_jax.train import loop
 
-    model = models.Llama(models.preset("tiny", lora_rank=2, lora_alpha=4.0))
+    model = models.Llama(models.preset("tiny", lora=models.LoraConfig(rank=2, alpha=4.0)))
     params = lora.add_adapters(model, tiny[1], seed=1)  # adapter_model.safetensors: about 20 kB
     with _small_disk(tmp_path / "disk", "4k") as disk:
         cfg = ml_collections.ConfigDict({"model": {"path": ""}})

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-LAYOUTS = ("padded", "packed", "prompt_shared")
+LAYOUTS = PADDED, PACKED, PROMPT_SHARED = ("padded", "packed", "prompt_shared")
 # records column -> batch key (DESIGN.md, "Field names across stages"); the step and the config read it
 EXTRA_KEYS = {"is_tie": "is_tie", "timestamp": "timestamps", "score": "scores", "label": "label"}
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -199,10 +199,11 @@ def build(layout: str, records, length: int, *, pad_id: int = 0, rows: int | Non
         if layout != "padded":
             raise ValueError(f"unpaired (KTO) records use the padded layout, not {layout!r}")
         return unpaired(records, length, pad_id)
-    if layout == "padded":
-        return padded(records, length, pad_id)
-    if layout == "packed":
-        return packed(records, length, rows, pad_id)
-    if layout == "prompt_shared":
-        return prompt_shared(records, length, pad_id)
+    builders = {
+        PADDED: lambda: padded(records, length, pad_id),
+        PACKED: lambda: packed(records, length, rows, pad_id),
+        PROMPT_SHARED: lambda: prompt_shared(records, length, pad_id),
+    }
+    if layout in builders:
+        return builders[layout]()
     raise ValueError(f"unknown batch layout {layout!r}; use one of {LAYOUTS}")

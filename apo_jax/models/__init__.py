@@ -23,6 +23,7 @@ from apo_jax.models.llama import (
     preset,
     token_logps,
 )
+from apo_jax.models.lora import LoraConfig
 from apo_jax.models.sample import generate
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "CheckpointError",
     "Llama",
     "LlamaConfig",
+    "LoraConfig",
     "abstract_params",
     "from_gguf",
     "from_hf",

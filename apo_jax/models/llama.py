@@ -21,7 +21,7 @@ import functools
 import math
 import numbers
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import flax.traverse_util
@@ -33,6 +33,9 @@ from apo_jax.logprobs import softcap
 from apo_jax.logprobs import token_logps as _from_hidden
 from apo_jax.models.families import MODEL_TYPES, PRESETS
 from apo_jax.sharding import constrain, param_shardings
+
+if TYPE_CHECKING:  # lora.py builds on this module; the config only holds its LoraConfig
+    from apo_jax.models.lora import LoraConfig
 
 REMAT_POLICIES = {
     "none": None,
@@ -112,15 +115,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"  # see REMAT_POLICIES
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation= ("xla", "cudnn")
-    # LoRA (models/lora.py): rank 0 = none; adapters float32 beside the base, scaled by alpha / rank
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
-    # 0: adapters train on every layer; K: only the top K layers' do (PEFT's layers_to_transform =
-    # L-K .. L-1). The layers below run once, without gradients (`hidden_states`), so a step costs the
-    # forward pass plus the top K layers' backward; the lower layers' adapters stay at B = 0.
-    lora_layers: int = 0
+    lora: LoraConfig | None = None  # LoRA adapters (apo_jax.models.lora); None: none
 
     def __post_init__(self):
         for key in ("dtype", "param_dtype"):  # jnp.bfloat16 and "bfloat16" alike, stored as the name
@@ -146,19 +141,9 @@ class LlamaConfig:
                 raise ValueError(
                     f"layer_types={self.layer_types}: one of sliding_attention/full_attention per layer"
                 )
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if (
-            self.lora_rank < 0
-            or not 0 <= self.lora_dropout < 1
-            or not set(self.lora_targets) <= set(LORA_TARGETS)
-        ):
+        if self.lora is not None and self.lora.layers > self.num_hidden_layers:
             raise ValueError(
-                f"lora_rank={self.lora_rank}, lora_dropout={self.lora_dropout}, lora_targets="
-                f"{self.lora_targets}: a rank >= 0, a dropout in [0, 1), targets among {list(LORA_TARGETS)}"
-            )
-        if not 0 <= self.lora_layers <= self.num_hidden_layers:
-            raise ValueError(
-                f"lora_layers={self.lora_layers}: 0 (every layer) up to {self.num_hidden_layers} (the layers)"
+                f"lora.layers={self.lora.layers}: 0 (every layer) up to {self.num_hidden_layers} (the layers)"
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window}: must be at least 1 (or None)")
@@ -180,11 +165,6 @@ class LlamaConfig:
         if self.layer_types is None:
             return (True,) * self.num_hidden_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
-
-    @property
-    def lora_scale(self) -> float:
-        """PEFT's `scaling`: the adapters' product is multiplied by alpha / rank."""
-        return self.lora_alpha / self.lora_rank
 
     @property
     def has_o_bias(self) -> bool:
@@ -256,20 +236,20 @@ def apply_rope(x, positions, inv_freq):
 def _linear(config: LlamaConfig, p, x, spec):
     """x times the kernel (+ bias), in the compute dtype; + scale · (x A) B where the projection
     carries LoRA adapters (`lora_a` [in..., r], `lora_b` [r, out...]: PEFT's lora_A/lora_B), with
-    x through (inverted) dropout at `lora_dropout` where the params carry a `dropout_key`."""
+    x through (inverted) dropout at `lora.dropout` where the params carry a `dropout_key`."""
     dt = DTYPES[config.dtype]
     y = jnp.einsum(spec, x, p["kernel"].astype(dt))
     if "lora_a" in p:
         if "dropout_key" in p:  # as PEFT: result + lora_B(lora_A(dropout(x))) * scaling
-            keep = jax.random.bernoulli(p["dropout_key"], 1.0 - config.lora_dropout, x.shape)
-            x = jnp.where(keep, x / jnp.asarray(1.0 - config.lora_dropout, dt), jnp.zeros((), dt))
+            keep = jax.random.bernoulli(p["dropout_key"], 1.0 - config.lora.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - config.lora.dropout, dt), jnp.zeros((), dt))
         ins, out = spec.split("->")
         xs, ks = ins.split(",")
         rows = "".join(c for c in xs if c not in ks)  # B, T
         contract = "".join(c for c in ks if c in xs)
         xa = jnp.einsum(f"{xs},{contract}R->{rows}R", x, p["lora_a"].astype(dt))
         delta = jnp.einsum(f"{rows}R,R{ks[len(contract) :]}->{out}", xa, p["lora_b"].astype(dt))
-        y = y + delta * jnp.asarray(config.lora_scale, dt)
+        y = y + delta * jnp.asarray(config.lora.scale, dt)
     return y + p["bias"].astype(dt) if "bias" in p else y
 
 
@@ -403,7 +383,7 @@ def _init(axes, scale=0.02):
 
 
 class _Linear(nn.Module):
-    """A projection's kernel (+ bias); with `lora_rank`, LoRA adapters beside it: `lora_a` over the
+    """A projection's kernel (+ bias); with `lora_rank` > 0, LoRA adapters beside it: `lora_a` over the
     kernel's `n_in` input axes and `lora_b` over its output axes, float32 whatever the base's dtype.
     They are declared when initialising and read when present: parameters without them (the
     reference: the base with adapters off) apply the same module as the plain projection."""
@@ -494,7 +474,7 @@ class _MLP(nn.Module):
 
 def _rank(config: LlamaConfig, name: str) -> int:
     """The LoRA rank of projection `name` (0: no adapters)."""
-    return config.lora_rank if name in config.lora_targets else 0
+    return config.lora.rank_of(name) if config.lora is not None else 0
 
 
 class DecoderLayer(nn.Module):
@@ -607,26 +587,27 @@ def hidden_states(
     `attention_mask` [B, T] is 1 on real tokens. `segment_ids` (default: the attention mask) keep
     packed sequences apart; `positions` default to counting from 0 in every segment, so
     left-padded rows get the positions an unpadded row would. `dropout_rng` (a key) turns on LoRA's
-    dropout (`lora_dropout`; training only).
+    dropout (`lora.dropout`; training only).
     """
     segment_ids, positions = _inputs(attention_mask, segment_ids, positions)
     mask = _segment_mask(segment_ids, shared_segment, positions, model.config)
     c = model.config
-    dropout_rng = dropout_rng if c.lora_dropout else None
-    if 0 < c.lora_layers < c.num_hidden_layers:  # the reference (no adapters) too: see below
+    lora_layers = c.lora.layers if c.lora is not None else 0
+    dropout_rng = dropout_rng if c.lora is not None and c.lora.dropout else None
+    if 0 < lora_layers < c.num_hidden_layers:  # the reference (no adapters) too: see below
         return _top_layers_trained(c, params, input_ids, positions, mask, return_hidden, dropout_rng)
     rngs = {LORA_DROPOUT: dropout_rng} if dropout_rng is not None else None
     return model.apply({"params": params}, input_ids, positions, mask, return_hidden=return_hidden, rngs=rngs)
 
 
 def _top_layers_trained(config: LlamaConfig, params, input_ids, positions, mask, return_hidden, dropout_rng):
-    """`Llama.__call__` with adapters on the top `lora_layers` layers only: the layers below run as
+    """`Llama.__call__` with adapters on the top `lora.layers` layers only: the layers below run as
     the base (their adapters, at B = 0, are skipped) under stop_gradient, so the backward pass stops
     at the first adapted layer. The same per-layer module (`DecoderLayer`), scanned in two parts.
     The reference of a LoRA run (the base: no adapters) takes this path too, so that its lower part
     is the same computation as the policy's and XLA computes it once for both in a jitted step."""
     c = config
-    L, K = c.num_hidden_layers, c.lora_layers
+    L, K = c.num_hidden_layers, c.lora.layers
     layer = DecoderLayer(c, collect_hidden=return_hidden)
     sliding = jnp.asarray(c.sliding_layers)
 
@@ -774,7 +755,7 @@ def init_params(model: Llama, seed: int = 0, mesh=None):
     Each leaf is drawn on the host with numpy (seeded by `seed` and its index) and sent straight
     to its sharding, one parameter at a time, so every process of a multi-host run builds the
     same values and nothing is compiled (XLA's compile of a random init costs seconds on CPU).
-    LoRA adapters (`lora_rank` > 0) are drawn apart from the base (see `init_leaf`), so the base
+    LoRA adapters (`lora`) are drawn apart from the base (see `init_leaf`), so the base
     weights are the same with adapters or without.
     """
     slots, treedef = param_slots(model, mesh)

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters beside a frozen base, and PEFT's adapter folders in and out.
 
-A model whose config has `lora_rank` > 0 declares, beside the kernel of each targeted projection,
+A model whose config has a `lora` (LoraConfig) declares, beside the kernel of each targeted projection,
 `lora_a` [L, in..., r] and `lora_b` [L, r, out...] (float32; `lora_b` starts at zero, so the
 step-0 policy is the base); the projection adds (alpha / r) · (x A) B (`llama._linear`). The same
 parameters without the adapter leaves (`base(params)`) are the base model: that is the reference,
@@ -18,6 +18,7 @@ PEFT's layout: `lora_A.weight` [r, in] and `lora_B.weight` [out, r] of each Line
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -46,6 +47,47 @@ PEFT_PREFIX = "base_model.model."
 _A, _B = ADAPTER_KEYS
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters of a model (`LlamaConfig.lora`; None: no adapters), in PEFT's terms, checked here
+    and nowhere else. The adapters are float32 beside the base, their product scaled by alpha / rank."""
+
+    rank: int  # PEFT's r
+    alpha: float = 16.0  # PEFT's lora_alpha
+    targets: tuple[str, ...] = LORA_TARGETS  # projections ("q" and "q_proj" alike)
+    dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
+    # 0: adapters train on every layer; K: only the top K layers' do (PEFT's layers_to_transform =
+    # L-K .. L-1). The layers below run once, without gradients (`llama.hidden_states`), so a step
+    # costs the forward pass plus the top K layers' backward; the lower layers' adapters stay at B = 0.
+    layers: int = 0
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        names = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in targets)
+        object.__setattr__(self, "targets", names)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if not names or not set(names) <= set(LORA_TARGETS):
+            raise ValueError(f"targets={targets}: name projections among {list(LORA_TARGETS)}")
+        for key, ok, rule in (
+            ("rank", self.rank >= 1, "at least 1"),
+            ("alpha", self.alpha > 0, "> 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("layers", self.layers >= 0, ">= 0 (0: every layer)"),
+        ):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
+
+    @property
+    def scale(self) -> float:
+        """PEFT's `scaling`: the adapters' product is multiplied by alpha / rank."""
+        return self.alpha / self.rank
+
+    def rank_of(self, projection: str) -> int:
+        """The adapters' rank on `projection` (0: it has none)."""
+        return self.rank if projection in self.targets else 0
+
+
 def split(params) -> tuple[dict, dict]:
     """(adapters, base): two nested dicts of the same leaves, the adapter leaves in the first."""
     flat = traverse_util.flatten_dict(params)
@@ -68,7 +110,7 @@ def base(params) -> dict:
 
 def add_adapters(model: Llama, params, seed: int = 0, mesh=None) -> dict:
     """`params` (a base, e.g. from `from_hf`) with freshly initialised adapters for `model`'s
-    `lora_rank`/`lora_targets`: A uniform (PEFT's init), B zero; split over `mesh` like their kernels."""
+    `lora` (rank, targets): A uniform (PEFT's init), B zero; split over `mesh` like their kernels."""
     out = traverse_util.flatten_dict(params)
     for path, leaf, sharding, index in param_slots(model, mesh)[0]:  # as init_params draws them
         if is_adapter(path):
@@ -78,15 +120,13 @@ def add_adapters(model: Llama, params, seed: int = 0, mesh=None) -> dict:
 
 def plain(config: LlamaConfig) -> LlamaConfig:
     """`config` without LoRA (the base model's config)."""
-    return config.replace(
-        lora_rank=0, lora_alpha=LlamaConfig.lora_alpha, lora_targets=LORA_TARGETS, lora_dropout=0.0
-    )
+    return config.replace(lora=None)
 
 
 def _targets(config: LlamaConfig):
     """(HF module name with {i}, our path to the projection) of every adapted projection."""
     for hf_name, keys, _, _ in _mapping(config):
-        if keys[-1] == "kernel" and keys[-2] in config.lora_targets:
+        if keys[-1] == "kernel" and keys[-2] in config.lora.targets:
             yield hf_name.removesuffix(".weight"), keys[:-1]
 
 
@@ -103,7 +143,7 @@ def merge(model: Llama, params) -> tuple[Llama, dict]:
         kernel, a, b = flat[path + ("kernel",)], flat[path + (_A,)], flat[path + (_B,)]
         L, r = a.shape[0], a.shape[-1]
         delta = jnp.matmul(a.reshape(L, -1, r), b.reshape(L, r, -1)).reshape(kernel.shape)
-        merged = kernel.astype(jnp.float32) + config.lora_scale * delta
+        merged = kernel.astype(jnp.float32) + config.lora.scale * delta
         out[path + ("kernel",)] = merged.astype(kernel.dtype)
     return Llama(plain(config)), traverse_util.unflatten_dict(out)
 
@@ -114,10 +154,10 @@ def adapter_config(config: LlamaConfig, base_model: str = "") -> dict:
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model or None,
-        "r": config.lora_rank,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "target_modules": sorted(config.lora_targets),
+        "r": config.lora.rank,
+        "lora_alpha": config.lora.alpha,
+        "lora_dropout": config.lora.dropout,
+        "target_modules": sorted(config.lora.targets),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -205,7 +245,7 @@ def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
         "lora_alpha": cfg.get("lora_alpha"),
         "target_modules": adapter_targets(cfg, file),
     }
-    wanted = {"r": config.lora_rank, "lora_alpha": config.lora_alpha, "target_modules": config.lora_targets}
+    wanted = {"r": config.lora.rank, "lora_alpha": config.lora.alpha, "target_modules": config.lora.targets}
     for key, value in found.items():
         if value != wanted[key] and not (key == "lora_alpha" and float(value) == float(wanted[key])):
             raise CheckpointError(
@@ -235,11 +275,11 @@ def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
                     )
                 layers.append(np.asarray(w, np.float32).T.reshape(leaf.shape[1:]))  # [in..., r] / [r, out...]
             stacked = np.stack(layers)
-            lower = config.num_hidden_layers - config.lora_layers if config.lora_layers else 0
+            lower = config.num_hidden_layers - config.lora.layers if config.lora.layers else 0
             if key == _B and np.any(stacked[:lower]):
                 raise CheckpointError(
                     f"{weights}: {module.format(i='*')} has trained adapters below the top "
-                    f"lora_layers={config.lora_layers} layers, which such a run skips: set lora.layers to 0"
+                    f"lora.layers={config.lora.layers} layers, which such a run skips: set lora.layers to 0"
                 )
             out[mpath + (key,)] = place(stacked.astype(leaf.dtype), sharding)
     return traverse_util.unflatten_dict(out)

@@ -16,9 +16,10 @@ import ml_collections
 from apo_jax import losses
 from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
+from apo_jax.data.layouts import LAYOUTS, PACKED, PADDED
 from apo_jax.models.hf import CheckpointError, read_config
 from apo_jax.models.llama import LORA_TARGETS, PRESETS, preset
-from apo_jax.models.lora import read_adapter_config
+from apo_jax.models.lora import LoraConfig, read_adapter_config
 from apo_jax.train import trackers
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
@@ -170,10 +171,6 @@ RANGES = (
     ("model.vocab_size", 1, 2**31, True),  # token ids are int32
     ("reference.sync_steps", 1, math.inf, True),
     ("reference.precompute_batch_size", 1, math.inf, True),
-    ("lora.rank", 0, math.inf, True),
-    ("lora.alpha", 0.0, math.inf, False),
-    ("lora.dropout", 0.0, 1.0, True),
-    ("lora.layers", 0, math.inf, True),
 )
 
 
@@ -315,8 +312,8 @@ def validate(config) -> None:
     if not d.train:
         raise ConfigError("data.train is empty: give a directory written by apo_jax.data.preprocess")
     probe_sets(d.get("probes", ""))
-    if d.layout not in ("padded", "packed", "prompt_shared"):
-        raise ConfigError(f"data.layout={d.layout!r}: use padded, packed or prompt_shared")
+    if d.layout not in LAYOUTS:
+        raise ConfigError(f"data.layout={d.layout!r}: use one of {list(LAYOUTS)}")
     if o.name != "adamw":
         raise ConfigError(f"optimizer.name={o.name!r}: the supported optimizer is 'adamw'")
     if o.schedule not in ("linear", "cosine", "constant"):
@@ -343,7 +340,7 @@ def validate(config) -> None:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
-    if d.bucket and d.layout != "padded":
+    if d.bucket and d.layout != PADDED:
         raise ConfigError(f"data.bucket={d.bucket}: bucketed row lengths are for data.layout='padded'")
     if d.packed_rows and d.packed_rows % t.grad_accum:
         raise ConfigError(
@@ -362,13 +359,13 @@ def validate(config) -> None:
     ld_alpha = config.loss.get("ld_alpha", None)
     if ld_alpha is not None and not 0 <= ld_alpha <= 1:
         raise ConfigError(f"loss.ld_alpha={ld_alpha} must lie in [0, 1]")
-    if (ld_alpha is not None or config.loss.get("use_weighting", False)) and d.layout != "padded":
+    if (ld_alpha is not None or config.loss.get("use_weighting", False)) and d.layout != PADDED:
         raise ConfigError("loss.ld_alpha and loss.use_weighting need data.layout='padded'")
     if ld_alpha is not None and loss.granularity == "token":
         raise ConfigError(
             f"loss.ld_alpha aggregates sequence log-probs; the token-level loss {loss.name!r} would ignore it"
         )
-    if loss.granularity == "token" and (d.layout != "padded" or r.mode == "precomputed"):
+    if loss.granularity == "token" and (d.layout != PADDED or r.mode == "precomputed"):
         raise ConfigError(
             f"loss {loss.name!r} is token-level: it needs data.layout='padded' and a reference model "
             f"(reference.mode frozen or sync), not layout {d.layout!r} with reference.mode {r.mode!r}"
@@ -382,25 +379,27 @@ def validate(config) -> None:
         raise ConfigError(f"loss {loss.name!r} uses no reference: set reference.mode='none'")
 
 
-def lora_targets(config) -> tuple[str, ...]:
-    """lora.targets as projection names ("q" and "q_proj" alike)."""
-    targets = (config.lora.targets,) if isinstance(config.lora.targets, str) else config.lora.targets
-    names = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in targets)
-    unknown = [t for t in names if t not in LORA_TARGETS]
-    if unknown or not names:
-        raise ConfigError(f"lora.targets={tuple(targets)}: name projections among {list(LORA_TARGETS)}")
-    return names
+def lora_config(config):
+    """The run's LoraConfig from the lora group (rank > 0); its own checks, named as config keys."""
+    lo = config.lora
+    try:
+        return LoraConfig(
+            rank=lo.rank, alpha=lo.alpha, targets=lo.targets, dropout=lo.dropout, layers=lo.get("layers", 0)
+        )
+    except ValueError as e:
+        raise ConfigError(f"lora.{e}") from None
 
 
 def check_lora(config) -> None:
-    """The lora group: a rank with targets, no TR-DPO (its reference mixes in the policy's weights,
-    while a LoRA run's reference is the base with adapters off)."""
+    """The lora group: its values (LoraConfig's checks), no TR-DPO (its reference mixes in the
+    policy's weights, while a LoRA run's reference is the base with adapters off), no more layers
+    than the model has, and a readable PEFT folder."""
     lo = config.lora
     if not lo.rank:
         if lo.path:
             raise ConfigError(f"lora.path={lo.path}: set lora.rank (and alpha, targets) to the adapter's")
         return
-    lora_targets(config)
+    lora_config(config)
     if config.reference.mode == "sync":
         raise ConfigError(
             "reference.mode='sync' (TR-DPO) with lora.rank > 0: the reference of a LoRA run is the "
@@ -434,7 +433,7 @@ def check_mesh(config, mesh) -> None:
         )
     processes = len({device.process_index for device in mesh.devices.flat})
     rows = config.data.packed_rows * processes // t.grad_accum  # one micro-batch's, all processes
-    if config.data.layout == "packed" and rows % shards:
+    if config.data.layout == PACKED and rows % shards:
         raise ConfigError(
             f"data.packed_rows={config.data.packed_rows} per process gives {rows} rows per micro-batch, "
             f"not divisible by mesh.data × mesh.fsdp = {shards}"

@@ -26,10 +26,7 @@ def model_policies(cfg, *, adapters: bool = True) -> dict:
     m, lo = cfg.model, cfg.get("lora", None)
     policies = {"dtype": m.dtype, "param_dtype": m.param_dtype, "remat_policy": m.remat_policy}
     if lo is not None and lo.rank and adapters:
-        targets = config_lib.lora_targets(cfg)
-        policies |= {"lora_rank": lo.rank, "lora_alpha": float(lo.alpha), "lora_targets": targets}
-        policies["lora_dropout"] = float(lo.dropout)
-        policies["lora_layers"] = int(lo.get("layers", 0))
+        policies["lora"] = config_lib.lora_config(cfg)
     return policies
 
 
@@ -41,12 +38,12 @@ def build_model(cfg, mesh, *, adapters: bool = True):
     policies = model_policies(cfg, adapters=adapters)
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
-        if model.config.lora_rank and not lo.path:  # lora.path's adapters are read below
+        if model.config.lora and not lo.path:  # lora.path's adapters are read below
             params = lora.add_adapters(model, params, m.seed, mesh)
     else:
         model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
         params = models.init_params(model, m.seed, mesh)
-    if model.config.lora_rank and lo.path:
+    if model.config.lora and lo.path:
         params = lora.load_peft(model, params, lo.path, mesh)
     return model, params
 

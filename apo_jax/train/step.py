@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from apo_jax import losses as losses_lib
-from apo_jax.data.layouts import EXTRA_KEYS, sequence_logps
+from apo_jax.data.layouts import EXTRA_KEYS, PADDED, PROMPT_SHARED, sequence_logps
 from apo_jax.models import lora, token_logps
 from apo_jax.train.state import TrainState, trainable, with_trainable
 
@@ -41,7 +41,7 @@ class StepConfig:
     """How the step runs, all static; what the loss needs it asks the loss."""
 
     mode: str = "preference"  # preference | sft
-    layout: str = "padded"
+    layout: str = PADDED  # apo_jax.data.layouts.LAYOUTS
     grad_accum: int = 1
     reference: str = "frozen"  # one of REFERENCES
     sync_steps: int = 512
@@ -154,7 +154,7 @@ def _paired_padded(
 
 def _paired_rows(model, params, batch, cfg: StepConfig, *, with_entropy, rng=None) -> Forward:
     """The same from packed or prompt-shared rows, summed per sequence by (row, segment)."""
-    shared = 1 if cfg.layout == "prompt_shared" else None
+    shared = 1 if cfg.layout == PROMPT_SHARED else None
     out = token_logps(
         model,
         params,
@@ -207,7 +207,7 @@ def sequence_sums(
     dropout."""
     if "kl_input_ids" in batch:
         return _unpaired(model, params, batch, cfg, with_entropy=with_entropy, rng=rng)
-    if cfg.layout == "padded":
+    if cfg.layout == PADDED:
         return _paired_padded(
             model, params, batch, cfg, tokens=tokens, with_entropy=with_entropy, weights=weights, rng=rng
         )
@@ -380,7 +380,7 @@ def make_train_step(model, loss, tx, lr_schedule, cfg: StepConfig):
         A = cfg.grad_accum
         train = trainable(state.params)
         rng = None  # LoRA's dropout: a key per step (and micro-batch) from the state's, so resumes replay it
-        if model.config.lora_dropout:
+        if model.config.lora is not None and model.config.lora.dropout:
             rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (total, metrics, loss_state), grads = _accumulate(grad_fn, train, state, batch, A, rng)
         grads = jax.tree.map(lambda g: g / A, grads)

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     config = shape_config(args.shape, args.dtype, args.remat, args.attention)
     if args.lora:  # the same adapters on both sides: TRL loads them as a PEFT folder
-        config = config.replace(lora_rank=args.lora, lora_alpha=16.0)
+        config = config.replace(lora=models.LoraConfig(rank=args.lora, alpha=16.0))
     model = models.Llama(config)
     params = models.init_params(model, 0)
     records = synthetic_pairs(args.batch, args.length, config.vocab_size, seed=0)

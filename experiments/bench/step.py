@@ -40,7 +40,7 @@ class JaxStep:
         self.model = models.Llama(config)
         opt = bench_optimizer(lr)
         tx, sched = make_optimizer(opt, steps)
-        if reference == "frozen" and config.lora_rank:  # as train.setup resolves it: LoRA's base
+        if reference == "frozen" and config.lora:  # as train.setup resolves it: LoRA's base
             reference = "base"
         ref = models.frozen_copy(config, params) if reference == "frozen" else None
         self.state = create_state(params, tx, seed=0, ref_params=ref)
@@ -123,14 +123,14 @@ def bench_step(
     second = {k: float(v) for k, v in step(batch).items()}
     timing = timed(lambda: step(batch)["loss"], args.steps, max(0, args.warmup - 2), block_until_ready)
     tokens = real_tokens(records)
-    passes = 2 if config.lora_rank else 3  # forward, backward (LoRA: no weight gradients of the base)
+    passes = 2 if config.lora else 3  # forward, backward (LoRA: no weight gradients of the base)
     flops = tokens * flops_per_token(config, args.length) * (passes + (reference == "frozen"))
     row = {
         "part": "step",
         "impl": "apo_jax",
         "reference": reference,
         "layout": layout,
-        "lora": bool(config.lora_rank),
+        "lora": config.lora is not None,
         "row_length": length,
         "rows": int(batch["input_ids"].shape[0]) if "input_ids" in batch else 2 * len(records),
         "compile_s": compile_s,
