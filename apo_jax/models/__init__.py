@@ -14,16 +14,15 @@ from apo_jax.models.llama import (
     PRESETS,
     Llama,
     LlamaConfig,
-    abstract_params,
     frozen_copy,
     hidden_states,
-    init_params,
     logits,
     output_weight,
     preset,
     token_logps,
 )
 from apo_jax.models.lora import LoraConfig
+from apo_jax.models.params import abstract_params, init_params
 from apo_jax.models.sample import generate
 
 __all__ = [

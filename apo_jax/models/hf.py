@@ -28,11 +28,10 @@ from apo_jax.models.llama import (
     DTYPES,
     Llama,
     LlamaConfig,
-    abstract_params,
-    check_fits,
     dtype_name,
     has_adapters,
 )
+from apo_jax.models.params import abstract_params, check_fits
 from apo_jax.sharding import param_shardings
 
 # safetensors dtype names -> numpy (bfloat16 through ml_dtypes; the safetensors library's numpy

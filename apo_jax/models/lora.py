@@ -34,14 +34,12 @@ from apo_jax.models.llama import (
     LORA_TARGETS,
     Llama,
     LlamaConfig,
-    init_leaf,
     is_adapter,
-    param_slots,
-    place,
 )
 from apo_jax.models.llama import (
     has_adapters as has_adapters,  # re-exported: lora.has_adapters(params)
 )
+from apo_jax.models.params import init_leaf, param_slots, place
 
 PEFT_PREFIX = "base_model.model."
 _A, _B = ADAPTER_KEYS
