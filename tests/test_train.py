@@ -57,6 +57,9 @@ CONFIG_ERRORS = [
         "'tdpo' takes the KL .* needs reference.mode frozen or sync",
     ),
     ({"lora__rank": 4, "lora__layers": 3}, "validate", "lora.layers=3: the model has 2 layers"),  # tiny: 2
+    ({"lora__rank": -1}, "validate", r"lora.rank=-1: must be at least 1"),  # LoraConfig's own checks
+    ({"lora__rank": 4, "lora__dropout": 1.0}, "validate", r"lora.dropout=1.0: must be in \[0, 1\)"),
+    ({"lora__rank": 4, "lora__targets": ("q", "w_proj")}, "validate", "lora.targets=.*name projections"),
     (
         {"loss__name": "tdpo", "loss__ld_alpha": 0.5},
         "validate",
