@@ -285,3 +285,19 @@ def test_lora_peft_folder_imports_and_trains_on(lora_run, records):
     assert metric(root / "cont", "loss")[0] < 1.0  # starts from the trained adapters, not B = 0
     a = ("layers", "mlp", "down_proj", "lora_b")
     assert np.abs(params[a] - _flat(lora_run["state"].params)[a]).max() > 0  # and moves them
+
+
+def test_a_peft_folder_that_does_not_match_the_run_is_refused_naming_lora_path(lora_run, records):
+    """lora.path's adapter_config.json is read once, before any weight, and held against the run's
+    lora group: another rank, or a folder without the file, is one ConfigError naming lora.path."""
+    from apo_jax.train.config import ConfigError
+
+    root = lora_run["root"]
+    for rank, folder, says in (
+        (8, root / "whole/adapter", "r=4 but the run's lora config says 8"),
+        (4, root, "adapter_config.json"),
+    ):
+        cfg = _lora_config(root / f"refused_{rank}", records, lora_run["path"], lora__rank=rank)
+        cfg.lora.alpha, cfg.lora.path = 8.0, str(folder)
+        with pytest.raises(ConfigError, match=f"lora.path: .*{says}"):
+            train.run(cfg)

@@ -232,24 +232,32 @@ def adapter_targets(cfg: dict, file="adapter_config.json") -> tuple[str, ...]:
     return tuple(t for t in LORA_TARGETS if t in targets)
 
 
-def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None) -> dict:
-    """`params` with their adapters replaced by the PEFT adapter at `path` (its rank, alpha and
-    targets must be `model.config`'s; the base stays as it is)."""
-    path = pathlib.Path(path)
-    cfg, config = read_adapter_config(path), model.config
-    file = path / "adapter_config.json"
+def check_adapter_config(path: str | os.PathLike, lora: LoraConfig) -> dict:
+    """The PEFT folder's adapter_config.json, read once and held against `lora` (rank, alpha,
+    targets must be the same), before any weight is read. Returns it for `load_peft`."""
+    cfg, file = read_adapter_config(path), pathlib.Path(path) / "adapter_config.json"
     found = {
         "r": cfg.get("r"),
         "lora_alpha": cfg.get("lora_alpha"),
         "target_modules": adapter_targets(cfg, file),
     }
-    wanted = {"r": config.lora.rank, "lora_alpha": config.lora.alpha, "target_modules": config.lora.targets}
+    wanted = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.targets}
     for key, value in found.items():
         if value != wanted[key] and not (key == "lora_alpha" and float(value) == float(wanted[key])):
             raise CheckpointError(
                 f"{file}: {key}={value!r} but the run's lora config says {wanted[key]!r} "
                 "(set lora.rank, lora.alpha and lora.targets to the adapter's)"
             )
+    return cfg
+
+
+def load_peft(model: Llama, params, path: str | os.PathLike, mesh=None, *, adapter_config=None) -> dict:
+    """`params` with their adapters replaced by the PEFT adapter at `path` (its rank, alpha and
+    targets must be `model.config`'s, checked by `check_adapter_config` unless its result is given as
+    `adapter_config`; the base stays as it is)."""
+    path, config = pathlib.Path(path), model.config
+    if adapter_config is None:
+        check_adapter_config(path, config.lora)
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path}: no adapter_model.safetensors")

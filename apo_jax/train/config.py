@@ -17,9 +17,9 @@ from apo_jax import losses
 from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import LAYOUTS, PACKED, PADDED
-from apo_jax.models.hf import CheckpointError, read_config
+from apo_jax.models.hf import read_config
 from apo_jax.models.llama import LORA_TARGETS, PRESETS, preset
-from apo_jax.models.lora import LoraConfig, read_adapter_config
+from apo_jax.models.lora import LoraConfig
 from apo_jax.train import trackers
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
@@ -393,7 +393,8 @@ def lora_config(config):
 def check_lora(config) -> None:
     """The lora group: its values (LoraConfig's checks), no TR-DPO (its reference mixes in the
     policy's weights, while a LoRA run's reference is the base with adapters off), no more layers
-    than the model has, and a readable PEFT folder."""
+    than the model has. The PEFT folder of `lora.path` is read (once) where the model is built,
+    before any weight (apo_jax.train.state.build_model)."""
     lo = config.lora
     if not lo.rank:
         if lo.path:
@@ -415,11 +416,6 @@ def check_lora(config) -> None:
             total = math.inf  # a missing checkpoint is reported where it is read
         if lo.layers > total:
             raise ConfigError(f"lora.layers={lo.layers}: the model has {total} layers (0 adapts them all)")
-    if lo.path:  # the adapter's own config, before any weight is read (load_peft reads it again)
-        try:
-            read_adapter_config(lo.path)
-        except CheckpointError as e:
-            raise ConfigError(f"lora.path: {e}") from None
 
 
 def check_mesh(config, mesh) -> None:

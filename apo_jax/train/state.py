@@ -36,6 +36,12 @@ def build_model(cfg, mesh, *, adapters: bool = True):
     as the base) or read from the PEFT folder `lora.path`; `adapters=False` gives the base alone."""
     m, lo = cfg.model, cfg.get("lora", None)
     policies = model_policies(cfg, adapters=adapters)
+    peft = None
+    if "lora" in policies and lo.path:  # the PEFT folder's config, read once, before any weight
+        try:
+            peft = lora.check_adapter_config(lo.path, policies["lora"])
+        except models.CheckpointError as e:
+            raise config_lib.ConfigError(f"lora.path: {e}") from None
     if m.path:
         model, params = models.from_hf(m.path, mesh=mesh, **policies)
         if model.config.lora and not lo.path:  # lora.path's adapters are read below
@@ -43,8 +49,8 @@ def build_model(cfg, mesh, *, adapters: bool = True):
     else:
         model = models.Llama(models.preset(m.preset, vocab_size=m.vocab_size, **policies))
         params = models.init_params(model, m.seed, mesh)
-    if model.config.lora and lo.path:
-        params = lora.load_peft(model, params, lo.path, mesh)
+    if peft is not None:
+        params = lora.load_peft(model, params, lo.path, mesh, adapter_config=peft)
     return model, params
 
 
