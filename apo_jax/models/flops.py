@@ -3,7 +3,7 @@ of the accelerators (for MFU in the trainer's metrics and in experiments.bench).
 
 from __future__ import annotations
 
-from apo_jax.models.llama import LlamaConfig
+from apo_jax.models.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, for mfu (train.peak_flops overrides).
 PEAK_FLOPS = {

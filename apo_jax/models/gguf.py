@@ -23,8 +23,8 @@ import pathlib
 
 import numpy as np
 
+from apo_jax.models.config import LlamaConfig, dtype_name
 from apo_jax.models.hf import CheckpointError, assemble
-from apo_jax.models.llama import LlamaConfig, dtype_name
 
 ARCHITECTURES = ("llama",)  # general.architecture values read (Mistral's GGUFs say "llama" too)
 

@@ -23,14 +23,9 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from apo_jax.models.config import DTYPES, LlamaConfig, dtype_name
 from apo_jax.models.families import FAMILIES, MODEL_TYPES
-from apo_jax.models.llama import (
-    DTYPES,
-    Llama,
-    LlamaConfig,
-    dtype_name,
-    has_adapters,
-)
+from apo_jax.models.llama import Llama, has_adapters
 from apo_jax.models.params import abstract_params, check_fits
 from apo_jax.sharding import param_shardings
 

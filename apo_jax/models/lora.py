@@ -28,14 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from apo_jax.models.config import LORA_TARGETS, LlamaConfig
 from apo_jax.models.hf import CheckpointError, _mapping, _Safetensors, host_array
-from apo_jax.models.llama import (
-    ADAPTER_KEYS,
-    LORA_TARGETS,
-    Llama,
-    LlamaConfig,
-    is_adapter,
-)
+from apo_jax.models.llama import ADAPTER_KEYS, Llama, is_adapter
 from apo_jax.models.llama import (
     has_adapters as has_adapters,  # re-exported: lora.has_adapters(params)
 )

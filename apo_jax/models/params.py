@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apo_jax.models.llama import SIZE_FIELDS, Llama, LlamaConfig, attention_mask, is_adapter
+from apo_jax.models.config import SIZE_FIELDS, LlamaConfig
+from apo_jax.models.llama import Llama, attention_mask, is_adapter
 from apo_jax.sharding import param_shardings
 
 

@@ -13,10 +13,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from apo_jax.models.config import DTYPES, LlamaConfig
 from apo_jax.models.llama import (
-    DTYPES,
     Llama,
-    LlamaConfig,
     attention_mask,
     decoder_layer,
     default_positions,
