@@ -8,11 +8,10 @@ models.to_hf(model, params, "exported/", tokenizer=models.load_tokenizer("Meta-L
 model, params = models.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")   # llama.cpp's files, no PyTorch
 """
 
-from apo_jax.models.config import PRESETS, LlamaConfig, preset
+from apo_jax.models.config import PRESETS, LlamaConfig, LoraConfig, preset
 from apo_jax.models.gguf import from_gguf, gguf_tokenizer
 from apo_jax.models.hf import CheckpointError, from_hf, load_tokenizer, read_config, to_hf
 from apo_jax.models.llama import Llama, frozen_copy, hidden_states, logits, output_weight, token_logps
-from apo_jax.models.lora import LoraConfig
 from apo_jax.models.params import abstract_params, init_params
 from apo_jax.models.sample import generate
 

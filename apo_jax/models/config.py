@@ -8,16 +8,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from apo_jax.models.families import MODEL_TYPES, PRESETS
-
-if TYPE_CHECKING:  # lora.py builds on this module; the config only holds its LoraConfig
-    from apo_jax.models.lora import LoraConfig
 
 REMAT_POLICIES = {
     "none": None,
@@ -52,6 +48,47 @@ SIZE_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters of a model (`LlamaConfig.lora`; None: no adapters), in PEFT's terms, checked here
+    and nowhere else. The adapters are float32 beside the base, their product scaled by alpha / rank."""
+
+    rank: int  # PEFT's r
+    alpha: float = 16.0  # PEFT's lora_alpha
+    targets: tuple[str, ...] = LORA_TARGETS  # projections ("q" and "q_proj" alike)
+    dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
+    # 0: adapters train on every layer; K: only the top K layers' do (PEFT's layers_to_transform =
+    # L-K .. L-1). The layers below run once, without gradients (`llama.hidden_states`), so a step
+    # costs the forward pass plus the top K layers' backward; the lower layers' adapters stay at B = 0.
+    layers: int = 0
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        names = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in targets)
+        object.__setattr__(self, "targets", names)
+        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if not names or not set(names) <= set(LORA_TARGETS):
+            raise ValueError(f"targets={targets}: name projections among {list(LORA_TARGETS)}")
+        for key, ok, rule in (
+            ("rank", self.rank >= 1, "at least 1"),
+            ("alpha", self.alpha > 0, "> 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("layers", self.layers >= 0, ">= 0 (0: every layer)"),
+        ):
+            if not ok:
+                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
+
+    @property
+    def scale(self) -> float:
+        """PEFT's `scaling`: the adapters' product is multiplied by alpha / rank."""
+        return self.alpha / self.rank
+
+    def rank_of(self, projection: str) -> int:
+        """The adapters' rank on `projection` (0: it has none)."""
+        return self.rank if projection in self.targets else 0
 
 
 @dataclasses.dataclass(frozen=True)

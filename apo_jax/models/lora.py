@@ -18,7 +18,6 @@ PEFT's layout: `lora_A.weight` [r, in] and `lora_B.weight` [out, r] of each Line
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -28,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from apo_jax.models.config import LORA_TARGETS, LlamaConfig
+from apo_jax.models.config import LORA_TARGETS, LlamaConfig, LoraConfig
 from apo_jax.models.hf import CheckpointError, _mapping, _Safetensors, host_array
 from apo_jax.models.llama import ADAPTER_KEYS, Llama, is_adapter
 from apo_jax.models.llama import (
@@ -38,47 +37,6 @@ from apo_jax.models.params import init_leaf, param_slots, place
 
 PEFT_PREFIX = "base_model.model."
 _A, _B = ADAPTER_KEYS
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """LoRA adapters of a model (`LlamaConfig.lora`; None: no adapters), in PEFT's terms, checked here
-    and nowhere else. The adapters are float32 beside the base, their product scaled by alpha / rank."""
-
-    rank: int  # PEFT's r
-    alpha: float = 16.0  # PEFT's lora_alpha
-    targets: tuple[str, ...] = LORA_TARGETS  # projections ("q" and "q_proj" alike)
-    dropout: float = 0.0  # PEFT's lora_dropout on each adapter's input, where a dropout rng is given
-    # 0: adapters train on every layer; K: only the top K layers' do (PEFT's layers_to_transform =
-    # L-K .. L-1). The layers below run once, without gradients (`llama.hidden_states`), so a step
-    # costs the forward pass plus the top K layers' backward; the lower layers' adapters stay at B = 0.
-    layers: int = 0
-
-    def __post_init__(self):
-        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        names = tuple(t if t.endswith("_proj") else f"{t}_proj" for t in targets)
-        object.__setattr__(self, "targets", names)
-        object.__setattr__(self, "alpha", float(self.alpha))
-        object.__setattr__(self, "dropout", float(self.dropout))
-        if not names or not set(names) <= set(LORA_TARGETS):
-            raise ValueError(f"targets={targets}: name projections among {list(LORA_TARGETS)}")
-        for key, ok, rule in (
-            ("rank", self.rank >= 1, "at least 1"),
-            ("alpha", self.alpha > 0, "> 0"),
-            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
-            ("layers", self.layers >= 0, ">= 0 (0: every layer)"),
-        ):
-            if not ok:
-                raise ValueError(f"{key}={getattr(self, key)}: must be {rule}")
-
-    @property
-    def scale(self) -> float:
-        """PEFT's `scaling`: the adapters' product is multiplied by alpha / rank."""
-        return self.alpha / self.rank
-
-    def rank_of(self, projection: str) -> int:
-        """The adapters' rank on `projection` (0: it has none)."""
-        return self.rank if projection in self.targets else 0
 
 
 def split(params) -> tuple[dict, dict]:

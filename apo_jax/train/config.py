@@ -17,9 +17,8 @@ from apo_jax import losses
 from apo_jax.cli import UserError
 from apo_jax.data.jsonl import write_atomic
 from apo_jax.data.layouts import LAYOUTS, PACKED, PADDED
-from apo_jax.models.config import LORA_TARGETS, PRESETS, preset
+from apo_jax.models.config import LORA_TARGETS, PRESETS, LoraConfig, preset
 from apo_jax.models.hf import read_config
-from apo_jax.models.lora import LoraConfig
 from apo_jax.train import trackers
 
 STEP_LOSS_OPTIONS = ("name", "weights", "beta", "ld_alpha", "use_weighting")
