@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import numpy as np
 
-from apo_jax import losses, models
+from apo_jax import models, sharding
 from apo_jax.data import layouts
 from apo_jax.models.flops import flops_per_token
-from apo_jax.train.state import create_state, make_optimizer
+from apo_jax.train.config import default_config
+from apo_jax.train.setup import setup
 from apo_jax.train.step import StepConfig, make_train_step, sequence_sums
 from experiments.bench.common import (
     bench_optimizer,
@@ -37,16 +39,19 @@ class JaxStep:
         beta: float = 0.1,
         steps: int = 10,
     ):
-        self.model = models.Llama(config)
-        opt = bench_optimizer(lr)
-        tx, sched = make_optimizer(opt, steps)
-        if reference == "frozen" and config.lora:  # as train.setup resolves it: LoRA's base
-            reference = "base"
-        ref = models.frozen_copy(config, params) if reference == "frozen" else None
-        self.state = create_state(params, tx, seed=0, ref_params=ref)
-        cfg = StepConfig(layout=layout, reference=reference, with_entropy=False)
+        cfg = default_config()  # the run this step belongs to, built by train.setup as train.run builds it
+        cfg.optimizer = bench_optimizer(lr)
+        cfg.loss.name, cfg.loss.beta, cfg.reference.mode = loss, beta, reference
+        cfg.lora.rank = config.lora.rank if config.lora else 0  # LoRA: the base is the reference
+        cfg.data.layout, cfg.train.steps = layout, steps
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 1, 1  # one device, as TRL's side
+        run = setup(cfg, model=models.Llama(config), params=params, data=False)
+        self.model, reference = run.model, run.reference
+        self.state = jax.jit(run.init_fn())(params, None)
+        step_cfg = dataclasses.replace(run.step_cfg, with_entropy=False)  # TRL logs no entropy
         self.step = jax.jit(
-            make_train_step(self.model, losses.build(loss, beta=beta), tx, sched, cfg), donate_argnums=0
+            sharding.on_mesh(make_train_step(self.model, run.loss, run.tx, run.lr, step_cfg), run.mesh),
+            donate_argnums=0,
         )
         self.reference, self.layout = reference, layout
 
