@@ -98,3 +98,35 @@ def test_grid_runs_saved_and_restored_without_overwriting(tmp_path, monkeypatch)
     assert (
         json.loads((new / "clair_apo_zero_seed1/results.json").read_text())["name"] == "clair_apo_zero_seed1"
     )
+
+
+def test_the_grid_table_is_recomputed_from_the_kept_runs(tmp_path):
+    """`experiments.instruct.sweep --from-runs CODE` trains nothing: the README's table comes from the
+    runs committed in experiments/instruct/runs/CODE/. Its accuracies and paired gains are checked
+    against numpy and scipy over the per-prompt pass strings of those files (seeds 0 and 1)."""
+    import numpy as np
+    from scipy import stats as sps
+
+    from experiments.instruct import runs, sweep
+
+    code, seeds, cells = "057ebadd8861", (0, 1), ("clair_apo_zero", "on_policy_judge_dpo")
+    out = tmp_path / "report"
+    argv = ["--from-runs", code, "--seeds", "0,1", "--data", "clair,on_policy_judge", "--workdir", str(out)]
+    assert sweep.main([*argv, "--losses", "apo_zero,dpo"]) == 0
+    text = (out / "comparison.md").read_text()
+
+    def passes(cell, seed, who):
+        kept = json.loads((runs.RUNS / code / f"{cell}_seed{seed}.json").read_text())
+        return np.array([int(c) for c in kept["accuracy"][who]["greedy_correct"]])
+
+    half = sps.t.ppf(0.975, 1) / np.sqrt(2)  # 95%, two seeds: one degree of freedom
+    for cell in cells:
+        acc = np.array([passes(cell, s, "after").mean() for s in seeds])
+        gain = acc - np.array([passes(cell, s, "before").mean() for s in seeds])
+        row = next(line for line in text.splitlines() if line.startswith(f"| {cell} |"))
+        a, g = acc.std(ddof=1) * half, gain.std(ddof=1) * half
+        assert f"| {acc.mean():.3f} [{acc.mean() - a:.3f}, {acc.mean() + a:.3f}] |" in row
+        assert f"| {gain.mean():+.3f} [{gain.mean() - g:+.3f}, {gain.mean() + g:+.3f}] |" in row
+    # a cell not kept at every asked seed is left out, as in a sweep; an unknown code is one line
+    assert sweep.main([*argv, "--losses", "apo_down"]) == 1
+    assert sweep.main(["--from-runs", "nope", "--workdir", str(out)]) == 2

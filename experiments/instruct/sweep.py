@@ -29,7 +29,7 @@ from apo_jax import cli
 from apo_jax.eval import stats
 from apo_jax.outputs import WorkdirLock
 from experiments.configs import grid
-from experiments.instruct import pipeline
+from experiments.instruct import pipeline, runs
 from experiments.mini.model import Stopped
 from experiments.run import compilation_cache
 from experiments.sweep import _interval, check_pairable, claims, table_of
@@ -118,7 +118,10 @@ def table(results: dict[str, list[dict]]) -> str:
             f"{_ability(runs, who, 'kl_to_m_per_token')} |"
         )
     for name, rs in results.items():
-        c = rs[0]["contrastiveness"][rs[0]["data"]]
+        c = {  # each seed's pairs are its own: the mean over seeds
+            k: statistics.fmean(r["contrastiveness"][r["data"]][k] for r in rs)
+            for k in ("jaccard_mean", "levenshtein_mean")
+        }
         gain = stats.paired(table_of(rs, "after", "greedy"), table_of(rs, "before", "greedy"))
         low, high = gain["t"] if len(rs) > 1 else gain["bootstrap"]
         acc = _interval(stats.t_interval(table_of(rs, "after", "greedy").mean(axis=1)))
@@ -131,6 +134,49 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def _rate(chosen: dict, loss: str) -> float:
+    if loss not in chosen["per_objective"]:
+        raise cli.UserError(f"{SELECTED}: no rate for {loss!r}; choose one with --select --losses {loss}")
+    return chosen["per_objective"][loss]
+
+
+def kept(code: str, names: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """The finished runs kept in experiments/instruct/runs/<code>/ (`experiments.instruct.runs save`)
+    for these cells and seeds: a cell missing at any seed is left out, as in a sweep."""
+    folder = runs.RUNS / code
+    if not folder.is_dir():
+        have = sorted(p.name for p in runs.RUNS.iterdir()) if runs.RUNS.is_dir() else []
+        raise cli.UserError(f"--from-runs {code}: no folder {folder} (kept code versions: {have})")
+    results: dict[str, list[dict]] = {}
+    for name in names:
+        found = [folder / f"{name}_seed{seed}.json" for seed in seeds]
+        if all(f.exists() for f in found):
+            results[name] = [json.loads(f.read_text()) for f in found]
+    return results
+
+
+def report(results: dict[str, list[dict]], seeds: list[int], chosen: dict) -> list[str]:
+    """comparison.md's lines: what was run and how to read it, the table, the claims."""
+    first = next(iter(results.values()))[0]
+    return [
+        f"SmolLM2-135M-Instruct, LoRA. Seeds {','.join(map(str, seeds))} (each the whole pipeline's); "
+        f"{first['scored']} {first['eval_set']} prompts, the same at every seed; code version "
+        f"{first['code']}; learning rates chosen on validation prompts ({SELECTED.name}).\n",
+        "Strict accuracy (IFEval's prompt level, greedy): mean over seeds [95% t interval over seeds, "
+        "seeds − 1 degrees of freedom]. The gain over M: the cell's accuracy minus M's on the same "
+        "prompts, paired by seed, 95% t interval over seeds (a bootstrap over prompts at one seed). "
+        "NLL and KL: mean [95% t interval over seeds].\n",
+        *(
+            f"Not selected on validation: {loss}, {why}.\n"
+            for loss, why in chosen.get("not_selected", {}).items()
+            if any(r[0]["loss"] == loss for r in results.values())
+        ),
+        table(results),
+        "",
+        *claims(results, metrics=("greedy",)),
+    ]
+
+
 @cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.instruct.sweep")
@@ -141,9 +187,13 @@ def main(argv=None) -> int:
     p.add_argument("--losses", default=",".join(grid.PAPER_LOSSES))
     p.add_argument("--data", default=",".join(grid.SMOLLM2_DATA))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument(
+        "--from-runs",
+        metavar="CODE",
+        help="train nothing: the comparison from the runs kept in experiments/instruct/runs/CODE/",
+    )
     args = p.parse_args(argv)
     root = pathlib.Path(args.workdir)
-    compilation_cache(root / "cell")
     try:
         lrs = [float(x) for x in args.lrs.split(",")]
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -151,34 +201,27 @@ def main(argv=None) -> int:
         raise cli.UserError("--lrs and --seeds: numbers separated by commas") from None
     if not args.select and not SELECTED.exists():
         raise cli.UserError(f"{SELECTED} is missing: run with --select to choose the learning rates")
-    chosen = select(args, root, lrs) if args.select else json.loads(SELECTED.read_text())
-    results: dict[str, list[dict]] = {}
-    for seed in seeds:
-        for data in args.data.split(","):
-            for loss in args.losses.split(","):
-                name = f"{data}_{loss}"
-                lr = chosen["per_objective"][loss]
+    cells = {f"{d}_{loss}": loss for d in args.data.split(",") for loss in args.losses.split(",")}
+    if args.from_runs:
+        chosen = json.loads(SELECTED.read_text())
+        results = kept(args.from_runs, list(cells), seeds)
+    else:
+        compilation_cache(root / "cell")
+        chosen = select(args, root, lrs) if args.select else json.loads(SELECTED.read_text())
+        results = {}
+        for seed in seeds:
+            for name, loss in cells.items():
+                lr = _rate(chosen, loss)
                 result = run_cell(_config(name, args.variant, root / f"{name}_seed{seed}", seed, lr), "sweep")
                 if result is not None:
                     results.setdefault(name, []).append(result)
-    results = {k: v for k, v in results.items() if len(v) == len(seeds)}
+        results = {k: v for k, v in results.items() if len(v) == len(seeds)}
     if not results:
         print("[sweep] no cell finished at every seed", file=sys.stderr)
         return 1
     check_pairable(results)
-    runs = next(iter(results.values()))
-    text = [
-        f"SmolLM2-135M-Instruct, LoRA. Seeds {args.seeds} (each the whole pipeline's); {runs[0]['scored']} "
-        f"{runs[0]['eval_set']} prompts, the same at every seed; code version {runs[0]['code']}; learning "
-        f"rates chosen on validation prompts ({SELECTED.name}).\n",
-        "Strict accuracy (IFEval's prompt level, greedy): mean over seeds [95% t interval over seeds, "
-        "seeds − 1 degrees of freedom]. The gain over M: the cell's accuracy minus M's on the same "
-        "prompts, paired by seed, 95% t interval over seeds (a bootstrap over prompts at one seed). "
-        "NLL and KL: mean [95% t interval over seeds].\n",
-        table(results),
-        "",
-        *claims(results, metrics=("greedy",)),
-    ]
+    text = report(results, seeds, chosen)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.md").write_text("\n".join(text) + "\n")
     keep = ("data", "loss", "seed", "code", "problems", "lr", "steps", "epochs", "pairs", "contrastiveness")
     compact = {
