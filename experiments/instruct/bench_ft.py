@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from apo_jax import cli
+
 SETTINGS = {
     "lora8": {},
     "lora30": {"lora.layers": 0},
@@ -53,26 +55,30 @@ def one(setting: str, records: str, model: str, steps: int, workdir: str) -> Non
         | SETTINGS[setting],
     )
     train.run(config)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+    (pathlib.Path(workdir) / "peak_rss_gib.json").write_text(json.dumps(peak))
 
 
 def measure(setting: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "experiments.instruct.bench_ft", "--one", setting]
         cmd += ["--records", args.records, "--model", args.model, "--steps", str(args.steps)]
-        subprocess.run([*cmd, "--workdir", tmp], check=True)
+        if rc := subprocess.run([*cmd, "--workdir", tmp]).returncode:  # the child said why, in one line
+            raise cli.UserError(f"{setting}: its training process exited {rc}")
         rows = [json.loads(x) for x in (pathlib.Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # GiB; the largest child so far
+        peak = json.loads((pathlib.Path(tmp) / "peak_rss_gib.json").read_text())
     timed = [r for r in rows if "step_time" in r and r["step"] > 1]
     return {
         "setting": setting,
         "first_step_s": next(r["step_time"] for r in rows if "step_time" in r),
         "step_s": statistics.median(r["step_time"] for r in timed),
         "tokens_per_s": statistics.median(r["tokens_per_second"] for r in timed),
-        "peak_rss_gib_so_far": peak,
+        "peak_rss_gib": peak,
         "loss_last": rows[-1].get("loss"),
     }
 
 
+@cli.command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.instruct.bench_ft")
     p.add_argument("--records", required=True)
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
     if args.one:
         one(args.one, args.records, args.model, args.steps, args.workdir)
         return 0
-    for setting in args.settings.split(","):  # lightest first: peak RSS is the largest child's so far
+    for setting in args.settings.split(","):
         print(json.dumps(measure(setting, args)), flush=True)
     return 0
 
